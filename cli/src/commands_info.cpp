@@ -1,0 +1,72 @@
+// `parallax models` and `parallax clusters`: the zoos with their key figures.
+#include "commands.hpp"
+
+#include "parallax/core/zoo_path.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/models/model_loader.hpp"
+
+#include <fmt/format.h>
+
+#include <iostream>
+
+namespace parallax::cli {
+
+namespace {
+
+std::string params_text(double n) {
+  if (n >= 1e12) {
+    return fmt::format("{:.2f}T", n / 1e12);
+  }
+  if (n >= 1e9) {
+    return fmt::format("{:.2f}B", n / 1e9);
+  }
+  if (n >= 1e6) {
+    return fmt::format("{:.1f}M", n / 1e6);
+  }
+  return fmt::format("{:.1f}K", n / 1e3);
+}
+
+} // namespace
+
+Run register_models(CLI::App& app) {
+  auto* cmd = app.add_subcommand("models", "List the model zoo with parameter counts");
+  return [cmd]() {
+    (void)cmd;
+    std::cout << fmt::format("{:<18} {:>6} {:>9} {:>8} {:>4} {:>4} {:>7} {:>7} {:>6}\n", "name",
+                             "family", "params", "layers", "h/a", "kv", "ffn", "vocab", "seq");
+    for (const auto& name : zoo_list(ZooKind::models)) {
+      LoadedModel m = model_load(name);
+      const GraphInfo& i = m.graph.info();
+      std::cout << fmt::format("{:<18} {:>6} {:>9} {:>8} {:>4} {:>4} {:>7} {:>7} {:>6}\n", name,
+                               i.family, params_text(static_cast<double>(m.graph.total_params())),
+                               i.num_layers,
+                               fmt::format("{}/{}", i.hidden_size, i.num_attention_heads),
+                               i.num_kv_heads, m.config ? m.config->ffn_hidden_size : 0,
+                               i.vocab_size, i.seq_length);
+    }
+    return 0;
+  };
+}
+
+Run register_clusters(CLI::App& app) {
+  auto* cmd = app.add_subcommand("clusters", "List the cluster zoo with key figures");
+  return [cmd]() {
+    (void)cmd;
+    std::cout << fmt::format("{:<14} {:<16} {:>7} {:>10} {:>10} {:>8} {:>10} {:>10}\n", "name",
+                             "device", "devices", "bf16 TF/s", "fp32 TF/s", "mem GiB",
+                             "intra GB/s", "inter GB/s");
+    for (const auto& name : zoo_list(ZooKind::clusters)) {
+      Cluster c = cluster_load(name);
+      auto peak = [&](Precision p) {
+        return c.supports(p) ? fmt::format("{:.1f}", c.device.peak_tflops.at(p)) : "-";
+      };
+      std::cout << fmt::format("{:<14} {:<16} {:>7} {:>10} {:>10} {:>8.1f} {:>10.1f} {:>10.2f}\n",
+                               name, c.device.name, c.num_devices(), peak(Precision::bf16),
+                               peak(Precision::fp32), c.device.memory_gib,
+                               c.node.intra_bandwidth_gbps, c.network.inter_bandwidth_gbps);
+    }
+    return 0;
+  };
+}
+
+} // namespace parallax::cli

@@ -1,0 +1,58 @@
+// parallax: plan, simulate and execute distributed training. Thin subcommands over the
+// libraries; every user error becomes one line on standard error and exit code 2.
+#include "commands.hpp"
+
+#include "parallax/core/error.hpp"
+
+#include <fmt/format.h>
+
+#include <iostream>
+#include <map>
+#include <string>
+
+namespace {
+
+// Subcommands of the CLI contract that later work fills in; they say so and exit non-zero.
+void register_pending(CLI::App& app, std::map<CLI::App*, parallax::cli::Run>& runs,
+                      const std::string& name, const std::string& description) {
+  auto* cmd = app.add_subcommand(name, description + " (not built yet)");
+  cmd->allow_extras();
+  runs[cmd] = [name]() {
+    std::cerr << fmt::format("parallax {}: not built yet in this version\n", name);
+    return 3;
+  };
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Parallax: plan, simulate and execute distributed training of large models"};
+  app.require_subcommand(1);
+  std::map<CLI::App*, parallax::cli::Run> runs;
+  auto add = [&](parallax::cli::Run run) { runs[app.get_subcommands({}).back()] = std::move(run); };
+  add(parallax::cli::register_models(app));
+  add(parallax::cli::register_clusters(app));
+  register_pending(app, runs, "plan", "Search parallel plans for a model on a cluster");
+  register_pending(app, runs, "simulate", "Simulate one plan");
+  register_pending(app, runs, "train", "Train a model with a plan");
+  register_pending(app, runs, "calibrate", "Measure this machine into a cluster profile");
+  register_pending(app, runs, "compare", "Compare simulated and measured runs");
+  register_pending(app, runs, "export", "Export plan graphs, timelines and reports");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto* sub : app.get_subcommands()) {
+      return runs.at(sub)();
+    }
+  } catch (const parallax::InputError& e) {
+    std::cerr << "parallax: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "parallax: internal error: " << e.what() << "\n";
+    return 1;
+  }
+  return 1;
+}

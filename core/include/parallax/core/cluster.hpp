@@ -1,0 +1,85 @@
+// Cluster: the hardware profile every cost is computed against.
+//
+// Bandwidths are GB/s (1e9 bytes/s) per device per direction; latencies in microseconds; peak
+// compute in dense TFLOP/s per device and precision. See hardware_profiles/zoo/*.json.
+#pragma once
+
+#include "parallax/core/precision.hpp"
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace parallax {
+
+// One point of the GEMM efficiency curve: a GEMM of `flops` FLOPs reaches `efficiency` × peak.
+// Between points the curve is interpolated in log(flops); outside it, clamped.
+struct GemmEfficiencyPoint {
+  double flops = 0;
+  double efficiency = 0;
+  bool operator==(const GemmEfficiencyPoint&) const = default;
+};
+
+struct Device {
+  std::string name;
+  std::string kind = "gpu"; // "gpu" or "cpu"
+  std::map<Precision, double> peak_tflops;
+  double memory_gib = 0;
+  double memory_bandwidth_gbps = 0;
+  std::vector<GemmEfficiencyPoint> gemm_efficiency; // empty: the cost model's default curve
+  // Fraction of memory bandwidth element-wise kernels reach; 0: the cost model's default.
+  double elementwise_efficiency = 0;
+  bool operator==(const Device&) const = default;
+};
+
+struct Node {
+  int devices_per_node = 1;
+  double intra_bandwidth_gbps = 0;
+  double intra_latency_us = 0;
+  bool operator==(const Node&) const = default;
+};
+
+enum class Topology { fat_tree, rail_optimized, single_switch };
+
+struct Network {
+  int num_nodes = 1;
+  double inter_bandwidth_gbps = 0;
+  double inter_latency_us = 0;
+  Topology topology = Topology::fat_tree;
+  double oversubscription = 1.0; // ≥ 1: uplink bandwidth is inter_bandwidth / oversubscription
+  bool operator==(const Network&) const = default;
+};
+
+// Fractions of link bandwidth that real collective implementations reach (NCCL bus bandwidth
+// over link bandwidth); 0 means the cost model's default.
+struct CollectiveEfficiency {
+  double intra = 0;
+  double inter = 0;
+  bool operator==(const CollectiveEfficiency&) const = default;
+};
+
+struct Cluster {
+  std::string name;
+  std::string notes;
+  Device device;
+  Node node;
+  Network network;
+  CollectiveEfficiency collectives;
+  std::optional<double> cost_per_device_hour_usd;
+
+  int num_devices() const { return node.devices_per_node * network.num_nodes; }
+  bool supports(Precision p) const { return device.peak_tflops.contains(p); }
+  // Peak FLOP/s of one device in precision p; throws InputError if the profile lacks it.
+  double peak_flops(Precision p) const;
+  double memory_bytes() const;
+  // The same cluster resized to `gpus` devices: num_nodes = gpus / devices_per_node, or one
+  // partial node when gpus < devices_per_node. Other counts are an InputError.
+  Cluster with_devices(int gpus) const;
+
+  bool operator==(const Cluster&) const = default;
+};
+
+std::string_view topology_name(Topology t);
+
+} // namespace parallax

@@ -1,0 +1,81 @@
+// Plan: one way to lay a model out on a cluster — the planner's output, the simulator's and the
+// executor's input.
+//
+// Rank mapping (Megatron-LM order, tensor-parallel fastest so TP groups share a node):
+//   rank = tp_rank + t · (dp_rank + d · pp_rank)
+// and rank r sits on node r / devices_per_node, device r % devices_per_node.
+#pragma once
+
+#include "parallax/core/precision.hpp"
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace parallax {
+
+enum class Schedule { gpipe, one_f_one_b, interleaved };
+enum class Recompute { none, selective, full };
+enum class GradSync { allreduce, tree, hierarchical, parameter_server };
+
+std::string_view schedule_name(Schedule s);
+std::string_view recompute_name(Recompute r);
+std::string_view grad_sync_name(GradSync g);
+
+// [first, last) range of partition units (transformer blocks) of one stage chunk.
+using StageRange = std::pair<int, int>;
+
+struct Plan {
+  int dp = 1;
+  int tp = 1;
+  int pp = 1;
+  int zero_stage = 0;
+  std::int64_t micro_batch_size = 1;
+  std::int64_t global_batch_size = 1;
+  Schedule schedule = Schedule::one_f_one_b;
+  int virtual_stages = 1; // model chunks per pipeline rank (v); > 1 only when interleaved
+  Recompute recompute = Recompute::none;
+  bool sequence_parallel = false;
+  Precision precision = Precision::bf16;
+  GradSync grad_sync = GradSync::allreduce;
+  // pp × virtual_stages ranges in model order; chunk c runs on pipeline rank c % pp. Empty: the
+  // planner's balanced partition.
+  std::vector<StageRange> stages;
+
+  int world_size() const { return dp * tp * pp; }
+  // Micro-batches per data-parallel replica per iteration (m).
+  std::int64_t num_microbatches() const { return global_batch_size / (dp * micro_batch_size); }
+
+  bool operator==(const Plan&) const = default;
+};
+
+struct RankCoords {
+  int dp = 0;
+  int pp = 0;
+  int tp = 0;
+  bool operator==(const RankCoords&) const = default;
+};
+
+struct DeviceSlot {
+  int node = 0;
+  int device = 0;
+  bool operator==(const DeviceSlot&) const = default;
+};
+
+RankCoords rank_coords(const Plan& plan, int rank);
+int rank_of(const Plan& plan, RankCoords coords);
+DeviceSlot rank_device(int rank, int devices_per_node);
+
+// Ranks of the groups `rank` belongs to, in group order.
+std::vector<int> tp_group(const Plan& plan, int rank);
+std::vector<int> dp_group(const Plan& plan, int rank);
+std::vector<int> pp_group(const Plan& plan, int rank);
+
+// Which pipeline rank runs stage chunk c (chunks are assigned round-robin for interleaving).
+inline int chunk_pp_rank(const Plan& plan, int chunk) { return chunk % plan.pp; }
+
+// Layer units per chunk as even as possible, earlier chunks taking the remainder.
+std::vector<StageRange> stages_even(int num_units, int num_chunks);
+
+} // namespace parallax

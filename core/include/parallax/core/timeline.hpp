@@ -1,0 +1,42 @@
+// Timeline: what happened (measured) or would happen (simulated) during one training iteration.
+// Both the simulator and the executor produce it, so comparing them is a diff of two values.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace parallax {
+
+enum class Stream { compute, tp_comm, pp_comm, dp_comm };
+enum class Category { forward, backward, recompute, optimizer, tp_comm, pp_comm, dp_comm, idle };
+
+std::string_view stream_name(Stream s);
+std::string_view category_name(Category c);
+
+struct Event {
+  int rank = 0;
+  Stream stream = Stream::compute;
+  Category category = Category::forward;
+  std::string name;      // e.g. "block3.mlp.up" or "allreduce grads bucket 2"
+  int layer = -1;        // partition unit (transformer block), -1 when not tied to one
+  int micro_batch = -1;  // -1 when not tied to one
+  double start_s = 0;
+  double end_s = 0;
+  double flops = 0;
+  double bytes = 0;
+  double duration_s() const { return end_s - start_s; }
+  bool operator==(const Event&) const = default;
+};
+
+struct Timeline {
+  std::vector<Event> events;
+  std::vector<std::int64_t> peak_memory_bytes; // per rank
+
+  double makespan_s() const;
+  // Sorts events by (rank, stream, start, name) so output is deterministic.
+  void sort();
+  bool operator==(const Timeline&) const = default;
+};
+
+} // namespace parallax

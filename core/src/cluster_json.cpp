@@ -1,0 +1,165 @@
+#include "parallax/core/cluster_json.hpp"
+
+#include <fmt/format.h>
+
+#include <array>
+#include <cmath>
+
+namespace parallax {
+
+namespace {
+
+constexpr std::array<std::string_view, 2> kDeviceKinds = {"gpu", "cpu"};
+constexpr std::array<std::string_view, 3> kTopologies = {"fat-tree", "rail-optimized",
+                                                         "single-switch"};
+
+Device device_from_json(const JsonReader& r) {
+  r.reject_unknown({"name", "kind", "peak_tflops", "memory_gib", "memory_bandwidth_gbps",
+                    "gemm_efficiency", "elementwise_efficiency"});
+  Device d;
+  d.name = r.string("name");
+  d.kind = r.choice_or("kind", kDeviceKinds, "gpu");
+  JsonReader peaks = r.child("peak_tflops");
+  for (const auto& [key, unused] : peaks.value().items()) {
+    auto p = precision_parse(key);
+    if (!p) {
+      peaks.fail(key, "a precision: one of \"fp32\", \"tf32\", \"fp16\", \"bf16\", \"fp8\"",
+                 "an unknown precision");
+    }
+    d.peak_tflops[*p] = peaks.positive(key);
+  }
+  if (d.peak_tflops.empty()) {
+    r.fail("peak_tflops", "at least one precision's peak", "an empty object");
+  }
+  d.memory_gib = r.positive("memory_gib");
+  d.memory_bandwidth_gbps = r.positive("memory_bandwidth_gbps");
+  if (r.has("gemm_efficiency")) {
+    JsonReader curve = r.array("gemm_efficiency");
+    double last_flops = 0;
+    for (std::size_t i = 0; i < curve.array_size(); ++i) {
+      JsonReader point = curve.element(i);
+      point.reject_unknown({"flops", "efficiency"});
+      GemmEfficiencyPoint g{point.positive("flops"), point.positive("efficiency")};
+      if (g.efficiency > 1.0) {
+        point.fail("efficiency", "a fraction of peak in (0, 1]", fmt::format("{}", g.efficiency));
+      }
+      if (g.flops <= last_flops) {
+        point.fail("flops", "points in increasing order of flops", fmt::format("{}", g.flops));
+      }
+      last_flops = g.flops;
+      d.gemm_efficiency.push_back(g);
+    }
+  }
+  d.elementwise_efficiency = r.non_negative_or("elementwise_efficiency", 0.0);
+  if (d.elementwise_efficiency > 1.0) {
+    r.fail("elementwise_efficiency", "a fraction in (0, 1]",
+           fmt::format("{}", d.elementwise_efficiency));
+  }
+  return d;
+}
+
+} // namespace
+
+Cluster cluster_from_json(const Json& doc, const std::string& source) {
+  JsonReader root(doc, source);
+  root.reject_unknown(
+      {"name", "notes", "device", "node", "network", "collectives", "cost_per_device_hour_usd"});
+  Cluster c;
+  c.name = root.string("name");
+  c.notes = root.string_or("notes", "");
+  c.device = device_from_json(root.child("device"));
+
+  JsonReader node = root.child("node");
+  node.reject_unknown({"devices_per_node", "intra_bandwidth_gbps", "intra_latency_us"});
+  c.node.devices_per_node = static_cast<int>(node.integer("devices_per_node", 1, 1 << 16));
+  c.node.intra_bandwidth_gbps = node.positive("intra_bandwidth_gbps");
+  c.node.intra_latency_us = node.non_negative_or("intra_latency_us", 0.0);
+
+  JsonReader net = root.child("network");
+  net.reject_unknown({"num_nodes", "inter_bandwidth_gbps", "inter_latency_us", "topology",
+                      "oversubscription"});
+  c.network.num_nodes = static_cast<int>(net.integer("num_nodes", 1, 1 << 20));
+  c.network.inter_bandwidth_gbps = net.positive("inter_bandwidth_gbps");
+  c.network.inter_latency_us = net.non_negative_or("inter_latency_us", 0.0);
+  std::string topo = net.choice_or("topology", kTopologies, "fat-tree");
+  for (std::size_t i = 0; i < kTopologies.size(); ++i) {
+    if (topo == kTopologies[i]) {
+      c.network.topology = static_cast<Topology>(i);
+    }
+  }
+  c.network.oversubscription = net.positive_or("oversubscription", 1.0);
+  if (c.network.oversubscription < 1.0) {
+    net.fail("oversubscription", "a ratio >= 1 (1 = non-blocking)",
+             fmt::format("{}", c.network.oversubscription));
+  }
+  if (c.num_devices() > (1 << 24)) {
+    root.fail("network", "at most 16777216 devices in all", std::to_string(c.num_devices()));
+  }
+
+  if (root.has("collectives")) {
+    JsonReader coll = root.child("collectives");
+    coll.reject_unknown({"intra_efficiency", "inter_efficiency"});
+    c.collectives.intra = coll.non_negative_or("intra_efficiency", 0.0);
+    c.collectives.inter = coll.non_negative_or("inter_efficiency", 0.0);
+    if (c.collectives.intra > 1.0 || c.collectives.inter > 1.0) {
+      coll.fail_here("efficiencies in (0, 1]", "a value above 1");
+    }
+  }
+  if (root.has("cost_per_device_hour_usd")) {
+    c.cost_per_device_hour_usd = root.positive("cost_per_device_hour_usd");
+  }
+  return c;
+}
+
+Json cluster_to_json(const Cluster& c) {
+  Json peaks = Json::object();
+  for (const auto& [p, tflops] : c.device.peak_tflops) {
+    peaks[std::string(precision_name(p))] = tflops;
+  }
+  Json device = {{"name", c.device.name},
+                 {"kind", c.device.kind},
+                 {"peak_tflops", peaks},
+                 {"memory_gib", c.device.memory_gib},
+                 {"memory_bandwidth_gbps", c.device.memory_bandwidth_gbps}};
+  if (!c.device.gemm_efficiency.empty()) {
+    Json curve = Json::array();
+    for (const auto& g : c.device.gemm_efficiency) {
+      curve.push_back({{"flops", g.flops}, {"efficiency", g.efficiency}});
+    }
+    device["gemm_efficiency"] = curve;
+  }
+  if (c.device.elementwise_efficiency > 0) {
+    device["elementwise_efficiency"] = c.device.elementwise_efficiency;
+  }
+  Json doc = {{"name", c.name},
+              {"device", device},
+              {"node",
+               {{"devices_per_node", c.node.devices_per_node},
+                {"intra_bandwidth_gbps", c.node.intra_bandwidth_gbps},
+                {"intra_latency_us", c.node.intra_latency_us}}},
+              {"network",
+               {{"num_nodes", c.network.num_nodes},
+                {"inter_bandwidth_gbps", c.network.inter_bandwidth_gbps},
+                {"inter_latency_us", c.network.inter_latency_us},
+                {"topology", std::string(topology_name(c.network.topology))},
+                {"oversubscription", c.network.oversubscription}}}};
+  if (!c.notes.empty()) {
+    doc["notes"] = c.notes;
+  }
+  if (c.collectives.intra > 0 || c.collectives.inter > 0) {
+    Json coll = Json::object();
+    if (c.collectives.intra > 0) {
+      coll["intra_efficiency"] = c.collectives.intra;
+    }
+    if (c.collectives.inter > 0) {
+      coll["inter_efficiency"] = c.collectives.inter;
+    }
+    doc["collectives"] = coll;
+  }
+  if (c.cost_per_device_hour_usd) {
+    doc["cost_per_device_hour_usd"] = *c.cost_per_device_hour_usd;
+  }
+  return doc;
+}
+
+} // namespace parallax

@@ -1,0 +1,80 @@
+#include "parallax/core/plan.hpp"
+
+#include "parallax/core/error.hpp"
+
+#include <array>
+
+namespace parallax {
+
+namespace {
+constexpr std::array<std::string_view, 3> kScheduleNames = {"gpipe", "1f1b", "interleaved"};
+constexpr std::array<std::string_view, 3> kRecomputeNames = {"none", "selective", "full"};
+constexpr std::array<std::string_view, 4> kGradSyncNames = {"allreduce", "tree", "hierarchical",
+                                                            "parameter_server"};
+} // namespace
+
+std::string_view schedule_name(Schedule s) { return kScheduleNames.at(static_cast<int>(s)); }
+std::string_view recompute_name(Recompute r) { return kRecomputeNames.at(static_cast<int>(r)); }
+std::string_view grad_sync_name(GradSync g) { return kGradSyncNames.at(static_cast<int>(g)); }
+
+RankCoords rank_coords(const Plan& plan, int rank) {
+  PARALLAX_CHECK(rank >= 0 && rank < plan.world_size(), "rank out of range");
+  RankCoords c;
+  c.tp = rank % plan.tp;
+  c.dp = (rank / plan.tp) % plan.dp;
+  c.pp = rank / (plan.tp * plan.dp);
+  return c;
+}
+
+int rank_of(const Plan& plan, RankCoords c) {
+  PARALLAX_CHECK(c.tp >= 0 && c.tp < plan.tp && c.dp >= 0 && c.dp < plan.dp && c.pp >= 0 &&
+                     c.pp < plan.pp,
+                 "coordinates out of range");
+  return c.tp + plan.tp * (c.dp + plan.dp * c.pp);
+}
+
+DeviceSlot rank_device(int rank, int devices_per_node) {
+  PARALLAX_CHECK(devices_per_node > 0, "devices_per_node must be positive");
+  return {rank / devices_per_node, rank % devices_per_node};
+}
+
+std::vector<int> tp_group(const Plan& plan, int rank) {
+  RankCoords c = rank_coords(plan, rank);
+  std::vector<int> out;
+  for (int i = 0; i < plan.tp; ++i) {
+    out.push_back(rank_of(plan, {c.dp, c.pp, i}));
+  }
+  return out;
+}
+
+std::vector<int> dp_group(const Plan& plan, int rank) {
+  RankCoords c = rank_coords(plan, rank);
+  std::vector<int> out;
+  for (int i = 0; i < plan.dp; ++i) {
+    out.push_back(rank_of(plan, {i, c.pp, c.tp}));
+  }
+  return out;
+}
+
+std::vector<int> pp_group(const Plan& plan, int rank) {
+  RankCoords c = rank_coords(plan, rank);
+  std::vector<int> out;
+  for (int i = 0; i < plan.pp; ++i) {
+    out.push_back(rank_of(plan, {c.dp, i, c.tp}));
+  }
+  return out;
+}
+
+std::vector<StageRange> stages_even(int num_units, int num_chunks) {
+  PARALLAX_CHECK(num_chunks > 0 && num_units >= num_chunks, "need at least one unit per chunk");
+  std::vector<StageRange> out;
+  int first = 0;
+  for (int c = 0; c < num_chunks; ++c) {
+    int size = num_units / num_chunks + (c < num_units % num_chunks ? 1 : 0);
+    out.emplace_back(first, first + size);
+    first += size;
+  }
+  return out;
+}
+
+} // namespace parallax

@@ -1,0 +1,175 @@
+#include "parallax/core/plan_json.hpp"
+
+#include "parallax/core/error.hpp"
+
+#include <fmt/format.h>
+
+#include <array>
+
+namespace parallax {
+
+namespace {
+
+constexpr std::array<std::string_view, 3> kSchedules = {"gpipe", "1f1b", "interleaved"};
+constexpr std::array<std::string_view, 3> kRecomputes = {"none", "selective", "full"};
+constexpr std::array<std::string_view, 4> kGradSyncs = {"allreduce", "tree", "hierarchical",
+                                                        "parameter_server"};
+
+template <class Enum, std::size_t N>
+Enum enum_index(const std::array<std::string_view, N>& names, const std::string& value) {
+  for (std::size_t i = 0; i < N; ++i) {
+    if (names[i] == value) {
+      return static_cast<Enum>(i);
+    }
+  }
+  return static_cast<Enum>(0);
+}
+
+std::vector<StageRange> stages_from_json(const JsonReader& root) {
+  std::vector<StageRange> out;
+  JsonReader list = root.array("stages");
+  int expected_first = 0;
+  for (std::size_t i = 0; i < list.array_size(); ++i) {
+    JsonReader item = list.element(i);
+    const Json& v = item.value();
+    if (!v.is_array() || v.size() != 2 || !v[0].is_number_integer() ||
+        !v[1].is_number_integer()) {
+      item.fail_here("a [first, last) pair of integers", json_describe(v));
+    }
+    auto first = v[0].get<std::int64_t>();
+    auto last = v[1].get<std::int64_t>();
+    if (first != expected_first) {
+      item.fail_here(fmt::format("a range starting at {} (ranges are contiguous from 0)",
+                                 expected_first),
+                     json_describe(v));
+    }
+    if (last <= first || last > (1 << 24)) {
+      item.fail_here("a non-empty range (last > first)", json_describe(v));
+    }
+    out.emplace_back(static_cast<int>(first), static_cast<int>(last));
+    expected_first = static_cast<int>(last);
+  }
+  return out;
+}
+
+} // namespace
+
+Plan plan_from_json(const Json& doc, const std::string& source) {
+  JsonReader r(doc, source);
+  r.reject_unknown({"dp", "tp", "pp", "zero_stage", "micro_batch_size", "global_batch_size",
+                    "schedule", "virtual_stages", "recompute", "sequence_parallel", "precision",
+                    "grad_sync", "stages"});
+  constexpr std::int64_t kMaxDegree = 1 << 20;
+  Plan p;
+  p.dp = static_cast<int>(r.integer("dp", 1, kMaxDegree));
+  p.tp = static_cast<int>(r.integer("tp", 1, kMaxDegree));
+  p.pp = static_cast<int>(r.integer("pp", 1, kMaxDegree));
+  p.zero_stage = static_cast<int>(r.integer_or("zero_stage", 0, 0, 3));
+  p.micro_batch_size = r.integer_or("micro_batch_size", 1, 1, 1 << 20);
+  p.global_batch_size = r.integer("global_batch_size", 1, std::int64_t{1} << 40);
+  p.schedule = enum_index<Schedule>(kSchedules, r.choice_or("schedule", kSchedules, "1f1b"));
+  p.virtual_stages = static_cast<int>(r.integer_or("virtual_stages", 1, 1, 1024));
+  p.recompute = enum_index<Recompute>(kRecomputes, r.choice_or("recompute", kRecomputes, "none"));
+  p.sequence_parallel = r.boolean_or("sequence_parallel", false);
+  std::string precision =
+      r.choice_or("precision", std::span<const std::string_view>(kPrecisionNames), "bf16");
+  p.precision = *precision_parse(precision);
+  p.grad_sync = enum_index<GradSync>(kGradSyncs, r.choice_or("grad_sync", kGradSyncs, "allreduce"));
+
+  if (static_cast<std::int64_t>(p.dp) * p.tp * p.pp > kMaxDegree) {
+    r.fail("dp", "dp·tp·pp <= 1048576", fmt::format("{}·{}·{}", p.dp, p.tp, p.pp));
+  }
+  if (p.global_batch_size % (static_cast<std::int64_t>(p.dp) * p.micro_batch_size) != 0) {
+    r.fail("global_batch_size",
+           fmt::format("a multiple of dp × micro_batch_size = {}", p.dp * p.micro_batch_size),
+           std::to_string(p.global_batch_size));
+  }
+  if (p.schedule == Schedule::interleaved && p.virtual_stages < 2) {
+    r.fail("virtual_stages", "an integer >= 2 with the interleaved schedule",
+           std::to_string(p.virtual_stages));
+  }
+  if (p.schedule != Schedule::interleaved && p.virtual_stages != 1) {
+    r.fail("virtual_stages",
+           fmt::format("1 with schedule \"{}\" (only \"interleaved\" uses virtual stages)",
+                       schedule_name(p.schedule)),
+           std::to_string(p.virtual_stages));
+  }
+  if (p.schedule == Schedule::interleaved && p.pp < 2) {
+    r.fail("schedule", "\"gpipe\" or \"1f1b\" when pp = 1 (interleaving needs pp >= 2)",
+           "\"interleaved\"");
+  }
+  if (r.has("stages")) {
+    p.stages = stages_from_json(r);
+    std::size_t chunks = static_cast<std::size_t>(p.pp) * static_cast<std::size_t>(p.virtual_stages);
+    if (p.stages.size() != chunks) {
+      r.fail("stages", fmt::format("pp × virtual_stages = {} ranges", chunks),
+             fmt::format("{} ranges", p.stages.size()));
+    }
+  }
+  return p;
+}
+
+Json plan_to_json(const Plan& p) {
+  Json doc = {{"dp", p.dp},
+              {"tp", p.tp},
+              {"pp", p.pp},
+              {"zero_stage", p.zero_stage},
+              {"micro_batch_size", p.micro_batch_size},
+              {"global_batch_size", p.global_batch_size},
+              {"schedule", std::string(schedule_name(p.schedule))},
+              {"virtual_stages", p.virtual_stages},
+              {"recompute", std::string(recompute_name(p.recompute))},
+              {"sequence_parallel", p.sequence_parallel},
+              {"precision", std::string(precision_name(p.precision))},
+              {"grad_sync", std::string(grad_sync_name(p.grad_sync))}};
+  if (!p.stages.empty()) {
+    Json stages = Json::array();
+    for (const auto& [first, last] : p.stages) {
+      stages.push_back({first, last});
+    }
+    doc["stages"] = stages;
+  }
+  return doc;
+}
+
+void plan_validate(const Plan& p, const LayerGraph& graph, int world_size,
+                   const std::string& source) {
+  const GraphInfo& info = graph.info();
+  if (p.world_size() != world_size) {
+    throw InputError(source, "/dp", fmt::format("dp·tp·pp equal to the GPU count {}", world_size),
+                     fmt::format("{}·{}·{} = {}", p.dp, p.tp, p.pp, p.world_size()),
+                     "change dp, tp or pp, or --gpus");
+  }
+  if (info.num_attention_heads % p.tp != 0) {
+    throw InputError(source, "/tp",
+                     fmt::format("a divisor of the model's {} attention heads",
+                                 info.num_attention_heads),
+                     std::to_string(p.tp));
+  }
+  if (info.num_kv_heads % p.tp != 0) {
+    throw InputError(source, "/tp",
+                     fmt::format("a divisor of the model's {} key/value heads", info.num_kv_heads),
+                     std::to_string(p.tp));
+  }
+  const int units = graph.num_units();
+  const int chunks = p.pp * p.virtual_stages;
+  if (chunks > units) {
+    throw InputError(source, "/pp",
+                     fmt::format("pp × virtual_stages <= the model's {} layers", units),
+                     fmt::format("{} × {} = {}", p.pp, p.virtual_stages, chunks));
+  }
+  if (!p.stages.empty() && p.stages.back().second != units) {
+    throw InputError(source, "/stages",
+                     fmt::format("ranges that end at the model's layer count {}", units),
+                     fmt::format("ranges ending at {}", p.stages.back().second));
+  }
+  if (p.schedule == Schedule::interleaved && p.num_microbatches() % p.pp != 0) {
+    throw InputError(source, "/global_batch_size",
+                     fmt::format("micro-batches per replica (global / (dp·micro) = {}) a multiple "
+                                 "of pp = {} for the interleaved schedule",
+                                 p.num_microbatches(), p.pp),
+                     std::to_string(p.global_batch_size));
+  }
+}
+
+} // namespace parallax

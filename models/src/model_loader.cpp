@@ -1,0 +1,28 @@
+#include "parallax/models/model_loader.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/core/layer_graph_json.hpp"
+#include "parallax/core/zoo_path.hpp"
+#include "parallax/models/transformer_builder.hpp"
+
+namespace parallax {
+
+LoadedModel model_from_json(const Json& doc, const std::string& source) {
+  if (!doc.is_object()) {
+    throw InputError(source, "", "a JSON object (a model, HF config or layer graph)",
+                     json_describe(doc));
+  }
+  if (doc.contains("layers")) {
+    return {layer_graph_from_json(doc, source), std::nullopt, source};
+  }
+  ModelConfig config = is_hf_config(doc) ? model_config_from_hf(doc, source)
+                                         : model_config_from_json(doc, source);
+  return {transformer_build_graph(config), config, source};
+}
+
+LoadedModel model_load(const std::string& name_or_path) {
+  auto path = zoo_resolve(ZooKind::models, name_or_path);
+  return model_from_json(json_load_file(path), path.string());
+}
+
+} // namespace parallax

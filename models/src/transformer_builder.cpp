@@ -1,0 +1,239 @@
+#include "parallax/models/transformer_builder.hpp"
+
+#include "parallax/core/error.hpp"
+
+#include <fmt/format.h>
+
+namespace parallax {
+
+namespace {
+
+// FLOPs per element of the non-GEMM layers (forward); backward costs about twice as much.
+constexpr double kLayerNormFlopsPerElem = 8.0;
+constexpr double kRmsNormFlopsPerElem = 5.0;
+constexpr double kGeluFlopsPerElem = 8.0;
+constexpr double kSwigluFlopsPerElem = 6.0;
+constexpr double kSoftmaxFlopsPerElem = 5.0;
+constexpr double kRopeFlopsPerElem = 3.0;
+constexpr double kCrossEntropyFlopsPerElem = 5.0;
+
+Layer layer_make(std::string name, LayerKind kind, TpSplit split, int unit, int block) {
+  Layer l;
+  l.name = std::move(name);
+  l.kind = kind;
+  l.tp_split = split;
+  l.unit = unit;
+  l.block = block;
+  return l;
+}
+
+class Builder {
+public:
+  Builder(const ModelConfig& c, LayerGraph& g) : c_(c), g_(g) {}
+
+  LayerGraph::Vertex add(Layer layer, std::initializer_list<LayerGraph::Vertex> inputs) {
+    double gemm_flops = 0;
+    for (const Gemm& gemm : layer.gemms) {
+      gemm_flops += gemm.flops();
+    }
+    layer.fwd_flops += gemm_flops;
+    layer.bwd_flops += 2.0 * gemm_flops; // input gradient + weight gradient
+    auto v = g_.add_layer(std::move(layer));
+    for (auto in : inputs) {
+      g_.add_edge(in, v);
+    }
+    return v;
+  }
+
+  Layer norm(std::string name, int unit, int block) const {
+    const double sh = s() * h();
+    const bool ln = c_.norm == "layernorm";
+    Layer l = layer_make(std::move(name), LayerKind::norm, TpSplit::sequence, unit, block);
+    l.output_shape = {c_.seq_length, c_.hidden_size};
+    l.params = ln ? 2 * c_.hidden_size : c_.hidden_size;
+    l.fwd_flops = (ln ? kLayerNormFlopsPerElem : kRmsNormFlopsPerElem) * sh;
+    l.bwd_flops = 2.0 * l.fwd_flops;
+    l.fwd_mem_elems = 2.0 * sh;
+    l.saved_act_elems = sh;
+    return l;
+  }
+
+  Layer residual(std::string name, int unit, int block) const {
+    const double sh = s() * h();
+    Layer l = layer_make(std::move(name), LayerKind::elementwise, TpSplit::sequence, unit, block);
+    l.output_shape = {c_.seq_length, c_.hidden_size};
+    l.fwd_flops = (c_.dropout ? 2.0 : 1.0) * sh;
+    l.bwd_flops = l.fwd_flops;
+    l.fwd_mem_elems = 3.0 * sh;
+    l.saved_mask_bytes = c_.dropout ? sh : 0.0;
+    return l;
+  }
+
+  double s() const { return static_cast<double>(c_.seq_length); }
+  double h() const { return static_cast<double>(c_.hidden_size); }
+
+private:
+  const ModelConfig& c_;
+  LayerGraph& g_;
+};
+
+} // namespace
+
+LayerGraph transformer_build_graph(const ModelConfig& c) {
+  PARALLAX_CHECK(c.num_layers > 0 && c.hidden_size > 0 && c.num_attention_heads > 0 &&
+                     c.num_kv_heads > 0 && c.hidden_size % c.num_attention_heads == 0,
+                 "model shape must be validated before building");
+  GraphInfo info{.name = c.name,
+                 .family = std::string(model_family_name(c.family)),
+                 .num_layers = c.num_layers,
+                 .seq_length = c.seq_length,
+                 .hidden_size = c.hidden_size,
+                 .num_attention_heads = c.num_attention_heads,
+                 .num_kv_heads = c.num_kv_heads,
+                 .vocab_size = c.vocab_size};
+  LayerGraph g(info);
+  Builder b(c, g);
+
+  const std::int64_t S = c.seq_length;
+  const std::int64_t H = c.hidden_size;
+  const std::int64_t A = c.num_attention_heads;
+  const std::int64_t D = c.head_dim();
+  const std::int64_t KV = c.num_kv_heads * D; // width of K (and of V)
+  const std::int64_t F = c.ffn_hidden_size;
+  const std::int64_t V = c.vocab_size;
+  const double s = static_cast<double>(S);
+  const double h = static_cast<double>(H);
+  const double sh = s * h;
+  const double sf = s * static_cast<double>(F);
+  const double as2 = static_cast<double>(A) * s * s;
+  const bool bert = c.family == ModelFamily::bert;
+  const int last = c.num_layers - 1;
+
+  // Embedding: vocabulary-parallel lookup (+ learned positions), all-reduced across TP ranks.
+  Layer embed = layer_make("embedding", LayerKind::embedding, TpSplit::vocab, 0, -1);
+  embed.output_shape = {S, H};
+  embed.params = V * H;
+  if (c.position_embedding == "learned") {
+    embed.params += c.max_position_embeddings * H;
+  }
+  if (bert) {
+    embed.params += 2 * H + 2 * H; // token-type embeddings and the embedding LayerNorm
+  }
+  embed.fwd_flops = sh;
+  embed.bwd_flops = sh;
+  embed.fwd_mem_elems = 3.0 * sh;
+  embed.saved_mask_bytes = c.dropout ? sh : 0.0;
+  embed.tp_fwd_comm_elems = sh;
+  auto x = b.add(std::move(embed), {});
+
+  for (int i = 0; i < c.num_layers; ++i) {
+    const std::string p = fmt::format("block{}.", i);
+    auto n1 = b.add(b.norm(p + "norm1", i, i), {x});
+
+    Layer qkv = layer_make(p + "attn.qkv", LayerKind::linear, TpSplit::column, i, i);
+    qkv.output_shape = {S, H + 2 * KV};
+    qkv.params = H * (H + 2 * KV) + (c.bias ? H + 2 * KV : 0);
+    qkv.gemms = {{1, S, H + 2 * KV, H}};
+    qkv.fwd_flops = c.bias ? s * static_cast<double>(H + 2 * KV) : 0.0;
+    qkv.bwd_flops = qkv.fwd_flops;
+    // Keeps its input for the weight gradient and its output (Q, K, V) for the attention core.
+    qkv.saved_act_elems = sh + s * static_cast<double>(H + 2 * KV);
+    qkv.tp_bwd_comm_elems = sh;
+    auto vqkv = b.add(std::move(qkv), {n1});
+
+    // Attention core: QKᵀ, softmax, dropout, ·V. Only the s² tensors are saved here; selective
+    // recomputation drops them and recomputes this layer's forward (Korthikanti et al. 2022).
+    Layer core = layer_make(p + "attn.core", LayerKind::attention, TpSplit::heads, i, i);
+    core.output_shape = {S, H};
+    core.gemms = {{A, S, S, D}, {A, S, D, S}};
+    core.fwd_flops = kSoftmaxFlopsPerElem * as2 + (c.dropout ? as2 : 0.0);
+    if (c.position_embedding == "rope") {
+      core.fwd_flops += kRopeFlopsPerElem * s * static_cast<double>(H + KV);
+    }
+    core.bwd_flops = 2.0 * core.fwd_flops;
+    core.fwd_mem_elems = 4.0 * as2 + 2.0 * sh + 2.0 * s * static_cast<double>(KV);
+    core.saved_act_elems = c.dropout ? 2.0 * as2 : as2;
+    core.saved_mask_bytes = c.dropout ? as2 : 0.0;
+    core.selective_recompute = true;
+    auto vcore = b.add(std::move(core), {vqkv});
+
+    Layer proj = layer_make(p + "attn.proj", LayerKind::linear, TpSplit::row, i, i);
+    proj.output_shape = {S, H};
+    proj.params = H * H + (c.bias ? H : 0);
+    proj.gemms = {{1, S, H, H}};
+    proj.saved_act_elems = sh;
+    proj.tp_fwd_comm_elems = sh;
+    auto vproj = b.add(std::move(proj), {vcore});
+    auto r1 = b.add(b.residual(p + "attn.residual", i, i), {vproj, x});
+
+    auto n2 = b.add(b.norm(p + "norm2", i, i), {r1});
+    const bool swiglu = c.activation == "swiglu";
+    Layer up = layer_make(p + "mlp.up", LayerKind::linear, TpSplit::column, i, i);
+    up.output_shape = {S, swiglu ? 2 * F : F};
+    up.params = (swiglu ? 2 : 1) * H * F + (c.bias ? (swiglu ? 2 : 1) * F : 0);
+    up.gemms = swiglu ? std::vector<Gemm>{{1, S, F, H}, {1, S, F, H}} : std::vector<Gemm>{{1, S, F, H}};
+    up.saved_act_elems = sh;
+    up.tp_bwd_comm_elems = sh;
+    auto vup = b.add(std::move(up), {n2});
+
+    Layer act = layer_make(p + "mlp.act", LayerKind::activation, TpSplit::column, i, i);
+    act.output_shape = {S, F};
+    act.fwd_flops = (swiglu ? kSwigluFlopsPerElem : kGeluFlopsPerElem) * sf;
+    act.bwd_flops = 2.0 * act.fwd_flops;
+    act.fwd_mem_elems = (swiglu ? 3.0 : 2.0) * sf;
+    act.saved_act_elems = (swiglu ? 2.0 : 1.0) * sf;
+    auto vact = b.add(std::move(act), {vup});
+
+    Layer down = layer_make(p + "mlp.down", LayerKind::linear, TpSplit::row, i, i);
+    down.output_shape = {S, H};
+    down.params = F * H + (c.bias ? H : 0);
+    down.gemms = {{1, S, H, F}};
+    down.saved_act_elems = sf;
+    down.tp_fwd_comm_elems = sh;
+    auto vdown = b.add(std::move(down), {vact});
+    x = b.add(b.residual(p + "mlp.residual", i, i), {vdown, r1});
+  }
+
+  if (bert) {
+    // Pooler and next-sentence classifier (on the first token only) and the MLM transform.
+    Layer pooler = layer_make("pooler", LayerKind::linear, TpSplit::replicated, last, -1);
+    pooler.output_shape = {1, H};
+    pooler.params = H * H + H + 2 * H + 2;
+    pooler.gemms = {{1, 1, H, H}};
+    b.add(std::move(pooler), {x});
+    Layer transform =
+        layer_make("mlm.transform", LayerKind::linear, TpSplit::replicated, last, -1);
+    transform.output_shape = {S, H};
+    transform.params = H * H + H + 2 * H;
+    transform.gemms = {{1, S, H, H}};
+    transform.fwd_flops = (kGeluFlopsPerElem + kLayerNormFlopsPerElem) * sh;
+    transform.bwd_flops = 2.0 * transform.fwd_flops;
+    transform.fwd_mem_elems = 4.0 * sh;
+    transform.saved_act_elems = 3.0 * sh;
+    x = b.add(std::move(transform), {x});
+  } else {
+    x = b.add(b.norm("final_norm", last, -1), {x});
+  }
+
+  Layer head = layer_make("lm_head", LayerKind::linear, TpSplit::vocab, last, -1);
+  head.output_shape = {S, V};
+  head.params = (c.tied_embeddings ? 0 : V * H) + (bert ? V : 0);
+  head.gemms = {{1, S, V, H}};
+  head.saved_act_elems = sh;
+  head.tp_bwd_comm_elems = sh;
+  x = b.add(std::move(head), {x});
+
+  // Vocabulary-parallel cross-entropy: keeps fp32 logits (two 16-bit elements each) for the
+  // backward; three all-reduces of s fp32 values (max, sum of exponentials, target logit).
+  Layer loss = layer_make("loss", LayerKind::loss, TpSplit::vocab, last, -1);
+  loss.output_shape = {1};
+  loss.fwd_flops = kCrossEntropyFlopsPerElem * s * static_cast<double>(V);
+  loss.bwd_flops = 2.0 * s * static_cast<double>(V);
+  loss.fwd_mem_elems = 3.0 * s * static_cast<double>(V);
+  loss.saved_act_elems = 2.0 * s * static_cast<double>(V);
+  loss.tp_fwd_comm_elems = 6.0 * s;
+  b.add(std::move(loss), {x});
+  return g;
+}
+
+} // namespace parallax

@@ -1,0 +1,150 @@
+#include "parallax/core/error.hpp"
+#include "parallax/core/plan_json.hpp"
+#include "parallax/models/model_loader.hpp"
+
+#include <gtest/gtest.h>
+
+#include <random>
+#include <set>
+
+namespace parallax {
+namespace {
+
+const char* kContractPlan = R"({"dp": 8, "tp": 8, "pp": 16, "zero_stage": 1, "micro_batch_size": 1,
+  "global_batch_size": 1536, "schedule": "interleaved", "virtual_stages": 2,
+  "recompute": "selective", "sequence_parallel": true, "precision": "bf16",
+  "grad_sync": "allreduce"})";
+
+TEST(PlanJson, ContractExampleRoundTripsExactly) {
+  Plan p = plan_from_json(Json::parse(kContractPlan), "plan.json");
+  EXPECT_EQ(p.dp, 8);
+  EXPECT_EQ(p.schedule, Schedule::interleaved);
+  EXPECT_EQ(p.virtual_stages, 2);
+  EXPECT_EQ(p.recompute, Recompute::selective);
+  EXPECT_EQ(p.num_microbatches(), 192);
+  EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
+  p.stages = stages_even(96, 32);
+  EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
+  EXPECT_EQ(plan_to_json(plan_from_json(plan_to_json(p), "rt")), plan_to_json(p));
+}
+
+TEST(PlanJson, DefaultsForOptionalFields) {
+  Plan p = plan_from_json(Json::parse(R"({"dp": 2, "tp": 1, "pp": 1, "global_batch_size": 8})"),
+                          "p.json");
+  EXPECT_EQ(p.zero_stage, 0);
+  EXPECT_EQ(p.micro_batch_size, 1);
+  EXPECT_EQ(p.schedule, Schedule::one_f_one_b);
+  EXPECT_EQ(p.precision, Precision::bf16);
+  EXPECT_TRUE(p.stages.empty());
+}
+
+struct BadPlan {
+  const char* what;
+  const char* patch;
+  const char* field;
+};
+
+TEST(PlanJson, MalformedInputsNameTheField) {
+  const Json valid = Json::parse(kContractPlan);
+  const BadPlan cases[] = {
+      {"missing dp", R"({"dp": null})", "/dp"},
+      {"wrong type", R"({"tp": "8"})", "/tp"},
+      {"negative", R"({"micro_batch_size": -1})", "/micro_batch_size"},
+      {"zero stage 4", R"({"zero_stage": 4})", "/zero_stage"},
+      {"unknown schedule", R"({"schedule": "zigzag"})", "/schedule"},
+      {"unknown precision", R"({"precision": "int4"})", "/precision"},
+      {"unknown field", R"({"pipeline": 2})", "/pipeline"},
+      {"batch not divisible", R"({"global_batch_size": 1537})", "/global_batch_size"},
+      {"virtual stages without interleaving", R"({"schedule": "1f1b"})", "/virtual_stages"},
+      {"interleaved with v=1", R"({"virtual_stages": 1})", "/virtual_stages"},
+      {"stage count", R"({"stages": [[0, 48], [48, 96]]})", "/stages"},
+      {"stage gap", R"({"stages": [[0, 3], [4, 6]]})", "/stages/1"},
+      {"stage empty", R"({"stages": [[0, 0]]})", "/stages/0"},
+      {"stage not pair", R"({"stages": [[0, 1, 2]]})", "/stages/0"},
+  };
+  for (const auto& bad : cases) {
+    SCOPED_TRACE(bad.what);
+    Json doc = valid;
+    doc.merge_patch(Json::parse(bad.patch));
+    try {
+      plan_from_json(doc, "bad.json");
+      ADD_FAILURE() << "accepted";
+    } catch (const InputError& e) {
+      EXPECT_EQ(e.field(), bad.field) << e.what();
+    }
+  }
+}
+
+TEST(PlanValidate, AgainstModelAndWorld) {
+  LoadedModel gpt = model_load("gpt3-175b");
+  Plan p = plan_from_json(Json::parse(kContractPlan), "plan.json");
+  EXPECT_NO_THROW(plan_validate(p, gpt.graph, 1024, "plan.json"));
+  auto field_of = [&](const Plan& q, int world) -> std::string {
+    try {
+      plan_validate(q, gpt.graph, world, "plan.json");
+    } catch (const InputError& e) {
+      return e.field();
+    }
+    return "accepted";
+  };
+  EXPECT_EQ(field_of(p, 512), "/dp"); // dp·tp·pp ≠ GPUs
+  Plan bad_tp = p;
+  bad_tp.tp = 5;
+  bad_tp.dp = 8;
+  EXPECT_EQ(field_of(bad_tp, 640), "/tp"); // 5 does not divide 96 heads
+  Plan too_deep = p;
+  too_deep.pp = 64;
+  too_deep.dp = 2;
+  EXPECT_EQ(field_of(too_deep, 1024), "/pp"); // 64 × 2 chunks > 96 layers
+  Plan bad_m = p;
+  bad_m.global_batch_size = 8 * 8; // m = 8, not a multiple of pp = 16
+  EXPECT_EQ(field_of(bad_m, 1024), "/global_batch_size");
+  Plan bad_stages = p;
+  bad_stages.stages = stages_even(90, 32);
+  EXPECT_EQ(field_of(bad_stages, 1024), "/stages");
+
+  LoadedModel llama = model_load("llama2-70b");
+  Plan gqa{.dp = 1, .tp = 16, .pp = 1, .global_batch_size = 16};
+  EXPECT_THROW(plan_validate(gqa, llama.graph, 16, "p"), InputError); // 8 kv heads
+}
+
+TEST(RankMapping, EveryRankOnceAndGroupsConsistent) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 200; ++trial) {
+    Plan p;
+    p.dp = 1 << (rng() % 4);
+    p.tp = 1 << (rng() % 4);
+    p.pp = 1 + static_cast<int>(rng() % 5);
+    std::set<std::tuple<int, int, int>> seen;
+    for (int r = 0; r < p.world_size(); ++r) {
+      RankCoords c = rank_coords(p, r);
+      ASSERT_EQ(rank_of(p, c), r);
+      seen.insert({c.dp, c.pp, c.tp});
+      auto tp = tp_group(p, r);
+      auto dp = dp_group(p, r);
+      auto pp = pp_group(p, r);
+      ASSERT_EQ(static_cast<int>(tp.size()), p.tp);
+      ASSERT_EQ(static_cast<int>(dp.size()), p.dp);
+      ASSERT_EQ(static_cast<int>(pp.size()), p.pp);
+      EXPECT_EQ(tp[c.tp], r);
+      EXPECT_EQ(dp[c.dp], r);
+      EXPECT_EQ(pp[c.pp], r);
+      // TP peers are adjacent ranks, so a TP group ≤ devices per node stays inside a node.
+      EXPECT_EQ(tp.back() - tp.front(), p.tp - 1);
+    }
+    EXPECT_EQ(static_cast<int>(seen.size()), p.world_size());
+  }
+  EXPECT_EQ(rank_device(13, 8), (DeviceSlot{1, 5}));
+}
+
+TEST(StagesEven, CoversAllUnits) {
+  auto s = stages_even(10, 4);
+  ASSERT_EQ(s.size(), 4U);
+  EXPECT_EQ(s[0], (StageRange{0, 3}));
+  EXPECT_EQ(s[1], (StageRange{3, 6}));
+  EXPECT_EQ(s[2], (StageRange{6, 8}));
+  EXPECT_EQ(s[3], (StageRange{8, 10}));
+}
+
+} // namespace
+} // namespace parallax
