@@ -32,8 +32,8 @@ int main(int argc, char** argv) {
   auto add = [&](parallax::cli::Run run) { runs[app.get_subcommands({}).back()] = std::move(run); };
   add(parallax::cli::register_models(app));
   add(parallax::cli::register_clusters(app));
-  register_pending(app, runs, "plan", "Search parallel plans for a model on a cluster");
-  register_pending(app, runs, "simulate", "Simulate one plan");
+  add(parallax::cli::register_plan(app));
+  add(parallax::cli::register_simulate(app));
   register_pending(app, runs, "train", "Train a model with a plan");
   register_pending(app, runs, "calibrate", "Measure this machine into a cluster profile");
   register_pending(app, runs, "compare", "Compare simulated and measured runs");

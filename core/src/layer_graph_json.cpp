@@ -31,8 +31,9 @@ double non_negative(const JsonReader& r, std::string_view key) {
 
 Layer layer_from_json(const JsonReader& r) {
   r.reject_unknown({"name", "kind", "tp_split", "unit", "block", "output_shape", "params", "gemms",
-                    "fwd_flops", "bwd_flops", "fwd_mem_elems", "saved_act_elems",
-                    "saved_mask_bytes", "selective_recompute", "tp_fwd_comm_elems",
+                    "fwd_flops", "bwd_flops", "bwd_extra_flops", "fused", "fwd_mem_elems",
+                    "saved_act_elems", "saved_mask_bytes", "selective_saved_elems",
+                    "selective_recompute", "tp_fwd_comm_elems",
                     "tp_bwd_comm_elems"});
   Layer l;
   l.name = r.string("name");
@@ -68,9 +69,16 @@ Layer layer_from_json(const JsonReader& r) {
   }
   l.fwd_flops = r.has("fwd_flops") ? non_negative(r, "fwd_flops") : gemm_flops;
   l.bwd_flops = r.has("bwd_flops") ? non_negative(r, "bwd_flops") : 2.0 * l.fwd_flops;
+  l.bwd_extra_flops = non_negative(r, "bwd_extra_flops");
+  l.fused = r.boolean_or("fused", false);
   l.fwd_mem_elems = non_negative(r, "fwd_mem_elems");
   l.saved_act_elems = non_negative(r, "saved_act_elems");
   l.saved_mask_bytes = non_negative(r, "saved_mask_bytes");
+  l.selective_saved_elems = non_negative(r, "selective_saved_elems");
+  if (l.selective_saved_elems > l.saved_act_elems) {
+    r.fail("selective_saved_elems", "at most saved_act_elems",
+           fmt::format("{} > {}", l.selective_saved_elems, l.saved_act_elems));
+  }
   l.selective_recompute = r.boolean_or("selective_recompute", false);
   l.tp_fwd_comm_elems = non_negative(r, "tp_fwd_comm_elems");
   l.tp_bwd_comm_elems = non_negative(r, "tp_bwd_comm_elems");
@@ -92,9 +100,12 @@ Json layer_to_json(const Layer& l) {
           {"gemms", gemms},
           {"fwd_flops", l.fwd_flops},
           {"bwd_flops", l.bwd_flops},
+          {"bwd_extra_flops", l.bwd_extra_flops},
+          {"fused", l.fused},
           {"fwd_mem_elems", l.fwd_mem_elems},
           {"saved_act_elems", l.saved_act_elems},
           {"saved_mask_bytes", l.saved_mask_bytes},
+          {"selective_saved_elems", l.selective_saved_elems},
           {"selective_recompute", l.selective_recompute},
           {"tp_fwd_comm_elems", l.tp_fwd_comm_elems},
           {"tp_bwd_comm_elems", l.tp_bwd_comm_elems}};
@@ -105,8 +116,8 @@ Json layer_to_json(const Layer& l) {
 LayerGraph layer_graph_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
   r.reject_unknown({"name", "family", "num_layers", "seq_length", "hidden_size",
-                    "num_attention_heads", "num_kv_heads", "vocab_size", "layers", "edges",
-                    "notes"});
+                    "num_attention_heads", "num_kv_heads", "vocab_size", "tied_embeddings",
+                    "layers", "edges", "notes"});
   GraphInfo info;
   info.name = r.string("name");
   info.family = r.string_or("family", "generic");
@@ -116,6 +127,7 @@ LayerGraph layer_graph_from_json(const Json& doc, const std::string& source) {
   info.num_kv_heads =
       static_cast<int>(r.integer_or("num_kv_heads", info.num_attention_heads, 1, 1 << 16));
   info.vocab_size = r.integer_or("vocab_size", 0, 0, 1 << 28);
+  info.tied_embeddings = r.boolean_or("tied_embeddings", false);
   LayerGraph g(info);
 
   JsonReader layers = r.array("layers");
@@ -178,6 +190,7 @@ Json layer_graph_to_json(const LayerGraph& g) {
           {"num_attention_heads", info.num_attention_heads},
           {"num_kv_heads", info.num_kv_heads},
           {"vocab_size", info.vocab_size},
+          {"tied_embeddings", info.tied_embeddings},
           {"layers", layers},
           {"edges", edges}};
 }

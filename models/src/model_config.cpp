@@ -14,6 +14,7 @@ constexpr std::array<std::string_view, 3> kFamilies = {"gpt", "llama", "bert"};
 constexpr std::array<std::string_view, 2> kActivations = {"gelu", "swiglu"};
 constexpr std::array<std::string_view, 2> kNorms = {"layernorm", "rmsnorm"};
 constexpr std::array<std::string_view, 3> kPositions = {"learned", "rope", "alibi"};
+constexpr std::array<std::string_view, 2> kAttentionImpls = {"flash", "standard"};
 
 constexpr std::int64_t kMaxDim = std::int64_t{1} << 24;
 
@@ -66,7 +67,7 @@ ModelConfig model_config_from_json(const Json& doc, const std::string& source) {
   r.reject_unknown({"name", "family", "num_layers", "hidden_size", "num_attention_heads",
                     "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_length",
                     "max_position_embeddings", "activation", "norm", "position_embedding", "bias",
-                    "tied_embeddings", "dropout", "notes"});
+                    "tied_embeddings", "dropout", "attention_impl", "notes"});
   ModelConfig c;
   c.name = r.string("name");
   c.family = family_parse(r.choice("family", kFamilies));
@@ -89,6 +90,7 @@ ModelConfig model_config_from_json(const Json& doc, const std::string& source) {
   c.bias = r.boolean_or("bias", c.bias);
   c.tied_embeddings = r.boolean_or("tied_embeddings", c.tied_embeddings);
   c.dropout = r.boolean_or("dropout", c.dropout);
+  c.attention_impl = r.choice_or("attention_impl", kAttentionImpls, c.attention_impl);
   c.notes = r.string_or("notes", "");
   check_shape(c, r);
   return c;
@@ -110,7 +112,8 @@ Json model_config_to_json(const ModelConfig& c) {
               {"position_embedding", c.position_embedding},
               {"bias", c.bias},
               {"tied_embeddings", c.tied_embeddings},
-              {"dropout", c.dropout}};
+              {"dropout", c.dropout},
+              {"attention_impl", c.attention_impl}};
   if (!c.notes.empty()) {
     doc["notes"] = c.notes;
   }

@@ -90,7 +90,8 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
                  .hidden_size = c.hidden_size,
                  .num_attention_heads = c.num_attention_heads,
                  .num_kv_heads = c.num_kv_heads,
-                 .vocab_size = c.vocab_size};
+                 .vocab_size = c.vocab_size,
+                 .tied_embeddings = c.tied_embeddings};
   LayerGraph g(info);
   Builder b(c, g);
 
@@ -136,25 +137,39 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
     qkv.gemms = {{1, S, H + 2 * KV, H}};
     qkv.fwd_flops = c.bias ? s * static_cast<double>(H + 2 * KV) : 0.0;
     qkv.bwd_flops = qkv.fwd_flops;
-    // Keeps its input for the weight gradient and its output (Q, K, V) for the attention core.
-    qkv.saved_act_elems = sh + s * static_cast<double>(H + 2 * KV);
+    qkv.saved_act_elems = sh; // its input, for the weight gradient
     qkv.tp_bwd_comm_elems = sh;
     auto vqkv = b.add(std::move(qkv), {n1});
 
-    // Attention core: QKᵀ, softmax, dropout, ·V. Only the s² tensors are saved here; selective
-    // recomputation drops them and recomputes this layer's forward (Korthikanti et al. 2022).
+    // Attention core: QKᵀ, softmax, dropout, ·V. It keeps Q, K and V for its backward.
     Layer core = layer_make(p + "attn.core", LayerKind::attention, TpSplit::heads, i, i);
     core.output_shape = {S, H};
     core.gemms = {{A, S, S, D}, {A, S, D, S}};
-    core.fwd_flops = kSoftmaxFlopsPerElem * as2 + (c.dropout ? as2 : 0.0);
-    if (c.position_embedding == "rope") {
-      core.fwd_flops += kRopeFlopsPerElem * s * static_cast<double>(H + KV);
+    const double qkv_elems = sh + 2.0 * s * static_cast<double>(KV);
+    const double softmax_flops = kSoftmaxFlopsPerElem * as2;
+    const double rope_flops =
+        c.position_embedding == "rope" ? kRopeFlopsPerElem * s * static_cast<double>(H + KV) : 0.0;
+    if (c.attention_impl == "flash") {
+      // Fused: the s×s scores never reach memory; the backward recomputes QKᵀ and the softmax
+      // from Q, K, V and the per-row log-sum-exp (fp32: two 16-bit elements per head and token).
+      core.fused = true;
+      core.fwd_flops = softmax_flops + rope_flops;
+      core.bwd_flops = 2.0 * core.fwd_flops;
+      core.bwd_extra_flops = core.gemms[0].flops() + softmax_flops;
+      core.fwd_mem_elems = 2.0 * qkv_elems;
+      core.saved_act_elems = qkv_elems + 2.0 * static_cast<double>(A) * s;
+    } else {
+      // Materialised scores: softmax output (and dropout output and mask) are kept; selective
+      // recomputation drops exactly these s² tensors (Korthikanti et al. 2022).
+      const double score_elems = c.dropout ? 2.0 * as2 : as2;
+      core.fwd_flops = softmax_flops + (c.dropout ? as2 : 0.0) + rope_flops;
+      core.bwd_flops = 2.0 * core.fwd_flops;
+      core.fwd_mem_elems = 4.0 * as2 + qkv_elems + sh;
+      core.saved_act_elems = qkv_elems + score_elems;
+      core.saved_mask_bytes = c.dropout ? as2 : 0.0;
+      core.selective_saved_elems = score_elems;
+      core.selective_recompute = true;
     }
-    core.bwd_flops = 2.0 * core.fwd_flops;
-    core.fwd_mem_elems = 4.0 * as2 + 2.0 * sh + 2.0 * s * static_cast<double>(KV);
-    core.saved_act_elems = c.dropout ? 2.0 * as2 : as2;
-    core.saved_mask_bytes = c.dropout ? as2 : 0.0;
-    core.selective_recompute = true;
     auto vcore = b.add(std::move(core), {vqkv});
 
     Layer proj = layer_make(p + "attn.proj", LayerKind::linear, TpSplit::row, i, i);

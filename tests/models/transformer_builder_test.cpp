@@ -101,8 +101,11 @@ TEST(ZooFlops, GptIterationFlopsMatchClosedForm) {
 }
 
 TEST(TransformerBuilder, GptBlockActivationsFollowKorthikanti) {
-  // Per block, 16-bit activations: 34·s·b·h + 5·a·s²·b bytes (Korthikanti et al. 2022, Eq. 1).
-  LayerGraph g = model_load("gpt3-175b").graph;
+  // Per block, 16-bit activations: 34·s·b·h + 5·a·s²·b bytes (Korthikanti et al. 2022, Eq. 1)
+  // with materialised attention scores.
+  ModelConfig config = *model_load("gpt3-175b").config;
+  config.attention_impl = "standard";
+  LayerGraph g = transformer_build_graph(config);
   const GraphInfo& i = g.info();
   const double s = static_cast<double>(i.seq_length);
   const double h = static_cast<double>(i.hidden_size);
@@ -115,6 +118,34 @@ TEST(TransformerBuilder, GptBlockActivationsFollowKorthikanti) {
     }
   }
   EXPECT_DOUBLE_EQ(bytes, 34 * s * h + 5 * a * s * s);
+  double selective = 0;
+  for (std::size_t v = 0; v < g.num_layers(); ++v) {
+    const Layer& layer = g.layer(v);
+    if (layer.block == 0 && layer.selective_recompute) {
+      selective += 2 * layer.selective_saved_elems + layer.saved_mask_bytes;
+    }
+  }
+  EXPECT_DOUBLE_EQ(selective, 5 * a * s * s); // what selective recomputation removes
+}
+
+TEST(TransformerBuilder, FlashAttentionKeepsNoScores) {
+  LayerGraph g = model_load("gpt3-175b").graph; // the zoo default is fused attention
+  const GraphInfo& i = g.info();
+  const double s = static_cast<double>(i.seq_length);
+  const double h = static_cast<double>(i.hidden_size);
+  const double a = i.num_attention_heads;
+  double bytes = 0;
+  double extra = 0;
+  for (std::size_t v = 0; v < g.num_layers(); ++v) {
+    const Layer& layer = g.layer(v);
+    if (layer.block == 0) {
+      bytes += 2 * layer.saved_act_elems + layer.saved_mask_bytes;
+      extra += layer.bwd_extra_flops;
+    }
+  }
+  // 34·s·h less the s² tensors, plus the fp32 log-sum-exp per head and token.
+  EXPECT_DOUBLE_EQ(bytes, 34 * s * h + 4 * a * s);
+  EXPECT_GT(extra, 2 * a * s * s * (h / a)); // the backward recomputes QKᵀ
 }
 
 TEST(TransformerBuilder, UnitsAndSplits) {

@@ -63,13 +63,23 @@ struct Layer {
   std::int64_t params = 0;                // parameter count (weights + biases)
   std::vector<Gemm> gemms;                // forward GEMMs per sequence (before any TP split)
   double fwd_flops = 0;                   // forward FLOPs per sequence (GEMMs + element-wise)
-  double bwd_flops = 0;                   // backward FLOPs per sequence
+  double bwd_flops = 0;                   // backward model FLOPs per sequence
+  // FLOPs the backward executes beyond the model count: a fused (flash) attention backward
+  // recomputes QKᵀ and the softmax instead of reading them from memory.
+  double bwd_extra_flops = 0;
+  bool fused = false; // GEMMs fused in one kernel (flash attention): no intermediate traffic
   double fwd_mem_elems = 0; // activation elements read + written in forward per sequence
   // Activation elements this layer keeps for backward per sequence (16-bit elements in mixed
   // precision), and 1-byte masks (dropout) kept — Korthikanti et al. 2022, Sec. 4.
+  // Saved activations are sharded like the layer's *input*: column-parallel linear layers keep a
+  // replicated input (sharded along s with sequence parallel), row / heads / activation layers
+  // keep a tensor-parallel shard.
   double saved_act_elems = 0;
   double saved_mask_bytes = 0;
-  bool selective_recompute = false; // part of the attention core recomputed by "selective"
+  // Of saved_act_elems, the elements selective recomputation drops (the s² attention tensors);
+  // it also drops saved_mask_bytes of such layers and recomputes their forward.
+  double selective_saved_elems = 0;
+  bool selective_recompute = false;
   // Tensor-parallel all-reduce volume (elements per sequence) after the forward (row-parallel
   // outputs, vocab-parallel embedding) and in the backward (input gradient of column-parallel
   // layers). Under sequence parallel each becomes a reduce-scatter + all-gather pair.
@@ -89,6 +99,8 @@ struct GraphInfo {
   int num_attention_heads = 1;
   int num_kv_heads = 1;
   std::int64_t vocab_size = 0;
+  // The LM head shares the embedding matrix; with pp > 1 the last stage keeps its own copy.
+  bool tied_embeddings = false;
   bool operator==(const GraphInfo&) const = default;
 };
 

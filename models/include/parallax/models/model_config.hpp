@@ -27,6 +27,9 @@ struct ModelConfig {
   bool bias = true;
   bool tied_embeddings = true;
   bool dropout = true; // dropout layers present (their masks are kept for backward)
+  // "flash": fused attention that never stores the s×s scores (FlashAttention, cuDNN);
+  // "standard": scores, softmax and dropout materialised (Megatron-LM before 2022).
+  std::string attention_impl = "flash";
   std::string notes;
 
   std::int64_t head_dim() const { return hidden_size / num_attention_heads; }

@@ -1,0 +1,211 @@
+// bench/validate_published: predicts every published measured run in
+// ../shared/validation/published_runs.json and prints predicted vs measured iteration time per
+// run, per source and overall (mean absolute percentage error).
+//
+// Every dimension a source states is pinned; the planner picks what it leaves out (micro-batch
+// size, interleave depth, recomputation where unknown). A second search with nothing pinned but
+// the model, GPU count and global batch shows whether the planner finds a plan it predicts at
+// least as fast as the published one.
+//
+// Usage: validate_published [published_runs.json] [--json out.json] [--max-mape PCT]
+#include "parallax/core/error.hpp"
+#include "parallax/core/json_reader.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/models/transformer_builder.hpp"
+#include "parallax/planner/planner.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <iostream>
+#include <map>
+#include <string>
+
+namespace parallax {
+namespace {
+
+bool contains(const std::string& text, const char* what) {
+  return text.find(what) != std::string::npos;
+}
+
+std::string text_of(const Json& j, const char* key) {
+  return j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : std::string();
+}
+
+ModelConfig model_of(const Json& row) {
+  const Json& m = row["model"];
+  const std::string family = text_of(m, "family");
+  const std::string framework = text_of(row["training"], "framework");
+  ModelConfig c;
+  c.name = text_of(m, "name");
+  const bool llama = contains(family, "Llama") || contains(family, "llama");
+  c.family = llama ? ModelFamily::llama : ModelFamily::gpt;
+  c.num_layers = m["num_layers"].get<int>();
+  c.hidden_size = m["hidden_size"].get<std::int64_t>();
+  c.num_attention_heads = m["num_attention_heads"].get<int>();
+  c.num_kv_heads = m.value("num_kv_heads", c.num_attention_heads);
+  c.ffn_hidden_size = m.value("ffn_hidden_size", 4 * c.hidden_size);
+  c.vocab_size = m["vocab_size"].get<std::int64_t>();
+  c.seq_length = row["training"]["seq_len"].get<std::int64_t>();
+  c.max_position_embeddings = c.seq_length;
+  c.activation = text_of(m, "ffn_activation") == "swiglu" ? "swiglu" : "gelu";
+  c.norm = llama ? "rmsnorm" : "layernorm";
+  const std::string pos = text_of(m, "position_embedding");
+  c.position_embedding = contains(pos, "ALiBi") ? "alibi" : contains(pos, "rot") ? "rope" : "learned";
+  c.bias = !contains(family, "no biases") && !llama;
+  c.tied_embeddings = m.value("tied_embeddings", true);
+  c.dropout = contains(framework, "Megatron");
+  // Megatron-LM of 2020–2021 materialised the attention scores; later stacks fuse attention.
+  c.attention_impl = contains(framework, "Megatron") ? "standard" : "flash";
+  return c;
+}
+
+std::string cluster_of(const Json& row) {
+  const std::string gpu = text_of(row["hardware"], "gpu_type");
+  if (contains(gpu, "V100")) return "dgx2-v100";
+  if (contains(gpu, "H100")) return "dgx-h100";
+  if (contains(gpu, "H200")) return "dgx-h200";
+  if (contains(gpu, "80")) return "dgx-a100-80g";
+  return "dgx-a100-40g";
+}
+
+PlanPins pins_of(const Json& row) {
+  const Json& p = row["parallel"];
+  const Json& t = row["training"];
+  PlanPins pins;
+  pins.tp = p["tp"].get<int>();
+  pins.pp = p["pp"].get<int>();
+  pins.dp = p["dp"].get<int>();
+  pins.zero_stage = p.value("zero_stage", 0);
+  if (p.contains("virtual_pipeline_stages") && p["virtual_pipeline_stages"].is_number()) {
+    pins.virtual_stages = p["virtual_pipeline_stages"].get<int>();
+  }
+  if (p.contains("sequence_parallel") && p["sequence_parallel"].is_boolean()) {
+    pins.sequence_parallel = p["sequence_parallel"].get<bool>();
+  }
+  if (t.contains("micro_batch") && t["micro_batch"].is_number()) {
+    pins.micro_batch_size = t["micro_batch"].get<std::int64_t>();
+  }
+  const std::string rc = text_of(t, "recompute");
+  if (rc.starts_with("full")) {
+    pins.recompute = Recompute::full;
+  } else if (rc.starts_with("none")) {
+    pins.recompute = Recompute::none;
+  } else if (rc.starts_with("selective")) {
+    pins.recompute = Recompute::selective;
+  }
+  pins.precision = contains(text_of(t, "precision"), "bf16") ? Precision::bf16 : Precision::fp16;
+  return pins;
+}
+
+double measured_time(const Json& row) {
+  const Json& m = row["measured"];
+  if (m.contains("iteration_time_s") && m["iteration_time_s"].is_number()) {
+    return m["iteration_time_s"].get<double>();
+  }
+  const Json& d = m["derived"];
+  for (const char* key : {"iteration_time_s_from_eq3", "iteration_time_s_from_tokens_per_s"}) {
+    if (d.contains(key) && d[key].is_number()) {
+      return d[key].get<double>();
+    }
+  }
+  return 0;
+}
+
+struct Totals {
+  double abs_err = 0;
+  int n = 0;
+};
+
+} // namespace
+} // namespace parallax
+
+int main(int argc, char** argv) {
+  using namespace parallax;
+  std::string path = PARALLAX_VALIDATION_FILE;
+  std::string json_out;
+  double max_mape = 0;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--json" && i + 1 < argc) {
+      json_out = argv[++i];
+    } else if (a == "--max-mape" && i + 1 < argc) {
+      max_mape = std::stod(argv[++i]);
+    } else {
+      path = a;
+    }
+  }
+  try {
+    Json rows = json_load_file(path);
+    std::map<std::string, Totals> by_source;
+    Totals all;
+    Json report = Json::array();
+    fmt::print("{:<44} {:>9} {:>9} {:>7}  {:>9} {}\n", "run", "measured", "predicted", "error",
+                "free best", "chosen plan (free search)");
+    for (const Json& row : rows) {
+      const std::string id = row["id"].get<std::string>();
+      const double measured = measured_time(row);
+      if (measured <= 0) {
+        continue;
+      }
+      ModelConfig config = model_of(row);
+      LayerGraph graph = transformer_build_graph(config);
+      Cluster cluster = cluster_load(cluster_of(row));
+      PlanRequest req;
+      req.gpus = row["hardware"]["num_gpus"].get<int>();
+      req.global_batch_size = row["training"]["global_batch"].get<std::int64_t>();
+      req.pins = pins_of(row);
+      req.top_k = 1;
+      PlanSearchResult pinned = plan_search(graph, cluster, req);
+      PlanRequest free_req = req;
+      free_req.pins = PlanPins{.precision = req.pins.precision};
+      PlanSearchResult free = plan_search(graph, cluster, free_req);
+      if (pinned.plans.empty()) {
+        fmt::print("{:<44} {:>9.3f} {:>9} {:>7}  {}\n", id, measured, "-", "-", pinned.no_fit_reason);
+        continue;
+      }
+      const PlanEstimate& e = pinned.plans.front().estimate;
+      const double err = (e.iteration_time_s - measured) / measured;
+      const std::string source = row["source"]["key"].get<std::string>();
+      by_source[source].abs_err += std::abs(err);
+      by_source[source].n += 1;
+      all.abs_err += std::abs(err);
+      all.n += 1;
+      double free_best = free.plans.empty() ? 0 : free.plans.front().estimate.iteration_time_s;
+      std::string free_plan;
+      if (!free.plans.empty()) {
+        const Plan& p = free.plans.front().estimate.plan;
+        free_plan = fmt::format("dp{} tp{} pp{} z{} B{} {}{} rc={}", p.dp, p.tp, p.pp,
+                                p.zero_stage, p.micro_batch_size, schedule_name(p.schedule),
+                                p.virtual_stages > 1 ? fmt::format("(v{})", p.virtual_stages) : "",
+                                recompute_name(p.recompute));
+      }
+      fmt::print("{:<44} {:>9.3f} {:>9.3f} {:>+6.1f}%  {:>9.3f} {}\n", id, measured,
+                 e.iteration_time_s, 100 * err, free_best, free_plan);
+      report.push_back({{"id", id},
+                        {"source", source},
+                        {"measured_s", measured},
+                        {"predicted_s", e.iteration_time_s},
+                        {"error", err},
+                        {"predicted", estimate_to_json(e)},
+                        {"free_best_s", free_best}});
+    }
+    fmt::print("\nMAPE by source:\n");
+    for (const auto& [source, t] : by_source) {
+      fmt::print("  {:<20} {:>3} runs  {:>6.1f}%\n", source, t.n, 100 * t.abs_err / t.n);
+    }
+    const double mape = all.n > 0 ? 100 * all.abs_err / all.n : 0;
+    fmt::print("  {:<20} {:>3} runs  {:>6.1f}%\n", "overall", all.n, mape);
+    if (!json_out.empty()) {
+      json_write_file(json_out, {{"runs", report}, {"mape", mape / 100}});
+    }
+    if (max_mape > 0 && mape > max_mape) {
+      fmt::print("FAIL: MAPE {:.1f}% above {:.1f}%\n", mape, max_mape);
+      return 1;
+    }
+    return 0;
+  } catch (const InputError& e) {
+    std::cerr << "validate_published: " << e.what() << "\n";
+    return 2;
+  }
+}

@@ -1,0 +1,258 @@
+// `parallax plan` and `parallax simulate`.
+#include "commands.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/core/plan_json.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/models/model_loader.hpp"
+#include "parallax/planner/planner.hpp"
+#include "parallax/simulator/cost_model.hpp"
+
+#include <fmt/format.h>
+
+#include <array>
+#include <iostream>
+#include <memory>
+
+namespace parallax::cli {
+
+namespace {
+
+template <class Enum, std::size_t N>
+std::optional<Enum> parse_choice(const std::string& flag, const std::string& value,
+                                 const std::array<std::string_view, N>& names) {
+  if (value.empty()) {
+    return std::nullopt;
+  }
+  for (std::size_t i = 0; i < N; ++i) {
+    if (names[i] == value) {
+      return static_cast<Enum>(i);
+    }
+  }
+  std::string allowed;
+  for (auto n : names) {
+    allowed += fmt::format("{}\"{}\"", allowed.empty() ? "" : ", ", n);
+  }
+  throw InputError("command line", flag, "one of " + allowed, fmt::format("\"{}\"", value));
+}
+
+struct PlanFlags {
+  std::string model;
+  std::string cluster;
+  int gpus = 0;
+  std::int64_t global_batch = 0;
+  int top = 10;
+  bool json = false;
+  bool explain = false;
+  std::string out;
+  int tp = 0, pp = 0, dp = 0, zero = -1, virtual_stages = 0;
+  std::int64_t micro_batch = 0;
+  std::string schedule, recompute, sequence_parallel, precision, grad_sync;
+  std::string objective = "throughput";
+  double train_tokens = 0;
+  bool allow_fewer = false;
+};
+
+PlanPins pins_from(const PlanFlags& f) {
+  PlanPins p;
+  if (f.tp > 0) p.tp = f.tp;
+  if (f.pp > 0) p.pp = f.pp;
+  if (f.dp > 0) p.dp = f.dp;
+  if (f.zero >= 0) p.zero_stage = f.zero;
+  if (f.micro_batch > 0) p.micro_batch_size = f.micro_batch;
+  if (f.virtual_stages > 0) p.virtual_stages = f.virtual_stages;
+  p.schedule = parse_choice<Schedule>("--schedule", f.schedule,
+                                      std::array<std::string_view, 3>{"gpipe", "1f1b", "interleaved"});
+  p.recompute = parse_choice<Recompute>("--recompute", f.recompute,
+                                        std::array<std::string_view, 3>{"none", "selective", "full"});
+  p.precision = parse_choice<Precision>("--precision", f.precision, kPrecisionNames);
+  p.grad_sync = parse_choice<GradSync>(
+      "--grad-sync", f.grad_sync,
+      std::array<std::string_view, 4>{"allreduce", "tree", "hierarchical", "parameter_server"});
+  if (!f.sequence_parallel.empty()) {
+    auto sp = parse_choice<int>("--sequence-parallel", f.sequence_parallel,
+                                std::array<std::string_view, 2>{"off", "on"});
+    p.sequence_parallel = *sp == 1;
+  }
+  return p;
+}
+
+std::string gib(double bytes) { return fmt::format("{:.1f}", bytes / (1 << 30)); }
+
+std::string plan_label(const Plan& p) {
+  std::string sched = std::string(schedule_name(p.schedule));
+  if (p.schedule == Schedule::interleaved) {
+    sched += fmt::format("(v={})", p.virtual_stages);
+  }
+  return fmt::format("dp{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, p.tp, p.pp, p.zero_stage,
+                     p.micro_batch_size, sched, recompute_name(p.recompute),
+                     p.sequence_parallel ? "on" : "off", precision_name(p.precision));
+}
+
+void print_table(const PlanSearchResult& r, std::ostream& out) {
+  out << fmt::format("{:>3}  {:<58} {:>10} {:>12} {:>6} {:>9}  {}\n", "#", "plan", "step s",
+                     "tokens/s", "MFU", "mem GiB", "bottleneck");
+  for (std::size_t i = 0; i < r.plans.size(); ++i) {
+    const auto& e = r.plans[i].estimate;
+    out << fmt::format("{:>3}  {:<58} {:>10.3f} {:>12.0f} {:>5.1f}% {:>9}  {}\n", i + 1,
+                       plan_label(e.plan), e.iteration_time_s, e.tokens_per_s, 100 * e.mfu,
+                       gib(e.memory.total()), e.bottleneck);
+  }
+}
+
+int run_plan(const PlanFlags& f) {
+  LoadedModel model = model_load(f.model);
+  Cluster cluster = cluster_load(f.cluster);
+  PlanRequest req;
+  req.gpus = f.gpus > 0 ? f.gpus : cluster.num_devices();
+  req.global_batch_size = f.global_batch > 0 ? f.global_batch : 512;
+  req.pins = pins_from(f);
+  req.objective = *parse_choice<Objective>(
+      "--objective", f.objective, std::array<std::string_view, 3>{"throughput", "time_to_train", "cost"});
+  req.train_tokens = f.train_tokens;
+  req.allow_fewer_gpus = f.allow_fewer;
+  req.top_k = std::max(f.top, 2);
+  PlanSearchResult r = plan_search(model.graph, cluster, req);
+  if (r.plans.empty()) {
+    std::cerr << "parallax plan: " << r.no_fit_reason << "\n";
+    if (r.closest) {
+      std::cerr << "  closest: " << plan_label(r.closest->plan) << "\n";
+    }
+    if (f.json) {
+      Json doc = {{"plans", Json::array()}, {"reason", r.no_fit_reason}};
+      if (r.closest) {
+        doc["closest"] = estimate_to_json(*r.closest);
+      }
+      std::cout << doc.dump(2) << "\n";
+    }
+    return 4;
+  }
+  if (!f.out.empty()) {
+    json_write_file(f.out, plan_to_json(r.plans.front().estimate.plan));
+  }
+  r.plans.resize(std::min<std::size_t>(r.plans.size(), static_cast<std::size_t>(f.top)));
+  if (f.json) {
+    Json plans = Json::array();
+    for (const auto& p : r.plans) {
+      Json entry = estimate_to_json(p.estimate);
+      entry["gpus"] = p.gpus;
+      entry["objective"] = {{"name", objective_name(req.objective)}, {"value", p.objective_value}};
+      plans.push_back(entry);
+    }
+    std::cout << Json{{"plans", plans},
+                      {"candidates", r.candidates},
+                      {"pruned_memory", r.pruned_memory},
+                      {"evaluated", r.evaluated}}
+                     .dump(2)
+              << "\n";
+    return 0;
+  }
+  std::cout << fmt::format("{} on {} × {} ({}), global batch {}: {} candidates, {} pruned by "
+                           "memory, {} timed\n",
+                           model.graph.info().name, req.gpus, cluster.device.name, cluster.name,
+                           req.global_batch_size, r.candidates, r.pruned_memory, r.evaluated);
+  print_table(r, std::cout);
+  if (f.explain) {
+    std::cout << "\nwhy:\n";
+    const std::size_t shown = std::min<std::size_t>(3, r.plans.size());
+    for (std::size_t i = 0; i < shown; ++i) {
+      std::cout << fmt::format("#{} {}\n", i + 1, plan_label(r.plans[i].estimate.plan));
+      std::cout << plan_explain(r.plans[i], i + 1 < r.plans.size() ? &r.plans[i + 1] : nullptr);
+    }
+  }
+  return 0;
+}
+
+struct SimulateFlags {
+  std::string model, cluster, plan, trace;
+  int gpus = 0;
+  bool json = false;
+};
+
+int run_simulate(const SimulateFlags& f) {
+  if (!f.trace.empty()) {
+    std::cerr << "parallax simulate: --trace needs the discrete-event simulator, not built yet in "
+                 "this version\n";
+    return 3;
+  }
+  LoadedModel model = model_load(f.model);
+  Cluster cluster = cluster_load(f.cluster);
+  if (f.gpus > 0) {
+    cluster = cluster.with_devices(f.gpus);
+  }
+  Plan plan = plan_from_json(json_load_file(f.plan), f.plan);
+  if (f.gpus <= 0 && plan.world_size() != cluster.num_devices()) {
+    cluster = cluster.with_devices(plan.world_size());
+  }
+  plan_validate(plan, model.graph, cluster.num_devices(), f.plan);
+  cluster.peak_flops(plan.precision);
+  CostModel cost(model.graph, cluster);
+  if (plan.stages.empty()) {
+    plan_assign_stages(cost, plan);
+  }
+  PlanEstimate e = cost.estimate(plan);
+  if (f.json) {
+    std::cout << estimate_to_json(e).dump(2) << "\n";
+    return 0;
+  }
+  std::cout << fmt::format("{} on {} × {}: {}\n", model.graph.info().name, cluster.num_devices(),
+                           cluster.device.name, plan_label(plan));
+  std::cout << fmt::format("  iteration {:.4f} s, {:.0f} tokens/s, {:.1f} TFLOP/s per GPU, MFU "
+                           "{:.1f}%, memory {} GiB of {} GiB{}\n",
+                           e.iteration_time_s, e.tokens_per_s, e.tflops_per_gpu, 100 * e.mfu,
+                           gib(e.memory.total()), gib(e.memory_capacity_bytes),
+                           e.fits ? "" : " (DOES NOT FIT)");
+  std::cout << plan_explain({e, cluster.num_devices(), 0.0}, nullptr);
+  return 0;
+}
+
+void add_model_cluster(CLI::App* cmd, std::string& model, std::string& cluster, int& gpus) {
+  cmd->add_option("--model", model, "Zoo model name or model / HF config / layer-graph JSON")
+      ->required();
+  cmd->add_option("--cluster", cluster, "Zoo cluster name or cluster profile JSON")->required();
+  cmd->add_option("--gpus", gpus, "Number of GPUs (num_nodes = N / devices_per_node)")
+      ->check(CLI::PositiveNumber);
+}
+
+} // namespace
+
+Run register_plan(CLI::App& app) {
+  auto f = std::make_shared<PlanFlags>();
+  auto* cmd = app.add_subcommand("plan", "Search parallel plans for a model on a cluster");
+  add_model_cluster(cmd, f->model, f->cluster, f->gpus);
+  cmd->add_option("--global-batch", f->global_batch, "Global batch size in sequences (default 512)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--top", f->top, "How many plans to show (default 10)")->check(CLI::PositiveNumber);
+  cmd->add_flag("--json", f->json, "Print the ranked plans as JSON");
+  cmd->add_flag("--explain", f->explain, "Explain where time goes and why the runner-up loses");
+  cmd->add_option("--out", f->out, "Write the best plan to this file");
+  cmd->add_option("--tp", f->tp, "Pin tensor-parallel size")->check(CLI::PositiveNumber);
+  cmd->add_option("--pp", f->pp, "Pin pipeline-parallel size")->check(CLI::PositiveNumber);
+  cmd->add_option("--dp", f->dp, "Pin data-parallel size")->check(CLI::PositiveNumber);
+  cmd->add_option("--zero", f->zero, "Pin ZeRO stage")->check(CLI::Range(0, 3));
+  cmd->add_option("--micro-batch", f->micro_batch, "Pin micro-batch size")->check(CLI::PositiveNumber);
+  cmd->add_option("--schedule", f->schedule, "Pin schedule: gpipe, 1f1b, interleaved");
+  cmd->add_option("--virtual-stages", f->virtual_stages, "Pin virtual stages (interleaved)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--recompute", f->recompute, "Pin recomputation: none, selective, full");
+  cmd->add_option("--sequence-parallel", f->sequence_parallel, "Pin sequence parallel: on, off");
+  cmd->add_option("--precision", f->precision, "Pin precision: fp32, tf32, fp16, bf16, fp8");
+  cmd->add_option("--grad-sync", f->grad_sync,
+                  "Gradient sync: allreduce, tree, hierarchical, parameter_server");
+  cmd->add_option("--objective", f->objective, "throughput (default), time_to_train, cost");
+  cmd->add_option("--train-tokens", f->train_tokens, "Tokens to train, for time_to_train");
+  cmd->add_flag("--allow-fewer-gpus", f->allow_fewer, "Also consider using fewer GPUs");
+  return [f]() { return run_plan(*f); };
+}
+
+Run register_simulate(CLI::App& app) {
+  auto f = std::make_shared<SimulateFlags>();
+  auto* cmd = app.add_subcommand("simulate", "Predict one plan's step time, throughput and memory");
+  add_model_cluster(cmd, f->model, f->cluster, f->gpus);
+  cmd->add_option("--plan", f->plan, "Plan JSON")->required();
+  cmd->add_option("--trace", f->trace, "Write the simulated timeline (Chrome trace JSON)");
+  cmd->add_flag("--json", f->json, "Print the figures as JSON");
+  return [f]() { return run_simulate(*f); };
+}
+
+} // namespace parallax::cli

@@ -1,0 +1,76 @@
+// The auto-parallel planner: searches dp × tp × pp, ZeRO stage, micro-batch size, schedule
+// (GPipe, 1F1B, interleaved with each valid v), recomputation and sequence parallelism for a
+// model on a cluster, prunes by memory before timing, and ranks the plans that fit.
+//
+// Pins fix dimensions (a user saying "TP must be 8"); the search covers the rest. When nothing
+// fits, the result says which plan came closest and by how much. Pure: no clocks, files or
+// globals.
+#pragma once
+
+#include "parallax/core/cluster.hpp"
+#include "parallax/core/layer_graph.hpp"
+#include "parallax/core/plan.hpp"
+#include "parallax/simulator/cost_model.hpp"
+#include "parallax/simulator/estimate.hpp"
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace parallax {
+
+enum class Objective { throughput, time_to_train, cost };
+
+struct PlanPins {
+  std::optional<int> tp;
+  std::optional<int> pp;
+  std::optional<int> dp;
+  std::optional<int> zero_stage;
+  std::optional<std::int64_t> micro_batch_size;
+  std::optional<Schedule> schedule;
+  std::optional<int> virtual_stages;
+  std::optional<Recompute> recompute;
+  std::optional<bool> sequence_parallel;
+  std::optional<Precision> precision;
+  std::optional<GradSync> grad_sync;
+};
+
+struct PlanRequest {
+  int gpus = 1;                       // devices offered
+  std::int64_t global_batch_size = 1; // sequences per iteration
+  PlanPins pins;
+  Objective objective = Objective::throughput;
+  double train_tokens = 0;            // for Objective::time_to_train (reported in hours)
+  bool allow_fewer_gpus = false;      // also try 1/2, 1/4, ... of the devices offered
+  int top_k = 20;
+};
+
+struct RankedPlan {
+  PlanEstimate estimate;
+  int gpus = 0;
+  double objective_value = 0; // seconds per iteration, hours to train, or USD per million tokens
+};
+
+struct PlanSearchResult {
+  std::vector<RankedPlan> plans; // fitting plans, best first, at most top_k
+  std::int64_t candidates = 0;   // plans generated
+  std::int64_t pruned_memory = 0; // rejected by the memory model before timing
+  std::int64_t evaluated = 0;     // timed
+  // When nothing fits: the plan that came closest, and its memory over the capacity.
+  std::optional<PlanEstimate> closest;
+  std::string no_fit_reason;
+};
+
+PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
+                             const PlanRequest& request);
+
+// Fills plan.stages with the min-max partition for this plan (used by `simulate` on plans that
+// omit stages, and by the search).
+void plan_assign_stages(CostModel& model, Plan& plan);
+
+// Text explaining where the time of `best` goes and why `other` loses to it.
+std::string plan_explain(const RankedPlan& best, const RankedPlan* other);
+
+std::string_view objective_name(Objective o);
+
+} // namespace parallax

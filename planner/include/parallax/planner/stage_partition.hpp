@@ -1,0 +1,20 @@
+// Pipeline stage partitioning: split a chain of units into contiguous chunks minimising the
+// slowest chunk (the linear-partition problem), so uneven graphs — a heavy embedding in the
+// first unit, LM head and loss in the last — get balanced stages instead of equal layer counts.
+#pragma once
+
+#include "parallax/core/plan.hpp"
+
+#include <vector>
+
+namespace parallax {
+
+// Exact min-max partition of `weights` into `chunks` non-empty contiguous ranges, by dynamic
+// programming over prefix sums (O(chunks · n²), n = units). Ties prefer earlier cut points.
+std::vector<StageRange> partition_min_max(const std::vector<double>& weights, int chunks);
+
+// The weight of the heaviest range.
+double partition_max_weight(const std::vector<double>& weights,
+                            const std::vector<StageRange>& ranges);
+
+} // namespace parallax

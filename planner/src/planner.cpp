@@ -1,0 +1,306 @@
+#include "parallax/planner/planner.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/planner/stage_partition.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <array>
+#include <map>
+#include <tuple>
+
+namespace parallax {
+
+namespace {
+
+std::vector<int> divisors(std::int64_t n, std::int64_t limit) {
+  std::vector<int> out;
+  for (std::int64_t d = 1; d <= n && d <= limit; ++d) {
+    if (n % d == 0) {
+      out.push_back(static_cast<int>(d));
+    }
+  }
+  return out;
+}
+
+template <class T> std::vector<T> pinned_or(const std::optional<T>& pin, std::vector<T> all) {
+  if (pin) {
+    return {*pin};
+  }
+  return all;
+}
+
+Precision default_precision(const Cluster& c) {
+  for (Precision p : {Precision::bf16, Precision::fp16, Precision::tf32, Precision::fp32}) {
+    if (c.supports(p)) {
+      return p;
+    }
+  }
+  return c.device.peak_tflops.begin()->first;
+}
+
+// Min-max stage partitions, cached per (unit costs, recomputation, chunk count).
+class StageCache {
+public:
+  const std::vector<StageRange>& get(CostModel& model, const Plan& plan) {
+    const UnitCostKey key{plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision};
+    const int chunks = plan.pp * plan.virtual_stages;
+    auto id = std::make_tuple(key, plan.recompute, chunks);
+    auto it = cache_.find(id);
+    if (it != cache_.end()) {
+      return it->second;
+    }
+    const auto& units = model.units(key);
+    std::vector<double> weights;
+    weights.reserve(units.size());
+    for (const UnitCost& u : units) {
+      const double recompute = plan.recompute == Recompute::full        ? u.fwd_s + u.tp_fwd_s
+                               : plan.recompute == Recompute::selective ? u.selective_s
+                                                                        : 0.0;
+      weights.push_back(u.fwd_s + u.bwd_s + u.tp_fwd_s + u.tp_bwd_s + recompute);
+    }
+    return cache_.emplace(id, partition_min_max(weights, chunks)).first->second;
+  }
+
+private:
+  std::map<std::tuple<UnitCostKey, Recompute, int>, std::vector<StageRange>> cache_;
+};
+
+double objective_value(const PlanRequest& req, const Cluster& c, const PlanEstimate& e, int gpus) {
+  switch (req.objective) {
+  case Objective::throughput:
+    return 1e6 / e.tokens_per_s; // seconds per million tokens: lower is better
+  case Objective::time_to_train:
+    return req.train_tokens / e.tokens_per_s / 3600.0;
+  case Objective::cost:
+    return gpus * c.cost_per_device_hour_usd.value_or(0.0) * (1e6 / e.tokens_per_s) / 3600.0;
+  }
+  return 0;
+}
+
+struct SearchState {
+  const PlanRequest& req;
+  PlanSearchResult result;
+  double closest_ratio = 1e300;
+};
+
+void consider(SearchState& st, CostModel& model, StageCache& stages, Plan plan, int gpus) {
+  ++st.result.candidates;
+  plan.stages = stages.get(model, plan);
+  const MemoryBreakdown mem = model.memory(plan);
+  const double ratio = mem.total() / model.memory_capacity_bytes();
+  if (ratio > 1.0) {
+    ++st.result.pruned_memory;
+    if (st.result.plans.empty() && ratio < st.closest_ratio) {
+      st.closest_ratio = ratio;
+      st.result.closest = model.estimate(plan);
+    }
+    return;
+  }
+  ++st.result.evaluated;
+  RankedPlan ranked{model.estimate(plan), gpus, 0.0};
+  ranked.objective_value = objective_value(st.req, model.cluster(), ranked.estimate, gpus);
+  auto& plans = st.result.plans;
+  const auto k = static_cast<std::size_t>(std::max(1, st.req.top_k));
+  if (plans.size() == k && ranked.objective_value >= plans.back().objective_value) {
+    return;
+  }
+  auto pos = std::upper_bound(plans.begin(), plans.end(), ranked.objective_value,
+                              [](double v, const RankedPlan& p) { return v < p.objective_value; });
+  plans.insert(pos, std::move(ranked));
+  if (plans.size() > k) {
+    plans.pop_back();
+  }
+}
+
+// Every schedule / virtual-stage choice valid for this pp and micro-batch count.
+std::vector<std::pair<Schedule, int>> schedules_for(const PlanPins& pins, int pp, int units,
+                                                    std::int64_t m) {
+  std::vector<std::pair<Schedule, int>> out;
+  if (pp == 1) {
+    if ((!pins.schedule || *pins.schedule != Schedule::interleaved) &&
+        (!pins.virtual_stages || *pins.virtual_stages == 1)) {
+      out.emplace_back(pins.schedule.value_or(Schedule::one_f_one_b), 1);
+    }
+    return out;
+  }
+  for (Schedule s : {Schedule::gpipe, Schedule::one_f_one_b, Schedule::interleaved}) {
+    if (pins.schedule && *pins.schedule != s) {
+      continue;
+    }
+    if (s != Schedule::interleaved) {
+      if (!pins.virtual_stages || *pins.virtual_stages == 1) {
+        out.emplace_back(s, 1);
+      }
+      continue;
+    }
+    if (m % pp != 0) {
+      continue;
+    }
+    constexpr int kMaxVirtualStages = 8;
+    for (int v = 2; v <= kMaxVirtualStages && pp * v <= units; ++v) {
+      if (!pins.virtual_stages || *pins.virtual_stages == v) {
+        out.emplace_back(s, v);
+      }
+    }
+  }
+  return out;
+}
+
+void search_world(SearchState& st, const LayerGraph& graph, const Cluster& cluster, int gpus) {
+  const PlanRequest& req = st.req;
+  const PlanPins& pins = req.pins;
+  const Cluster sized = cluster.with_devices(gpus);
+  CostModel model(graph, sized);
+  StageCache stages;
+  const GraphInfo& info = graph.info();
+  const int units = graph.num_units();
+  const Precision precision = pins.precision.value_or(default_precision(sized));
+  bool has_selective = false;
+  for (std::size_t v = 0; v < graph.num_layers(); ++v) {
+    has_selective |= graph.layer(v).selective_recompute;
+  }
+  // Without materialised attention scores, selective recomputation equals none.
+  const std::vector<Recompute> recomputes =
+      has_selective ? std::vector<Recompute>{Recompute::none, Recompute::selective, Recompute::full}
+                    : std::vector<Recompute>{Recompute::none, Recompute::full};
+  sized.peak_flops(precision); // rejects a precision the device lacks, naming it
+
+  for (int tp : pinned_or(pins.tp, divisors(gpus, sized.node.devices_per_node))) {
+    if (gpus % tp != 0 || info.num_attention_heads % tp != 0 || info.num_kv_heads % tp != 0) {
+      continue;
+    }
+    for (int pp : pinned_or(pins.pp, divisors(gpus / tp, units))) {
+      if ((gpus / tp) % pp != 0 || pp > units) {
+        continue;
+      }
+      const int dp = gpus / (tp * pp);
+      if ((pins.dp && *pins.dp != dp) || req.global_batch_size % dp != 0) {
+        continue;
+      }
+      const std::int64_t local = req.global_batch_size / dp;
+      for (std::int64_t mb : pinned_or<std::int64_t>(pins.micro_batch_size, [&] {
+             auto d = divisors(local, 1 << 16);
+             return std::vector<std::int64_t>(d.begin(), d.end());
+           }())) {
+        if (local % mb != 0) {
+          continue;
+        }
+        for (auto [schedule, v] : schedules_for(pins, pp, units, local / mb)) {
+          for (int zero : pinned_or(pins.zero_stage, dp > 1 ? std::vector<int>{0, 1, 2, 3}
+                                                            : std::vector<int>{0})) {
+            for (Recompute rc : pinned_or(pins.recompute, recomputes)) {
+              for (bool sp : pinned_or(pins.sequence_parallel,
+                                       tp > 1 ? std::vector<bool>{false, true}
+                                              : std::vector<bool>{false})) {
+                Plan p{.dp = dp, .tp = tp, .pp = pp, .zero_stage = zero,
+                       .micro_batch_size = mb, .global_batch_size = req.global_batch_size,
+                       .schedule = schedule, .virtual_stages = v, .recompute = rc,
+                       .sequence_parallel = sp, .precision = precision,
+                       .grad_sync = pins.grad_sync.value_or(GradSync::allreduce)};
+                consider(st, model, stages, std::move(p), gpus);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+} // namespace
+
+std::string_view objective_name(Objective o) {
+  constexpr std::array<std::string_view, 3> kNames = {"throughput", "time_to_train", "cost"};
+  return kNames.at(static_cast<int>(o));
+}
+
+void plan_assign_stages(CostModel& model, Plan& plan) {
+  StageCache cache;
+  plan.stages = cache.get(model, plan);
+}
+
+PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
+                             const PlanRequest& req) {
+  if (req.gpus < 1) {
+    throw InputError("command line", "--gpus", "a device count >= 1", std::to_string(req.gpus));
+  }
+  if (req.objective == Objective::cost && !cluster.cost_per_device_hour_usd) {
+    throw InputError(cluster.name, "/cost_per_device_hour_usd",
+                     "a price per device-hour for --objective cost", "nothing");
+  }
+  if (req.objective == Objective::time_to_train && !(req.train_tokens > 0)) {
+    throw InputError("command line", "--train-tokens",
+                     "a token count > 0 for --objective time_to_train", "nothing");
+  }
+  SearchState st{req, {}, 1e300};
+  std::vector<int> worlds = {req.gpus};
+  if (req.allow_fewer_gpus) {
+    const int node = cluster.node.devices_per_node;
+    for (int g = req.gpus / 2; g >= 1; g /= 2) {
+      if (g < node || g % node == 0) {
+        worlds.push_back(g);
+      }
+    }
+  }
+  for (int gpus : worlds) {
+    search_world(st, graph, cluster, gpus);
+  }
+  if (st.result.plans.empty()) {
+    if (st.result.candidates == 0) {
+      st.result.no_fit_reason =
+          "no plan satisfies the pins and divisibility rules (dp·tp·pp = GPUs, tp dividing the "
+          "heads and at most a node, global batch divisible by dp × micro-batch)";
+    } else if (st.result.closest) {
+      const auto& c = *st.result.closest;
+      st.result.no_fit_reason = fmt::format(
+          "no plan fits in memory; closest needs {:.1f} GiB per GPU of {:.1f} GiB available "
+          "(+{:.0f}%)",
+          c.memory.total() / (1 << 30), c.memory_capacity_bytes / (1 << 30),
+          (c.memory.total() / c.memory_capacity_bytes - 1) * 100);
+    }
+  } else {
+    st.result.closest.reset();
+  }
+  return st.result;
+}
+
+std::string plan_explain(const RankedPlan& best, const RankedPlan* other) {
+  const auto& e = best.estimate;
+  const auto& b = e.breakdown;
+  const double t = e.iteration_time_s;
+  auto pct = [t](double x) { return t > 0 ? 100.0 * x / t : 0.0; };
+  std::string out = fmt::format(
+      "  step {:.3f} s: compute {:.1f}%, tp comm {:.1f}%, pp comm {:.1f}%, dp comm {:.1f}%, "
+      "bubble {:.1f}%, optimizer {:.1f}%; memory {:.1f} GiB (params {:.1f}, grads {:.1f}, "
+      "optimizer {:.1f}, activations {:.1f}, buffers {:.1f})\n",
+      t, pct(b.compute), pct(b.tp_comm), pct(b.pp_comm), pct(b.dp_comm), pct(b.bubble),
+      pct(b.optimizer), e.memory.total() / (1 << 30), e.memory.params / (1 << 30),
+      e.memory.grads / (1 << 30), e.memory.optimizer / (1 << 30),
+      e.memory.activations / (1 << 30), e.memory.buffers / (1 << 30));
+  if (other == nullptr) {
+    return out;
+  }
+  const auto& o = other->estimate.breakdown;
+  const std::array<std::tuple<const char*, double, double>, 6> parts = {{
+      {"compute", b.compute, o.compute},
+      {"tp comm", b.tp_comm, o.tp_comm},
+      {"pp comm", b.pp_comm, o.pp_comm},
+      {"dp comm", b.dp_comm, o.dp_comm},
+      {"bubble", b.bubble, o.bubble},
+      {"optimizer", b.optimizer, o.optimizer},
+  }};
+  std::string worse;
+  for (const auto& [name, mine, theirs] : parts) {
+    if (theirs - mine > 0.005 * t) {
+      worse += fmt::format("{}{} +{:.3f} s", worse.empty() ? "" : ", ", name, theirs - mine);
+    }
+  }
+  out += fmt::format("  the next plan is {:.1f}% slower{}{}\n",
+                     100.0 * (other->estimate.iteration_time_s / t - 1.0),
+                     worse.empty() ? "" : ": ", worse);
+  return out;
+}
+
+} // namespace parallax

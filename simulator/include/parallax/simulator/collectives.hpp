@@ -1,0 +1,45 @@
+// Collective communication times over the cluster's hierarchy.
+//
+// Algorithm bandwidth S/t and bus bandwidth are related once, here (nccl-tests convention):
+//   all-reduce     busbw = algbw · 2(n−1)/n
+//   reduce-scatter busbw = algbw · (n−1)/n      all-gather the same
+//   broadcast, send/recv busbw = algbw
+// A collective over n ranks of S bytes takes latency + bus_factor · S / bus_bandwidth, where the
+// bus bandwidth is the slowest link the ring crosses: NVLink-class links inside a node, and for
+// groups spanning nodes the NICs of the group's k members in a node (NCCL spreads its rings
+// over all of them, so a node contributes k·NIC bandwidth), divided by the oversubscription.
+#pragma once
+
+#include "parallax/core/cluster.hpp"
+#include "parallax/core/plan.hpp"
+
+namespace parallax {
+
+enum class Collective { all_reduce, reduce_scatter, all_gather, broadcast, send_recv };
+
+// Where a group's members sit: `size` ranks, `per_node` of them in each of `nodes` nodes.
+struct GroupSpan {
+  int size = 1;
+  int per_node = 1;
+  int nodes = 1;
+  bool operator==(const GroupSpan&) const = default;
+};
+
+// The span of a group whose members are `stride` ranks apart (TP: 1; DP: t; PP: t·d).
+GroupSpan group_span(int size, int stride, int devices_per_node);
+
+// The bus factor above: 2(n−1)/n, (n−1)/n or 1.
+double bus_factor(Collective kind, int n);
+
+// Default fractions of link bandwidth NCCL-class libraries attain (bus bandwidth / link
+// bandwidth); profiles override them in "collectives".
+double intra_efficiency(const Cluster& cluster);
+double inter_efficiency(const Cluster& cluster);
+
+// Time of one collective of `bytes` (the full buffer: the all-reduced tensor, or the gathered
+// result of an all-gather / the input of a reduce-scatter). `algorithm` selects the all-reduce
+// algorithm for data-parallel gradient synchronisation.
+double collective_time_s(const Cluster& cluster, Collective kind, double bytes, GroupSpan span,
+                         GradSync algorithm = GradSync::allreduce);
+
+} // namespace parallax

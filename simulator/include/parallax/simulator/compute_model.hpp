@@ -1,0 +1,33 @@
+// Compute time of GEMMs and memory-bound kernels on one device.
+//
+// A GEMM of F FLOPs takes max(F / (peak · η(F)), bytes / bandwidth): η is the device's GEMM
+// efficiency curve (small GEMMs run far below peak), the second term the memory roofline that
+// catches thin GEMMs. Element-wise, norm and softmax kernels are memory-bound: bytes moved over
+// the attained memory bandwidth. Every kernel pays a launch overhead.
+#pragma once
+
+#include "parallax/core/cluster.hpp"
+#include "parallax/core/layer_graph.hpp"
+
+namespace parallax {
+
+// The curve used when a profile gives none: cuBLAS-class GEMMs on data-centre GPUs reach ~80%
+// of dense peak on large square problems and fall off below ~1 GFLOP per call.
+const std::vector<GemmEfficiencyPoint>& gemm_efficiency_default();
+// η(F): log-linear interpolation of the device's curve (or the default), clamped at its ends.
+double gemm_efficiency(const Device& device, double flops);
+
+// Attained fraction of memory bandwidth for element-wise kernels.
+double elementwise_efficiency(const Device& device);
+
+// Per-kernel launch and scheduling overhead on the device.
+double kernel_overhead_s(const Device& device);
+
+// Time of one GEMM in `precision`. `fused` GEMMs (flash attention) never write their m×n output
+// to memory, so only their compute term counts, at the fused-kernel efficiency.
+double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused);
+
+// Time to move `bytes` through device memory at the attained element-wise bandwidth.
+double memory_time_s(const Cluster& cluster, double bytes);
+
+} // namespace parallax

@@ -1,0 +1,75 @@
+// The analytic cost model: a pure function of (LayerGraph, Cluster, Plan) → PlanEstimate.
+//
+// Step time = pipeline time (compute + tensor-parallel collectives + pipeline sends per
+// micro-batch on the slowest stage, times m, plus the fill/drain bubble: (p−1)/m of it for
+// GPipe and 1F1B, divided by v when interleaved) + data-parallel communication not hidden behind
+// the backward + the optimizer step. Memory follows the ZeRO paper's mixed-precision accounting
+// (2 + 2 + 12 bytes per parameter, divided as ZeRO-1/2/3 divide them) and Korthikanti et al.
+// 2022 for activations, times the micro-batches the schedule keeps in flight.
+//
+// CostModel caches per-unit costs per (t, sequence parallel, B, precision), so the planner can
+// evaluate thousands of plans sharing them cheaply. Not thread-safe.
+#pragma once
+
+#include "parallax/core/cluster.hpp"
+#include "parallax/core/layer_graph.hpp"
+#include "parallax/core/plan.hpp"
+#include "parallax/simulator/estimate.hpp"
+#include "parallax/simulator/unit_cost.hpp"
+
+#include <map>
+#include <vector>
+
+namespace parallax {
+
+// Documented constants of the memory model.
+struct MemoryModelConstants {
+  static constexpr double kGradBucketBytes = 50e6;   // DP gradient bucket (two in flight)
+  static constexpr double kFragmentation = 0.08;     // allocator slack over activations
+  static constexpr double kGpuReservedBytes = 1.0 * (1 << 30); // CUDA context, workspaces, NCCL
+};
+
+class CostModel {
+public:
+  CostModel(const LayerGraph& graph, const Cluster& cluster);
+
+  // Estimates `plan` on the cluster. The plan's stages are used when given, else an even split.
+  // The plan must be valid for the model and the cluster's device count (plan_validate).
+  PlanEstimate estimate(const Plan& plan);
+  // Only the memory of the most loaded rank (cheap: the planner prunes with it before timing).
+  MemoryBreakdown memory(const Plan& plan);
+  double memory_capacity_bytes() const;
+
+  const std::vector<UnitCost>& units(const UnitCostKey& key);
+  const LayerGraph& graph() const { return *graph_; }
+  const Cluster& cluster() const { return *cluster_; }
+  // Model FLOPs (forward + backward, no recomputation) of one sequence through the whole graph.
+  double model_flops_per_sequence() const { return model_flops_per_sequence_; }
+
+  // One pipeline rank's load for one micro-batch.
+  struct RankLoad {
+    double compute_s = 0; // forward + backward + recomputation
+    double bwd_s = 0;     // the backward part (window for overlapping gradient reduction)
+    double tp_s = 0;
+    double p2p_s = 0;
+    double zero3_exposed_s = 0;
+    double params = 0;
+    double max_layer_params = 0;
+    double act_per_mb = 0;  // activations kept per micro-batch over all this rank's chunks
+    double act_working = 0; // transient activations of one unit (full recomputation)
+    double step_s() const { return compute_s + tp_s + p2p_s + zero3_exposed_s; }
+  };
+
+private:
+  std::vector<RankLoad> rank_loads(const Plan& plan, const std::vector<StageRange>& stages);
+
+  const LayerGraph* graph_;
+  const Cluster* cluster_;
+  double model_flops_per_sequence_ = 0;
+  std::map<UnitCostKey, std::vector<UnitCost>> cache_;
+};
+
+// Micro-batches (in units of whole-stage activations) pipeline rank `pp_rank` keeps in flight.
+double activations_in_flight(const Plan& plan, int pp_rank);
+
+} // namespace parallax

@@ -1,0 +1,51 @@
+// What the cost model (and later the simulator) predicts for one plan.
+#pragma once
+
+#include "parallax/core/json_reader.hpp"
+#include "parallax/core/plan.hpp"
+
+#include <string>
+
+namespace parallax {
+
+// Memory of the most loaded rank, in bytes.
+struct MemoryBreakdown {
+  double params = 0;      // working weights
+  double grads = 0;
+  double optimizer = 0;   // fp32 master weights (mixed precision) and Adam's two moments
+  double activations = 0; // kept for backward, times the micro-batches in flight
+  double buffers = 0;     // communication buckets, ZeRO-3 prefetch, allocator fragmentation
+  double total() const { return params + grads + optimizer + activations + buffers; }
+  bool operator==(const MemoryBreakdown&) const = default;
+};
+
+// Where one iteration's time goes on the critical path, in seconds.
+struct TimeBreakdown {
+  double compute = 0;   // forward, backward and recomputation
+  double tp_comm = 0;   // tensor-parallel collectives (never overlapped)
+  double pp_comm = 0;   // pipeline sends and receives
+  double dp_comm = 0;   // data-parallel / ZeRO communication not hidden behind compute
+  double bubble = 0;    // pipeline fill and drain
+  double optimizer = 0; // the optimizer step
+  double total() const { return compute + tp_comm + pp_comm + dp_comm + bubble + optimizer; }
+  bool operator==(const TimeBreakdown&) const = default;
+};
+
+struct PlanEstimate {
+  Plan plan;
+  double iteration_time_s = 0;
+  double tokens_per_s = 0;
+  double tflops_per_gpu = 0; // model FLOPs (recomputation not counted) per GPU per second
+  double mfu = 0;            // tflops_per_gpu over the device's peak for the plan's precision
+  MemoryBreakdown memory;
+  double memory_capacity_bytes = 0;
+  bool fits = false;
+  TimeBreakdown breakdown;
+  std::string bottleneck; // the largest share of the iteration ("compute", "dp_comm", ...)
+  bool operator==(const PlanEstimate&) const = default;
+};
+
+// The figures of the CLI contract (`simulate --json`, one entry of `plan --json`).
+Json estimate_to_json(const PlanEstimate& estimate);
+
+} // namespace parallax

@@ -1,0 +1,45 @@
+// Per-unit costs on one tensor-parallel rank for one micro-batch: the building blocks the cost
+// model and the planner assemble into stages. Computed once per (t, sequence parallel, B,
+// precision) and reused across every plan that shares them.
+#pragma once
+
+#include "parallax/core/cluster.hpp"
+#include "parallax/core/layer_graph.hpp"
+
+#include <vector>
+
+namespace parallax {
+
+struct UnitCost {
+  double fwd_s = 0;          // forward compute
+  double bwd_s = 0;          // backward compute (with a fused attention's recompute)
+  double selective_s = 0;    // forward of the layers selective recomputation reruns
+  double tp_fwd_s = 0;       // tensor-parallel collectives in the forward (critical path)
+  double tp_bwd_s = 0;       // the same in the backward
+  double params = 0;         // parameters held by one TP rank
+  double max_layer_params = 0;
+  double act_bytes = 0;           // activations kept per micro-batch without recomputation
+  double act_selective_bytes = 0; // with selective recomputation
+  double act_full_bytes = 0;      // with full recomputation (the unit's input only)
+  double model_flops = 0;         // forward + backward model FLOPs on this rank
+  bool operator==(const UnitCost&) const = default;
+};
+
+struct UnitCostKey {
+  int tp = 1;
+  bool sequence_parallel = false;
+  std::int64_t micro_batch_size = 1;
+  Precision precision = Precision::bf16;
+  auto operator<=>(const UnitCostKey&) const = default;
+};
+
+// Costs of every unit of `graph` (index = unit).
+std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster,
+                                 const UnitCostKey& key);
+
+// How many ways a layer's saved activations / its FLOPs are divided among t ranks.
+double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel);
+double layer_activation_divisor(const Layer& layer, int tp, bool sequence_parallel);
+double layer_param_divisor(const Layer& layer, int tp);
+
+} // namespace parallax

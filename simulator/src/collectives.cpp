@@ -1,0 +1,129 @@
+#include "parallax/simulator/collectives.hpp"
+
+#include "parallax/core/error.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+namespace parallax {
+
+namespace {
+
+constexpr double kDefaultIntraEfficiency = 0.80; // NVLink all-reduce bus bandwidth / link
+constexpr double kDefaultInterEfficiency = 0.85; // InfiniBand / RoCE the same
+
+double log2_ceil(int n) { return n <= 1 ? 0.0 : std::ceil(std::log2(static_cast<double>(n))); }
+
+double intra_bw(const Cluster& c) { return c.node.intra_bandwidth_gbps * 1e9 * intra_efficiency(c); }
+
+double nic_bw(const Cluster& c) {
+  return c.network.inter_bandwidth_gbps * 1e9 * inter_efficiency(c) / c.network.oversubscription;
+}
+
+double alpha_intra(const Cluster& c) { return c.node.intra_latency_us * 1e-6; }
+double alpha_inter(const Cluster& c) { return c.network.inter_latency_us * 1e-6; }
+
+// Bus bandwidth of a ring over the span: the slowest of the intra-node hops and the node's NICs.
+double ring_bus_bw(const Cluster& c, GroupSpan span) {
+  if (span.nodes <= 1) {
+    return intra_bw(c);
+  }
+  const double network = span.per_node * nic_bw(c);
+  return span.per_node > 1 ? std::min(intra_bw(c), network) : network;
+}
+
+double ring_time(const Cluster& c, Collective kind, double bytes, GroupSpan span) {
+  const int n = span.size;
+  const double steps_intra = static_cast<double>(span.per_node - 1);
+  const double steps_inter = span.nodes > 1 ? static_cast<double>(span.nodes - 1) : 0.0;
+  double latency = 0;
+  switch (kind) {
+  case Collective::all_reduce:
+    // Ring inside nodes, tree between nodes for the latency-bound part (NCCL picks trees at scale).
+    latency = 2 * steps_intra * alpha_intra(c) + 2 * log2_ceil(span.nodes) * alpha_inter(c);
+    break;
+  case Collective::reduce_scatter:
+  case Collective::all_gather:
+    latency = steps_intra * alpha_intra(c) + steps_inter * alpha_inter(c);
+    break;
+  case Collective::broadcast:
+    latency = steps_intra * alpha_intra(c) + log2_ceil(span.nodes) * alpha_inter(c);
+    break;
+  case Collective::send_recv:
+    latency = span.nodes > 1 ? alpha_inter(c) : alpha_intra(c);
+    break;
+  }
+  return latency + bus_factor(kind, n) * bytes / ring_bus_bw(c, span);
+}
+
+} // namespace
+
+GroupSpan group_span(int size, int stride, int devices_per_node) {
+  PARALLAX_CHECK(size >= 1 && stride >= 1 && devices_per_node >= 1, "bad group geometry");
+  if (size == 1) {
+    return {1, 1, 1};
+  }
+  const int per_node = std::clamp(devices_per_node / stride, 1, size);
+  return {size, per_node, (size + per_node - 1) / per_node};
+}
+
+double bus_factor(Collective kind, int n) {
+  if (n <= 1) {
+    return kind == Collective::send_recv ? 1.0 : 0.0;
+  }
+  const double dn = n;
+  switch (kind) {
+  case Collective::all_reduce:
+    return 2.0 * (dn - 1.0) / dn;
+  case Collective::reduce_scatter:
+  case Collective::all_gather:
+    return (dn - 1.0) / dn;
+  case Collective::broadcast:
+  case Collective::send_recv:
+    return 1.0;
+  }
+  return 1.0;
+}
+
+double intra_efficiency(const Cluster& c) {
+  return c.collectives.intra > 0 ? c.collectives.intra : kDefaultIntraEfficiency;
+}
+
+double inter_efficiency(const Cluster& c) {
+  return c.collectives.inter > 0 ? c.collectives.inter : kDefaultInterEfficiency;
+}
+
+double collective_time_s(const Cluster& c, Collective kind, double bytes, GroupSpan span,
+                         GradSync algorithm) {
+  if (bytes <= 0 || (span.size <= 1 && kind != Collective::send_recv)) {
+    return 0.0;
+  }
+  if (kind != Collective::all_reduce || algorithm == GradSync::allreduce) {
+    return ring_time(c, kind, bytes, span);
+  }
+  switch (algorithm) {
+  case GradSync::tree: {
+    // Double binary tree: log-depth latency, the whole buffer up and down the trees.
+    const double alpha = span.nodes > 1 ? alpha_inter(c) : alpha_intra(c);
+    return 2 * log2_ceil(span.size) * alpha + 2.0 * bytes / ring_bus_bw(c, span);
+  }
+  case GradSync::hierarchical: {
+    // Reduce-scatter inside the node, all-reduce of a 1/k shard across nodes, all-gather inside.
+    GroupSpan local{span.per_node, span.per_node, 1};
+    GroupSpan across{span.nodes, 1, span.nodes};
+    return ring_time(c, Collective::reduce_scatter, bytes, local) +
+           ring_time(c, Collective::all_reduce, bytes / span.per_node, across) +
+           ring_time(c, Collective::all_gather, bytes, local);
+  }
+  case GradSync::parameter_server:
+    // Push gradients to and pull parameters from servers sharded over all nodes: every worker
+    // moves 2·S through its NIC (intra-node when the group fits in one node).
+    return 2 * (span.nodes > 1 ? alpha_inter(c) : alpha_intra(c)) +
+           2.0 * bytes / (span.nodes > 1 ? nic_bw(c) : intra_bw(c));
+  case GradSync::allreduce:
+    break;
+  }
+  return ring_time(c, kind, bytes, span);
+}
+
+} // namespace parallax

@@ -1,0 +1,292 @@
+#include "parallax/simulator/cost_model.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/simulator/collectives.hpp"
+#include "parallax/simulator/compute_model.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+
+namespace parallax {
+
+namespace {
+
+// Bytes the optimizer step moves per local parameter: mixed-precision Adam reads the gradient,
+// the fp32 master weight and both moments and writes them back plus the 16-bit weight copy.
+constexpr double kAdamBytesMixed = 30.0;
+constexpr double kAdamBytesFp32 = 28.0;
+
+using RankLoad = CostModel::RankLoad;
+
+void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
+  switch (recompute) {
+  case Recompute::none:
+    r.compute_s += u.fwd_s + u.bwd_s;
+    r.tp_s += u.tp_fwd_s + u.tp_bwd_s;
+    r.act_per_mb += u.act_bytes;
+    break;
+  case Recompute::selective:
+    r.compute_s += u.fwd_s + u.bwd_s + u.selective_s;
+    r.tp_s += u.tp_fwd_s + u.tp_bwd_s;
+    r.act_per_mb += u.act_selective_bytes;
+    break;
+  case Recompute::full:
+    r.compute_s += 2 * u.fwd_s + u.bwd_s;
+    r.tp_s += 2 * u.tp_fwd_s + u.tp_bwd_s;
+    r.act_per_mb += u.act_full_bytes;
+    r.act_working = std::max(r.act_working, u.act_bytes);
+    break;
+  }
+  r.bwd_s += u.bwd_s + u.tp_bwd_s;
+  r.params += u.params;
+  r.max_layer_params = std::max(r.max_layer_params, u.max_layer_params);
+}
+
+GroupSpan dp_span(const Plan& p, const Cluster& c) {
+  return group_span(p.dp, p.tp, c.node.devices_per_node);
+}
+
+// Per-micro-batch ZeRO communication that must overlap that micro-batch's compute.
+double zero_per_microbatch_s(const Plan& p, const Cluster& c, const RankLoad& r) {
+  if (p.dp <= 1 || p.zero_stage < 2) {
+    return 0;
+  }
+  const double w_bytes = precision_storage_bytes(p.precision);
+  const double shard_bytes = r.params * w_bytes;
+  const GroupSpan span = dp_span(p, c);
+  double comm = collective_time_s(c, Collective::reduce_scatter, shard_bytes, span);
+  if (p.zero_stage == 3) {
+    const int gathers = p.recompute == Recompute::full ? 3 : 2; // forward, (recompute,) backward
+    comm += gathers * collective_time_s(c, Collective::all_gather, shard_bytes, span);
+  }
+  return comm;
+}
+
+// Data-parallel communication once per iteration: (time, bytes per rank).
+double dp_iteration_comm_s(const Plan& p, const Cluster& c, const RankLoad& r) {
+  if (p.dp <= 1) {
+    return 0;
+  }
+  const double bytes = r.params * precision_storage_bytes(p.precision);
+  const GroupSpan span = dp_span(p, c);
+  switch (p.zero_stage) {
+  case 0:
+    return collective_time_s(c, Collective::all_reduce, bytes, span, p.grad_sync);
+  case 1: // reduce-scatter gradients, all-gather updated weights (distributed optimizer)
+    return collective_time_s(c, Collective::reduce_scatter, bytes, span) +
+           collective_time_s(c, Collective::all_gather, bytes, span);
+  case 2: // gradients were reduce-scattered per micro-batch; gather the updated weights
+    return collective_time_s(c, Collective::all_gather, bytes, span);
+  default: // ZeRO-3 gathers weights on use
+    return 0;
+  }
+}
+
+double p2p_time_s(const Plan& p, const Cluster& c, const LayerGraph& g) {
+  if (p.pp <= 1) {
+    return 0;
+  }
+  const int stride = p.tp * p.dp;
+  const int dpn = c.node.devices_per_node;
+  const GroupSpan pair = stride < dpn ? GroupSpan{2, 2, 1} : GroupSpan{2, 1, 2};
+  // Activations (s, h) of B sequences; split across the TP ranks (scatter/gather optimisation).
+  const double bytes = static_cast<double>(g.info().seq_length * g.info().hidden_size) *
+                       static_cast<double>(p.micro_batch_size) *
+                       precision_storage_bytes(p.precision) / p.tp;
+  return collective_time_s(c, Collective::send_recv, bytes, pair);
+}
+
+double pipeline_time_s(const Plan& p, const std::vector<RankLoad>& ranks, double t_max) {
+  const auto m = static_cast<double>(p.num_microbatches());
+  double sum = 0;
+  for (const auto& r : ranks) {
+    sum += r.step_s();
+  }
+  if (p.pp == 1) {
+    return m * t_max;
+  }
+  if (p.schedule == Schedule::interleaved) {
+    const double v = p.virtual_stages;
+    return (m - 1) * t_max + sum / v + (1 - 1 / v) * t_max;
+  }
+  return (m - 1) * t_max + sum;
+}
+
+MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
+  const double d = p.dp;
+  const double w_bytes = precision_storage_bytes(p.precision);
+  const bool mixed = precision_is_mixed(p.precision);
+  MemoryBreakdown m;
+  m.params = r.params * w_bytes / (p.zero_stage >= 3 ? d : 1);
+  m.grads = r.params * w_bytes / (p.zero_stage >= 2 ? d : 1);
+  m.optimizer = r.params * (mixed ? 12.0 : 8.0) / (p.zero_stage >= 1 ? d : 1);
+  m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.act_working;
+  double buffers = MemoryModelConstants::kFragmentation * m.activations;
+  if (p.dp > 1 && p.zero_stage < 3) {
+    buffers += std::min(2 * MemoryModelConstants::kGradBucketBytes, r.params * w_bytes);
+  }
+  if (p.dp > 1 && p.zero_stage == 3) {
+    buffers += 2 * r.max_layer_params * w_bytes; // gathered layer in use + the one prefetched
+  }
+  m.buffers = buffers;
+  return m;
+}
+
+std::string largest_share(const TimeBreakdown& b) {
+  const std::array<std::pair<double, const char*>, 6> parts = {{{b.compute, "compute"},
+                                                                {b.tp_comm, "tp_comm"},
+                                                                {b.pp_comm, "pp_comm"},
+                                                                {b.dp_comm, "dp_comm"},
+                                                                {b.bubble, "bubble"},
+                                                                {b.optimizer, "optimizer"}}};
+  return std::max_element(parts.begin(), parts.end())->second;
+}
+
+} // namespace
+
+double activations_in_flight(const Plan& p, int pp_rank) {
+  const auto m = static_cast<double>(p.num_microbatches());
+  switch (p.schedule) {
+  case Schedule::gpipe:
+    return m;
+  case Schedule::one_f_one_b:
+    return std::min(static_cast<double>(p.pp - pp_rank), m);
+  case Schedule::interleaved: {
+    // Megatron-LM's warm-up: 2·(p − r − 1) + (v − 1)·p chunk forwards, plus the one running;
+    // each chunk holds 1/v of the rank's activations.
+    const double v = p.virtual_stages;
+    const double chunks = 2.0 * (p.pp - pp_rank - 1) + (v - 1) * p.pp + 1;
+    return std::min(chunks, m * v) / v;
+  }
+  }
+  return m;
+}
+
+CostModel::CostModel(const LayerGraph& graph, const Cluster& cluster)
+    : graph_(&graph), cluster_(&cluster),
+      model_flops_per_sequence_(graph.total_fwd_flops() + graph.total_bwd_flops()) {}
+
+const std::vector<UnitCost>& CostModel::units(const UnitCostKey& key) {
+  auto it = cache_.find(key);
+  if (it == cache_.end()) {
+    it = cache_.emplace(key, unit_costs(*graph_, *cluster_, key)).first;
+  }
+  return it->second;
+}
+
+std::vector<RankLoad> CostModel::rank_loads(const Plan& plan,
+                                            const std::vector<StageRange>& stages) {
+  const int chunks = plan.pp * plan.virtual_stages;
+  PARALLAX_CHECK(static_cast<int>(stages.size()) == chunks, "one stage range per chunk");
+  const auto& units_ref =
+      units({plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision});
+  std::vector<RankLoad> ranks(static_cast<std::size_t>(plan.pp));
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    RankLoad& r = ranks[static_cast<std::size_t>(chunk_pp_rank(plan, chunk))];
+    for (int u = stages[chunk].first; u < stages[chunk].second; ++u) {
+      add_unit(r, units_ref[static_cast<std::size_t>(u)], plan.recompute);
+    }
+  }
+  // Tied embeddings: the last stage keeps its own copy of the embedding for the LM head.
+  const GraphInfo& info = graph_->info();
+  if (plan.pp > 1 && info.tied_embeddings) {
+    ranks.back().params += static_cast<double>(info.vocab_size * info.hidden_size) / plan.tp;
+  }
+  return ranks;
+}
+
+double CostModel::memory_capacity_bytes() const {
+  const double reserved =
+      cluster_->device.kind == "gpu" ? MemoryModelConstants::kGpuReservedBytes : 0.0;
+  return cluster_->memory_bytes() - reserved;
+}
+
+MemoryBreakdown CostModel::memory(const Plan& plan) {
+  const std::vector<StageRange> stages =
+      plan.stages.empty() ? stages_even(graph_->num_units(), plan.pp * plan.virtual_stages)
+                          : plan.stages;
+  auto ranks = rank_loads(plan, stages);
+  MemoryBreakdown worst;
+  for (int r = 0; r < plan.pp; ++r) {
+    MemoryBreakdown mem = rank_memory(plan, ranks[static_cast<std::size_t>(r)], r);
+    if (mem.total() > worst.total()) {
+      worst = mem;
+    }
+  }
+  return worst;
+}
+
+PlanEstimate CostModel::estimate(const Plan& plan) {
+  const Cluster& c = *cluster_;
+  const std::vector<StageRange> stages =
+      plan.stages.empty() ? stages_even(graph_->num_units(), plan.pp * plan.virtual_stages)
+                          : plan.stages;
+  std::vector<RankLoad> ranks = rank_loads(plan, stages);
+  const double p2p = p2p_time_s(plan, c, *graph_);
+  for (auto& r : ranks) {
+    r.p2p_s = plan.pp > 1 ? 2.0 * plan.virtual_stages * p2p : 0.0;
+    const double zero_comm = zero_per_microbatch_s(plan, c, r);
+    r.zero3_exposed_s = std::max(0.0, zero_comm - r.compute_s);
+  }
+
+  double t_max = 0;
+  std::size_t slowest = 0;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    if (ranks[i].step_s() > t_max) {
+      t_max = ranks[i].step_s();
+      slowest = i;
+    }
+  }
+  const double m = static_cast<double>(plan.num_microbatches());
+  const double pipe = pipeline_time_s(plan, ranks, t_max);
+
+  // Gradient reduction overlaps the last backward on each rank (bucket by bucket; the last
+  // bucket cannot overlap); later pipeline ranks also overlap the drain of earlier ones.
+  double dp_exposed = 0;
+  double optimizer = 0;
+  double slack = 0;
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    const RankLoad& r = ranks[i];
+    const double t_dp = dp_iteration_comm_s(plan, c, r);
+    const double buckets = std::max(1.0, std::ceil(r.params * precision_storage_bytes(plan.precision) /
+                                                    MemoryModelConstants::kGradBucketBytes));
+    const double window = (plan.zero_stage <= 1 ? r.bwd_s : 0.0) + slack;
+    dp_exposed = std::max(dp_exposed, std::max(t_dp / buckets, t_dp - window));
+    slack += r.bwd_s + r.p2p_s / 2;
+    const double local_params = r.params / (plan.zero_stage >= 1 ? plan.dp : 1);
+    const double opt_bytes = local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
+    optimizer = std::max(optimizer, memory_time_s(c, opt_bytes) + kernel_overhead_s(c.device));
+  }
+
+  PlanEstimate e;
+  e.plan = plan;
+  e.plan.stages = stages;
+  e.iteration_time_s = pipe + dp_exposed + optimizer;
+  const RankLoad& s = ranks[slowest];
+  e.breakdown.compute = m * s.compute_s;
+  e.breakdown.tp_comm = m * s.tp_s;
+  e.breakdown.pp_comm = m * s.p2p_s;
+  e.breakdown.dp_comm = m * s.zero3_exposed_s + dp_exposed;
+  e.breakdown.bubble = pipe - m * t_max;
+  e.breakdown.optimizer = optimizer;
+  e.bottleneck = largest_share(e.breakdown);
+
+  const double tokens = static_cast<double>(plan.global_batch_size * graph_->info().seq_length);
+  e.tokens_per_s = tokens / e.iteration_time_s;
+  const double model_flops = static_cast<double>(plan.global_batch_size) * model_flops_per_sequence_;
+  e.tflops_per_gpu = model_flops / (e.iteration_time_s * plan.world_size()) / 1e12;
+  e.mfu = e.tflops_per_gpu * 1e12 / c.peak_flops(plan.precision);
+
+  for (int r = 0; r < plan.pp; ++r) {
+    MemoryBreakdown mem = rank_memory(plan, ranks[static_cast<std::size_t>(r)], r);
+    if (mem.total() > e.memory.total()) {
+      e.memory = mem;
+    }
+  }
+  e.memory_capacity_bytes = memory_capacity_bytes();
+  e.fits = e.memory.total() <= e.memory_capacity_bytes;
+  return e;
+}
+
+} // namespace parallax

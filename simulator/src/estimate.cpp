@@ -1,0 +1,34 @@
+#include "parallax/simulator/estimate.hpp"
+
+#include "parallax/core/plan_json.hpp"
+
+namespace parallax {
+
+Json estimate_to_json(const PlanEstimate& e) {
+  const auto& m = e.memory;
+  const auto& b = e.breakdown;
+  return {{"plan", plan_to_json(e.plan)},
+          {"iteration_time_s", e.iteration_time_s},
+          {"tokens_per_s", e.tokens_per_s},
+          {"tflops_per_gpu", e.tflops_per_gpu},
+          {"mfu", e.mfu},
+          {"peak_memory_bytes", static_cast<std::int64_t>(m.total())},
+          {"memory_capacity_bytes", static_cast<std::int64_t>(e.memory_capacity_bytes)},
+          {"fits", e.fits},
+          {"memory",
+           {{"params", m.params},
+            {"grads", m.grads},
+            {"optimizer", m.optimizer},
+            {"activations", m.activations},
+            {"buffers", m.buffers}}},
+          {"breakdown",
+           {{"compute", b.compute},
+            {"tp_comm", b.tp_comm},
+            {"pp_comm", b.pp_comm},
+            {"dp_comm", b.dp_comm},
+            {"bubble", b.bubble},
+            {"optimizer", b.optimizer}}},
+          {"bottleneck", e.bottleneck}};
+}
+
+} // namespace parallax

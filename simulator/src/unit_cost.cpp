@@ -1,0 +1,153 @@
+#include "parallax/simulator/unit_cost.hpp"
+
+#include "parallax/simulator/collectives.hpp"
+#include "parallax/simulator/compute_model.hpp"
+
+#include <algorithm>
+
+namespace parallax {
+
+namespace {
+
+// The GEMM as one tensor-parallel rank runs it for a micro-batch of B sequences.
+Gemm gemm_on_rank(const Layer& layer, const Gemm& g, int tp, std::int64_t B) {
+  Gemm out = g;
+  const bool heads = layer.tp_split == TpSplit::heads;
+  if (heads) {
+    out.batch = std::max<std::int64_t>(1, g.batch * B / tp);
+  } else {
+    out.m = g.m * B;
+    if (layer.tp_split == TpSplit::column || layer.tp_split == TpSplit::vocab) {
+      out.n = std::max<std::int64_t>(1, g.n / tp);
+    } else if (layer.tp_split == TpSplit::row) {
+      out.k = std::max<std::int64_t>(1, g.k / tp);
+    }
+  }
+  return out;
+}
+
+// Forward and backward compute time of one layer on one rank for one micro-batch.
+std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& cluster,
+                                          const UnitCostKey& key) {
+  const double div = layer_flop_divisor(layer, key.tp, key.sequence_parallel);
+  const auto B = static_cast<double>(key.micro_batch_size);
+  const double elem_bytes = precision_storage_bytes(key.precision);
+  double gemm_fwd = 0;
+  double gemm_flops = 0;
+  for (const Gemm& g : layer.gemms) {
+    Gemm local = gemm_on_rank(layer, g, key.tp, key.micro_batch_size);
+    gemm_fwd += gemm_time_s(cluster, key.precision, local, layer.fused);
+    gemm_flops += g.flops();
+  }
+  // Non-GEMM work: memory-bound traffic, or vector FLOPs at the fp32 rate, whichever is longer.
+  const double other_flops = std::max(0.0, layer.fwd_flops - gemm_flops) * B / div;
+  const double vector_peak = cluster.supports(Precision::fp32) ? cluster.peak_flops(Precision::fp32)
+                                                               : cluster.peak_flops(key.precision);
+  const double mem_bytes = layer.fwd_mem_elems * elem_bytes * B / div;
+  const double other_fwd = std::max(memory_time_s(cluster, mem_bytes), other_flops / vector_peak);
+  const double overhead = kernel_overhead_s(cluster.device);
+  double fwd = gemm_fwd + other_fwd + overhead;
+  // Backward: two GEMMs per forward GEMM (input and weight gradients), twice the traffic.
+  double bwd = 2.0 * gemm_fwd + 2.0 * other_fwd + 2.0 * overhead;
+  if (layer.bwd_extra_flops > 0 && gemm_flops > 0) {
+    bwd += gemm_fwd * layer.bwd_extra_flops / gemm_flops;
+  }
+  return {fwd, bwd};
+}
+
+// Tensor-parallel collective time of one layer for one micro-batch: (forward, backward).
+std::pair<double, double> layer_tp_comm_s(const Layer& layer, const Cluster& cluster,
+                                          const UnitCostKey& key) {
+  if (key.tp <= 1) {
+    return {0.0, 0.0};
+  }
+  const GroupSpan span = group_span(key.tp, 1, cluster.node.devices_per_node);
+  const double bytes_per_elem = precision_storage_bytes(key.precision);
+  const auto B = static_cast<double>(key.micro_batch_size);
+  const double fwd_bytes = layer.tp_fwd_comm_elems * B * bytes_per_elem;
+  const double bwd_bytes = layer.tp_bwd_comm_elems * B * bytes_per_elem;
+  auto time = [&](Collective kind, double bytes) {
+    return collective_time_s(cluster, kind, bytes, span);
+  };
+  if (key.sequence_parallel && layer.kind != LayerKind::loss) {
+    // Each all-reduce becomes a reduce-scatter after row-parallel layers and an all-gather
+    // before column-parallel ones; the backward mirrors it.
+    return {time(Collective::reduce_scatter, fwd_bytes) + time(Collective::all_gather, bwd_bytes),
+            time(Collective::reduce_scatter, bwd_bytes) + time(Collective::all_gather, fwd_bytes)};
+  }
+  return {time(Collective::all_reduce, fwd_bytes), time(Collective::all_reduce, bwd_bytes)};
+}
+
+} // namespace
+
+double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel) {
+  switch (layer.tp_split) {
+  case TpSplit::replicated:
+    return 1.0;
+  case TpSplit::sequence:
+    return sequence_parallel ? tp : 1.0;
+  default:
+    return tp;
+  }
+}
+
+double layer_activation_divisor(const Layer& layer, int tp, bool sequence_parallel) {
+  // A column-parallel (or vocabulary-parallel) linear layer keeps its full input.
+  const bool replicated_input = layer.kind == LayerKind::linear &&
+                                (layer.tp_split == TpSplit::column || layer.tp_split == TpSplit::vocab);
+  if (replicated_input || layer.tp_split == TpSplit::sequence) {
+    return sequence_parallel ? tp : 1.0;
+  }
+  return layer.tp_split == TpSplit::replicated ? 1.0 : tp;
+}
+
+double layer_param_divisor(const Layer& layer, int tp) {
+  // Norm weights are replicated; row-parallel biases too (a negligible share).
+  return layer.tp_split == TpSplit::sequence || layer.tp_split == TpSplit::replicated ? 1.0 : tp;
+}
+
+std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster,
+                                 const UnitCostKey& key) {
+  std::vector<UnitCost> units(static_cast<std::size_t>(graph.num_units()));
+  std::vector<bool> has_input(units.size(), false);
+  const double elem_bytes = precision_storage_bytes(key.precision);
+  const auto B = static_cast<double>(key.micro_batch_size);
+  for (std::size_t v = 0; v < graph.num_layers(); ++v) {
+    const Layer& layer = graph.layer(v);
+    UnitCost& u = units[static_cast<std::size_t>(layer.unit)];
+    auto [fwd, bwd] = layer_compute_s(layer, cluster, key);
+    auto [tp_fwd, tp_bwd] = layer_tp_comm_s(layer, cluster, key);
+    u.fwd_s += fwd;
+    u.bwd_s += bwd;
+    u.tp_fwd_s += tp_fwd;
+    u.tp_bwd_s += tp_bwd;
+    if (layer.selective_recompute) {
+      u.selective_s += fwd;
+    }
+    const double pdiv = layer_param_divisor(layer, key.tp);
+    u.params += static_cast<double>(layer.params) / pdiv;
+    u.max_layer_params = std::max(u.max_layer_params, static_cast<double>(layer.params) / pdiv);
+    const double adiv = layer_activation_divisor(layer, key.tp, key.sequence_parallel);
+    const double act = (layer.saved_act_elems * elem_bytes + layer.saved_mask_bytes) * B / adiv;
+    const double dropped =
+        layer.selective_recompute
+            ? (layer.selective_saved_elems * elem_bytes + layer.saved_mask_bytes) * B / adiv
+            : 0.0;
+    u.act_bytes += act;
+    u.act_selective_bytes += act - dropped;
+    const double fdiv = layer_flop_divisor(layer, key.tp, key.sequence_parallel);
+    u.model_flops += (layer.fwd_flops + layer.bwd_flops) * B / fdiv;
+    // Full recomputation keeps the unit's input: the first layer's output of the previous unit,
+    // an (s, h) tensor (sharded along s with sequence parallel).
+    const auto u_index = static_cast<std::size_t>(layer.unit);
+    if (!has_input[u_index]) {
+      has_input[u_index] = true;
+      const auto& info = graph.info();
+      u.act_full_bytes = static_cast<double>(info.seq_length * info.hidden_size) * elem_bytes * B /
+                         (key.sequence_parallel ? key.tp : 1);
+    }
+  }
+  return units;
+}
+
+} // namespace parallax
