@@ -19,6 +19,7 @@
 #include <cmath>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
 
 namespace parallax {
@@ -98,6 +99,31 @@ PlanPins pins_of(const Json& row) {
   return pins;
 }
 
+// Where a source does not state recomputation, its own figures tell: reported TFLOP/s × GPUs ×
+// iteration time is the FLOP count the source used, which includes the recomputed forward
+// (4 forward passes' worth) only if the run recomputed.
+std::optional<Recompute> recompute_from_flops(const Json& row, const LayerGraph& graph) {
+  const Json& m = row["measured"];
+  if (!m.contains("tflops_per_gpu") || !m["tflops_per_gpu"].is_number() ||
+      !m.contains("iteration_time_s") || !m["iteration_time_s"].is_number()) {
+    return std::nullopt;
+  }
+  const double reported = m["tflops_per_gpu"].get<double>() * 1e12 *
+                          row["hardware"]["num_gpus"].get<double>() *
+                          m["iteration_time_s"].get<double>();
+  const double batch = row["training"]["global_batch"].get<double>();
+  double fwd = 0;
+  double fwd_blocks = 0;
+  for (std::size_t v = 0; v < graph.num_layers(); ++v) {
+    fwd += graph.layer(v).fwd_flops;
+    fwd_blocks += graph.layer(v).block >= 0 ? graph.layer(v).fwd_flops : 0.0;
+  }
+  const double without = batch * 3 * fwd;
+  const double with_full = without + batch * fwd_blocks;
+  return std::abs(reported - with_full) < std::abs(reported - without) ? Recompute::full
+                                                                       : Recompute::none;
+}
+
 double measured_time(const Json& row) {
   const Json& m = row["measured"];
   if (m.contains("iteration_time_s") && m["iteration_time_s"].is_number()) {
@@ -139,6 +165,8 @@ int main(int argc, char** argv) {
     Json rows = json_load_file(path);
     std::map<std::string, Totals> by_source;
     Totals all;
+    Totals without_deepspeed;
+    int free_slower = 0;
     Json report = Json::array();
     fmt::print("{:<44} {:>9} {:>9} {:>7}  {:>9} {}\n", "run", "measured", "predicted", "error",
                 "free best", "chosen plan (free search)");
@@ -155,6 +183,9 @@ int main(int argc, char** argv) {
       req.gpus = row["hardware"]["num_gpus"].get<int>();
       req.global_batch_size = row["training"]["global_batch"].get<std::int64_t>();
       req.pins = pins_of(row);
+      if (!req.pins.recompute) {
+        req.pins.recompute = recompute_from_flops(row, graph);
+      }
       req.top_k = 1;
       PlanSearchResult pinned = plan_search(graph, cluster, req);
       PlanRequest free_req = req;
@@ -171,6 +202,10 @@ int main(int argc, char** argv) {
       by_source[source].n += 1;
       all.abs_err += std::abs(err);
       all.n += 1;
+      if (!contains(text_of(row["training"], "framework"), "DeepSpeed")) {
+        without_deepspeed.abs_err += std::abs(err);
+        without_deepspeed.n += 1;
+      }
       double free_best = free.plans.empty() ? 0 : free.plans.front().estimate.iteration_time_s;
       std::string free_plan;
       if (!free.plans.empty()) {
@@ -180,8 +215,11 @@ int main(int argc, char** argv) {
                                 p.virtual_stages > 1 ? fmt::format("(v{})", p.virtual_stages) : "",
                                 recompute_name(p.recompute));
       }
-      fmt::print("{:<44} {:>9.3f} {:>9.3f} {:>+6.1f}%  {:>9.3f} {}\n", id, measured,
-                 e.iteration_time_s, 100 * err, free_best, free_plan);
+      const bool slower = free.plans.empty() || free_best > e.iteration_time_s * (1 + 1e-9);
+      free_slower += slower ? 1 : 0;
+      fmt::print("{:<44} {:>9.3f} {:>9.3f} {:>+6.1f}%  {:>9.3f} {}{}\n", id, measured,
+                 e.iteration_time_s, 100 * err, free_best, free_plan,
+                 slower ? "  (FREE SEARCH SLOWER THAN PUBLISHED PLAN)" : "");
       report.push_back({{"id", id},
                         {"source", source},
                         {"measured_s", measured},
@@ -196,11 +234,21 @@ int main(int argc, char** argv) {
     }
     const double mape = all.n > 0 ? 100 * all.abs_err / all.n : 0;
     fmt::print("  {:<20} {:>3} runs  {:>6.1f}%\n", "overall", all.n, mape);
+    // The DeepSpeed ZeRO-3 runs of Narayanan et al. Table 2 sit far below what NCCL-class
+    // collectives reach on their cluster (see bench/RESULTS.md); shown apart for that reason.
+    fmt::print("  {:<20} {:>3} runs  {:>6.1f}%\n", "without DeepSpeed", without_deepspeed.n,
+               without_deepspeed.n > 0 ? 100 * without_deepspeed.abs_err / without_deepspeed.n : 0.0);
+    fmt::print("\nfree search at least as fast as the published plan in {} of {} runs\n",
+               all.n - free_slower, all.n);
     if (!json_out.empty()) {
       json_write_file(json_out, {{"runs", report}, {"mape", mape / 100}});
     }
     if (max_mape > 0 && mape > max_mape) {
       fmt::print("FAIL: MAPE {:.1f}% above {:.1f}%\n", mape, max_mape);
+      return 1;
+    }
+    if (free_slower > 0) {
+      fmt::print("FAIL: the free search missed a plan at least as fast as the published one\n");
       return 1;
     }
     return 0;

@@ -9,7 +9,7 @@ namespace parallax {
 
 namespace {
 
-constexpr double kDefaultIntraEfficiency = 0.80; // NVLink all-reduce bus bandwidth / link
+constexpr double kDefaultIntraEfficiency = 0.70; // NVLink all-reduce bus bandwidth / link
 constexpr double kDefaultInterEfficiency = 0.85; // InfiniBand / RoCE the same
 
 double log2_ceil(int n) { return n <= 1 ? 0.0 : std::ceil(std::log2(static_cast<double>(n))); }

@@ -1,7 +1,11 @@
 // Runs the parallax binary as a user would and checks exit codes and output.
 #include <gtest/gtest.h>
 
+#include "parallax/core/json_reader.hpp"
+
 #include <array>
+#include <filesystem>
+#include <fstream>
 #include <cstdio>
 #include <string>
 
@@ -39,6 +43,77 @@ TEST(Cli, UnknownSubcommandAndFlagsFail) {
   EXPECT_NE(run("frobnicate").code, 0);
   EXPECT_NE(run("").code, 0);
   EXPECT_NE(run("models --no-such-flag").code, 0);
+}
+
+} // namespace
+
+namespace {
+
+std::string temp_path(const char* name) {
+  return (std::filesystem::temp_directory_path() / name).string();
+}
+
+TEST(Cli, PlanPrintsRankedTableAndWritesBestPlan) {
+  const std::string out = temp_path("parallax_cli_best_plan.json");
+  Result r = run("plan --model gpt3-175b --cluster dgx-a100-80g --gpus 1024 --global-batch 1536 "
+                 "--top 5 --explain --out " + out);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("tokens/s"), std::string::npos);
+  EXPECT_NE(r.out.find("the next plan is"), std::string::npos);
+  std::ifstream in(out);
+  ASSERT_TRUE(in.good());
+  parallax::Json plan = parallax::Json::parse(in);
+  EXPECT_EQ(plan["dp"].get<int>() * plan["tp"].get<int>() * plan["pp"].get<int>(), 1024);
+  // simulate reads the written plan and agrees with the planner's figures.
+  Result sim = run("simulate --model gpt3-175b --cluster dgx-a100-80g --gpus 1024 --json --plan " + out);
+  ASSERT_EQ(sim.code, 0) << sim.out;
+  parallax::Json figures = parallax::Json::parse(sim.out);
+  for (const char* key : {"iteration_time_s", "tokens_per_s", "tflops_per_gpu", "mfu",
+                          "peak_memory_bytes", "memory", "breakdown"}) {
+    EXPECT_TRUE(figures.contains(key)) << key;
+  }
+  Result json = run("plan --model gpt3-175b --cluster dgx-a100-80g --gpus 1024 --global-batch 1536 "
+                    "--top 3 --json");
+  ASSERT_EQ(json.code, 0) << json.out;
+  parallax::Json ranked = parallax::Json::parse(json.out);
+  ASSERT_EQ(ranked["plans"].size(), 3U);
+  EXPECT_DOUBLE_EQ(ranked["plans"][0]["iteration_time_s"].get<double>(),
+                   figures["iteration_time_s"].get<double>());
+  EXPECT_LE(ranked["plans"][0]["iteration_time_s"].get<double>(),
+            ranked["plans"][1]["iteration_time_s"].get<double>());
+}
+
+TEST(Cli, PlanHonoursPins) {
+  Result r = run("plan --model llama2-70b --cluster dgx-h100 --gpus 64 --global-batch 512 "
+                 "--tp 8 --pp 4 --schedule interleaved --json --top 4");
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (const auto& p : parallax::Json::parse(r.out)["plans"]) {
+    EXPECT_EQ(p["plan"]["tp"], 8);
+    EXPECT_EQ(p["plan"]["pp"], 4);
+    EXPECT_EQ(p["plan"]["schedule"], "interleaved");
+  }
+}
+
+TEST(Cli, NothingFitsSaysWhatCameClosest) {
+  Result r = run("plan --model megatron-1t --cluster dgx-a100-80g --gpus 8 --global-batch 8");
+  EXPECT_EQ(r.code, 4) << r.out;
+  EXPECT_NE(r.out.find("closest"), std::string::npos) << r.out;
+}
+
+TEST(Cli, BadInputsExitTwoNamingTheField) {
+  const std::string plan = temp_path("parallax_cli_bad_plan.json");
+  std::ofstream(plan) << R"({"dp": 3, "tp": 1, "pp": 1, "global_batch_size": 12})";
+  Result r = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --plan " + plan);
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("/dp"), std::string::npos) << r.out;
+  Result zoo = run("plan --model no-such-model --cluster dgx-a100-80g");
+  EXPECT_EQ(zoo.code, 2);
+  EXPECT_NE(zoo.out.find("--model"), std::string::npos);
+  Result choice = run("plan --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --schedule zigzag");
+  EXPECT_EQ(choice.code, 2);
+  EXPECT_NE(choice.out.find("--schedule"), std::string::npos);
+  Result fp8 = run("plan --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --precision fp8");
+  EXPECT_EQ(fp8.code, 2) << fp8.out;
 }
 
 } // namespace

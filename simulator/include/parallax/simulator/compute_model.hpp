@@ -11,8 +11,8 @@
 
 namespace parallax {
 
-// The curve used when a profile gives none: cuBLAS-class GEMMs on data-centre GPUs reach ~80%
-// of dense peak on large square problems and fall off below ~1 GFLOP per call.
+// The curve used when a profile gives none: cuBLAS-class GEMMs on data-centre GPUs sustain ~78%
+// of dense peak on large problems under training load and fall off below ~1 GFLOP per call.
 const std::vector<GemmEfficiencyPoint>& gemm_efficiency_default();
 // η(F): log-linear interpolation of the device's curve (or the default), clamped at its ends.
 double gemm_efficiency(const Device& device, double flops);
