@@ -83,6 +83,10 @@ PlanPins pins_of(const Json& row) {
   }
   if (p.contains("sequence_parallel") && p["sequence_parallel"].is_boolean()) {
     pins.sequence_parallel = p["sequence_parallel"].get<bool>();
+  } else if (contains(text_of(row["source"], "key"), "2020") ||
+             contains(text_of(row["source"], "key"), "2021")) {
+    // Sequence parallelism was published in 2022 (Korthikanti et al.): earlier runs lack it.
+    pins.sequence_parallel = false;
   }
   if (t.contains("micro_batch") && t["micro_batch"].is_number()) {
     pins.micro_batch_size = t["micro_batch"].get<std::int64_t>();

@@ -238,13 +238,15 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
   head.tp_bwd_comm_elems = sh;
   x = b.add(std::move(head), {x});
 
-  // Vocabulary-parallel cross-entropy: keeps fp32 logits (two 16-bit elements each) for the
-  // backward; three all-reduces of s fp32 values (max, sum of exponentials, target logit).
+  // Vocabulary-parallel cross-entropy, fused (Megatron's vocab-parallel kernel, llm.c): the
+  // forward reads the logits once, the backward reads them and writes their gradient. It keeps
+  // fp32 logits (two 16-bit elements each) for the backward; three all-reduces of s fp32 values
+  // (max, sum of exponentials, target logit).
   Layer loss = layer_make("loss", LayerKind::loss, TpSplit::vocab, last, -1);
   loss.output_shape = {1};
   loss.fwd_flops = kCrossEntropyFlopsPerElem * s * static_cast<double>(V);
   loss.bwd_flops = 2.0 * s * static_cast<double>(V);
-  loss.fwd_mem_elems = 3.0 * s * static_cast<double>(V);
+  loss.fwd_mem_elems = s * static_cast<double>(V);
   loss.saved_act_elems = 2.0 * s * static_cast<double>(V);
   loss.tp_fwd_comm_elems = 6.0 * s;
   b.add(std::move(loss), {x});

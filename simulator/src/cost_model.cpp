@@ -19,6 +19,11 @@ constexpr double kAdamBytesFp32 = 28.0;
 // Communication overlapped with compute is not free: NCCL kernels occupy SMs and memory
 // bandwidth, slowing the concurrent compute by about this fraction of the overlapped time.
 constexpr double kOverlapInterference = 0.10;
+// Gradient accumulation across micro-batches: each backward adds its weight gradients into the
+// accumulation buffer (fp32 main gradients under mixed precision: read 4 + read 2 + write 4
+// bytes per parameter; fp32 training: 4 + 4 + 4), a memory-bound pass per micro-batch.
+constexpr double kGradAccumBytesMixed = 10.0;
+constexpr double kGradAccumBytesFp32 = 12.0;
 
 using RankLoad = CostModel::RankLoad;
 
@@ -60,8 +65,9 @@ double zero_per_microbatch_s(const Plan& p, const Cluster& c, const RankLoad& r)
   const GroupSpan span = dp_span(p, c);
   double comm = collective_time_s(c, Collective::reduce_scatter, shard_bytes, span);
   if (p.zero_stage == 3) {
-    const int gathers = p.recompute == Recompute::full ? 3 : 2; // forward, (recompute,) backward
-    comm += gathers * collective_time_s(c, Collective::all_gather, shard_bytes, span);
+    // Gathered once for the forward and once for the backward; a recomputed forward runs inside
+    // the backward of its unit and reuses that gather (as PyTorch FSDP does).
+    comm += 2 * collective_time_s(c, Collective::all_gather, shard_bytes, span);
   }
   return comm;
 }
@@ -227,7 +233,15 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
                           : plan.stages;
   std::vector<RankLoad> ranks = rank_loads(plan, stages);
   const double p2p = p2p_time_s(plan, c, *graph_);
+  const bool accumulates = plan.num_microbatches() > 1;
+  const double accum_bytes =
+      precision_is_mixed(plan.precision) ? kGradAccumBytesMixed : kGradAccumBytesFp32;
   for (auto& r : ranks) {
+    if (accumulates) {
+      // With ZeRO-2/3 each micro-batch's gradients are reduce-scattered: only a shard accumulates.
+      const double local = r.params / (plan.zero_stage >= 2 ? plan.dp : 1);
+      r.compute_s += memory_time_s(c, local * accum_bytes);
+    }
     r.p2p_s = plan.pp > 1 ? 2.0 * plan.virtual_stages * p2p : 0.0;
     const double zero_comm = zero_per_microbatch_s(plan, c, r);
     const double hidden = std::min(zero_comm, r.compute_s);
