@@ -6,7 +6,9 @@
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
+#include "parallax/core/timeline_json.hpp"
 #include "parallax/simulator/cost_model.hpp"
+#include "parallax/simulator/iteration_simulator.hpp"
 
 #include <fmt/format.h>
 
@@ -167,14 +169,10 @@ struct SimulateFlags {
   std::string model, cluster, plan, trace;
   int gpus = 0;
   bool json = false;
+  bool analytic = false;
 };
 
 int run_simulate(const SimulateFlags& f) {
-  if (!f.trace.empty()) {
-    std::cerr << "parallax simulate: --trace needs the discrete-event simulator, not built yet in "
-                 "this version\n";
-    return 3;
-  }
   LoadedModel model = model_load(f.model);
   Cluster cluster = cluster_load(f.cluster);
   if (f.gpus > 0) {
@@ -190,7 +188,21 @@ int run_simulate(const SimulateFlags& f) {
   if (plan.stages.empty()) {
     plan_assign_stages(cost, plan);
   }
-  PlanEstimate e = cost.estimate(plan);
+  PlanEstimate e;
+  if (f.analytic) {
+    if (!f.trace.empty()) {
+      throw InputError("command line", "--trace", "no --analytic (traces come from the simulator)",
+                       "both");
+    }
+    e = cost.estimate(plan);
+  } else {
+    SimulationResult sim =
+        simulate_iteration(cost, plan, {.symmetric = true, .record_timeline = !f.trace.empty()});
+    e = sim.estimate;
+    if (!f.trace.empty()) {
+      json_write_file(f.trace, timeline_to_chrome_trace(sim.timeline));
+    }
+  }
   if (f.json) {
     std::cout << estimate_to_json(e).dump(2) << "\n";
     return 0;
@@ -202,7 +214,7 @@ int run_simulate(const SimulateFlags& f) {
                            e.iteration_time_s, e.tokens_per_s, e.tflops_per_gpu, 100 * e.mfu,
                            gib(e.memory.total()), gib(e.memory_capacity_bytes),
                            e.fits ? "" : " (DOES NOT FIT)");
-  std::cout << plan_explain({e, cluster.num_devices(), 0.0}, nullptr);
+  std::cout << plan_explain(RankedPlan{.estimate = e, .gpus = cluster.num_devices()}, nullptr);
   return 0;
 }
 
@@ -252,6 +264,8 @@ Run register_simulate(CLI::App& app) {
   cmd->add_option("--plan", f->plan, "Plan JSON")->required();
   cmd->add_option("--trace", f->trace, "Write the simulated timeline (Chrome trace JSON)");
   cmd->add_flag("--json", f->json, "Print the figures as JSON");
+  cmd->add_flag("--analytic", f->analytic,
+                "Use the analytic cost model instead of the discrete-event simulation");
   return [f]() { return run_simulate(*f); };
 }
 

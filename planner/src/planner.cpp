@@ -2,6 +2,7 @@
 
 #include "parallax/core/error.hpp"
 #include "parallax/planner/stage_partition.hpp"
+#include "parallax/simulator/iteration_simulator.hpp"
 
 #include <fmt/format.h>
 
@@ -99,7 +100,7 @@ void consider(SearchState& st, CostModel& model, StageCache& stages, Plan plan, 
     return;
   }
   ++st.result.evaluated;
-  RankedPlan ranked{model.estimate(plan), gpus, 0.0};
+  RankedPlan ranked{.estimate = model.estimate(plan), .gpus = gpus};
   ranked.objective_value = objective_value(st.req, model.cluster(), ranked.estimate, gpus);
   auto& plans = st.result.plans;
   const auto k = static_cast<std::size_t>(std::max(1, st.req.top_k));
@@ -234,7 +235,6 @@ PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
     throw InputError("command line", "--train-tokens",
                      "a token count > 0 for --objective time_to_train", "nothing");
   }
-  SearchState st{req, {}, 1e300};
   std::vector<int> worlds = {req.gpus};
   if (req.allow_fewer_gpus) {
     const int node = cluster.node.devices_per_node;
@@ -244,8 +244,34 @@ PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
       }
     }
   }
+  const int keep = std::max(req.top_k, req.simulate_top);
+  PlanRequest widened = req;
+  widened.top_k = keep;
+  SearchState st{widened, {}, 1e300};
   for (int gpus : worlds) {
     search_world(st, graph, cluster, gpus);
+  }
+  if (req.simulate_top > 0 && !st.result.plans.empty()) {
+    auto& plans = st.result.plans;
+    const std::size_t n = std::min(plans.size(), static_cast<std::size_t>(req.simulate_top));
+    for (std::size_t i = 0; i < n; ++i) {
+      RankedPlan& p = plans[i];
+      const Cluster sized = cluster.with_devices(p.gpus);
+      CostModel model(graph, sized); // keeps a pointer: the cluster must outlive it
+      SimulationResult sim =
+          simulate_iteration(model, p.estimate.plan, {.symmetric = true, .record_timeline = false});
+      p.analytic = p.estimate;
+      p.estimate = sim.estimate;
+      p.objective_value = objective_value(req, model.cluster(), p.estimate, p.gpus);
+    }
+    // Simulated plans first, by their simulated objective; the rest keep the analytic order.
+    std::stable_sort(plans.begin(), plans.begin() + static_cast<std::ptrdiff_t>(n),
+                     [](const RankedPlan& a, const RankedPlan& b) {
+                       return a.objective_value < b.objective_value;
+                     });
+  }
+  if (static_cast<int>(st.result.plans.size()) > req.top_k) {
+    st.result.plans.resize(static_cast<std::size_t>(req.top_k));
   }
   if (st.result.plans.empty()) {
     if (st.result.candidates == 0) {

@@ -32,7 +32,7 @@ double ring_bus_bw(const Cluster& c, GroupSpan span) {
   return span.per_node > 1 ? std::min(intra_bw(c), network) : network;
 }
 
-double ring_time(const Cluster& c, Collective kind, double bytes, GroupSpan span) {
+CollectiveCost ring_cost(const Cluster& c, Collective kind, double bytes, GroupSpan span) {
   const int n = span.size;
   const double steps_intra = static_cast<double>(span.per_node - 1);
   const double steps_inter = span.nodes > 1 ? static_cast<double>(span.nodes - 1) : 0.0;
@@ -53,7 +53,8 @@ double ring_time(const Cluster& c, Collective kind, double bytes, GroupSpan span
     latency = span.nodes > 1 ? alpha_inter(c) : alpha_intra(c);
     break;
   }
-  return latency + bus_factor(kind, n) * bytes / ring_bus_bw(c, span);
+  const bool network = span.nodes > 1 && (span.per_node == 1 || span.per_node * nic_bw(c) < intra_bw(c));
+  return {latency, bus_factor(kind, n) * bytes / ring_bus_bw(c, span), network};
 }
 
 } // namespace
@@ -93,37 +94,60 @@ double inter_efficiency(const Cluster& c) {
   return c.collectives.inter > 0 ? c.collectives.inter : kDefaultInterEfficiency;
 }
 
-double collective_time_s(const Cluster& c, Collective kind, double bytes, GroupSpan span,
-                         GradSync algorithm) {
+CollectiveCost collective_cost(const Cluster& c, Collective kind, double bytes, GroupSpan span,
+                               GradSync algorithm) {
   if (bytes <= 0 || (span.size <= 1 && kind != Collective::send_recv)) {
-    return 0.0;
+    return {};
   }
   if (kind != Collective::all_reduce || algorithm == GradSync::allreduce) {
-    return ring_time(c, kind, bytes, span);
+    return ring_cost(c, kind, bytes, span);
   }
+  const bool network = span.nodes > 1;
   switch (algorithm) {
   case GradSync::tree: {
     // Double binary tree: log-depth latency, the whole buffer up and down the trees.
-    const double alpha = span.nodes > 1 ? alpha_inter(c) : alpha_intra(c);
-    return 2 * log2_ceil(span.size) * alpha + 2.0 * bytes / ring_bus_bw(c, span);
+    const double alpha = network ? alpha_inter(c) : alpha_intra(c);
+    return {2 * log2_ceil(span.size) * alpha, 2.0 * bytes / ring_bus_bw(c, span), network};
   }
   case GradSync::hierarchical: {
     // Reduce-scatter inside the node, all-reduce of a 1/k shard across nodes, all-gather inside.
     GroupSpan local{span.per_node, span.per_node, 1};
     GroupSpan across{span.nodes, 1, span.nodes};
-    return ring_time(c, Collective::reduce_scatter, bytes, local) +
-           ring_time(c, Collective::all_reduce, bytes / span.per_node, across) +
-           ring_time(c, Collective::all_gather, bytes, local);
+    const CollectiveCost rs = ring_cost(c, Collective::reduce_scatter, bytes, local);
+    const CollectiveCost ar = ring_cost(c, Collective::all_reduce, bytes / span.per_node, across);
+    const CollectiveCost ag = ring_cost(c, Collective::all_gather, bytes, local);
+    return {rs.latency_s + ar.latency_s + ag.latency_s,
+            rs.transfer_s + ar.transfer_s + ag.transfer_s, network};
   }
   case GradSync::parameter_server:
     // Push gradients to and pull parameters from servers sharded over all nodes: every worker
     // moves 2·S through its NIC (intra-node when the group fits in one node).
-    return 2 * (span.nodes > 1 ? alpha_inter(c) : alpha_intra(c)) +
-           2.0 * bytes / (span.nodes > 1 ? nic_bw(c) : intra_bw(c));
+    return {2 * (network ? alpha_inter(c) : alpha_intra(c)),
+            2.0 * bytes / (network ? nic_bw(c) : intra_bw(c)), network};
   case GradSync::allreduce:
     break;
   }
-  return ring_time(c, kind, bytes, span);
+  return ring_cost(c, kind, bytes, span);
+}
+
+double collective_time_s(const Cluster& c, Collective kind, double bytes, GroupSpan span,
+                         GradSync algorithm) {
+  return collective_cost(c, kind, bytes, span, algorithm).total_s();
+}
+
+double intra_link_bandwidth(const Cluster& c) { return intra_bw(c); }
+double network_link_bandwidth(const Cluster& c) { return nic_bw(c); }
+
+GroupSpan tp_span(const Plan& p, const Cluster& c) {
+  return group_span(p.tp, 1, c.node.devices_per_node);
+}
+
+GroupSpan dp_span(const Plan& p, const Cluster& c) {
+  return group_span(p.dp, p.tp, c.node.devices_per_node);
+}
+
+GroupSpan pp_hop_span(const Plan& p, const Cluster& c) {
+  return p.tp * p.dp < c.node.devices_per_node ? GroupSpan{2, 2, 1} : GroupSpan{2, 1, 2};
 }
 
 } // namespace parallax

@@ -51,10 +51,6 @@ void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
   r.max_layer_params = std::max(r.max_layer_params, u.max_layer_params);
 }
 
-GroupSpan dp_span(const Plan& p, const Cluster& c) {
-  return group_span(p.dp, p.tp, c.node.devices_per_node);
-}
-
 // Per-micro-batch ZeRO communication that must overlap that micro-batch's compute.
 double zero_per_microbatch_s(const Plan& p, const Cluster& c, const RankLoad& r) {
   if (p.dp <= 1 || p.zero_stage < 2) {
@@ -96,14 +92,7 @@ double p2p_time_s(const Plan& p, const Cluster& c, const LayerGraph& g) {
   if (p.pp <= 1) {
     return 0;
   }
-  const int stride = p.tp * p.dp;
-  const int dpn = c.node.devices_per_node;
-  const GroupSpan pair = stride < dpn ? GroupSpan{2, 2, 1} : GroupSpan{2, 1, 2};
-  // Activations (s, h) of B sequences; split across the TP ranks (scatter/gather optimisation).
-  const double bytes = static_cast<double>(g.info().seq_length * g.info().hidden_size) *
-                       static_cast<double>(p.micro_batch_size) *
-                       precision_storage_bytes(p.precision) / p.tp;
-  return collective_time_s(c, Collective::send_recv, bytes, pair);
+  return collective_time_s(c, Collective::send_recv, p2p_bytes(p, g), pp_hop_span(p, c));
 }
 
 double pipeline_time_s(const Plan& p, const std::vector<RankLoad>& ranks, double t_max) {
@@ -153,6 +142,12 @@ std::string largest_share(const TimeBreakdown& b) {
 }
 
 } // namespace
+
+double p2p_bytes(const Plan& p, const LayerGraph& g) {
+  // Activations (s, h) of B sequences, split across the TP ranks (scatter/gather optimisation).
+  return static_cast<double>(g.info().seq_length * g.info().hidden_size) *
+         static_cast<double>(p.micro_batch_size) * precision_storage_bytes(p.precision) / p.tp;
+}
 
 double activations_in_flight(const Plan& p, int pp_rank) {
   const auto m = static_cast<double>(p.num_microbatches());
@@ -211,6 +206,36 @@ double CostModel::memory_capacity_bytes() const {
   return cluster_->memory_bytes() - reserved;
 }
 
+double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
+  const double local_params = r.params / (plan.zero_stage >= 1 ? plan.dp : 1);
+  const double bytes =
+      local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
+  return memory_time_s(*cluster_, bytes) + kernel_overhead_s(cluster_->device);
+}
+
+double CostModel::grad_accumulation_s(const Plan& plan, double params) const {
+  if (plan.num_microbatches() <= 1) {
+    return 0;
+  }
+  // With ZeRO-2/3 each micro-batch's gradients are reduce-scattered: only a shard accumulates.
+  const double local = params / (plan.zero_stage >= 2 ? plan.dp : 1);
+  const double bytes_per_param =
+      precision_is_mixed(plan.precision) ? kGradAccumBytesMixed : kGradAccumBytesFp32;
+  return memory_time_s(*cluster_, local * bytes_per_param);
+}
+
+std::vector<MemoryBreakdown> CostModel::memory_per_stage(const Plan& plan) {
+  const std::vector<StageRange> stages =
+      plan.stages.empty() ? stages_even(graph_->num_units(), plan.pp * plan.virtual_stages)
+                          : plan.stages;
+  auto ranks = rank_loads(plan, stages);
+  std::vector<MemoryBreakdown> out;
+  for (int r = 0; r < plan.pp; ++r) {
+    out.push_back(rank_memory(plan, ranks[static_cast<std::size_t>(r)], r));
+  }
+  return out;
+}
+
 MemoryBreakdown CostModel::memory(const Plan& plan) {
   const std::vector<StageRange> stages =
       plan.stages.empty() ? stages_even(graph_->num_units(), plan.pp * plan.virtual_stages)
@@ -233,15 +258,8 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
                           : plan.stages;
   std::vector<RankLoad> ranks = rank_loads(plan, stages);
   const double p2p = p2p_time_s(plan, c, *graph_);
-  const bool accumulates = plan.num_microbatches() > 1;
-  const double accum_bytes =
-      precision_is_mixed(plan.precision) ? kGradAccumBytesMixed : kGradAccumBytesFp32;
   for (auto& r : ranks) {
-    if (accumulates) {
-      // With ZeRO-2/3 each micro-batch's gradients are reduce-scattered: only a shard accumulates.
-      const double local = r.params / (plan.zero_stage >= 2 ? plan.dp : 1);
-      r.compute_s += memory_time_s(c, local * accum_bytes);
-    }
+    r.compute_s += grad_accumulation_s(plan, r.params);
     r.p2p_s = plan.pp > 1 ? 2.0 * plan.virtual_stages * p2p : 0.0;
     const double zero_comm = zero_per_microbatch_s(plan, c, r);
     const double hidden = std::min(zero_comm, r.compute_s);
@@ -273,9 +291,7 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
     const double exposed = std::max(t_dp / buckets, t_dp - window);
     dp_exposed = std::max(dp_exposed, exposed + kOverlapInterference * (t_dp - exposed));
     slack += r.bwd_s + r.p2p_s / 2;
-    const double local_params = r.params / (plan.zero_stage >= 1 ? plan.dp : 1);
-    const double opt_bytes = local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
-    optimizer = std::max(optimizer, memory_time_s(c, opt_bytes) + kernel_overhead_s(c.device));
+    optimizer = std::max(optimizer, optimizer_time_s(plan, r));
   }
 
   PlanEstimate e;

@@ -43,10 +43,14 @@ struct PlanRequest {
   double train_tokens = 0;            // for Objective::time_to_train (reported in hours)
   bool allow_fewer_gpus = false;      // also try 1/2, 1/4, ... of the devices offered
   int top_k = 20;
+  // The best `simulate_top` plans of the analytic ranking are re-ranked by the discrete-event
+  // simulator (0: analytic ranking only).
+  int simulate_top = 20;
 };
 
 struct RankedPlan {
-  PlanEstimate estimate;
+  PlanEstimate estimate;          // from the simulator when the plan was re-ranked by it
+  std::optional<PlanEstimate> analytic; // the analytic model's figures for the same plan
   int gpus = 0;
   double objective_value = 0; // seconds per iteration, hours to train, or USD per million tokens
 };

@@ -36,6 +36,29 @@ double bus_factor(Collective kind, int n);
 double intra_efficiency(const Cluster& cluster);
 double inter_efficiency(const Cluster& cluster);
 
+// A collective's time split into its latency part and its bandwidth part, with the link the
+// bandwidth part is bound by (the discrete-event simulator shares that link between flows).
+struct CollectiveCost {
+  double latency_s = 0;
+  double transfer_s = 0;
+  bool network = false; // bound by the node's NICs (else by intra-node links)
+  double total_s() const { return latency_s + transfer_s; }
+};
+
+CollectiveCost collective_cost(const Cluster& cluster, Collective kind, double bytes,
+                               GroupSpan span, GradSync algorithm = GradSync::allreduce);
+
+// Bandwidth of the per-device links the simulator models: intra-node (NVLink-class) and the
+// device's share of the node's NICs, each at the attained collective efficiency.
+double intra_link_bandwidth(const Cluster& cluster);
+double network_link_bandwidth(const Cluster& cluster);
+
+// The spans of a plan's groups: TP (adjacent ranks), DP (stride t) and one pipeline hop
+// (stride t·d).
+GroupSpan tp_span(const Plan& plan, const Cluster& cluster);
+GroupSpan dp_span(const Plan& plan, const Cluster& cluster);
+GroupSpan pp_hop_span(const Plan& plan, const Cluster& cluster);
+
 // Time of one collective of `bytes` (the full buffer: the all-reduced tensor, or the gathered
 // result of an all-gather / the input of a reduce-scatter). `algorithm` selects the all-reduce
 // algorithm for data-parallel gradient synchronisation.

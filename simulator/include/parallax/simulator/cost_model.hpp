@@ -31,7 +31,9 @@ struct MemoryModelConstants {
 
 class CostModel {
 public:
+  // Keeps references: `graph` and `cluster` must outlive the model.
   CostModel(const LayerGraph& graph, const Cluster& cluster);
+  CostModel(const LayerGraph&, Cluster&&) = delete;
 
   // Estimates `plan` on the cluster. The plan's stages are used when given, else an even split.
   // The plan must be valid for the model and the cluster's device count (plan_validate).
@@ -60,14 +62,24 @@ public:
     double step_s() const { return compute_s + tp_s + p2p_s + zero3_exposed_s; }
   };
 
-private:
+  // Per pipeline rank: the load of one micro-batch, and the memory the analytic model predicts.
   std::vector<RankLoad> rank_loads(const Plan& plan, const std::vector<StageRange>& stages);
+  std::vector<MemoryBreakdown> memory_per_stage(const Plan& plan);
+  // The optimizer step of pipeline rank `load` (a memory-bound pass over its local state).
+  double optimizer_time_s(const Plan& plan, const RankLoad& load) const;
+  // Gradient-accumulation pass per micro-batch over `params` local parameters (0 when m = 1).
+  double grad_accumulation_s(const Plan& plan, double params) const;
+
+private:
 
   const LayerGraph* graph_;
   const Cluster* cluster_;
   double model_flops_per_sequence_ = 0;
   std::map<UnitCostKey, std::vector<UnitCost>> cache_;
 };
+
+// Bytes one pipeline hop sends per micro-batch (activations forward, their gradient backward).
+double p2p_bytes(const Plan& plan, const LayerGraph& graph);
 
 // Micro-batches (in units of whole-stage activations) pipeline rank `pp_rank` keeps in flight.
 double activations_in_flight(const Plan& plan, int pp_rank);

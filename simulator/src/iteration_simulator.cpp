@@ -1,0 +1,552 @@
+#include "parallax/simulator/iteration_simulator.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/core/pipeline_schedule.hpp"
+#include "parallax/simulator/collectives.hpp"
+#include "parallax/simulator/event_engine.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <map>
+#include <tuple>
+
+namespace parallax {
+
+namespace {
+
+using Id = EventEngine::Id;
+
+// What a task means, for the timeline and the breakdown.
+struct TaskInfo {
+  int rank = 0;
+  Stream stream = Stream::compute;
+  Category category = Category::forward;
+  int unit = -1;
+  int micro_batch = -1;
+  double flops = 0;
+  double bytes = 0;
+};
+
+struct RankSim {
+  int rank = 0; // global rank this simulated rank stands for
+  int pp_rank = 0;
+  int dp = 0;
+  int tp = 0;
+  Id compute = 0, tp_stream = 0, pp_stream = 0, dp_stream = 0;
+  Id gather_stream = 0; // ZeRO-3 parameter all-gathers (FSDP runs them beside reductions)
+  Id nvlink = 0, network = 0;
+  std::vector<Id> dp_tasks;        // gradient synchronisation the optimizer waits for
+  std::vector<std::pair<Id, bool>> op_ends; // last task of each schedule op, forward?
+  std::vector<int> op_chunks;
+};
+
+// Collective instances in the unreduced simulation: members synchronise through a barrier.
+struct GroupKey {
+  int kind; // 0 TP, 1 DP
+  int group;
+  int sequence;
+  auto operator<=>(const GroupKey&) const = default;
+};
+
+class IterationBuilder {
+public:
+  IterationBuilder(CostModel& model, const Plan& plan, const SimulationOptions& options)
+      : model_(model), plan_(plan), options_(options), cluster_(model.cluster()),
+        stages_(plan.stages.empty()
+                    ? stages_even(model.graph().num_units(), plan.pp * plan.virtual_stages)
+                    : plan.stages),
+        units_(model.units({plan.tp, plan.sequence_parallel, plan.micro_batch_size,
+                            plan.precision})),
+        w_bytes_(precision_storage_bytes(plan.precision)) {}
+
+  SimulationResult run();
+
+private:
+  Id add_compute(RankSim& r, double duration, Category cat, int unit, int mb, double flops);
+  Id add_comm(RankSim& r, Stream stream, Category cat, const CollectiveCost& cost, double bytes,
+              int unit, int mb, bool gather = false);
+  void chain(Id task);
+  void record_group(int kind, int group, RankSim& r, Id trigger, Id task);
+  void build_rank(RankSim& r);
+  void forward_op(RankSim& r, const PipelineOp& op);
+  void backward_op(RankSim& r, const PipelineOp& op);
+  Id zero3_gather(RankSim& r, int unit, int mb);
+  void finish_rank(RankSim& r);
+  void wire_groups();
+  PlanEstimate estimate_from(const std::vector<RankSim>& ranks) const;
+  Timeline timeline_from(const std::vector<RankSim>& ranks) const;
+
+  CostModel& model_;
+  const Plan& plan_;
+  const SimulationOptions& options_;
+  const Cluster& cluster_;
+  std::vector<StageRange> stages_;
+  const std::vector<UnitCost>& units_;
+  double w_bytes_;
+  EventEngine engine_;
+  std::vector<TaskInfo> info_;
+  Id prev_ = -1;            // last task of the current rank's critical chain
+  std::vector<Id> recent_compute_; // compute tasks of the current rank, for ZeRO-3 prefetch
+  std::map<std::tuple<bool, int, int, int, int>, Id> sends_; // (fwd, chunk, mb, dp, tp)
+  std::vector<std::pair<std::tuple<bool, int, int, int, int>, Id>> receives_;
+  std::map<GroupKey, std::vector<std::pair<Id, Id>>> groups_; // trigger, task
+  std::map<std::pair<int, int>, int> group_sequence_;
+};
+
+Id IterationBuilder::add_compute(RankSim& r, double duration, Category cat, int unit, int mb,
+                                 double flops) {
+  const Id id = engine_.add_compute(r.compute, duration, static_cast<std::int32_t>(info_.size()));
+  info_.push_back({r.rank, Stream::compute, cat, unit, mb, flops, 0});
+  chain(id);
+  return id;
+}
+
+Id IterationBuilder::add_comm(RankSim& r, Stream stream, Category cat, const CollectiveCost& cost,
+                              double bytes, int unit, int mb, bool gather) {
+  const Id link = cost.network ? r.network : r.nvlink;
+  const double capacity =
+      cost.network ? network_link_bandwidth(cluster_) : intra_link_bandwidth(cluster_);
+  const Id stream_id = gather                     ? r.gather_stream
+                       : stream == Stream::tp_comm ? r.tp_stream
+                       : stream == Stream::pp_comm ? r.pp_stream
+                                                   : r.dp_stream;
+  const Id id = engine_.add_flow(stream_id, link, cost.latency_s, cost.transfer_s * capacity,
+                                 static_cast<std::int32_t>(info_.size()));
+  info_.push_back({r.rank, stream, cat, unit, mb, 0, bytes});
+  return id;
+}
+
+void IterationBuilder::chain(Id task) {
+  if (prev_ >= 0) {
+    engine_.add_dependency(prev_, task);
+  }
+  prev_ = task;
+}
+
+void IterationBuilder::record_group(int kind, int group, RankSim& r, Id trigger, Id task) {
+  if (options_.symmetric) {
+    return;
+  }
+  int& seq = group_sequence_[{kind, r.rank}];
+  groups_[{kind, group, seq++}].emplace_back(trigger, task);
+}
+
+Id IterationBuilder::zero3_gather(RankSim& r, int unit, int mb) {
+  const UnitCost& u = units_[static_cast<std::size_t>(unit)];
+  const double bytes = u.params * w_bytes_;
+  CollectiveCost cost =
+      collective_cost(cluster_, Collective::all_gather, bytes, dp_span(plan_, cluster_));
+  const Id ag = add_comm(r, Stream::dp_comm, Category::dp_comm, cost, bytes, unit, mb, true);
+  // Prefetch one unit ahead: the gather may start once the compute before the previous one ended.
+  const Id trigger = recent_compute_.size() >= 2 ? recent_compute_[recent_compute_.size() - 2] : -1;
+  if (trigger >= 0) {
+    engine_.add_dependency(trigger, ag);
+  }
+  record_group(1, rank_of(plan_, {0, r.pp_rank, r.tp}), r, trigger, ag);
+  return ag;
+}
+
+void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
+  const auto [first, last] = stages_[static_cast<std::size_t>(op.chunk)];
+  const bool zero3 = plan_.zero_stage == 3 && plan_.dp > 1;
+  for (int u = first; u < last; ++u) {
+    const UnitCost& cost = units_[static_cast<std::size_t>(u)];
+    const Id ag = zero3 ? zero3_gather(r, u, op.micro_batch) : -1;
+    const Id c = add_compute(r, cost.fwd_s, Category::forward, u, op.micro_batch,
+                             cost.model_flops / 3.0);
+    recent_compute_.push_back(c);
+    if (ag >= 0) {
+      engine_.add_dependency(ag, c);
+    }
+    if (u == first && op.chunk > 0) {
+      receives_.push_back({{true, op.chunk - 1, op.micro_batch, r.dp, r.tp}, c});
+    }
+    if (plan_.tp > 1 && cost.tp_fwd_s > 0) {
+      const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm,
+                            {0.0, cost.tp_fwd_s, false}, 0, u, op.micro_batch);
+      chain(t);
+      record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, c, t);
+    }
+  }
+  if (op.chunk + 1 < static_cast<int>(stages_.size())) {
+    const double bytes = p2p_bytes(plan_, model_.graph());
+    const CollectiveCost cost =
+        collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
+    const Id s = add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, last - 1, op.micro_batch);
+    chain(s); // blocking send, as in Megatron-LM's schedules
+    sends_[{true, op.chunk, op.micro_batch, r.dp, r.tp}] = s;
+  }
+  r.op_ends.emplace_back(prev_, true);
+  r.op_chunks.push_back(op.chunk);
+}
+
+void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
+  const auto [first, last] = stages_[static_cast<std::size_t>(op.chunk)];
+  const bool zero3 = plan_.zero_stage == 3 && plan_.dp > 1;
+  const bool last_mb = op.micro_batch == plan_.num_microbatches() - 1;
+  const GroupSpan dspan = dp_span(plan_, cluster_);
+  const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
+  for (int u = last - 1; u >= first; --u) {
+    const UnitCost& cost = units_[static_cast<std::size_t>(u)];
+    const Id ag = zero3 ? zero3_gather(r, u, op.micro_batch) : -1;
+    Id start = -1;
+    if (plan_.recompute == Recompute::full) {
+      start = add_compute(r, cost.fwd_s, Category::recompute, u, op.micro_batch, 0);
+      recent_compute_.push_back(start);
+      if (plan_.tp > 1 && cost.tp_fwd_s > 0) {
+        const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm, {0.0, cost.tp_fwd_s, false},
+                              0, u, op.micro_batch);
+        chain(t);
+        record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, start, t);
+      }
+    }
+    const double extra = (plan_.recompute == Recompute::selective ? cost.selective_s : 0.0) +
+                         model_.grad_accumulation_s(plan_, cost.params);
+    const Id b = add_compute(r, cost.bwd_s + extra, Category::backward, u, op.micro_batch,
+                             cost.model_flops * 2.0 / 3.0);
+    recent_compute_.push_back(b);
+    if (start < 0) {
+      start = b;
+    }
+    if (ag >= 0) {
+      engine_.add_dependency(ag, start);
+    }
+    if (u == last - 1 && op.chunk + 1 < static_cast<int>(stages_.size())) {
+      receives_.push_back({{false, op.chunk + 1, op.micro_batch, r.dp, r.tp}, start});
+    }
+    Id done = b;
+    if (plan_.tp > 1 && cost.tp_bwd_s > 0) {
+      done = add_comm(r, Stream::tp_comm, Category::tp_comm, {0.0, cost.tp_bwd_s, false}, 0, u,
+                      op.micro_batch);
+      chain(done);
+      record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, b, done);
+    }
+    // Gradient synchronisation of this unit's parameters, launched as its backward finishes.
+    const double grad_bytes = cost.params * w_bytes_;
+    if (plan_.dp > 1 && grad_bytes > 0 && (plan_.zero_stage >= 2 || last_mb)) {
+      const Collective kind = plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
+      const CollectiveCost cc = collective_cost(cluster_, kind, grad_bytes, dspan, plan_.grad_sync);
+      const Id g = add_comm(r, Stream::dp_comm, Category::dp_comm, cc, grad_bytes, u, op.micro_batch);
+      engine_.add_dependency(b, g);
+      r.dp_tasks.push_back(g);
+      record_group(1, dp_group, r, b, g);
+    }
+  }
+  if (op.chunk > 0) {
+    const double bytes = p2p_bytes(plan_, model_.graph());
+    const CollectiveCost cost =
+        collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
+    const Id s = add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, first, op.micro_batch);
+    chain(s);
+    sends_[{false, op.chunk, op.micro_batch, r.dp, r.tp}] = s;
+  }
+  r.op_ends.emplace_back(prev_, false);
+  r.op_chunks.push_back(op.chunk);
+}
+
+void IterationBuilder::finish_rank(RankSim& r) {
+  std::vector<StageRange> mine;
+  for (int c = r.pp_rank; c < static_cast<int>(stages_.size()); c += plan_.pp) {
+    mine.push_back(stages_[static_cast<std::size_t>(c)]);
+  }
+  const auto loads = model_.rank_loads(plan_, stages_);
+  const CostModel::RankLoad& load = loads[static_cast<std::size_t>(r.pp_rank)];
+  const Id opt = add_compute(r, model_.optimizer_time_s(plan_, load), Category::optimizer, -1, -1, 0);
+  for (Id g : r.dp_tasks) {
+    engine_.add_dependency(g, opt);
+  }
+  if (plan_.dp > 1 && (plan_.zero_stage == 1 || plan_.zero_stage == 2)) {
+    const double bytes = load.params * w_bytes_;
+    const CollectiveCost cc =
+        collective_cost(cluster_, Collective::all_gather, bytes, dp_span(plan_, cluster_));
+    const Id ag = add_comm(r, Stream::dp_comm, Category::dp_comm, cc, bytes, -1, -1);
+    engine_.add_dependency(opt, ag);
+    record_group(1, rank_of(plan_, {0, r.pp_rank, r.tp}), r, opt, ag);
+  }
+}
+
+void IterationBuilder::build_rank(RankSim& r) {
+  r.compute = engine_.add_stream();
+  r.tp_stream = engine_.add_stream();
+  r.pp_stream = engine_.add_stream();
+  r.dp_stream = engine_.add_stream();
+  r.gather_stream = engine_.add_stream();
+  r.nvlink = engine_.add_link(intra_link_bandwidth(cluster_));
+  r.network = engine_.add_link(network_link_bandwidth(cluster_));
+  prev_ = -1;
+  recent_compute_.clear();
+  for (const PipelineOp& op : pipeline_schedule(plan_, r.pp_rank)) {
+    if (op.forward) {
+      forward_op(r, op);
+    } else {
+      backward_op(r, op);
+    }
+  }
+  finish_rank(r);
+}
+
+void IterationBuilder::wire_groups() {
+  for (const auto& [key, task] : receives_) {
+    auto it = sends_.find(key);
+    PARALLAX_CHECK(it != sends_.end(), "a receive without its send");
+    engine_.add_dependency(it->second, task);
+  }
+  for (const auto& [key, members] : groups_) {
+    if (members.size() < 2) {
+      continue;
+    }
+    const Id barrier = engine_.add_barrier();
+    for (const auto& [trigger, task] : members) {
+      if (trigger >= 0) {
+        engine_.add_dependency(trigger, barrier);
+      }
+      engine_.add_dependency(barrier, task);
+    }
+  }
+}
+
+SimulationResult IterationBuilder::run() {
+  std::vector<RankSim> ranks;
+  for (int pp = 0; pp < plan_.pp; ++pp) {
+    const int dps = options_.symmetric ? 1 : plan_.dp;
+    const int tps = options_.symmetric ? 1 : plan_.tp;
+    for (int d = 0; d < dps; ++d) {
+      for (int t = 0; t < tps; ++t) {
+        RankSim r;
+        r.pp_rank = pp;
+        r.dp = d;
+        r.tp = t;
+        r.rank = rank_of(plan_, {d, pp, t});
+        ranks.push_back(r);
+      }
+    }
+  }
+  for (RankSim& r : ranks) {
+    build_rank(r);
+  }
+  wire_groups();
+  engine_.run();
+  SimulationResult result;
+  result.estimate = estimate_from(ranks);
+  if (options_.record_timeline) {
+    result.timeline = timeline_from(ranks);
+  }
+  result.events = engine_.events_processed();
+  result.tasks = static_cast<std::int64_t>(engine_.num_tasks());
+  result.simulated_ranks = static_cast<int>(ranks.size());
+  return result;
+}
+
+// Attributes every instant of a rank's iteration to one category: compute when its compute
+// stream is busy, else the communication keeping it waiting (TP, then PP, then DP), else bubble.
+TimeBreakdown sweep_breakdown(const std::vector<std::pair<double, double>>& compute,
+                              const std::vector<std::pair<double, double>>& optimizer,
+                              const std::array<std::vector<std::pair<double, double>>, 3>& comm,
+                              double end) {
+  struct Edge {
+    double t;
+    int kind; // 0 compute, 1 optimizer, 2..4 tp/pp/dp
+    int delta;
+  };
+  std::vector<Edge> edges;
+  auto add = [&](const std::vector<std::pair<double, double>>& spans, int kind) {
+    for (const auto& [a, b] : spans) {
+      if (b > a) {
+        edges.push_back({a, kind, +1});
+        edges.push_back({b, kind, -1});
+      }
+    }
+  };
+  add(compute, 0);
+  add(optimizer, 1);
+  for (int k = 0; k < 3; ++k) {
+    add(comm[static_cast<std::size_t>(k)], k + 2);
+  }
+  std::sort(edges.begin(), edges.end(), [](const Edge& x, const Edge& y) { return x.t < y.t; });
+  std::array<int, 5> active{};
+  TimeBreakdown b;
+  double t = 0;
+  auto charge = [&](double dt) {
+    if (dt <= 0) {
+      return;
+    }
+    if (active[0] > 0) {
+      b.compute += dt;
+    } else if (active[1] > 0) {
+      b.optimizer += dt;
+    } else if (active[2] > 0) {
+      b.tp_comm += dt;
+    } else if (active[3] > 0) {
+      b.pp_comm += dt;
+    } else if (active[4] > 0) {
+      b.dp_comm += dt;
+    } else {
+      b.bubble += dt;
+    }
+  };
+  for (const Edge& e : edges) {
+    charge(e.t - t);
+    t = e.t;
+    active[static_cast<std::size_t>(e.kind)] += e.delta;
+  }
+  charge(end - t);
+  return b;
+}
+
+PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) const {
+  PlanEstimate e;
+  e.plan = plan_;
+  e.plan.stages = stages_;
+  double makespan = 0;
+  for (std::size_t i = 0; i < engine_.num_tasks(); ++i) {
+    makespan = std::max(makespan, engine_.task(static_cast<Id>(i)).end_s);
+  }
+  e.iteration_time_s = makespan;
+  // Breakdown on the rank that is busiest on compute (the critical pipeline stage).
+  const int n_ranks = static_cast<int>(ranks.size());
+  std::vector<std::vector<std::pair<double, double>>> compute(n_ranks), optimizer(n_ranks);
+  std::vector<std::array<std::vector<std::pair<double, double>>, 3>> comm(n_ranks);
+  std::map<int, int> slot;
+  for (int i = 0; i < n_ranks; ++i) {
+    slot[ranks[static_cast<std::size_t>(i)].rank] = i;
+  }
+  for (std::size_t i = 0; i < engine_.num_tasks(); ++i) {
+    const auto& task = engine_.task(static_cast<Id>(i));
+    if (task.tag < 0) {
+      continue;
+    }
+    const TaskInfo& info = info_[static_cast<std::size_t>(task.tag)];
+    const int s = slot.at(info.rank);
+    const std::pair<double, double> span{task.start_s, task.end_s};
+    switch (info.stream) {
+    case Stream::compute:
+      (info.category == Category::optimizer ? optimizer : compute)[static_cast<std::size_t>(s)].push_back(span);
+      break;
+    case Stream::tp_comm:
+      comm[static_cast<std::size_t>(s)][0].push_back(span);
+      break;
+    case Stream::pp_comm:
+      comm[static_cast<std::size_t>(s)][1].push_back(span);
+      break;
+    case Stream::dp_comm:
+      comm[static_cast<std::size_t>(s)][2].push_back(span);
+      break;
+    }
+  }
+  int critical = 0;
+  double busiest = -1;
+  for (int i = 0; i < n_ranks; ++i) {
+    double busy = 0;
+    for (const auto& [a, b] : compute[static_cast<std::size_t>(i)]) {
+      busy += b - a;
+    }
+    if (busy > busiest + 1e-12) {
+      busiest = busy;
+      critical = i;
+    }
+  }
+  e.breakdown = sweep_breakdown(compute[static_cast<std::size_t>(critical)],
+                                optimizer[static_cast<std::size_t>(critical)],
+                                comm[static_cast<std::size_t>(critical)], makespan);
+  std::array<std::pair<double, const char*>, 6> parts = {{{e.breakdown.compute, "compute"},
+                                                          {e.breakdown.tp_comm, "tp_comm"},
+                                                          {e.breakdown.pp_comm, "pp_comm"},
+                                                          {e.breakdown.dp_comm, "dp_comm"},
+                                                          {e.breakdown.bubble, "bubble"},
+                                                          {e.breakdown.optimizer, "optimizer"}}};
+  e.bottleneck = std::max_element(parts.begin(), parts.end())->second;
+
+  const GraphInfo& g = model_.graph().info();
+  const double tokens = static_cast<double>(plan_.global_batch_size * g.seq_length);
+  e.tokens_per_s = tokens / makespan;
+  const double flops = static_cast<double>(plan_.global_batch_size) * model_.model_flops_per_sequence();
+  e.tflops_per_gpu = flops / (makespan * plan_.world_size()) / 1e12;
+  e.mfu = e.tflops_per_gpu * 1e12 / cluster_.peak_flops(plan_.precision);
+
+  // Memory: the analytic static state plus the activations the simulated schedule kept alive.
+  const auto analytic = model_.memory_per_stage(plan_);
+  const auto loads = const_cast<CostModel&>(model_).rank_loads(plan_, stages_);
+  std::vector<double> chunk_act(stages_.size(), 0.0);
+  for (std::size_t c = 0; c < stages_.size(); ++c) {
+    for (int u = stages_[c].first; u < stages_[c].second; ++u) {
+      const UnitCost& uc = units_[static_cast<std::size_t>(u)];
+      chunk_act[c] += plan_.recompute == Recompute::none        ? uc.act_bytes
+                      : plan_.recompute == Recompute::selective ? uc.act_selective_bytes
+                                                                : uc.act_full_bytes;
+    }
+  }
+  for (const RankSim& r : ranks) {
+    std::vector<std::pair<double, double>> changes;
+    for (std::size_t i = 0; i < r.op_ends.size(); ++i) {
+      const double act = chunk_act[static_cast<std::size_t>(r.op_chunks[i])];
+      changes.emplace_back(engine_.task(r.op_ends[i].first).end_s, r.op_ends[i].second ? act : -act);
+    }
+    std::stable_sort(changes.begin(), changes.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first < b.first : a.second < b.second;
+    });
+    double live = 0;
+    double peak = 0;
+    for (const auto& [t, delta] : changes) {
+      live += delta;
+      peak = std::max(peak, live);
+    }
+    const MemoryBreakdown& a = analytic[static_cast<std::size_t>(r.pp_rank)];
+    MemoryBreakdown m = a;
+    m.activations = peak + loads[static_cast<std::size_t>(r.pp_rank)].act_working;
+    m.buffers = a.buffers - MemoryModelConstants::kFragmentation * a.activations +
+                MemoryModelConstants::kFragmentation * m.activations;
+    if (m.total() > e.memory.total()) {
+      e.memory = m;
+    }
+  }
+  e.memory_capacity_bytes = model_.memory_capacity_bytes();
+  e.fits = e.memory.total() <= e.memory_capacity_bytes;
+  return e;
+}
+
+Timeline IterationBuilder::timeline_from(const std::vector<RankSim>& ranks) const {
+  Timeline t;
+  t.events.reserve(engine_.num_tasks());
+  for (std::size_t i = 0; i < engine_.num_tasks(); ++i) {
+    const auto& task = engine_.task(static_cast<Id>(i));
+    if (task.tag < 0) {
+      continue;
+    }
+    const TaskInfo& info = info_[static_cast<std::size_t>(task.tag)];
+    std::string name = std::string(category_name(info.category));
+    if (info.unit >= 0) {
+      name += fmt::format(" u{}", info.unit);
+    }
+    if (info.micro_batch >= 0) {
+      name += fmt::format(" mb{}", info.micro_batch);
+    }
+    t.events.push_back({info.rank, info.stream, info.category, std::move(name), info.unit,
+                        info.micro_batch, task.start_s, task.end_s, info.flops, info.bytes});
+  }
+  int max_rank = 0;
+  for (const RankSim& r : ranks) {
+    max_rank = std::max(max_rank, r.rank);
+  }
+  t.peak_memory_bytes.assign(static_cast<std::size_t>(max_rank) + 1, 0);
+  (void)ranks;
+  t.sort();
+  return t;
+}
+
+} // namespace
+
+SimulationResult simulate_iteration(CostModel& model, const Plan& plan,
+                                    const SimulationOptions& options) {
+  IterationBuilder builder(model, plan, options);
+  SimulationResult result = builder.run();
+  if (options.record_timeline) {
+    // Every simulated rank shares its stage's peak; symmetric replicas are identical.
+    for (auto& peak : result.timeline.peak_memory_bytes) {
+      peak = static_cast<std::int64_t>(result.estimate.memory.total());
+    }
+  }
+  return result;
+}
+
+} // namespace parallax
