@@ -47,7 +47,9 @@ public:
   const std::vector<StageRange>& get(CostModel& model, const Plan& plan) {
     const UnitCostKey key{plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision};
     const int chunks = plan.pp * plan.virtual_stages;
-    auto id = std::make_tuple(key, plan.recompute, chunks);
+    // Gradient accumulation costs per parameter and micro-batch, so it weighs in the balance.
+    const double accum_per_param = model.grad_accumulation_s(plan, 1.0);
+    auto id = std::make_tuple(key, plan.recompute, chunks, accum_per_param);
     auto it = cache_.find(id);
     if (it != cache_.end()) {
       return it->second;
@@ -59,13 +61,14 @@ public:
       const double recompute = plan.recompute == Recompute::full        ? u.fwd_s + u.tp_fwd_s
                                : plan.recompute == Recompute::selective ? u.selective_s
                                                                         : 0.0;
-      weights.push_back(u.fwd_s + u.bwd_s + u.tp_fwd_s + u.tp_bwd_s + recompute);
+      weights.push_back(u.fwd_s + u.bwd_s + u.tp_fwd_s + u.tp_bwd_s + recompute +
+                        accum_per_param * u.params);
     }
     return cache_.emplace(id, partition_min_max(weights, chunks)).first->second;
   }
 
 private:
-  std::map<std::tuple<UnitCostKey, Recompute, int>, std::vector<StageRange>> cache_;
+  std::map<std::tuple<UnitCostKey, Recompute, int, double>, std::vector<StageRange>> cache_;
 };
 
 double objective_value(const PlanRequest& req, const Cluster& c, const PlanEstimate& e, int gpus) {

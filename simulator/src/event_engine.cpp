@@ -178,9 +178,11 @@ double EventEngine::run() {
       }
       link_advance(link, now);
       std::vector<Id> done;
+      const double rate = link.capacity / static_cast<double>(link.flows.size());
       auto keep = std::remove_if(link.flows.begin(), link.flows.end(), [&](const Flow& f) {
         const double size = tasks_[static_cast<std::size_t>(f.task)].bytes;
-        if (f.remaining <= kFlowEpsilon * size) {
+        // Done when (almost) nothing is left, or when what is left would not move the clock.
+        if (f.remaining <= kFlowEpsilon * size || now + f.remaining / rate <= now) {
           done.push_back(f.task);
           return true;
         }

@@ -56,7 +56,9 @@ struct RankedPlan {
 };
 
 struct PlanSearchResult {
-  std::vector<RankedPlan> plans; // fitting plans, best first, at most top_k
+  // Fitting plans, at most top_k: the first simulate_top re-ranked by the simulator (best
+  // first), then the rest in the analytic model's order.
+  std::vector<RankedPlan> plans;
   std::int64_t candidates = 0;   // plans generated
   std::int64_t pruned_memory = 0; // rejected by the memory model before timing
   std::int64_t evaluated = 0;     // timed

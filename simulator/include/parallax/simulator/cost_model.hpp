@@ -34,6 +34,8 @@ public:
   // Keeps references: `graph` and `cluster` must outlive the model.
   CostModel(const LayerGraph& graph, const Cluster& cluster);
   CostModel(const LayerGraph&, Cluster&&) = delete;
+  CostModel(LayerGraph&&, const Cluster&) = delete;
+  CostModel(LayerGraph&&, Cluster&&) = delete;
 
   // Estimates `plan` on the cluster. The plan's stages are used when given, else an even split.
   // The plan must be valid for the model and the cluster's device count (plan_validate).

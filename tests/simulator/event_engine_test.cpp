@@ -1,0 +1,118 @@
+#include "parallax/core/error.hpp"
+#include "parallax/simulator/event_engine.hpp"
+
+#include <gtest/gtest.h>
+
+namespace parallax {
+namespace {
+
+TEST(EventEngine, StreamRunsInOrder) {
+  EventEngine e;
+  const auto s = e.add_stream();
+  const auto a = e.add_compute(s, 1.0);
+  const auto b = e.add_compute(s, 2.0);
+  const auto c = e.add_compute(s, 0.5);
+  EXPECT_DOUBLE_EQ(e.run(), 3.5);
+  EXPECT_DOUBLE_EQ(e.task(a).end_s, 1.0);
+  EXPECT_DOUBLE_EQ(e.task(b).start_s, 1.0);
+  EXPECT_DOUBLE_EQ(e.task(c).end_s, 3.5);
+}
+
+TEST(EventEngine, HeadOfStreamBlocksLaterReadyTasks) {
+  EventEngine e;
+  const auto s1 = e.add_stream();
+  const auto s2 = e.add_stream();
+  const auto slow = e.add_compute(s1, 5.0);
+  const auto waiting = e.add_compute(s2, 1.0); // head of s2, waits for `slow`
+  const auto ready = e.add_compute(s2, 1.0);   // has no dependency but is queued behind
+  e.add_dependency(slow, waiting);
+  e.run();
+  EXPECT_DOUBLE_EQ(e.task(waiting).start_s, 5.0);
+  EXPECT_DOUBLE_EQ(e.task(ready).start_s, 6.0);
+}
+
+TEST(EventEngine, StreamsOverlap) {
+  EventEngine e;
+  const auto compute = e.add_stream();
+  const auto comm = e.add_stream();
+  const auto link = e.add_link(100.0);
+  const auto f = e.add_compute(compute, 1.0);
+  const auto g = e.add_flow(comm, link, 0.25, 100.0); // 0.25 s latency + 1 s transfer
+  const auto h = e.add_compute(compute, 2.0);
+  e.add_dependency(f, g);
+  EXPECT_DOUBLE_EQ(e.run(), 3.0);
+  EXPECT_DOUBLE_EQ(e.task(g).end_s, 2.25);
+  EXPECT_DOUBLE_EQ(e.task(h).end_s, 3.0);
+}
+
+TEST(EventEngine, TwoFlowsSharingOneLinkTakeTwiceAsLong) {
+  EventEngine alone;
+  const auto s = alone.add_stream();
+  const auto l = alone.add_link(10.0);
+  alone.add_flow(s, l, 0.0, 20.0);
+  EXPECT_DOUBLE_EQ(alone.run(), 2.0);
+
+  EventEngine shared;
+  const auto s1 = shared.add_stream();
+  const auto s2 = shared.add_stream();
+  const auto link = shared.add_link(10.0);
+  const auto a = shared.add_flow(s1, link, 0.0, 20.0);
+  const auto b = shared.add_flow(s2, link, 0.0, 20.0);
+  EXPECT_DOUBLE_EQ(shared.run(), 4.0);
+  EXPECT_DOUBLE_EQ(shared.task(a).end_s, 4.0);
+  EXPECT_DOUBLE_EQ(shared.task(b).end_s, 4.0);
+}
+
+TEST(EventEngine, StaggeredFlowsShareFairly) {
+  // Capacity 1: flow A (2 bytes) starts at 0, flow B (1 byte) at 1. A has 1 byte left at t = 1;
+  // from then on both move at 0.5 and finish together at t = 3.
+  EventEngine e;
+  const auto s1 = e.add_stream();
+  const auto s2 = e.add_stream();
+  const auto link = e.add_link(1.0);
+  const auto a = e.add_flow(s1, link, 0.0, 2.0);
+  const auto b = e.add_flow(s2, link, 1.0, 1.0);
+  e.run();
+  EXPECT_NEAR(e.task(a).end_s, 3.0, 1e-12);
+  EXPECT_NEAR(e.task(b).end_s, 3.0, 1e-12);
+  // A third flow on another link is unaffected.
+  EventEngine f;
+  const auto t1 = f.add_stream();
+  const auto t2 = f.add_stream();
+  const auto l1 = f.add_link(1.0);
+  const auto l2 = f.add_link(1.0);
+  const auto x = f.add_flow(t1, l1, 0.0, 2.0);
+  const auto y = f.add_flow(t2, l2, 0.0, 2.0);
+  f.run();
+  EXPECT_DOUBLE_EQ(f.task(x).end_s, 2.0);
+  EXPECT_DOUBLE_EQ(f.task(y).end_s, 2.0);
+}
+
+TEST(EventEngine, BarrierWaitsForAllInputs) {
+  EventEngine e;
+  const auto s1 = e.add_stream();
+  const auto s2 = e.add_stream();
+  const auto a = e.add_compute(s1, 1.0);
+  const auto b = e.add_compute(s2, 3.0);
+  const auto barrier = e.add_barrier();
+  const auto after = e.add_compute(s1, 1.0);
+  e.add_dependency(a, barrier);
+  e.add_dependency(b, barrier);
+  e.add_dependency(barrier, after);
+  EXPECT_DOUBLE_EQ(e.run(), 4.0);
+  EXPECT_DOUBLE_EQ(e.task(barrier).end_s, 3.0);
+}
+
+TEST(EventEngine, CycleIsReported) {
+  EventEngine e;
+  const auto s1 = e.add_stream();
+  const auto s2 = e.add_stream();
+  const auto a = e.add_compute(s1, 1.0);
+  const auto b = e.add_compute(s2, 1.0);
+  e.add_dependency(a, b);
+  e.add_dependency(b, a);
+  EXPECT_THROW(e.run(), CheckError);
+}
+
+} // namespace
+} // namespace parallax

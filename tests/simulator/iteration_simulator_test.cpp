@@ -1,0 +1,225 @@
+#include "parallax/core/layer_graph_json.hpp"
+#include "parallax/core/plan_json.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/models/transformer_builder.hpp"
+#include "parallax/simulator/collectives.hpp"
+#include "parallax/simulator/iteration_simulator.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+namespace parallax {
+namespace {
+
+// A device whose GEMMs run at a flat efficiency, with fast memory and no latencies, so a chain
+// of identical units has hand-computable timelines.
+Cluster flat_cluster(int devices, double intra_gbps) {
+  Cluster c;
+  c.name = "flat";
+  c.device.name = "flat";
+  c.device.kind = "cpu";
+  c.device.peak_tflops = {{Precision::fp32, 1.0}, {Precision::bf16, 1.0}};
+  c.device.memory_gib = 1024;
+  c.device.memory_bandwidth_gbps = 1e9;
+  c.device.gemm_efficiency = {{1.0, 1.0}, {1e30, 1.0}};
+  c.node = {devices, intra_gbps, 0.0};
+  c.network = {1, intra_gbps, 0.0, Topology::single_switch, 1.0};
+  return c;
+}
+
+// `units` identical units: one fused GEMM layer each (2·k FLOPs per sequence), `params` each.
+LayerGraph chain_graph(int units, std::int64_t k, std::int64_t params) {
+  Json layers = Json::array();
+  Json edges = Json::array();
+  for (int u = 0; u < units; ++u) {
+    layers.push_back({{"name", "u" + std::to_string(u)},
+                      {"kind", "linear"},
+                      {"unit", u},
+                      {"fused", true},
+                      {"params", params},
+                      {"gemms", Json::array({{{"m", 1}, {"n", 1}, {"k", k}}})}});
+    if (u > 0) {
+      edges.push_back({u - 1, u});
+    }
+  }
+  return layer_graph_from_json(
+      {{"name", "chain"}, {"seq_length", 1}, {"hidden_size", 1}, {"layers", layers}, {"edges", edges}},
+      "chain");
+}
+
+Plan chain_plan(int pp, std::int64_t m, Schedule s, int v = 1) {
+  Plan p;
+  p.pp = pp;
+  p.global_batch_size = m;
+  p.schedule = s;
+  p.virtual_stages = v;
+  p.precision = Precision::fp32;
+  return p;
+}
+
+struct StageTimes {
+  double f = 0; // forward of one micro-batch on one stage
+  double b = 0;
+};
+
+StageTimes stage_times(CostModel& model, const Plan& plan, int units_per_stage) {
+  const UnitCost& u = model.units({plan.tp, false, plan.micro_batch_size, plan.precision}).at(0);
+  return {u.fwd_s * units_per_stage, u.bwd_s * units_per_stage};
+}
+
+TEST(SimulateIteration, TwoStageOneFOneBWithFourMicroBatches) {
+  const LayerGraph g = chain_graph(2, 1'000'000, 0);
+  const Cluster c = flat_cluster(2, 1e6);
+  CostModel model(g, c);
+  const Plan plan = chain_plan(2, 4, Schedule::one_f_one_b);
+  const StageTimes t = stage_times(model, plan, 1);
+  SimulationResult r = simulate_iteration(model, plan);
+  // Hand-drawn 1F1B timeline with f = 1, b = 2: stage 1 finishes its last backward at 13 and
+  // stage 0 at 15 = (m + p − 1)·(f + b).
+  const double optimizer = r.estimate.breakdown.optimizer;
+  EXPECT_NEAR(r.estimate.iteration_time_s - optimizer, 5 * (t.f + t.b), 1e-6 * (t.f + t.b));
+  EXPECT_NEAR(r.estimate.breakdown.bubble, 1 * (t.f + t.b), 1e-3 * (t.f + t.b));
+  EXPECT_EQ(r.simulated_ranks, 2);
+  // Every forward and backward of every micro-batch on both stages is in the timeline.
+  int forwards = 0;
+  int backwards = 0;
+  for (const Event& e : r.timeline.events) {
+    forwards += e.category == Category::forward;
+    backwards += e.category == Category::backward;
+  }
+  EXPECT_EQ(forwards, 8);
+  EXPECT_EQ(backwards, 8);
+}
+
+TEST(SimulateIteration, BubbleFractionsMatchClosedForms) {
+  const int p = 4;
+  const std::int64_t m = 8;
+  const LayerGraph g = chain_graph(16, 1'000'000, 0);
+  const Cluster c = flat_cluster(4, 1e6);
+  CostModel model(g, c);
+  for (Schedule s : {Schedule::gpipe, Schedule::one_f_one_b}) {
+    const Plan plan = chain_plan(p, m, s);
+    const StageTimes t = stage_times(model, plan, 4);
+    SimulationResult r = simulate_iteration(model, plan, {.record_timeline = false});
+    SCOPED_TRACE(schedule_name(s));
+    // (p − 1)/m of the ideal m·(f + b).
+    EXPECT_NEAR(r.estimate.breakdown.bubble / (m * (t.f + t.b)), double(p - 1) / m, 1e-3);
+  }
+  const Plan interleaved = chain_plan(p, m, Schedule::interleaved, 2);
+  const StageTimes t = stage_times(model, interleaved, 4);
+  SimulationResult r = simulate_iteration(model, interleaved, {.record_timeline = false});
+  // Divided by v for interleaving.
+  EXPECT_NEAR(r.estimate.breakdown.bubble / (m * (t.f + t.b)), double(p - 1) / m / 2, 2e-3);
+}
+
+TEST(SimulateIteration, DataParallelReductionHiddenOrExposed) {
+  const LayerGraph g = chain_graph(4, 1'000'000, 1'000'000);
+  Plan plan = chain_plan(1, 2, Schedule::one_f_one_b);
+  plan.dp = 2;
+  plan.micro_batch_size = 1; // one micro-batch per replica
+  {
+    // Fast links: only the last bucket's all-reduce is left after the backward.
+    const Cluster c = flat_cluster(2, 1e6);
+    CostModel model(g, c);
+    const StageTimes t = stage_times(model, plan, 4);
+    SimulationResult r = simulate_iteration(model, plan, {.record_timeline = false});
+    EXPECT_LT(r.estimate.breakdown.dp_comm, 0.01 * (t.f + t.b));
+  }
+  {
+    // Slow links: the four all-reduces run back to back after the first bucket is ready.
+    const Cluster c = flat_cluster(2, 0.001);
+    CostModel model(g, c);
+    const StageTimes t = stage_times(model, plan, 4);
+    const double allreduce = collective_time_s(c, Collective::all_reduce, 1e6 * 4.0,
+                                               dp_span(plan, c));
+    ASSERT_GT(allreduce, 10 * (t.f + t.b));
+    SimulationResult r = simulate_iteration(model, plan, {.record_timeline = false});
+    const double expected = t.f + t.b / 4 + 4 * allreduce + r.estimate.breakdown.optimizer;
+    EXPECT_NEAR(r.estimate.iteration_time_s, expected, 1e-6 * expected);
+  }
+}
+
+TEST(SimulateIteration, SymmetricReductionMatchesFullSimulation) {
+  ModelConfig config;
+  config.name = "small";
+  config.num_layers = 8;
+  config.hidden_size = 256;
+  config.num_attention_heads = 8;
+  config.num_kv_heads = 8;
+  config.ffn_hidden_size = 1024;
+  config.vocab_size = 1024;
+  config.seq_length = 128;
+  config.max_position_embeddings = 128;
+  const LayerGraph g = transformer_build_graph(config);
+  const Cluster base = cluster_load("dgx-a100-80g");
+  std::mt19937 rng(11);
+  int checked = 0;
+  for (int trial = 0; trial < 60 && checked < 25; ++trial) {
+    Plan p;
+    p.dp = 1 << (rng() % 3);
+    p.tp = 1 << (rng() % 3);
+    p.pp = 1 << (rng() % 3);
+    if (p.world_size() > 16) {
+      continue;
+    }
+    p.zero_stage = p.dp > 1 ? static_cast<int>(rng() % 4) : 0;
+    p.micro_batch_size = 1 + static_cast<int>(rng() % 2);
+    p.global_batch_size = p.dp * p.micro_batch_size * p.pp * (1 + static_cast<int>(rng() % 2));
+    p.recompute = static_cast<Recompute>(rng() % 3);
+    p.sequence_parallel = p.tp > 1 && rng() % 2 == 0;
+    p.schedule = p.pp > 1 ? static_cast<Schedule>(rng() % 3) : Schedule::one_f_one_b;
+    p.virtual_stages = p.schedule == Schedule::interleaved ? 2 : 1;
+    const Cluster c = base.with_devices(p.world_size());
+    CostModel model(g, c);
+    SCOPED_TRACE(plan_to_json(p).dump());
+    SimulationResult reduced = simulate_iteration(model, p, {.symmetric = true, .record_timeline = false});
+    SimulationResult full = simulate_iteration(model, p, {.symmetric = false, .record_timeline = false});
+    EXPECT_EQ(full.simulated_ranks, p.world_size());
+    EXPECT_EQ(reduced.simulated_ranks, p.pp);
+    EXPECT_NEAR(full.estimate.iteration_time_s, reduced.estimate.iteration_time_s,
+                1e-9 * reduced.estimate.iteration_time_s);
+    EXPECT_NEAR(full.estimate.breakdown.bubble, reduced.estimate.breakdown.bubble,
+                1e-9 * reduced.estimate.iteration_time_s);
+    EXPECT_NEAR(full.estimate.memory.total(), reduced.estimate.memory.total(), 1.0);
+    // The simulated iteration is never shorter than the compute of the busiest stage.
+    EXPECT_GE(reduced.estimate.iteration_time_s * (1 + 1e-9), reduced.estimate.breakdown.compute);
+    ++checked;
+  }
+  EXPECT_GE(checked, 20);
+}
+
+TEST(SimulateIteration, AgreesWithAnalyticModelOnLargePlans) {
+  const LayerGraph g = transformer_build_graph([] {
+    ModelConfig c;
+    c.name = "gpt-13b";
+    c.num_layers = 40;
+    c.hidden_size = 5120;
+    c.num_attention_heads = 40;
+    c.num_kv_heads = 40;
+    c.ffn_hidden_size = 20480;
+    c.vocab_size = 51200;
+    c.seq_length = 2048;
+    c.max_position_embeddings = 2048;
+    return c;
+  }());
+  const Cluster c = cluster_load("dgx-a100-80g").with_devices(64);
+  CostModel model(g, c);
+  for (const char* text :
+       {R"({"dp": 8, "tp": 8, "pp": 1, "micro_batch_size": 2, "global_batch_size": 256})",
+        R"({"dp": 2, "tp": 4, "pp": 8, "micro_batch_size": 1, "global_batch_size": 256,
+            "schedule": "interleaved", "virtual_stages": 5, "recompute": "full"})",
+        R"({"dp": 64, "tp": 1, "pp": 1, "zero_stage": 3, "micro_batch_size": 1,
+            "global_batch_size": 256, "recompute": "full"})"}) {
+    const Plan plan = plan_from_json(Json::parse(text), "plan");
+    SCOPED_TRACE(text);
+    const double analytic = model.estimate(plan).iteration_time_s;
+    const double simulated = simulate_iteration(model, plan, {.record_timeline = false})
+                                 .estimate.iteration_time_s;
+    EXPECT_NEAR(simulated / analytic, 1.0, 0.15);
+  }
+}
+
+} // namespace
+} // namespace parallax
