@@ -53,6 +53,7 @@ struct PlanFlags {
   std::string objective = "throughput";
   double train_tokens = 0;
   bool allow_fewer = false;
+  int simulate_top = 20;
 };
 
 PlanPins pins_from(const PlanFlags& f) {
@@ -114,6 +115,7 @@ int run_plan(const PlanFlags& f) {
   req.train_tokens = f.train_tokens;
   req.allow_fewer_gpus = f.allow_fewer;
   req.top_k = std::max(f.top, 2);
+  req.simulate_top = f.simulate_top;
   PlanSearchResult r = plan_search(model.graph, cluster, req);
   if (r.plans.empty()) {
     std::cerr << "parallax plan: " << r.no_fit_reason << "\n";
@@ -254,6 +256,9 @@ Run register_plan(CLI::App& app) {
   cmd->add_option("--objective", f->objective, "throughput (default), time_to_train, cost");
   cmd->add_option("--train-tokens", f->train_tokens, "Tokens to train, for time_to_train");
   cmd->add_flag("--allow-fewer-gpus", f->allow_fewer, "Also consider using fewer GPUs");
+  cmd->add_option("--simulate-top", f->simulate_top,
+                  "Re-rank this many best plans with the discrete-event simulator (default 20)")
+      ->check(CLI::NonNegativeNumber);
   return [f]() { return run_plan(*f); };
 }
 

@@ -177,7 +177,8 @@ double EventEngine::run() {
         break; // superseded by a later change on this link
       }
       link_advance(link, now);
-      std::vector<Id> done;
+      std::vector<Id>& done = done_; // finish() below never refills it: only link_check does
+      done.clear();
       const double rate = link.capacity / static_cast<double>(link.flows.size());
       auto keep = std::remove_if(link.flows.begin(), link.flows.end(), [&](const Flow& f) {
         const double size = tasks_[static_cast<std::size_t>(f.task)].bytes;

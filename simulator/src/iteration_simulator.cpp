@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <map>
 #include <tuple>
+#include <unordered_map>
 
 namespace parallax {
 
@@ -88,8 +89,14 @@ private:
   std::vector<TaskInfo> info_;
   Id prev_ = -1;            // last task of the current rank's critical chain
   std::vector<Id> recent_compute_; // compute tasks of the current rank, for ZeRO-3 prefetch
-  std::map<std::tuple<bool, int, int, int, int>, Id> sends_; // (fwd, chunk, mb, dp, tp)
-  std::vector<std::pair<std::tuple<bool, int, int, int, int>, Id>> receives_;
+  // Pipeline sends by (direction, chunk, micro-batch, dp, tp), packed into one index.
+  std::int64_t send_key(bool forward, int chunk, int mb, int dp, int tp) const {
+    const auto chunks = static_cast<std::int64_t>(stages_.size());
+    return (((static_cast<std::int64_t>(forward) * chunks + chunk) * plan_.num_microbatches() + mb) *
+                plan_.dp + dp) * plan_.tp + tp;
+  }
+  std::unordered_map<std::int64_t, Id> sends_;
+  std::vector<std::pair<std::int64_t, Id>> receives_;
   std::map<GroupKey, std::vector<std::pair<Id, Id>>> groups_; // trigger, task
   std::map<std::pair<int, int>, int> group_sequence_;
 };
@@ -160,7 +167,7 @@ void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
       engine_.add_dependency(ag, c);
     }
     if (u == first && op.chunk > 0) {
-      receives_.push_back({{true, op.chunk - 1, op.micro_batch, r.dp, r.tp}, c});
+      receives_.emplace_back(send_key(true, op.chunk - 1, op.micro_batch, r.dp, r.tp), c);
     }
     if (plan_.tp > 1 && cost.tp_fwd_s > 0) {
       const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm,
@@ -175,7 +182,7 @@ void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
         collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
     const Id s = add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, last - 1, op.micro_batch);
     chain(s); // blocking send, as in Megatron-LM's schedules
-    sends_[{true, op.chunk, op.micro_batch, r.dp, r.tp}] = s;
+    sends_[send_key(true, op.chunk, op.micro_batch, r.dp, r.tp)] = s;
   }
   r.op_ends.emplace_back(prev_, true);
   r.op_chunks.push_back(op.chunk);
@@ -213,7 +220,7 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
       engine_.add_dependency(ag, start);
     }
     if (u == last - 1 && op.chunk + 1 < static_cast<int>(stages_.size())) {
-      receives_.push_back({{false, op.chunk + 1, op.micro_batch, r.dp, r.tp}, start});
+      receives_.emplace_back(send_key(false, op.chunk + 1, op.micro_batch, r.dp, r.tp), start);
     }
     Id done = b;
     if (plan_.tp > 1 && cost.tp_bwd_s > 0) {
@@ -239,7 +246,7 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
         collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
     const Id s = add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, first, op.micro_batch);
     chain(s);
-    sends_[{false, op.chunk, op.micro_batch, r.dp, r.tp}] = s;
+    sends_[send_key(false, op.chunk, op.micro_batch, r.dp, r.tp)] = s;
   }
   r.op_ends.emplace_back(prev_, false);
   r.op_chunks.push_back(op.chunk);

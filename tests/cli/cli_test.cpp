@@ -6,6 +6,7 @@
 #include <array>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <cstdio>
 #include <string>
 
@@ -114,6 +115,37 @@ TEST(Cli, BadInputsExitTwoNamingTheField) {
   EXPECT_NE(choice.out.find("--schedule"), std::string::npos);
   Result fp8 = run("plan --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --precision fp8");
   EXPECT_EQ(fp8.code, 2) << fp8.out;
+}
+
+} // namespace
+
+namespace {
+
+TEST(Cli, SimulateWritesChromeTrace) {
+  const std::string plan = temp_path("parallax_cli_trace_plan.json");
+  const std::string trace = temp_path("parallax_cli_trace.json");
+  std::ofstream(plan) << R"({"dp": 2, "tp": 2, "pp": 2, "micro_batch_size": 1,
+    "global_batch_size": 8, "schedule": "1f1b", "zero_stage": 1})";
+  Result r = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --json --plan " + plan +
+                 " --trace " + trace);
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::ifstream in(trace);
+  ASSERT_TRUE(in.good());
+  parallax::Json doc = parallax::Json::parse(in);
+  std::set<std::pair<int, int>> tracks;
+  for (const auto& e : doc["traceEvents"]) {
+    if (e["ph"] == "X") {
+      tracks.insert({e["pid"].get<int>(), e["tid"].get<int>()});
+    }
+  }
+  // Two simulated ranks (one per stage), each with compute, TP, PP and DP streams in use.
+  EXPECT_EQ(tracks.size(), 8U);
+  Result analytic = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --analytic "
+                        "--json --plan " + plan);
+  ASSERT_EQ(analytic.code, 0) << analytic.out;
+  const double sim = parallax::Json::parse(r.out)["iteration_time_s"].get<double>();
+  const double ana = parallax::Json::parse(analytic.out)["iteration_time_s"].get<double>();
+  EXPECT_NEAR(sim / ana, 1.0, 0.25);
 }
 
 } // namespace

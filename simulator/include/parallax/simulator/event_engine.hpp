@@ -90,6 +90,7 @@ private:
   std::vector<Stream> streams_;
   std::vector<Link> links_;
   std::vector<Event> heap_;
+  std::vector<Id> done_; // scratch: the flows of one link finishing at one instant
   std::uint64_t seq_ = 0;
   std::int64_t events_ = 0;
   std::size_t finished_ = 0;
