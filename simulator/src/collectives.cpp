@@ -35,7 +35,6 @@ double ring_bus_bw(const Cluster& c, GroupSpan span) {
 CollectiveCost ring_cost(const Cluster& c, Collective kind, double bytes, GroupSpan span) {
   const int n = span.size;
   const double steps_intra = static_cast<double>(span.per_node - 1);
-  const double steps_inter = span.nodes > 1 ? static_cast<double>(span.nodes - 1) : 0.0;
   double latency = 0;
   switch (kind) {
   case Collective::all_reduce:
@@ -44,7 +43,9 @@ CollectiveCost ring_cost(const Cluster& c, Collective kind, double bytes, GroupS
     break;
   case Collective::reduce_scatter:
   case Collective::all_gather:
-    latency = steps_intra * alpha_intra(c) + steps_inter * alpha_inter(c);
+    // A ring of n ranks takes n − 1 steps in lock-step; each step waits for the slowest hop,
+    // a network hop once the ring leaves the node.
+    latency = static_cast<double>(n - 1) * (span.nodes > 1 ? alpha_inter(c) : alpha_intra(c));
     break;
   case Collective::broadcast:
     latency = steps_intra * alpha_intra(c) + log2_ceil(span.nodes) * alpha_inter(c);

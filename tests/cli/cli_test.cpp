@@ -88,7 +88,8 @@ TEST(Cli, PlanHonoursPins) {
   Result r = run("plan --model llama2-70b --cluster dgx-h100 --gpus 64 --global-batch 512 "
                  "--tp 8 --pp 4 --schedule interleaved --json --top 4");
   ASSERT_EQ(r.code, 0) << r.out;
-  for (const auto& p : parallax::Json::parse(r.out)["plans"]) {
+  const parallax::Json doc = parallax::Json::parse(r.out);
+  for (const auto& p : doc["plans"]) {
     EXPECT_EQ(p["plan"]["tp"], 8);
     EXPECT_EQ(p["plan"]["pp"], 4);
     EXPECT_EQ(p["plan"]["schedule"], "interleaved");
