@@ -1,6 +1,7 @@
 // `parallax plan` and `parallax simulate`.
 #include "commands.hpp"
 
+#include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 #include "parallax/core/plan_json.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
@@ -26,10 +27,8 @@ std::optional<Enum> parse_choice(const std::string& flag, const std::string& val
   if (value.empty()) {
     return std::nullopt;
   }
-  for (std::size_t i = 0; i < N; ++i) {
-    if (names[i] == value) {
-      return static_cast<Enum>(i);
-    }
+  if (auto parsed = enum_from_name<Enum>(names, value)) {
+    return parsed;
   }
   std::string allowed;
   for (auto n : names) {
@@ -64,14 +63,10 @@ PlanPins pins_from(const PlanFlags& f) {
   if (f.zero >= 0) p.zero_stage = f.zero;
   if (f.micro_batch > 0) p.micro_batch_size = f.micro_batch;
   if (f.virtual_stages > 0) p.virtual_stages = f.virtual_stages;
-  p.schedule = parse_choice<Schedule>("--schedule", f.schedule,
-                                      std::array<std::string_view, 3>{"gpipe", "1f1b", "interleaved"});
-  p.recompute = parse_choice<Recompute>("--recompute", f.recompute,
-                                        std::array<std::string_view, 3>{"none", "selective", "full"});
+  p.schedule = parse_choice<Schedule>("--schedule", f.schedule, kScheduleNames);
+  p.recompute = parse_choice<Recompute>("--recompute", f.recompute, kRecomputeNames);
   p.precision = parse_choice<Precision>("--precision", f.precision, kPrecisionNames);
-  p.grad_sync = parse_choice<GradSync>(
-      "--grad-sync", f.grad_sync,
-      std::array<std::string_view, 4>{"allreduce", "tree", "hierarchical", "parameter_server"});
+  p.grad_sync = parse_choice<GradSync>("--grad-sync", f.grad_sync, kGradSyncNames);
   if (!f.sequence_parallel.empty()) {
     auto sp = parse_choice<int>("--sequence-parallel", f.sequence_parallel,
                                 std::array<std::string_view, 2>{"off", "on"});

@@ -1,5 +1,6 @@
 #include "parallax/core/cluster.hpp"
 
+#include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 
 #include <fmt/format.h>
@@ -8,12 +9,7 @@
 
 namespace parallax {
 
-namespace {
-constexpr std::array<std::string_view, 3> kTopologyNames = {"fat-tree", "rail-optimized",
-                                                            "single-switch"};
-}
-
-std::string_view topology_name(Topology t) { return kTopologyNames.at(static_cast<int>(t)); }
+std::string_view topology_name(Topology t) { return enum_name(kTopologyNames, t); }
 
 double Cluster::peak_flops(Precision p) const {
   auto it = device.peak_tflops.find(p);

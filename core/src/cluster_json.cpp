@@ -1,5 +1,7 @@
 #include "parallax/core/cluster_json.hpp"
 
+#include "parallax/core/enum_names.hpp"
+
 #include <fmt/format.h>
 
 #include <array>
@@ -10,8 +12,6 @@ namespace parallax {
 namespace {
 
 constexpr std::array<std::string_view, 2> kDeviceKinds = {"gpu", "cpu"};
-constexpr std::array<std::string_view, 3> kTopologies = {"fat-tree", "rail-optimized",
-                                                         "single-switch"};
 
 Device device_from_json(const JsonReader& r) {
   r.reject_unknown({"name", "kind", "peak_tflops", "memory_gib", "memory_bandwidth_gbps",
@@ -81,12 +81,8 @@ Cluster cluster_from_json(const Json& doc, const std::string& source) {
   c.network.num_nodes = static_cast<int>(net.integer("num_nodes", 1, 1 << 20));
   c.network.inter_bandwidth_gbps = net.positive("inter_bandwidth_gbps");
   c.network.inter_latency_us = net.non_negative_or("inter_latency_us", 0.0);
-  std::string topo = net.choice_or("topology", kTopologies, "fat-tree");
-  for (std::size_t i = 0; i < kTopologies.size(); ++i) {
-    if (topo == kTopologies[i]) {
-      c.network.topology = static_cast<Topology>(i);
-    }
-  }
+  c.network.topology =
+      *enum_from_name<Topology>(kTopologyNames, net.choice_or("topology", kTopologyNames, "fat-tree"));
   c.network.oversubscription = net.positive_or("oversubscription", 1.0);
   if (c.network.oversubscription < 1.0) {
     net.fail("oversubscription", "a ratio >= 1 (1 = non-blocking)",

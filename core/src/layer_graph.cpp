@@ -1,5 +1,6 @@
 #include "parallax/core/layer_graph.hpp"
 
+#include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 
 #include <boost/graph/topological_sort.hpp>
@@ -10,15 +11,8 @@
 
 namespace parallax {
 
-namespace {
-constexpr std::array<std::string_view, 8> kKindNames = {
-    "embedding", "norm", "linear", "attention", "activation", "elementwise", "loss", "generic"};
-constexpr std::array<std::string_view, 6> kSplitNames = {"replicated", "column", "row",
-                                                         "heads",      "vocab",  "sequence"};
-} // namespace
-
-std::string_view layer_kind_name(LayerKind k) { return kKindNames.at(static_cast<int>(k)); }
-std::string_view tp_split_name(TpSplit s) { return kSplitNames.at(static_cast<int>(s)); }
+std::string_view layer_kind_name(LayerKind k) { return enum_name(kLayerKindNames, k); }
+std::string_view tp_split_name(TpSplit s) { return enum_name(kTpSplitNames, s); }
 
 LayerGraph::Vertex LayerGraph::add_layer(Layer layer) { return boost::add_vertex(std::move(layer), graph_); }
 

@@ -1,5 +1,6 @@
 #include "parallax/core/layer_graph_json.hpp"
 
+#include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 
 #include <fmt/format.h>
@@ -9,21 +10,6 @@
 namespace parallax {
 
 namespace {
-
-constexpr std::array<std::string_view, 8> kKinds = {
-    "embedding", "norm", "linear", "attention", "activation", "elementwise", "loss", "generic"};
-constexpr std::array<std::string_view, 6> kSplits = {"replicated", "column", "row",
-                                                     "heads",      "vocab",  "sequence"};
-
-template <class Enum, std::size_t N>
-Enum enum_index(const std::array<std::string_view, N>& names, const std::string& value) {
-  for (std::size_t i = 0; i < N; ++i) {
-    if (names[i] == value) {
-      return static_cast<Enum>(i);
-    }
-  }
-  return static_cast<Enum>(0);
-}
 
 double non_negative(const JsonReader& r, std::string_view key) {
   return r.non_negative_or(key, 0.0);
@@ -37,8 +23,8 @@ Layer layer_from_json(const JsonReader& r) {
                     "tp_bwd_comm_elems"});
   Layer l;
   l.name = r.string("name");
-  l.kind = enum_index<LayerKind>(kKinds, r.choice_or("kind", kKinds, "generic"));
-  l.tp_split = enum_index<TpSplit>(kSplits, r.choice_or("tp_split", kSplits, "replicated"));
+  l.kind = *enum_from_name<LayerKind>(kLayerKindNames, r.choice_or("kind", kLayerKindNames, "generic"));
+  l.tp_split = *enum_from_name<TpSplit>(kTpSplitNames, r.choice_or("tp_split", kTpSplitNames, "replicated"));
   l.unit = static_cast<int>(r.integer("unit", 0, 1 << 20));
   l.block = static_cast<int>(r.integer_or("block", -1, -1, 1 << 20));
   if (r.has("output_shape")) {

@@ -1,21 +1,15 @@
 #include "parallax/core/plan.hpp"
 
+#include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 
 #include <array>
 
 namespace parallax {
 
-namespace {
-constexpr std::array<std::string_view, 3> kScheduleNames = {"gpipe", "1f1b", "interleaved"};
-constexpr std::array<std::string_view, 3> kRecomputeNames = {"none", "selective", "full"};
-constexpr std::array<std::string_view, 4> kGradSyncNames = {"allreduce", "tree", "hierarchical",
-                                                            "parameter_server"};
-} // namespace
-
-std::string_view schedule_name(Schedule s) { return kScheduleNames.at(static_cast<int>(s)); }
-std::string_view recompute_name(Recompute r) { return kRecomputeNames.at(static_cast<int>(r)); }
-std::string_view grad_sync_name(GradSync g) { return kGradSyncNames.at(static_cast<int>(g)); }
+std::string_view schedule_name(Schedule s) { return enum_name(kScheduleNames, s); }
+std::string_view recompute_name(Recompute r) { return enum_name(kRecomputeNames, r); }
+std::string_view grad_sync_name(GradSync g) { return enum_name(kGradSyncNames, g); }
 
 RankCoords rank_coords(const Plan& plan, int rank) {
   PARALLAX_CHECK(rank >= 0 && rank < plan.world_size(), "rank out of range");

@@ -1,5 +1,6 @@
 #include "parallax/core/plan_json.hpp"
 
+#include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 
 #include <fmt/format.h>
@@ -9,21 +10,6 @@
 namespace parallax {
 
 namespace {
-
-constexpr std::array<std::string_view, 3> kSchedules = {"gpipe", "1f1b", "interleaved"};
-constexpr std::array<std::string_view, 3> kRecomputes = {"none", "selective", "full"};
-constexpr std::array<std::string_view, 4> kGradSyncs = {"allreduce", "tree", "hierarchical",
-                                                        "parameter_server"};
-
-template <class Enum, std::size_t N>
-Enum enum_index(const std::array<std::string_view, N>& names, const std::string& value) {
-  for (std::size_t i = 0; i < N; ++i) {
-    if (names[i] == value) {
-      return static_cast<Enum>(i);
-    }
-  }
-  return static_cast<Enum>(0);
-}
 
 std::vector<StageRange> stages_from_json(const JsonReader& root) {
   std::vector<StageRange> out;
@@ -67,14 +53,14 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   p.zero_stage = static_cast<int>(r.integer_or("zero_stage", 0, 0, 3));
   p.micro_batch_size = r.integer_or("micro_batch_size", 1, 1, 1 << 20);
   p.global_batch_size = r.integer("global_batch_size", 1, std::int64_t{1} << 40);
-  p.schedule = enum_index<Schedule>(kSchedules, r.choice_or("schedule", kSchedules, "1f1b"));
+  p.schedule = *enum_from_name<Schedule>(kScheduleNames, r.choice_or("schedule", kScheduleNames, "1f1b"));
   p.virtual_stages = static_cast<int>(r.integer_or("virtual_stages", 1, 1, 1024));
-  p.recompute = enum_index<Recompute>(kRecomputes, r.choice_or("recompute", kRecomputes, "none"));
+  p.recompute = *enum_from_name<Recompute>(kRecomputeNames, r.choice_or("recompute", kRecomputeNames, "none"));
   p.sequence_parallel = r.boolean_or("sequence_parallel", false);
   std::string precision =
       r.choice_or("precision", std::span<const std::string_view>(kPrecisionNames), "bf16");
   p.precision = *precision_parse(precision);
-  p.grad_sync = enum_index<GradSync>(kGradSyncs, r.choice_or("grad_sync", kGradSyncs, "allreduce"));
+  p.grad_sync = *enum_from_name<GradSync>(kGradSyncNames, r.choice_or("grad_sync", kGradSyncNames, "allreduce"));
 
   if (static_cast<std::int64_t>(p.dp) * p.tp * p.pp > kMaxDegree) {
     r.fail("dp", "dp·tp·pp <= 1048576", fmt::format("{}·{}·{}", p.dp, p.tp, p.pp));

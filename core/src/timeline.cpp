@@ -1,20 +1,15 @@
 #include "parallax/core/timeline.hpp"
 
+#include "parallax/core/enum_names.hpp"
+
 #include <algorithm>
 #include <array>
 #include <tuple>
 
 namespace parallax {
 
-namespace {
-constexpr std::array<std::string_view, 4> kStreamNames = {"compute", "tp-comm", "pp-comm",
-                                                          "dp-comm"};
-constexpr std::array<std::string_view, 8> kCategoryNames = {
-    "forward", "backward", "recompute", "optimizer", "tp_comm", "pp_comm", "dp_comm", "idle"};
-} // namespace
-
-std::string_view stream_name(Stream s) { return kStreamNames.at(static_cast<int>(s)); }
-std::string_view category_name(Category c) { return kCategoryNames.at(static_cast<int>(c)); }
+std::string_view stream_name(Stream s) { return enum_name(kStreamNames, s); }
+std::string_view category_name(Category c) { return enum_name(kCategoryNames, c); }
 
 double Timeline::makespan_s() const {
   double end = 0;

@@ -1,29 +1,13 @@
 #include "parallax/core/timeline_json.hpp"
 
+#include "parallax/core/enum_names.hpp"
+
 #include <fmt/format.h>
 
 #include <array>
 #include <set>
 
 namespace parallax {
-
-namespace {
-
-constexpr std::array<std::string_view, 4> kStreams = {"compute", "tp-comm", "pp-comm", "dp-comm"};
-constexpr std::array<std::string_view, 8> kCategories = {
-    "forward", "backward", "recompute", "optimizer", "tp_comm", "pp_comm", "dp_comm", "idle"};
-
-template <class Enum, std::size_t N>
-Enum enum_index(const std::array<std::string_view, N>& names, const std::string& value) {
-  for (std::size_t i = 0; i < N; ++i) {
-    if (names[i] == value) {
-      return static_cast<Enum>(i);
-    }
-  }
-  return static_cast<Enum>(0);
-}
-
-} // namespace
 
 Json timeline_to_chrome_trace(const Timeline& t) {
   Json events = Json::array();
@@ -39,12 +23,12 @@ Json timeline_to_chrome_trace(const Timeline& t) {
                       {"ph", "M"},
                       {"pid", rank},
                       {"args", {{"name", fmt::format("rank {}", rank)}}}});
-    for (std::size_t s = 0; s < kStreams.size(); ++s) {
+    for (std::size_t s = 0; s < kStreamNames.size(); ++s) {
       events.push_back({{"name", "thread_name"},
                         {"ph", "M"},
                         {"pid", rank},
                         {"tid", s},
-                        {"args", {{"name", std::string(kStreams[s])}}}});
+                        {"args", {{"name", std::string(kStreamNames[s])}}}});
     }
   }
   for (const Event& e : t.events) {
@@ -82,8 +66,8 @@ Timeline timeline_from_chrome_trace(const Json& doc, const std::string& source) 
     Event ev;
     ev.rank = static_cast<int>(e.integer("pid", 0, 1 << 24));
     ev.name = e.string("name");
-    ev.category = enum_index<Category>(kCategories, e.choice("cat", kCategories));
-    ev.stream = enum_index<Stream>(kStreams, args.choice("stream", kStreams));
+    ev.category = *enum_from_name<Category>(kCategoryNames, e.choice("cat", kCategoryNames));
+    ev.stream = *enum_from_name<Stream>(kStreamNames, args.choice("stream", kStreamNames));
     ev.layer = static_cast<int>(args.integer("layer", -1, 1 << 24));
     ev.micro_batch = static_cast<int>(args.integer("micro_batch", -1, 1 << 30));
     ev.start_s = args.number("start_s");

@@ -6,7 +6,9 @@
 
 #include "parallax/core/precision.hpp"
 
+#include <array>
 #include <map>
+#include <string_view>
 #include <optional>
 #include <string>
 #include <vector>
@@ -41,6 +43,8 @@ struct Node {
 };
 
 enum class Topology { fat_tree, rail_optimized, single_switch };
+inline constexpr std::array<std::string_view, 3> kTopologyNames = {"fat-tree", "rail-optimized",
+                                                                   "single-switch"};
 
 struct Network {
   int num_nodes = 1;

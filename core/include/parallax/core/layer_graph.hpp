@@ -11,6 +11,7 @@
 
 #include <boost/graph/adjacency_list.hpp>
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -38,6 +39,11 @@ enum class TpSplit {
   vocab,      // vocabulary-parallel embedding / logits / loss
   sequence,   // norms, dropout, residuals: replicated, or split along s with sequence parallel
 };
+
+inline constexpr std::array<std::string_view, 8> kLayerKindNames = {
+    "embedding", "norm", "linear", "attention", "activation", "elementwise", "loss", "generic"};
+inline constexpr std::array<std::string_view, 6> kTpSplitNames = {
+    "replicated", "column", "row", "heads", "vocab", "sequence"};
 
 std::string_view layer_kind_name(LayerKind k);
 std::string_view tp_split_name(TpSplit s);

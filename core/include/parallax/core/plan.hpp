@@ -8,7 +8,9 @@
 
 #include "parallax/core/precision.hpp"
 
+#include <array>
 #include <cstdint>
+#include <string_view>
 #include <string>
 #include <utility>
 #include <vector>
@@ -18,6 +20,12 @@ namespace parallax {
 enum class Schedule { gpipe, one_f_one_b, interleaved };
 enum class Recompute { none, selective, full };
 enum class GradSync { allreduce, tree, hierarchical, parameter_server };
+
+inline constexpr std::array<std::string_view, 3> kScheduleNames = {"gpipe", "1f1b", "interleaved"};
+inline constexpr std::array<std::string_view, 3> kRecomputeNames = {"none", "selective", "full"};
+inline constexpr std::array<std::string_view, 4> kGradSyncNames = {"allreduce", "tree",
+                                                                   "hierarchical",
+                                                                   "parameter_server"};
 
 std::string_view schedule_name(Schedule s);
 std::string_view recompute_name(Recompute r);

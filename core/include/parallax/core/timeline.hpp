@@ -2,7 +2,9 @@
 // Both the simulator and the executor produce it, so comparing them is a diff of two values.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <string_view>
 #include <string>
 #include <vector>
 
@@ -10,6 +12,11 @@ namespace parallax {
 
 enum class Stream { compute, tp_comm, pp_comm, dp_comm };
 enum class Category { forward, backward, recompute, optimizer, tp_comm, pp_comm, dp_comm, idle };
+
+inline constexpr std::array<std::string_view, 4> kStreamNames = {"compute", "tp-comm", "pp-comm",
+                                                                 "dp-comm"};
+inline constexpr std::array<std::string_view, 8> kCategoryNames = {
+    "forward", "backward", "recompute", "optimizer", "tp_comm", "pp_comm", "dp_comm", "idle"};
 
 std::string_view stream_name(Stream s);
 std::string_view category_name(Category c);
