@@ -14,5 +14,6 @@ Run register_models(CLI::App& app);
 Run register_clusters(CLI::App& app);
 Run register_plan(CLI::App& app);
 Run register_simulate(CLI::App& app);
+Run register_train(CLI::App& app);
 
 } // namespace parallax::cli

@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
   add(parallax::cli::register_clusters(app));
   add(parallax::cli::register_plan(app));
   add(parallax::cli::register_simulate(app));
-  register_pending(app, runs, "train", "Train a model with a plan");
+  add(parallax::cli::register_train(app));
   register_pending(app, runs, "calibrate", "Measure this machine into a cluster profile");
   register_pending(app, runs, "compare", "Compare simulated and measured runs");
   register_pending(app, runs, "export", "Export plan graphs, timelines and reports");

@@ -1,0 +1,238 @@
+// `parallax train`: run a plan for real, one MPI process per rank.
+#include "commands.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/core/plan_json.hpp"
+#include "parallax/core/timeline_json.hpp"
+#include "parallax/executor/checkpoint.hpp"
+#include "parallax/executor/trainer.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/models/model_loader.hpp"
+#include "parallax/planner/planner.hpp"
+#include "parallax/simulator/cost_model.hpp"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <unistd.h>
+
+namespace parallax::cli {
+namespace {
+
+struct TrainFlags {
+  std::string model;
+  std::string plan;
+  std::string backend = "cpu";
+  std::string cluster = "cpu-local";
+  std::int64_t steps = 20;
+  std::string data;
+  std::uint64_t seed = 1;
+  double lr = 1e-3;
+  std::int64_t warmup = -1;
+  std::int64_t decay_steps = -1;
+  double weight_decay = 0.1;
+  double clip = 1.0;
+  std::string checkpoint_dir;
+  std::int64_t checkpoint_every = 0;
+  int keep = 2;
+  bool resume = false;
+  std::string log;
+  std::string trace;
+  double timeout_s = 300;
+};
+
+Json step_json(const StepStats& s) {
+  return {{"step", s.step},
+          {"loss", s.loss},
+          {"grad_norm", s.grad_norm},
+          {"lr", s.lr},
+          {"step_time_s", s.step_time_s},
+          {"tokens_per_s", s.tokens_per_s},
+          {"mfu", s.mfu},
+          {"peak_memory_bytes", s.peak_memory_bytes}};
+}
+
+struct Setup {
+  ExecModel model;
+  Plan plan;
+  TrainOptions options;
+  std::optional<Checkpoint> resume_from;
+  std::string resume_source;
+};
+
+Setup prepare(const TrainFlags& f, int world_size) {
+  if (f.backend != "cpu") {
+    throw InputError("command line", "--backend", "\"cpu\" (this build has no CUDA executor)",
+                     fmt::format("\"{}\"", f.backend));
+  }
+  if (f.steps < 1) {
+    throw InputError("command line", "--steps", "a positive step count", std::to_string(f.steps));
+  }
+  if (f.checkpoint_every < 0 || (f.checkpoint_every > 0 && f.checkpoint_dir.empty())) {
+    throw InputError("command line", "--checkpoint-every",
+                     "a non-negative count, with --checkpoint-dir", std::to_string(f.checkpoint_every));
+  }
+  if (f.resume && f.checkpoint_dir.empty()) {
+    throw InputError("command line", "--resume", "--checkpoint-dir D to resume from", "no directory");
+  }
+  if (!(f.lr > 0) || !(f.timeout_s > 0) || f.keep < 1) {
+    throw InputError("command line", "--lr / --comm-timeout / --keep-checkpoints",
+                     "positive values", fmt::format("{} / {} / {}", f.lr, f.timeout_s, f.keep));
+  }
+  LoadedModel loaded = model_load(f.model);
+  if (!loaded.config) {
+    throw InputError(loaded.source, "/", "a GPT or Llama model config (the executor does not "
+                                         "train generic layer graphs)",
+                     "a generic layer graph");
+  }
+  Setup s;
+  s.model = ExecModel::from_config(*loaded.config, loaded.source);
+  s.plan = plan_from_json(json_load_file(f.plan), f.plan);
+  plan_validate(s.plan, loaded.graph, world_size, f.plan);
+  Cluster cluster = cluster_load(f.cluster).with_devices(world_size);
+  if (s.plan.stages.empty()) {
+    // The planner's balanced partition, costed in a precision the profile has.
+    Plan costed = s.plan;
+    if (!cluster.supports(costed.precision)) costed.precision = Precision::fp32;
+    CostModel cost(loaded.graph, cluster);
+    plan_assign_stages(cost, costed);
+    s.plan.stages = costed.stages;
+  }
+  s.options.steps = f.steps;
+  s.options.seed = f.seed;
+  s.options.lr = f.lr;
+  s.options.warmup_steps = f.warmup;
+  s.options.decay_steps = f.decay_steps;
+  s.options.weight_decay = f.weight_decay;
+  s.options.clip_grad_norm = f.clip;
+  s.options.data_path = f.data;
+  s.options.comm_timeout = std::chrono::duration<double>(f.timeout_s);
+  s.options.peak_flops_per_rank = cluster.peak_flops(Precision::fp32);
+  if (!f.data.empty()) {
+    open_token_file(f.data, s.model.config.vocab_size, s.model.config.seq_length); // validates
+  }
+  if (f.resume) {
+    s.resume_from = read_latest_checkpoint(f.checkpoint_dir);
+    s.resume_source = f.checkpoint_dir;
+  }
+  return s;
+}
+
+int run_train(const TrainFlags& f) {
+  MpiRuntime::init(nullptr, nullptr);
+  const int rank = MpiRuntime::world_rank();
+  const int world_size = MpiRuntime::world_size();
+  auto world = mpi_world(std::chrono::duration<double>(f.timeout_s));
+
+  // Every rank validates the same inputs; they agree on the outcome before any rank builds
+  // communicators, so a bad input ends every process cleanly instead of leaving some waiting.
+  Setup setup;
+  std::string error;
+  try {
+    setup = prepare(f, world_size);
+  } catch (const InputError& e) {
+    error = e.what();
+  }
+  double failed[1] = {error.empty() ? 0.0 : 1.0};
+  world->all_reduce_max(std::span<double>(failed));
+  if (failed[0] > 0) {
+    if (!error.empty() && (rank == 0 || world_size == 1)) {
+      std::cerr << "parallax: error: " << error << "\n";
+    }
+    return 2;
+  }
+
+  const bool terminal = rank == 0 && isatty(fileno(stderr)) != 0;
+  try {
+    Trainer trainer(setup.model, setup.plan, setup.options, f.plan);
+    if (setup.resume_from) {
+      trainer.restore(*setup.resume_from, setup.resume_source);
+      if (rank == 0) {
+        std::cerr << fmt::format("parallax train: resumed from step {} in {}\n",
+                                 trainer.steps_done(), f.checkpoint_dir);
+      }
+    } else if (f.resume && rank == 0) {
+      std::cerr << fmt::format("parallax train: no checkpoint in {}, starting from step 0\n",
+                               f.checkpoint_dir);
+    }
+    std::ofstream log;
+    if (rank == 0 && !f.log.empty()) {
+      log.open(f.log, std::ios::app);
+      if (!log) throw InputError(f.log, "--log", "a writable file", "cannot open");
+    }
+    const auto save = [&]() {
+      Checkpoint ck = trainer.checkpoint();
+      if (rank == 0) {
+        ck.extra = {{"plan", plan_to_json(setup.plan)}, {"data", f.data.empty() ? "synthetic" : f.data},
+                    {"lr", f.lr}};
+        write_checkpoint(f.checkpoint_dir, ck, f.keep);
+      }
+    };
+    while (trainer.steps_done() < f.steps) {
+      const bool last = trainer.steps_done() + 1 == f.steps;
+      const StepStats st = trainer.step(last && !f.trace.empty());
+      if (rank == 0) {
+        const std::string line = step_json(st).dump();
+        std::cout << line << "\n" << std::flush;
+        if (log) log << line << "\n" << std::flush;
+        if (terminal) {
+          std::cerr << fmt::format("\rstep {}/{}  loss {:.4f}  {:.0f} tokens/s  MFU {:.1f}%   ",
+                                   st.step, f.steps, st.loss, st.tokens_per_s, 100 * st.mfu)
+                    << (last ? "\n" : "") << std::flush;
+        }
+      }
+      if (!f.checkpoint_dir.empty() &&
+          ((f.checkpoint_every > 0 && st.step % f.checkpoint_every == 0) || last)) {
+        save();
+      }
+    }
+    if (!f.trace.empty()) {
+      const Timeline t = trainer.timeline();
+      if (rank == 0) json_write_file(f.trace, timeline_to_chrome_trace(t));
+    }
+    world->barrier();
+  } catch (const std::exception& e) {
+    // One rank failing mid-run (a dead peer, a timeout, a full disk) must end the whole job.
+    std::cerr << fmt::format("parallax train: rank {}: error: {}\n", rank, e.what());
+    if (world_size > 1) MpiRuntime::abort(dynamic_cast<const InputError*>(&e) ? 2 : 1);
+    return dynamic_cast<const InputError*>(&e) ? 2 : 1;
+  }
+  return 0;
+}
+
+} // namespace
+
+Run register_train(CLI::App& app) {
+  auto f = std::make_shared<TrainFlags>();
+  auto* cmd = app.add_subcommand(
+      "train", "Train a model with a plan, one MPI process per rank (mpirun -np N parallax train)");
+  cmd->add_option("--model", f->model, "Zoo name or model JSON (GPT or Llama family)")->required();
+  cmd->add_option("--plan", f->plan, "Plan JSON; dp·tp·pp must equal the process count")
+      ->required();
+  cmd->add_option("--backend", f->backend, "cpu (Eigen + MPI)")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--cluster", f->cluster,
+                  "Profile whose device peak is the MFU denominator (default cpu-local)");
+  cmd->add_option("--steps", f->steps, "Train until this many optimizer steps are done");
+  cmd->add_option("--data", f->data, "uint16 token file (nanoGPT .bin or llm.c); default synthetic");
+  cmd->add_option("--seed", f->seed, "Initial weights and synthetic data");
+  cmd->add_option("--lr", f->lr, "Peak learning rate (AdamW)");
+  cmd->add_option("--warmup-steps", f->warmup, "Linear warm-up steps (default steps/10)");
+  cmd->add_option("--decay-steps", f->decay_steps, "Cosine decay horizon (default --steps)");
+  cmd->add_option("--weight-decay", f->weight_decay, "AdamW weight decay on matrices");
+  cmd->add_option("--clip-grad", f->clip, "Gradient-norm clipping threshold (0: off)");
+  cmd->add_option("--checkpoint-dir", f->checkpoint_dir, "Directory for checkpoints");
+  cmd->add_option("--checkpoint-every", f->checkpoint_every, "Checkpoint every K steps (and at the end)");
+  cmd->add_option("--keep-checkpoints", f->keep, "How many checkpoints to keep");
+  cmd->add_flag("--resume", f->resume, "Resume from the newest checkpoint in --checkpoint-dir");
+  cmd->add_option("--log", f->log, "Append the per-step JSON lines to this file");
+  cmd->add_option("--trace", f->trace, "Write the last step's measured timeline (Chrome trace)");
+  cmd->add_option("--comm-timeout", f->timeout_s, "Seconds before a stuck collective aborts the job");
+  return [f]() { return run_train(*f); };
+}
+
+} // namespace parallax::cli

@@ -1,0 +1,386 @@
+#include "parallax/executor/ops.hpp"
+
+#include "parallax/core/error.hpp"
+
+#include <cmath>
+
+namespace parallax::ops {
+namespace {
+
+using Eigen::Index;
+
+void check_shape(ConstMatRef a, Index rows, Index cols, const char* what) {
+  PARALLAX_CHECK(a.rows == rows && a.cols == cols,
+                 std::string(what) + " has shape [" + std::to_string(a.rows) + ", " +
+                     std::to_string(a.cols) + "], expected [" + std::to_string(rows) + ", " +
+                     std::to_string(cols) + "]");
+}
+
+constexpr float kGeluC = 0.7978845608028654f; // sqrt(2/pi)
+constexpr float kGeluA = 0.044715f;
+
+} // namespace
+
+void linear_forward(ConstMatRef x, ConstMatRef w, ConstMatRef b, MatRef y) {
+  check_shape(w, x.cols, y.cols, "linear weight");
+  check_shape(y, x.rows, w.cols, "linear output");
+  auto ym = y.m();
+  ym.noalias() = x.m() * w.m();
+  if (b) {
+    check_shape(b, 1, w.cols, "linear bias");
+    ym.rowwise() += b.m().row(0);
+  }
+}
+
+void linear_backward(ConstMatRef x, ConstMatRef w, ConstMatRef dy, MatRef dx, MatRef dw,
+                     MatRef db, bool accumulate_dx) {
+  check_shape(dy, x.rows, w.cols, "linear output gradient");
+  check_shape(dw, w.rows, w.cols, "linear weight gradient");
+  if (dx) {
+    check_shape(dx, x.rows, x.cols, "linear input gradient");
+    if (accumulate_dx) {
+      dx.m().noalias() += dy.m() * w.m().transpose();
+    } else {
+      dx.m().noalias() = dy.m() * w.m().transpose();
+    }
+  }
+  dw.m().noalias() += x.m().transpose() * dy.m();
+  if (db) {
+    check_shape(db, 1, w.cols, "linear bias gradient");
+    db.m().row(0) += dy.m().colwise().sum();
+  }
+}
+
+void layernorm_forward(ConstMatRef x, ConstMatRef gamma, ConstMatRef beta, MatRef y, MatRef mean,
+                       MatRef rstd, float eps) {
+  const Index n = x.rows;
+  const Index h = x.cols;
+  check_shape(gamma, 1, h, "layernorm gamma");
+  check_shape(beta, 1, h, "layernorm beta");
+  check_shape(y, n, h, "layernorm output");
+  check_shape(mean, n, 1, "layernorm mean");
+  check_shape(rstd, n, 1, "layernorm rstd");
+  const auto xm = x.m();
+  auto ym = y.m();
+  const auto g = gamma.m().row(0);
+  const auto b = beta.m().row(0);
+  for (Index r = 0; r < n; ++r) {
+    const float mu = xm.row(r).mean();
+    const float var = (xm.row(r).array() - mu).square().mean();
+    const float rs = 1.0f / std::sqrt(var + eps);
+    mean.data[r] = mu;
+    rstd.data[r] = rs;
+    ym.row(r) = ((xm.row(r).array() - mu) * rs * g.array() + b.array()).matrix();
+  }
+}
+
+void layernorm_backward(ConstMatRef x, ConstMatRef gamma, ConstMatRef mean, ConstMatRef rstd,
+                        ConstMatRef dy, MatRef dx, MatRef dgamma, MatRef dbeta) {
+  const Index n = x.rows;
+  const Index h = x.cols;
+  check_shape(dy, n, h, "layernorm output gradient");
+  check_shape(dx, n, h, "layernorm input gradient");
+  check_shape(dgamma, 1, h, "layernorm gamma gradient");
+  check_shape(dbeta, 1, h, "layernorm beta gradient");
+  const auto xm = x.m();
+  const auto dym = dy.m();
+  auto dxm = dx.m();
+  const auto g = gamma.m().row(0).array();
+  auto dg = dgamma.m().row(0);
+  auto dbv = dbeta.m().row(0);
+  Eigen::RowVectorXf xhat(h);
+  Eigen::RowVectorXf dxhat(h);
+  for (Index r = 0; r < n; ++r) {
+    const float rs = rstd.data[r];
+    xhat = (xm.row(r).array() - mean.data[r]) * rs;
+    dg.array() += dym.row(r).array() * xhat.array();
+    dbv += dym.row(r);
+    dxhat = (dym.row(r).array() * g).matrix();
+    const float mean_dxhat = dxhat.mean();
+    const float mean_dxhat_xhat = (dxhat.array() * xhat.array()).mean();
+    dxm.row(r) = ((dxhat.array() - mean_dxhat - xhat.array() * mean_dxhat_xhat) * rs).matrix();
+  }
+}
+
+void rmsnorm_forward(ConstMatRef x, ConstMatRef gamma, MatRef y, MatRef rstd, float eps) {
+  const Index n = x.rows;
+  const Index h = x.cols;
+  check_shape(gamma, 1, h, "rmsnorm gamma");
+  check_shape(y, n, h, "rmsnorm output");
+  check_shape(rstd, n, 1, "rmsnorm rstd");
+  const auto xm = x.m();
+  auto ym = y.m();
+  const auto g = gamma.m().row(0).array();
+  for (Index r = 0; r < n; ++r) {
+    const float rs = 1.0f / std::sqrt(xm.row(r).squaredNorm() / static_cast<float>(h) + eps);
+    rstd.data[r] = rs;
+    ym.row(r) = (xm.row(r).array() * rs * g).matrix();
+  }
+}
+
+void rmsnorm_backward(ConstMatRef x, ConstMatRef gamma, ConstMatRef rstd, ConstMatRef dy,
+                      MatRef dx, MatRef dgamma) {
+  const Index n = x.rows;
+  const Index h = x.cols;
+  check_shape(dy, n, h, "rmsnorm output gradient");
+  check_shape(dx, n, h, "rmsnorm input gradient");
+  check_shape(dgamma, 1, h, "rmsnorm gamma gradient");
+  const auto xm = x.m();
+  const auto dym = dy.m();
+  auto dxm = dx.m();
+  const auto g = gamma.m().row(0).array();
+  auto dg = dgamma.m().row(0);
+  Eigen::RowVectorXf dxhat(h);
+  for (Index r = 0; r < n; ++r) {
+    const float rs = rstd.data[r];
+    dg.array() += dym.row(r).array() * xm.row(r).array() * rs;
+    dxhat = (dym.row(r).array() * g).matrix();
+    // y = x·rs·g with rs = (mean x² + eps)^(−1/2): dx = rs·dxhat − x·rs³·mean(dxhat ⊙ x).
+    const float dot = (dxhat.array() * xm.row(r).array()).mean();
+    dxm.row(r) = (dxhat.array() * rs - xm.row(r).array() * (rs * rs * rs * dot)).matrix();
+  }
+}
+
+void gelu_forward(ConstMatRef x, MatRef y) {
+  check_shape(y, x.rows, x.cols, "gelu output");
+  const auto xa = x.m().array();
+  y.m().array() = 0.5f * xa * (1.0f + (kGeluC * (xa + kGeluA * xa.cube())).tanh());
+}
+
+void gelu_backward(ConstMatRef x, ConstMatRef dy, MatRef dx) {
+  check_shape(dy, x.rows, x.cols, "gelu output gradient");
+  check_shape(dx, x.rows, x.cols, "gelu input gradient");
+  const float* xp = x.data;
+  const float* dyp = dy.data;
+  float* dxp = dx.data;
+  const Index n = x.size();
+  for (Index i = 0; i < n; ++i) {
+    const float v = xp[i];
+    const float t = std::tanh(kGeluC * (v + kGeluA * v * v * v));
+    const float dt = (1.0f - t * t) * kGeluC * (1.0f + 3.0f * kGeluA * v * v);
+    dxp[i] = dyp[i] * (0.5f * (1.0f + t) + 0.5f * v * dt);
+  }
+}
+
+void swiglu_forward(ConstMatRef gate, ConstMatRef up, MatRef y) {
+  check_shape(up, gate.rows, gate.cols, "swiglu up");
+  check_shape(y, gate.rows, gate.cols, "swiglu output");
+  const auto g = gate.m().array();
+  y.m().array() = g / (1.0f + (-g).exp()) * up.m().array();
+}
+
+void swiglu_backward(ConstMatRef gate, ConstMatRef up, ConstMatRef dy, MatRef dgate, MatRef dup) {
+  check_shape(dy, gate.rows, gate.cols, "swiglu output gradient");
+  check_shape(dgate, gate.rows, gate.cols, "swiglu gate gradient");
+  check_shape(dup, gate.rows, gate.cols, "swiglu up gradient");
+  const Index n = gate.size();
+  for (Index i = 0; i < n; ++i) {
+    const float g = gate.data[i];
+    const float sig = 1.0f / (1.0f + std::exp(-g));
+    const float silu = g * sig;
+    dup.data[i] = dy.data[i] * silu;
+    dgate.data[i] = dy.data[i] * up.data[i] * (sig * (1.0f + g * (1.0f - sig)));
+  }
+}
+
+namespace {
+
+void rope_rotate(MatRef x, int head_dim, std::span<const std::int32_t> positions, float theta,
+                 float direction) {
+  PARALLAX_CHECK(head_dim % 2 == 0, "rotary embedding needs an even head dimension");
+  PARALLAX_CHECK(x.cols % head_dim == 0, "rotary input width is not a multiple of head_dim");
+  PARALLAX_CHECK(static_cast<Index>(positions.size()) == x.rows, "one position per row");
+  const int half = head_dim / 2;
+  const Index heads = x.cols / head_dim;
+  std::vector<float> inv_freq(static_cast<std::size_t>(half));
+  for (int i = 0; i < half; ++i) {
+    inv_freq[static_cast<std::size_t>(i)] =
+        std::pow(theta, -2.0f * static_cast<float>(i) / static_cast<float>(head_dim));
+  }
+  for (Index r = 0; r < x.rows; ++r) {
+    const float pos = static_cast<float>(positions[static_cast<std::size_t>(r)]);
+    float* row = x.data + r * x.cols;
+    for (int i = 0; i < half; ++i) {
+      const float angle = pos * inv_freq[static_cast<std::size_t>(i)];
+      const float c = std::cos(angle);
+      const float s = direction * std::sin(angle);
+      for (Index hd = 0; hd < heads; ++hd) {
+        float* a = row + hd * head_dim + i;
+        float* b = a + half;
+        const float a0 = *a;
+        const float b0 = *b;
+        *a = a0 * c - b0 * s;
+        *b = a0 * s + b0 * c;
+      }
+    }
+  }
+}
+
+} // namespace
+
+void rope_forward(MatRef x, int head_dim, std::span<const std::int32_t> positions, float theta) {
+  rope_rotate(x, head_dim, positions, theta, 1.0f);
+}
+
+void rope_backward(MatRef dx, int head_dim, std::span<const std::int32_t> positions,
+                   float theta) {
+  rope_rotate(dx, head_dim, positions, theta, -1.0f);
+}
+
+namespace {
+
+void check_attention(ConstMatRef q, ConstMatRef k, ConstMatRef v, const AttentionShape& s) {
+  PARALLAX_CHECK(s.kv_heads > 0 && s.heads % s.kv_heads == 0,
+                 "query heads must be a multiple of key/value heads");
+  check_shape(q, s.batch * s.seq, Index{s.heads} * s.head_dim, "attention q");
+  check_shape(k, s.batch * s.seq, Index{s.kv_heads} * s.head_dim, "attention k");
+  if (v) check_shape(v, s.batch * s.seq, Index{s.kv_heads} * s.head_dim, "attention v");
+}
+
+} // namespace
+
+void attention_probs(ConstMatRef q, ConstMatRef k, const AttentionShape& s, MatRef probs) {
+  check_attention(q, k, ConstMatRef{}, s);
+  check_shape(probs, s.batch * s.heads, s.seq * s.seq, "attention probabilities");
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const int group = s.heads / s.kv_heads;
+  const auto qm = q.m();
+  const auto km = k.m();
+  for (Index b = 0; b < s.batch; ++b) {
+    for (int h = 0; h < s.heads; ++h) {
+      const int kvh = h / group;
+      MatMap p(probs.data + (b * s.heads + h) * s.seq * s.seq, s.seq, s.seq);
+      p.noalias() = qm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim) *
+                    km.block(b * s.seq, Index{kvh} * s.head_dim, s.seq, s.head_dim).transpose();
+      for (Index i = 0; i < s.seq; ++i) {
+        auto row = p.row(i);
+        const float mx = row.head(i + 1).maxCoeff() * scale;
+        row.head(i + 1) = (row.head(i + 1).array() * scale - mx).exp().matrix();
+        row.head(i + 1) /= row.head(i + 1).sum();
+        row.tail(s.seq - i - 1).setZero();
+      }
+    }
+  }
+}
+
+void attention_forward(ConstMatRef q, ConstMatRef k, ConstMatRef v, const AttentionShape& s,
+                       MatRef probs, MatRef out) {
+  check_attention(q, k, v, s);
+  check_shape(out, s.batch * s.seq, Index{s.heads} * s.head_dim, "attention output");
+  attention_probs(q, k, s, probs);
+  const int group = s.heads / s.kv_heads;
+  const auto vm = v.m();
+  auto om = out.m();
+  for (Index b = 0; b < s.batch; ++b) {
+    for (int h = 0; h < s.heads; ++h) {
+      ConstMatMap p(probs.data + (b * s.heads + h) * s.seq * s.seq, s.seq, s.seq);
+      om.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim).noalias() =
+          p * vm.block(b * s.seq, Index{h / group} * s.head_dim, s.seq, s.head_dim);
+    }
+  }
+}
+
+void attention_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, ConstMatRef probs,
+                        ConstMatRef dout, const AttentionShape& s, MatRef dq, MatRef dk,
+                        MatRef dv) {
+  check_attention(q, k, v, s);
+  check_shape(probs, s.batch * s.heads, s.seq * s.seq, "attention probabilities");
+  check_shape(dout, q.rows, q.cols, "attention output gradient");
+  check_shape(dq, q.rows, q.cols, "attention q gradient");
+  check_shape(dk, k.rows, k.cols, "attention k gradient");
+  check_shape(dv, v.rows, v.cols, "attention v gradient");
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const int group = s.heads / s.kv_heads;
+  const auto qm = q.m();
+  const auto km = k.m();
+  const auto vm = v.m();
+  const auto dom = dout.m();
+  auto dqm = dq.m();
+  auto dkm = dk.m();
+  auto dvm = dv.m();
+  dkm.setZero();
+  dvm.setZero();
+  Mat dp(s.seq, s.seq);
+  for (Index b = 0; b < s.batch; ++b) {
+    for (int h = 0; h < s.heads; ++h) {
+      const Index kvh = h / group;
+      ConstMatMap p(probs.data + (b * s.heads + h) * s.seq * s.seq, s.seq, s.seq);
+      const auto d_o = dom.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim);
+      const auto vb = vm.block(b * s.seq, kvh * s.head_dim, s.seq, s.head_dim);
+      dvm.block(b * s.seq, kvh * s.head_dim, s.seq, s.head_dim).noalias() += p.transpose() * d_o;
+      dp.noalias() = d_o * vb.transpose();
+      // Softmax backward: dS = P ⊙ (dP − Σ_j P ⊙ dP), then the 1/√d scale.
+      const Eigen::VectorXf rowdot = (dp.array() * p.array()).rowwise().sum();
+      dp = (p.array() * (dp.array().colwise() - rowdot.array()) * scale).matrix();
+      dqm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim).noalias() =
+          dp * km.block(b * s.seq, kvh * s.head_dim, s.seq, s.head_dim);
+      dkm.block(b * s.seq, kvh * s.head_dim, s.seq, s.head_dim).noalias() +=
+          dp.transpose() * qm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim);
+    }
+  }
+}
+
+void embedding_forward(std::span<const std::int32_t> tokens, ConstMatRef table,
+                       std::int64_t vocab_begin, MatRef out) {
+  check_shape(out, static_cast<Index>(tokens.size()), table.cols, "embedding output");
+  const auto tm = table.m();
+  auto om = out.m();
+  for (Index r = 0; r < out.rows; ++r) {
+    const std::int64_t local = tokens[static_cast<std::size_t>(r)] - vocab_begin;
+    if (local >= 0 && local < table.rows) {
+      om.row(r) = tm.row(local);
+    } else {
+      om.row(r).setZero();
+    }
+  }
+}
+
+void embedding_backward(std::span<const std::int32_t> tokens, ConstMatRef dout,
+                        std::int64_t vocab_begin, MatRef dtable) {
+  check_shape(dout, static_cast<Index>(tokens.size()), dtable.cols, "embedding output gradient");
+  const auto dm = dout.m();
+  auto tm = dtable.m();
+  for (Index r = 0; r < dout.rows; ++r) {
+    const std::int64_t local = tokens[static_cast<std::size_t>(r)] - vocab_begin;
+    if (local >= 0 && local < dtable.rows) tm.row(local) += dm.row(r);
+  }
+}
+
+void row_max(ConstMatRef logits, MatRef max) {
+  check_shape(max, logits.rows, 1, "row max");
+  max.m().col(0) = logits.m().rowwise().maxCoeff();
+}
+
+void row_sum_exp(ConstMatRef logits, ConstMatRef max, MatRef sum) {
+  check_shape(max, logits.rows, 1, "row max");
+  check_shape(sum, logits.rows, 1, "row sum");
+  sum.m().col(0) =
+      (logits.m().array().colwise() - max.m().col(0).array()).exp().rowwise().sum().matrix();
+}
+
+void target_logits(ConstMatRef logits, std::span<const std::int32_t> targets,
+                   std::int64_t vocab_begin, MatRef out) {
+  check_shape(out, logits.rows, 1, "target logits");
+  PARALLAX_CHECK(static_cast<Index>(targets.size()) == logits.rows, "one target per row");
+  for (Index r = 0; r < logits.rows; ++r) {
+    const std::int64_t local = targets[static_cast<std::size_t>(r)] - vocab_begin;
+    out.data[r] = local >= 0 && local < logits.cols ? logits.data[r * logits.cols + local] : 0.0f;
+  }
+}
+
+void cross_entropy_backward(ConstMatRef logits, ConstMatRef max, ConstMatRef sum,
+                            std::span<const std::int32_t> targets, std::int64_t vocab_begin,
+                            float scale, MatRef dlogits) {
+  check_shape(dlogits, logits.rows, logits.cols, "logits gradient");
+  PARALLAX_CHECK(static_cast<Index>(targets.size()) == logits.rows, "one target per row");
+  auto dm = dlogits.m();
+  dm = ((logits.m().array().colwise() - max.m().col(0).array()).exp().colwise() /
+        sum.m().col(0).array()) *
+       scale;
+  for (Index r = 0; r < logits.rows; ++r) {
+    const std::int64_t local = targets[static_cast<std::size_t>(r)] - vocab_begin;
+    if (local >= 0 && local < logits.cols) dm(r, local) -= scale;
+  }
+}
+
+} // namespace parallax::ops
