@@ -14,11 +14,14 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <memory>
 #include <optional>
+#include <thread>
 #include <unistd.h>
 
 namespace parallax::cli {
@@ -93,6 +96,13 @@ Setup prepare(const TrainFlags& f, int world_size) {
   Setup s;
   s.model = ExecModel::from_config(*loaded.config, loaded.source);
   s.plan = plan_from_json(json_load_file(f.plan), f.plan);
+  if (s.plan.world_size() != world_size) {
+    throw InputError(f.plan, "/dp",
+                     fmt::format("dp·tp·pp equal to the number of processes ({})", world_size),
+                     fmt::format("{}·{}·{} = {}", s.plan.dp, s.plan.tp, s.plan.pp,
+                                 s.plan.world_size()),
+                     fmt::format("launch with mpirun -np {}", s.plan.world_size()));
+  }
   plan_validate(s.plan, loaded.graph, world_size, f.plan);
   Cluster cluster = cluster_load(f.cluster).with_devices(world_size);
   if (s.plan.stages.empty()) {
@@ -123,6 +133,28 @@ Setup prepare(const TrainFlags& f, int world_size) {
   return s;
 }
 
+// Fault injection for tests of the failure paths: PARALLAX_FAULT="kill:RANK:STEP" makes world
+// rank RANK kill itself with SIGKILL right after step STEP; "hang:RANK:STEP" makes it stop
+// communicating forever instead (its peers must time out).
+struct Fault {
+  bool hang = false;
+  int rank = -1;
+  std::int64_t step = -1;
+};
+
+std::optional<Fault> fault_from_environment() {
+  const char* spec = std::getenv("PARALLAX_FAULT");
+  if (spec == nullptr) return std::nullopt;
+  char kind[8] = {};
+  int rank = -1;
+  long long step = -1;
+  if (std::sscanf(spec, "%4[a-z]:%d:%lld", kind, &rank, &step) != 3 ||
+      (std::string(kind) != "kill" && std::string(kind) != "hang")) {
+    throw InputError("environment", "PARALLAX_FAULT", "kill:RANK:STEP or hang:RANK:STEP", spec);
+  }
+  return Fault{.hang = std::string(kind) == "hang", .rank = rank, .step = step};
+}
+
 int run_train(const TrainFlags& f) {
   MpiRuntime::init(nullptr, nullptr);
   const int rank = MpiRuntime::world_rank();
@@ -148,6 +180,7 @@ int run_train(const TrainFlags& f) {
   }
 
   const bool terminal = rank == 0 && isatty(fileno(stderr)) != 0;
+  const std::optional<Fault> fault = fault_from_environment();
   try {
     Trainer trainer(setup.model, setup.plan, setup.options, f.plan);
     if (setup.resume_from) {
@@ -189,6 +222,10 @@ int run_train(const TrainFlags& f) {
       if (!f.checkpoint_dir.empty() &&
           ((f.checkpoint_every > 0 && st.step % f.checkpoint_every == 0) || last)) {
         save();
+      }
+      if (fault && fault->rank == rank && fault->step == st.step) {
+        if (!fault->hang) std::raise(SIGKILL);
+        for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
       }
     }
     if (!f.trace.empty()) {
