@@ -266,7 +266,7 @@ void report(const TpContext& tp, const char* what, double start, const Tensor& t
 Tensor tp_gather(const TpContext& tp, Tensor x) {
   if (tp.size() == 1 || !tp.sequence_parallel) return x;
   const double start = steady_seconds();
-  Tensor full(x.rows() * tp.size(), x.cols());
+  Tensor full(x.rows() * tp.size(), x.cols(), Tensor::uninitialized);
   tp.comm->all_gather(x.span(), full.span());
   report(tp, "tp all-gather", start, full);
   return full;
@@ -281,14 +281,14 @@ Tensor tp_reduce(const TpContext& tp, Tensor x) {
     return x;
   }
   PARALLAX_CHECK(x.rows() % tp.size() == 0, "sequence parallel needs rows divisible by tp");
-  Tensor part(x.rows() / tp.size(), x.cols());
+  Tensor part(x.rows() / tp.size(), x.cols(), Tensor::uninitialized);
   tp.comm->reduce_scatter_sum(x.span(), part.span());
   report(tp, "tp reduce-scatter", start, x);
   return part;
 }
 
 Tensor copy_of(const Tensor& x) {
-  Tensor y(x.rows(), x.cols());
+  Tensor y(x.rows(), x.cols(), Tensor::uninitialized);
   std::copy(x.span().begin(), x.span().end(), y.span().begin());
   return y;
 }
@@ -299,7 +299,8 @@ struct NormOut {
 
 NormOut norm_forward(const ExecModel& m, const BlockBuffers& b, const std::string& prefix,
                      const Tensor& x) {
-  NormOut o{Tensor(x.rows(), x.cols()), Tensor(x.rows(), 1), Tensor(x.rows(), 1)};
+  NormOut o{Tensor(x.rows(), x.cols(), Tensor::uninitialized), Tensor(x.rows(), 1, Tensor::uninitialized),
+            Tensor(x.rows(), 1, Tensor::uninitialized)};
   if (m.rmsnorm()) {
     ops::rmsnorm_forward(x, b.p(prefix + ".gamma"), o.y, o.rstd, m.norm_eps);
   } else {
@@ -313,7 +314,7 @@ NormOut norm_forward(const ExecModel& m, const BlockBuffers& b, const std::strin
 void norm_backward(const ExecModel& m, const BlockBuffers& b, const std::string& prefix,
                    const Tensor& x, const Tensor& mean, const Tensor& rstd, const Tensor& dy,
                    Tensor& dx, bool accumulate) {
-  Tensor tmp(x.rows(), x.cols());
+  Tensor tmp(x.rows(), x.cols(), Tensor::uninitialized);
   if (m.rmsnorm()) {
     ops::rmsnorm_backward(x, b.p(prefix + ".gamma"), rstd, dy, tmp, b.g(prefix + ".gamma"));
   } else {
@@ -371,9 +372,9 @@ Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext&
   t[kLn1Mean] = std::move(ln1.mean);
   t[kLn1Rstd] = std::move(ln1.rstd);
   t[kLn1Full] = tp_gather(tp, std::move(ln1.y));
-  t[kQ] = Tensor(n, shape.heads * d);
-  t[kK] = Tensor(n, shape.kv_heads * d);
-  t[kV] = Tensor(n, shape.kv_heads * d);
+  t[kQ] = Tensor(n, shape.heads * d, Tensor::uninitialized);
+  t[kK] = Tensor(n, shape.kv_heads * d, Tensor::uninitialized);
+  t[kV] = Tensor(n, shape.kv_heads * d, Tensor::uninitialized);
   ops::linear_forward(t[kLn1Full], b.p("attn.wq"), opt_p(m, b, "attn.bq"), t[kQ]);
   ops::linear_forward(t[kLn1Full], b.p("attn.wk"), opt_p(m, b, "attn.bk"), t[kK]);
   ops::linear_forward(t[kLn1Full], b.p("attn.wv"), opt_p(m, b, "attn.bv"), t[kV]);
@@ -382,15 +383,15 @@ Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext&
     ops::rope_forward(t[kQ], static_cast<int>(d), pos, m.rope_theta);
     ops::rope_forward(t[kK], static_cast<int>(d), pos, m.rope_theta);
   }
-  t[kProbs] = Tensor(mb.batch * shape.heads, mb.seq * mb.seq);
-  t[kAtt] = Tensor(n, shape.heads * d);
+  t[kProbs] = Tensor(mb.batch * shape.heads, mb.seq * mb.seq, Tensor::uninitialized);
+  t[kAtt] = Tensor(n, shape.heads * d, Tensor::uninitialized);
   ops::attention_forward(t[kQ], t[kK], t[kV], shape, t[kProbs], t[kAtt]);
   if (keep != KeepMode::all) t[kProbs].release();
-  Tensor o(n, m.config.hidden_size);
+  Tensor o(n, m.config.hidden_size, Tensor::uninitialized);
   ops::linear_forward(t[kAtt], b.p("attn.wo"), ConstMatRef{}, o);
   o = tp_reduce(tp, std::move(o));
   if (m.config.bias) o.m().rowwise() += b.p("attn.bo").m().row(0);
-  t[kX1] = Tensor(x.rows(), x.cols());
+  t[kX1] = Tensor(x.rows(), x.cols(), Tensor::uninitialized);
   t[kX1].m() = x.m() + o.m();
   o.release();
 
@@ -400,10 +401,10 @@ Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext&
   t[kLn2Rstd] = std::move(ln2.rstd);
   t[kLn2Full] = tp_gather(tp, std::move(ln2.y));
   const Index f = m.config.ffn_hidden_size / tp.size();
-  t[kU] = Tensor(n, f);
-  t[kAct] = Tensor(n, f);
+  t[kU] = Tensor(n, f, Tensor::uninitialized);
+  t[kAct] = Tensor(n, f, Tensor::uninitialized);
   if (m.llama()) {
-    t[kUp] = Tensor(n, f);
+    t[kUp] = Tensor(n, f, Tensor::uninitialized);
     ops::linear_forward(t[kLn2Full], b.p("mlp.wg"), ConstMatRef{}, t[kU]);
     ops::linear_forward(t[kLn2Full], b.p("mlp.wu"), ConstMatRef{}, t[kUp]);
     ops::swiglu_forward(t[kU], t[kUp], t[kAct]);
@@ -411,11 +412,11 @@ Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext&
     ops::linear_forward(t[kLn2Full], b.p("mlp.w1"), opt_p(m, b, "mlp.b1"), t[kU]);
     ops::gelu_forward(t[kU], t[kAct]);
   }
-  Tensor dn(n, m.config.hidden_size);
+  Tensor dn(n, m.config.hidden_size, Tensor::uninitialized);
   ops::linear_forward(t[kAct], b.p("mlp.w2"), ConstMatRef{}, dn);
   dn = tp_reduce(tp, std::move(dn));
   if (m.config.bias) dn.m().rowwise() += b.p("mlp.b2").m().row(0);
-  Tensor y(x.rows(), x.cols());
+  Tensor y(x.rows(), x.cols(), Tensor::uninitialized);
   y.m() = t[kX1].m() + dn.m();
 
   if (keep == KeepMode::input_only) {
@@ -447,19 +448,19 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
   // MLP sub-layer.
   if (m.config.bias) b.g("mlp.b2").m().row(0) += dy.m().colwise().sum();
   const Tensor dd_full = tp_gather(tp, copy_of(dy));
-  Tensor dact(n, t[kAct].cols());
+  Tensor dact(n, t[kAct].cols(), Tensor::uninitialized);
   ops::linear_backward(t[kAct], b.p("mlp.w2"), dd_full, dact, b.g("mlp.w2"), MatRef{});
   t[kAct].release();
-  Tensor dln2_full(n, m.config.hidden_size);
+  Tensor dln2_full(n, m.config.hidden_size, Tensor::uninitialized);
   if (m.llama()) {
-    Tensor dgate(n, t[kU].cols());
-    Tensor dup(n, t[kU].cols());
+    Tensor dgate(n, t[kU].cols(), Tensor::uninitialized);
+    Tensor dup(n, t[kU].cols(), Tensor::uninitialized);
     ops::swiglu_backward(t[kU], t[kUp], dact, dgate, dup);
     ops::linear_backward(t[kLn2Full], b.p("mlp.wg"), dgate, dln2_full, b.g("mlp.wg"), MatRef{});
     ops::linear_backward(t[kLn2Full], b.p("mlp.wu"), dup, dln2_full, b.g("mlp.wu"), MatRef{},
                          true);
   } else {
-    Tensor du(n, t[kU].cols());
+    Tensor du(n, t[kU].cols(), Tensor::uninitialized);
     ops::gelu_backward(t[kU], dact, du);
     ops::linear_backward(t[kLn2Full], b.p("mlp.w1"), du, dln2_full, b.g("mlp.w1"),
                          opt_g(m, b, "mlp.b1"));
@@ -475,17 +476,17 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
   // Attention sub-layer.
   if (m.config.bias) b.g("attn.bo").m().row(0) += dx1.m().colwise().sum();
   const Tensor do_full = tp_gather(tp, copy_of(dx1));
-  Tensor datt(n, t[kAtt].cols());
+  Tensor datt(n, t[kAtt].cols(), Tensor::uninitialized);
   ops::linear_backward(t[kAtt], b.p("attn.wo"), do_full, datt, b.g("attn.wo"), MatRef{});
   t[kAtt].release();
   if (t[kProbs].empty()) {
     // Selective recomputation: the attention probabilities come back from q and k.
-    t[kProbs] = Tensor(mb.batch * shape.heads, mb.seq * mb.seq);
+    t[kProbs] = Tensor(mb.batch * shape.heads, mb.seq * mb.seq, Tensor::uninitialized);
     ops::attention_probs(t[kQ], t[kK], shape, t[kProbs]);
   }
-  Tensor dq(n, t[kQ].cols());
-  Tensor dk(n, t[kK].cols());
-  Tensor dv(n, t[kV].cols());
+  Tensor dq(n, t[kQ].cols(), Tensor::uninitialized);
+  Tensor dk(n, t[kK].cols(), Tensor::uninitialized);
+  Tensor dv(n, t[kV].cols(), Tensor::uninitialized);
   ops::attention_backward(t[kQ], t[kK], t[kV], t[kProbs], datt, shape, dq, dk, dv);
   t[kProbs].release();
   if (m.rope()) {
@@ -493,7 +494,7 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
     ops::rope_backward(dq, shape.head_dim, pos, m.rope_theta);
     ops::rope_backward(dk, shape.head_dim, pos, m.rope_theta);
   }
-  Tensor dln1_full(n, m.config.hidden_size);
+  Tensor dln1_full(n, m.config.hidden_size, Tensor::uninitialized);
   ops::linear_backward(t[kLn1Full], b.p("attn.wq"), dq, dln1_full, b.g("attn.wq"),
                        opt_g(m, b, "attn.bq"));
   ops::linear_backward(t[kLn1Full], b.p("attn.wk"), dk, dln1_full, b.g("attn.wk"),
@@ -510,7 +511,7 @@ Tensor embedding_forward(const ExecModel& m, const BlockBuffers& emb,
                          const BlockBuffers* positions, const TpContext& tp,
                          const MicroBatch& mb) {
   const ParamInfo& wte = emb.layout->param("wte");
-  Tensor e(mb.batch * mb.seq, m.config.hidden_size);
+  Tensor e(mb.batch * mb.seq, m.config.hidden_size, Tensor::uninitialized);
   ops::embedding_forward(mb.inputs, emb.p("wte"), wte.row0, e);
   e = tp_reduce(tp, std::move(e));
   if (positions != nullptr) {
@@ -548,7 +549,7 @@ double head_forward(const ExecModel& m, const BlockBuffers& norm, const BlockBuf
   const Index n = t[kHFull].rows();
   const bool tied = m.config.tied_embeddings;
   const ConstMatRef w = head.p(tied ? "wte" : "w");
-  t[kHLogits] = Tensor(n, tied ? w.rows : w.cols);
+  t[kHLogits] = Tensor(n, tied ? w.rows : w.cols, Tensor::uninitialized);
   if (tied) {
     t[kHLogits].m().noalias() = t[kHFull].m() * w.m().transpose();
   } else {
@@ -590,11 +591,11 @@ Tensor head_backward(const ExecModel& m, const BlockBuffers& norm, const BlockBu
   const bool tied = m.config.tied_embeddings;
   const std::int64_t vocab_begin = tied ? head.layout->param("wte").row0
                                         : head.layout->param("w").col0;
-  Tensor dlogits(t[kHLogits].rows(), t[kHLogits].cols());
+  Tensor dlogits(t[kHLogits].rows(), t[kHLogits].cols(), Tensor::uninitialized);
   ops::cross_entropy_backward(t[kHLogits], t[kHMax], t[kHSum], mb.targets, vocab_begin,
                               loss_scale, dlogits);
   t[kHLogits].release();
-  Tensor dfull(t[kHFull].rows(), t[kHFull].cols());
+  Tensor dfull(t[kHFull].rows(), t[kHFull].cols(), Tensor::uninitialized);
   if (tied) {
     const ConstMatRef w = head.p("wte");
     dfull.m().noalias() = dlogits.m() * w.m();

@@ -7,6 +7,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <limits>
+#include <malloc.h>
 #include <cmath>
 #include <map>
 #include <numbers>
@@ -517,6 +519,11 @@ struct Trainer::Impl {
 Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& options,
                  const std::string& plan_source)
     : impl_(std::make_unique<Impl>()) {
+  // Activations are allocated and freed every micro-batch: keep freed memory in the heap
+  // instead of returning it to the kernel (glibc would mmap each large tensor and fault its
+  // pages in again every time).
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
   Impl& s = *impl_;
   s.model = model;
   s.plan = plan;

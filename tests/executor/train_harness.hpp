@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <ostream>
 #include <string>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -97,6 +98,9 @@ inline std::string case_name(const Case& c) {
                      c.micro);
 }
 
+// gtest prints parameters in test names and failure messages with this.
+inline void PrintTo(const Case& c, std::ostream* os) { *os << case_name(c); }
+
 constexpr int kGlobalBatch = 16;
 constexpr int kSteps = 5;
 
@@ -127,7 +131,7 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
   return file;
 }
 
-// Trains case `c` with seed 7, peak lr 3e-3, 2 warm-up steps and a 20-step cosine, logging and
+// Trains case `c` with seed 7, peak lr 1e-3, 2 warm-up steps and a 20-step cosine, logging and
 // checkpointing into the run directory.
 inline TrainRun train(const Case& c, const TrainArgs& a = {}) {
   const fs::path dir = work_dir() / (a.dir.empty() ? case_name(c) : a.dir);
@@ -136,7 +140,7 @@ inline TrainRun train(const Case& c, const TrainArgs& a = {}) {
   const fs::path plan = write_plan(c, dir / fmt::format("plan-{}.json", case_name(c)));
   const int np = c.dp * c.tp * c.pp;
   const Result r = shell(fmt::format(
-      "{} {}{} train --model {} --plan {} --steps {} --seed 7 --lr 3e-3 --warmup-steps 2 "
+      "{} {}{} train --model {} --plan {} --steps {} --seed 7 --lr 1e-3 --warmup-steps 2 "
       "--decay-steps 20 --checkpoint-dir {} --log {} --comm-timeout {} {}",
       a.env, np > 1 ? mpirun(np) : "", PARALLAX_BINARY, model_file(c.family).string(),
       plan.string(), a.steps, (dir / "ckpt").string(), (dir / "log.jsonl").string(), a.comm_timeout_s, a.extra));

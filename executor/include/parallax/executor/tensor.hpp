@@ -11,7 +11,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <span>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace parallax {
@@ -33,14 +36,28 @@ struct TrackingAllocator {
   TrackingAllocator() = default;
   template <class U>
   TrackingAllocator(const TrackingAllocator<U>&) noexcept {}
+  // 64-byte (cache line, AVX-512) alignment for every buffer: Eigen's vectorised reductions
+  // start with a scalar prologue up to the first aligned element, so a fixed alignment keeps
+  // their summation order — and the run's results — the same from run to run.
+  static constexpr std::align_val_t kAlignment{64};
   T* allocate(std::size_t n) {
-    T* p = std::allocator<T>{}.allocate(n);
+    T* p = static_cast<T*>(::operator new(n * sizeof(T), kAlignment));
     MemoryTracker::allocated(static_cast<std::int64_t>(n * sizeof(T)));
     return p;
   }
   void deallocate(T* p, std::size_t n) noexcept {
     MemoryTracker::freed(static_cast<std::int64_t>(n * sizeof(T)));
-    std::allocator<T>{}.deallocate(p, n);
+    ::operator delete(p, n * sizeof(T), kAlignment);
+  }
+  // Default-initialise (leave floats uninitialised) when no value is given: Buffer(n) is
+  // uninitialised, Buffer(n, 0.0f) zeroed. Outputs that an op overwrites skip a memset.
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
   }
   template <class U>
   bool operator==(const TrackingAllocator<U>&) const noexcept { return true; }
@@ -77,12 +94,17 @@ struct ConstMatRef {
   std::span<const float> span() const { return {data, static_cast<std::size_t>(size())}; }
 };
 
-// An owning, zero-initialised, tracked matrix.
+// An owning, tracked matrix: zero-initialised, or uninitialised for outputs an op overwrites.
 class Tensor {
 public:
+  struct Uninitialized {};
+  static constexpr Uninitialized uninitialized{};
+
   Tensor() = default;
   Tensor(Eigen::Index rows, Eigen::Index cols)
       : rows_(rows), cols_(cols), data_(static_cast<std::size_t>(rows * cols), 0.0f) {}
+  Tensor(Eigen::Index rows, Eigen::Index cols, Uninitialized)
+      : rows_(rows), cols_(cols), data_(static_cast<std::size_t>(rows * cols)) {}
 
   Eigen::Index rows() const { return rows_; }
   Eigen::Index cols() const { return cols_; }
