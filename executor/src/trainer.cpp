@@ -32,9 +32,14 @@ struct Block {
   CommRequest pending;        // in-flight gradient all-reduce or reduce-scatter
   Buffer rs_out;              // reduce-scatter destination while pending
   bool rs_pending = false;
+  // The LM head's tied embedding when the embedding lives on the same rank: no storage of its
+  // own, it reads and writes the embedding block's buffers.
+  Block* alias = nullptr;
 
   BlockBuffers buffers() const {
-    return {.layout = &layout, .params = params.data(), .grads = const_cast<float*>(grads.data())};
+    const Block& s = alias ? *alias : *this;
+    return {.layout = &layout, .params = s.params.data(),
+            .grads = const_cast<float*>(s.grads.data())};
   }
   // Reduced gradients of the owned slice (valid after the step's reduction).
   float* owned_grads(int zero) { return zero >= 2 ? grad_shard.data() : grads.data() + own_begin; }
@@ -137,8 +142,11 @@ struct Trainer::Impl {
 
   // ---- parameters and ZeRO ----
 
-  void gather_params(Block& b) {
+  static Block& storage(Block& b) { return b.alias ? *b.alias : b; }
+
+  void gather_params(Block& blk) {
     if (plan.zero_stage != 3) return;
+    Block& b = storage(blk);
     const double s = steady_seconds();
     b.params = zeros(b.layout.padded);
     if (dp_comm->size() == 1) {
@@ -150,7 +158,7 @@ struct Trainer::Impl {
            s, steady_seconds(), 0, static_cast<double>(b.layout.padded) * sizeof(float));
   }
   void release_params(Block& b) {
-    if (plan.zero_stage == 3) Buffer().swap(b.params);
+    if (plan.zero_stage == 3) Buffer().swap(storage(b).params);
   }
 
   void finish_reduce_scatter(Block& b) {
@@ -166,14 +174,27 @@ struct Trainer::Impl {
   }
 
   // Before a block's backward: make sure its gradient buffer exists and is free.
-  void prepare_grads(Block& b) {
+  void prepare_grads(Block& blk) {
     if (plan.zero_stage < 2) return;
+    Block& b = storage(blk);
     finish_reduce_scatter(b);
     b.grads = zeros(b.layout.padded);
   }
 
+  // The embedding shares its gradient buffer with a tied head on this rank: the head's backward,
+  // earlier in the same micro-batch, already prepared it.
+  bool shared_with_head(const Block& emb) const {
+    for (const Chunk& c : chunks) {
+      for (const Block& b : c.blocks) {
+        if (b.alias == &emb) return true;
+      }
+    }
+    return false;
+  }
+
   // After a block's backward of micro-batch `k`: launch its data-parallel reduction when due.
   void after_backward(Block& b, std::int64_t k) {
+    if (b.alias) return; // reduced with the embedding, whose backward comes later
     const int dp = plan.dp;
     if (plan.zero_stage >= 2) {
       if (dp == 1) {
@@ -335,7 +356,7 @@ struct Trainer::Impl {
       Block& emb = ch.blocks[0];
       Block* pos = first_layer == 2 ? &ch.blocks[1] : nullptr;
       gather_params(emb);
-      prepare_grads(emb);
+      if (!shared_with_head(emb)) prepare_grads(emb);
       if (pos) {
         gather_params(*pos);
         prepare_grads(*pos);
@@ -398,6 +419,7 @@ struct Trainer::Impl {
   void reduce_gradients() {
     for (Chunk& c : chunks) {
       for (Block& b : c.blocks) {
+        if (b.alias) continue;
         if (plan.zero_stage >= 2) {
           finish_reduce_scatter(b);
         } else if (b.pending.pending()) {
@@ -414,7 +436,9 @@ struct Trainer::Impl {
       Block* emb = find_block(BlockKind::embedding);
       Block* head = find_block(BlockKind::head);
       const int z = plan.zero_stage;
-      if (emb && head) {
+      if (head && head->alias) {
+        // One buffer on this rank: the gradients already met.
+      } else if (emb && head) {
         float* a = emb->owned_grads(z);
         float* h = head->owned_grads(z);
         for (std::int64_t i = 0; i < emb->own_size; ++i) a[i] = h[i] = a[i] + h[i];
@@ -429,6 +453,7 @@ struct Trainer::Impl {
       std::vector<float> packed;
       for (Chunk& c : chunks) {
         for (Block& b : c.blocks) {
+          if (b.alias) continue;
           float* g = b.owned_grads(plan.zero_stage) - b.own_begin;
           for_owned(b, [&](const ParamInfo& p, std::int64_t s, std::int64_t e) {
             if (p.sp_partial) packed.insert(packed.end(), g + s, g + e);
@@ -439,6 +464,7 @@ struct Trainer::Impl {
       std::size_t at = 0;
       for (Chunk& c : chunks) {
         for (Block& b : c.blocks) {
+          if (b.alias) continue;
           float* g = b.owned_grads(plan.zero_stage) - b.own_begin;
           for_owned(b, [&](const ParamInfo& p, std::int64_t s, std::int64_t e) {
             if (!p.sp_partial) return;
@@ -458,6 +484,7 @@ struct Trainer::Impl {
     if (count_dp) {
       for (Chunk& c : chunks) {
         for (Block& b : c.blocks) {
+          if (b.alias) continue;
           const float* g = b.owned_grads(plan.zero_stage) - b.own_begin;
           for_owned(b, [&](const ParamInfo& p, std::int64_t s, std::int64_t e) {
             if (p.tied_copy || (p.split == ShardDim::none && me.tp != 0)) return;
@@ -479,6 +506,7 @@ struct Trainer::Impl {
     const float b2 = static_cast<float>(opt.beta2);
     for (Chunk& c : chunks) {
       for (Block& b : c.blocks) {
+        if (b.alias) continue;
         float* g = b.owned_grads(plan.zero_stage) - b.own_begin;
         float* p = b.owned_params(plan.zero_stage) - b.own_begin;
         float* m1 = b.exp_avg.data() - b.own_begin;
@@ -503,6 +531,7 @@ struct Trainer::Impl {
     if (plan.zero_stage == 0 || plan.zero_stage == 3 || plan.dp == 1) return;
     for (Chunk& c : chunks) {
       for (Block& b : c.blocks) {
+        if (b.alias) continue;
         const double s = steady_seconds();
         const std::span<float> all = span_of(b.params);
         dp_comm->all_gather(all.subspan(static_cast<std::size_t>(b.own_begin),
@@ -591,6 +620,17 @@ Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& o
       ch.blocks.push_back(std::move(b));
     }
     s.chunks.push_back(std::move(ch));
+  }
+  if (c.tied_embeddings) {
+    Block* emb = s.find_block(BlockKind::embedding);
+    Block* head = s.find_block(BlockKind::head);
+    if (emb && head) {
+      head->alias = emb;
+      for (Buffer* buf : {&head->params, &head->param_shard, &head->grads, &head->grad_shard,
+                          &head->exp_avg, &head->exp_avg_sq}) {
+        Buffer().swap(*buf);
+      }
+    }
   }
 }
 
@@ -703,6 +743,10 @@ Checkpoint Trainer::checkpoint() {
     auto& fc = flats.emplace_back();
     for (Block& b : c.blocks) {
       Flat f{zeros(b.layout.padded), zeros(b.layout.padded), zeros(b.layout.padded)};
+      if (b.alias) { // nothing of its own to save (its one tensor is saved with the embedding)
+        fc.push_back(std::move(f));
+        continue;
+      }
       const auto own = [&](Buffer& dst, const float* src) {
         std::copy(src, src + b.own_size, dst.begin() + b.own_begin);
         if (z > 0 && s.plan.dp > 1) {
@@ -815,6 +859,7 @@ void Trainer::restore(const Checkpoint& ck, const std::string& source) {
   const int z = s.plan.zero_stage;
   for (Chunk& c : s.chunks) {
     for (Block& b : c.blocks) {
+      if (b.alias) continue;
       Buffer p = zeros(b.layout.padded), m1 = zeros(b.layout.padded), m2 = zeros(b.layout.padded);
       for (const ParamInfo& info : b.layout.params) {
         const CheckpointTensor& t = *by_name.at(info.name);
