@@ -77,8 +77,6 @@ def run(rank, a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
     if a.ranks > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         dist.init_process_group("gloo", rank=rank, world_size=a.ranks)
     model = Gpt(a)
     if a.ranks > 1:
@@ -126,6 +124,9 @@ def main():
     if a.ranks == 1:
         run(0, a)
     else:
+        # Chosen once here, inherited by every spawned rank.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         mp.spawn(run, args=(a,), nprocs=a.ranks, join=True)
 
 

@@ -144,6 +144,13 @@ public:
     mpi_check(MPI_Ibcast(data.data(), count_of(data.size()), MPI_FLOAT, root, comm_, &r), "Ibcast");
     return wrap(r, "broadcast", data.size());
   }
+  CommRequest ireduce_sum(std::span<float> data, int root) override {
+    MPI_Request r{};
+    mpi_check(MPI_Ireduce(rank_ == root ? MPI_IN_PLACE : data.data(), data.data(),
+                          count_of(data.size()), MPI_FLOAT, MPI_SUM, root, comm_, &r),
+              "Ireduce");
+    return wrap(r, "reduce(sum)", data.size());
+  }
   CommRequest isend(std::span<const float> data, int dest, int tag) override {
     MPI_Request r{};
     mpi_check(MPI_Isend(data.data(), count_of(data.size()), MPI_FLOAT, dest, tag, comm_, &r),

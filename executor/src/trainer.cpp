@@ -206,7 +206,10 @@ struct Trainer::Impl {
       b.pending = dp_comm->ireduce_scatter_sum(b.grads, span_of(b.rs_out));
       b.rs_pending = true;
     } else if (dp > 1 && k == m - 1) {
-      b.pending = dp_comm->iall_reduce_sum(span_of(b.grads)); // bucket launched as ready
+      // The bucket is launched as soon as it is ready; a parameter server (data-parallel rank
+      // 0) receives the sum and alone runs the optimizer.
+      b.pending = parameter_server() ? dp_comm->ireduce_sum(span_of(b.grads), 0)
+                                     : dp_comm->iall_reduce_sum(span_of(b.grads));
     }
   }
 
@@ -498,7 +501,10 @@ struct Trainer::Impl {
     return std::sqrt(v[0]);
   }
 
+  bool parameter_server() const { return plan.grad_sync == GradSync::parameter_server; }
+
   void adamw(double lr, double clip_coef) {
+    if (parameter_server() && me.dp != 0) return; // the server updates, the others receive
     const std::int64_t t = step_count + 1;
     const double bc1 = 1.0 - std::pow(opt.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(opt.beta2, static_cast<double>(t));
@@ -528,6 +534,19 @@ struct Trainer::Impl {
   }
 
   void publish_params() {
+    if (parameter_server() && plan.dp > 1) {
+      for (Chunk& c : chunks) {
+        for (Block& b : c.blocks) {
+          if (b.alias) continue;
+          const double s = steady_seconds();
+          dp_comm->broadcast(span_of(b.params), 0);
+          record(Stream::dp_comm, Category::dp_comm, "parameter broadcast " + b.layout.name,
+                 b.layout.unit, -1, s, steady_seconds(), 0,
+                 static_cast<double>(b.params.size()) * sizeof(float));
+        }
+      }
+      return;
+    }
     if (plan.zero_stage == 0 || plan.zero_stage == 3 || plan.dp == 1) return;
     for (Chunk& c : chunks) {
       for (Block& b : c.blocks) {
@@ -579,6 +598,12 @@ Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& o
                      fmt::format("a divisor of vocab_size {} and ffn_hidden_size {}",
                                  c.vocab_size, c.ffn_hidden_size),
                      std::to_string(plan.tp));
+  }
+  if (plan.grad_sync == GradSync::parameter_server && plan.zero_stage != 0) {
+    throw InputError(plan_source, "/grad_sync",
+                     "\"allreduce\", \"tree\" or \"hierarchical\" with ZeRO (a parameter server "
+                     "holds the whole optimizer state)",
+                     "\"parameter_server\" with zero_stage " + std::to_string(plan.zero_stage));
   }
   s.me = rank_coords(plan, s.rank);
   s.m = plan.num_microbatches();

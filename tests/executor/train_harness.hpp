@@ -89,13 +89,14 @@ struct Case {
   std::string recompute = "none";
   bool sp = false;
   int micro = 2;
+  std::string sync = "allreduce";
 };
 
 inline std::string case_name(const Case& c) {
-  return fmt::format("{}_d{}t{}p{}_z{}_{}{}_{}{}_mb{}", c.family, c.dp, c.tp, c.pp, c.zero,
+  return fmt::format("{}_d{}t{}p{}_z{}_{}{}_{}{}_mb{}{}", c.family, c.dp, c.tp, c.pp, c.zero,
                      c.schedule == "1f1b" ? "onefoneb" : c.schedule,
                      c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "",
-                     c.micro);
+                     c.micro, c.sync == "allreduce" ? "" : "_" + c.sync);
 }
 
 // gtest prints parameters in test names and failure messages with this.
@@ -126,7 +127,7 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
                      {"micro_batch_size", c.micro}, {"global_batch_size", kGlobalBatch},
                      {"schedule", c.schedule}, {"virtual_stages", c.v},
                      {"recompute", c.recompute}, {"sequence_parallel", c.sp},
-                     {"precision", "fp32"}};
+                     {"precision", "fp32"}, {"grad_sync", c.sync}};
   parallax::json_write_file(file, plan);
   return file;
 }

@@ -90,6 +90,9 @@ std::vector<Case> equivalence_cases() {
     if (family == "gpt") cases.push_back({.family = family, .tp = 4, .sp = true});
     cases.push_back({.family = family, .tp = 2, .pp = 2, .schedule = "interleaved", .v = 2,
                      .recompute = "full", .sp = true});
+    // Parameter-server gradient sync (data-parallel rank 0 reduces, updates and broadcasts).
+    cases.push_back({.family = family, .dp = 4, .sync = "parameter_server"});
+    cases.push_back({.family = family, .dp = 2, .tp = 2, .pp = 2, .sync = "parameter_server"});
     // Gradient accumulation over many micro-batches vs one big batch.
     cases.push_back({.family = family, .micro = 1});
   }

@@ -63,6 +63,8 @@ public:
   // rank() of out (in-place all-gather).
   virtual CommRequest iall_gather(std::span<const float> in, std::span<float> out) = 0;
   virtual CommRequest ibroadcast(std::span<float> data, int root) = 0;
+  // Element-wise sum over the group into `root`'s data (in place there; others' data unchanged).
+  virtual CommRequest ireduce_sum(std::span<float> data, int root) = 0;
   virtual CommRequest isend(std::span<const float> data, int dest, int tag) = 0;
   virtual CommRequest irecv(std::span<float> data, int source, int tag) = 0;
   virtual CommRequest ibarrier() = 0;
