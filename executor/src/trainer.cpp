@@ -10,6 +10,7 @@
 #include <limits>
 #include <malloc.h>
 #include <cmath>
+#include <deque>
 #include <map>
 #include <numbers>
 
@@ -90,6 +91,10 @@ struct Trainer::Impl {
   std::vector<std::vector<Tensor>> stash; // outputs kept alive while their sends are in flight
   std::vector<CommRequest> sends;
   std::map<int, Tensor> mailbox; // same-rank "sends" (pp = 1 with several chunks)
+  // ZeRO-2/3: blocks whose gradient reduce-scatter is in flight, oldest first. At most
+  // kReduceScatterWindow full-size gradient buffers are alive at once.
+  static constexpr std::size_t kReduceScatterWindow = 2;
+  std::deque<Block*> scattering;
   double loss_sum = 0;
 
   TpContext tp() {
@@ -163,6 +168,7 @@ struct Trainer::Impl {
 
   void finish_reduce_scatter(Block& b) {
     if (!b.rs_pending) return;
+    scattering.erase(std::find(scattering.begin(), scattering.end(), &b));
     const double s = steady_seconds();
     b.pending.wait();
     record(Stream::dp_comm, Category::dp_comm, "reduce-scatter wait " + b.layout.name,
@@ -205,6 +211,10 @@ struct Trainer::Impl {
       b.rs_out = zeros(b.own_size);
       b.pending = dp_comm->ireduce_scatter_sum(b.grads, span_of(b.rs_out));
       b.rs_pending = true;
+      scattering.push_back(&b);
+      while (scattering.size() > kReduceScatterWindow) {
+        finish_reduce_scatter(*scattering.front());
+      }
     } else if (dp > 1 && k == m - 1) {
       // The bucket is launched as soon as it is ready; a parameter server (data-parallel rank
       // 0) receives the sum and alone runs the optimizer.

@@ -120,10 +120,9 @@ MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
   m.grads = r.params * w_bytes / (p.zero_stage >= 2 ? d : 1);
   m.optimizer = r.params * (mixed ? 12.0 : 8.0) / (p.zero_stage >= 1 ? d : 1);
   m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.act_working;
+  // Gradient buckets are views of the flat gradient buffer, reduced in place (Megatron-LM's
+  // contiguous buffer, Parallax's executor): no extra bucket memory.
   double buffers = MemoryModelConstants::kFragmentation * m.activations;
-  if (p.dp > 1 && p.zero_stage < 3) {
-    buffers += std::min(2 * MemoryModelConstants::kGradBucketBytes, r.params * w_bytes);
-  }
   if (p.dp > 1 && p.zero_stage == 3) {
     buffers += 2 * r.max_layer_params * w_bytes; // gathered layer in use + the one prefetched
   }

@@ -24,7 +24,7 @@ namespace parallax {
 
 // Documented constants of the memory model.
 struct MemoryModelConstants {
-  static constexpr double kGradBucketBytes = 50e6;   // DP gradient bucket (two in flight)
+  static constexpr double kGradBucketBytes = 50e6;   // DP gradient bucket (overlap granularity)
   static constexpr double kFragmentation = 0.08;     // allocator slack over activations
   static constexpr double kGpuReservedBytes = 1.0 * (1 << 30); // CUDA context, workspaces, NCCL
 };
