@@ -2,6 +2,8 @@
 // that runs it. main.cpp maps InputError to exit code 2 and a one-line message.
 #pragma once
 
+#include "parallax/core/plan.hpp"
+
 #include <CLI/CLI.hpp>
 
 #include <functional>
@@ -15,5 +17,10 @@ Run register_clusters(CLI::App& app);
 Run register_plan(CLI::App& app);
 Run register_simulate(CLI::App& app);
 Run register_train(CLI::App& app);
+Run register_calibrate(CLI::App& app);
+Run register_compare(CLI::App& app);
+
+// "dp2 tp2 pp1 z1 B4 1f1b rc=none sp=off fp32": a plan in one line, for tables.
+std::string plan_label(const Plan& plan);
 
 } // namespace parallax::cli

@@ -77,16 +77,6 @@ PlanPins pins_from(const PlanFlags& f) {
 
 std::string gib(double bytes) { return fmt::format("{:.1f}", bytes / (1 << 30)); }
 
-std::string plan_label(const Plan& p) {
-  std::string sched = std::string(schedule_name(p.schedule));
-  if (p.schedule == Schedule::interleaved) {
-    sched += fmt::format("(v={})", p.virtual_stages);
-  }
-  return fmt::format("dp{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, p.tp, p.pp, p.zero_stage,
-                     p.micro_batch_size, sched, recompute_name(p.recompute),
-                     p.sequence_parallel ? "on" : "off", precision_name(p.precision));
-}
-
 void print_table(const PlanSearchResult& r, std::ostream& out) {
   out << fmt::format("{:>3}  {:<58} {:>10} {:>12} {:>6} {:>9}  {}\n", "#", "plan", "step s",
                      "tokens/s", "MFU", "mem GiB", "bottleneck");
@@ -255,6 +245,16 @@ Run register_plan(CLI::App& app) {
                   "Re-rank this many best plans with the discrete-event simulator (default 20)")
       ->check(CLI::NonNegativeNumber);
   return [f]() { return run_plan(*f); };
+}
+
+std::string plan_label(const Plan& p) {
+  std::string sched = std::string(schedule_name(p.schedule));
+  if (p.schedule == Schedule::interleaved) {
+    sched += fmt::format("(v={})", p.virtual_stages);
+  }
+  return fmt::format("dp{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, p.tp, p.pp, p.zero_stage,
+                     p.micro_batch_size, sched, recompute_name(p.recompute),
+                     p.sequence_parallel ? "on" : "off", precision_name(p.precision));
 }
 
 Run register_simulate(CLI::App& app) {

@@ -35,8 +35,8 @@ int main(int argc, char** argv) {
   add(parallax::cli::register_plan(app));
   add(parallax::cli::register_simulate(app));
   add(parallax::cli::register_train(app));
-  register_pending(app, runs, "calibrate", "Measure this machine into a cluster profile");
-  register_pending(app, runs, "compare", "Compare simulated and measured runs");
+  add(parallax::cli::register_calibrate(app));
+  add(parallax::cli::register_compare(app));
   register_pending(app, runs, "export", "Export plan graphs, timelines and reports");
   try {
     app.parse(argc, argv);

@@ -4,6 +4,7 @@
 #include "parallax/core/pipeline_schedule.hpp"
 #include "parallax/simulator/collectives.hpp"
 #include "parallax/simulator/event_engine.hpp"
+#include "parallax/simulator/timeline_breakdown.hpp"
 
 #include <fmt/format.h>
 
@@ -343,62 +344,6 @@ SimulationResult IterationBuilder::run() {
   result.tasks = static_cast<std::int64_t>(engine_.num_tasks());
   result.simulated_ranks = static_cast<int>(ranks.size());
   return result;
-}
-
-// Attributes every instant of a rank's iteration to one category: compute when its compute
-// stream is busy, else the communication keeping it waiting (TP, then PP, then DP), else bubble.
-TimeBreakdown sweep_breakdown(const std::vector<std::pair<double, double>>& compute,
-                              const std::vector<std::pair<double, double>>& optimizer,
-                              const std::array<std::vector<std::pair<double, double>>, 3>& comm,
-                              double end) {
-  struct Edge {
-    double t;
-    int kind; // 0 compute, 1 optimizer, 2..4 tp/pp/dp
-    int delta;
-  };
-  std::vector<Edge> edges;
-  auto add = [&](const std::vector<std::pair<double, double>>& spans, int kind) {
-    for (const auto& [a, b] : spans) {
-      if (b > a) {
-        edges.push_back({a, kind, +1});
-        edges.push_back({b, kind, -1});
-      }
-    }
-  };
-  add(compute, 0);
-  add(optimizer, 1);
-  for (int k = 0; k < 3; ++k) {
-    add(comm[static_cast<std::size_t>(k)], k + 2);
-  }
-  std::sort(edges.begin(), edges.end(), [](const Edge& x, const Edge& y) { return x.t < y.t; });
-  std::array<int, 5> active{};
-  TimeBreakdown b;
-  double t = 0;
-  auto charge = [&](double dt) {
-    if (dt <= 0) {
-      return;
-    }
-    if (active[0] > 0) {
-      b.compute += dt;
-    } else if (active[1] > 0) {
-      b.optimizer += dt;
-    } else if (active[2] > 0) {
-      b.tp_comm += dt;
-    } else if (active[3] > 0) {
-      b.pp_comm += dt;
-    } else if (active[4] > 0) {
-      b.dp_comm += dt;
-    } else {
-      b.bubble += dt;
-    }
-  };
-  for (const Edge& e : edges) {
-    charge(e.t - t);
-    t = e.t;
-    active[static_cast<std::size_t>(e.kind)] += e.delta;
-  }
-  charge(end - t);
-  return b;
 }
 
 PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) const {

@@ -1,9 +1,11 @@
 // Runs the parallax binary as a user would and checks exit codes and output.
 #include <gtest/gtest.h>
 
+#include "parallax/core/cluster_json.hpp"
 #include "parallax/core/json_reader.hpp"
 
 #include <array>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -147,6 +149,67 @@ TEST(Cli, SimulateWritesChromeTrace) {
   const double sim = parallax::Json::parse(r.out)["iteration_time_s"].get<double>();
   const double ana = parallax::Json::parse(analytic.out)["iteration_time_s"].get<double>();
   EXPECT_NEAR(sim / ana, 1.0, 0.25);
+}
+
+} // namespace
+
+namespace {
+
+TEST(Cli, CalibrateWritesAValidProfileAndCompareScoresPlans) {
+  const std::string profile = temp_path("parallax_cli_calibrated.json");
+  Result r = run("calibrate --backend cpu --quick --out " + profile);
+  ASSERT_EQ(r.code, 0) << r.out;
+  // The profile loads as a cluster (the loader checks the efficiency curve's order too).
+  const parallax::Json doc = parallax::json_load_file(profile);
+  const parallax::Cluster c = parallax::cluster_from_json(doc, profile);
+  EXPECT_EQ(c.device.kind, "cpu");
+  EXPECT_GT(c.peak_flops(parallax::Precision::fp32), 1e9);
+  EXPECT_GT(c.device.memory_bandwidth_gbps, 0.1);
+  EXPECT_GE(c.device.gemm_efficiency.size(), 5u);
+  for (const auto& p : c.device.gemm_efficiency) {
+    EXPECT_GT(p.efficiency, 0);
+    EXPECT_LE(p.efficiency, 1.0 + 1e-12);
+  }
+  EXPECT_EQ(c.node.devices_per_node, 1);
+
+  const std::string plans = temp_path("parallax_cli_compare_plans.json");
+  {
+    std::ofstream f(plans);
+    f << R"([{"dp":1,"tp":1,"pp":1,"micro_batch_size":2,"global_batch_size":4,"precision":"fp32"},
+             {"dp":1,"tp":1,"pp":1,"micro_batch_size":4,"global_batch_size":8,"precision":"fp32",
+              "recompute":"full"}])";
+  }
+  r = run("compare --model gpt-tiny --cluster " + profile + " --plans " + plans +
+          " --steps 3 --json 2>/dev/null");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const parallax::Json out = parallax::json_parse_text(r.out, "compare output");
+  ASSERT_EQ(out.at("plans").size(), 2u);
+  double sum = 0;
+  for (const auto& p : out.at("plans")) {
+    const double m = p.at("measured_step_time_s").get<double>();
+    const double s = p.at("simulated_step_time_s").get<double>();
+    EXPECT_GT(m, 0);
+    EXPECT_GT(s, 0);
+    EXPECT_NEAR(p.at("error").get<double>(), (s - m) / m, 1e-12);
+    sum += std::abs((s - m) / m);
+    EXPECT_GT(p.at("measured_peak_memory_bytes").get<double>(), 0);
+    EXPECT_GT(p.at("simulated_peak_memory_bytes").get<double>(), 0);
+    EXPECT_GT(p.at("measured_breakdown").at("compute").get<double>(), 0);
+    EXPECT_GT(p.at("simulated_breakdown").at("compute").get<double>(), 0);
+  }
+  EXPECT_NEAR(out.at("mape").get<double>(), sum / 2, 1e-12);
+  EXPECT_LE(std::abs(out.at("kendall_tau").get<double>()), 1.0);
+}
+
+TEST(Cli, CompareRejectsABadPlanList) {
+  const std::string plans = temp_path("parallax_cli_compare_bad.json");
+  {
+    std::ofstream f(plans);
+    f << R"({"plans": 3})";
+  }
+  const Result r = run("compare --model gpt-tiny --plans " + plans);
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("parallax_cli_compare_bad.json"), std::string::npos) << r.out;
 }
 
 } // namespace
