@@ -78,8 +78,9 @@ public:
     const auto start = std::chrono::steady_clock::now();
     int spins = 0;
     while (!test()) {
-      // Spin briefly, then back off so oversubscribed ranks leave the cores to busy peers.
-      if (++spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(20));
+      // Keep polling (MPI progresses large messages only inside these calls), but yield the
+      // core after a while so oversubscribed ranks let their busy peers run.
+      if (++spins > 1000) std::this_thread::yield();
       if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > timeout_) {
         throw CommTimeout(fmt::format("{} did not complete within {:.0f} s (a peer rank died or "
                                       "stopped communicating)",
