@@ -51,7 +51,8 @@ int run_calibrate(const CalibrateFlags& f) {
     json_write_file(f.out, cluster_to_json(c));
     std::cerr << fmt::format("parallax calibrate: {} ranks, GEMM peak {:.1f} GFLOP/s per rank, "
                              "memory {:.1f} GB/s, all-reduce {:.2f} GB/s, {:.1f} us; wrote {}\n",
-                             c.node.devices_per_node, c.device.peak_tflops.at(Precision::fp32) * 1e3,
+                             c.node.devices_per_node,
+                             c.device.peak_tflops.at(Precision::fp32) * 1e3,
                              c.device.memory_bandwidth_gbps, c.node.intra_bandwidth_gbps,
                              c.node.intra_latency_us, f.out);
   }
@@ -96,7 +97,8 @@ std::vector<Plan> default_sweep(const LayerGraph& graph, int world, std::int64_t
   std::vector<Plan> layouts;
   for (int tp = 1; tp <= world; ++tp) {
     for (int pp = 1; pp * tp <= world; ++pp) {
-      if (world % (tp * pp) != 0) continue;
+      if (world % (tp * pp) != 0)
+        continue;
       Plan p;
       p.tp = tp;
       p.pp = pp;
@@ -109,19 +111,22 @@ std::vector<Plan> default_sweep(const LayerGraph& graph, int world, std::int64_t
       } catch (const InputError&) {
         continue;
       }
-      if (global_batch % (p.dp * p.micro_batch_size) != 0) continue;
+      if (global_batch % (p.dp * p.micro_batch_size) != 0)
+        continue;
       layouts.push_back(p);
     }
   }
   std::vector<Plan> out = layouts;
   auto add = [&](Plan p) {
-    if (static_cast<int>(out.size()) >= max_plans) return;
+    if (static_cast<int>(out.size()) >= max_plans)
+      return;
     try {
       plan_validate(p, graph, world, "sweep");
     } catch (const InputError&) {
       return;
     }
-    if (std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+    if (std::find(out.begin(), out.end(), p) == out.end())
+      out.push_back(p);
   };
   for (const Plan& base : layouts) {
     Plan p = base;
@@ -146,9 +151,11 @@ std::vector<Plan> default_sweep(const LayerGraph& graph, int world, std::int64_t
     }
     p = base;
     p.micro_batch_size = base.micro_batch_size * 2;
-    if (global_batch % (p.dp * p.micro_batch_size) == 0) add(p);
+    if (global_batch % (p.dp * p.micro_batch_size) == 0)
+      add(p);
   }
-  if (static_cast<int>(out.size()) > max_plans) out.resize(static_cast<std::size_t>(max_plans));
+  if (static_cast<int>(out.size()) > max_plans)
+    out.resize(static_cast<std::size_t>(max_plans));
   return out;
 }
 
@@ -161,7 +168,8 @@ Process run_process(const std::string& command) {
   FILE* pipe = popen((command + " 2>&1").c_str(), "r");
   Process p;
   std::array<char, 4096> buf{};
-  while (pipe != nullptr && fgets(buf.data(), buf.size(), pipe) != nullptr) p.output += buf.data();
+  while (pipe != nullptr && fgets(buf.data(), buf.size(), pipe) != nullptr)
+    p.output += buf.data();
   const int status = pipe != nullptr ? pclose(pipe) : -1;
   p.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return p;
@@ -169,7 +177,8 @@ Process run_process(const std::string& command) {
 
 std::string quote(const std::string& s) {
   std::string q = "'";
-  for (const char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  for (const char c : s)
+    q += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return q + "'";
 }
 
@@ -181,7 +190,8 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
   fs::remove(log);
   Cluster sized = cluster.with_devices(plan.world_size());
   CostModel cost(model.graph, sized);
-  if (plan.stages.empty()) plan_assign_stages(cost, plan);
+  if (plan.stages.empty())
+    plan_assign_stages(cost, plan);
   json_write_file(plan_file, plan_to_json(plan));
   const int n = plan.world_size();
   const std::string self = fs::read_symlink("/proc/self/exe").string();
@@ -209,13 +219,15 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
   }
   PARALLAX_CHECK(!times.empty(), "train wrote no steps");
   // The first step warms caches and the allocator; the median of the rest is the step time.
-  if (times.size() > 1) times.erase(times.begin());
+  if (times.size() > 1)
+    times.erase(times.begin());
   std::nth_element(times.begin(), times.begin() + static_cast<std::ptrdiff_t>(times.size() / 2),
                    times.end());
   r.measured_s = times[times.size() / 2];
   r.measured_breakdown =
       timeline_breakdown(timeline_from_chrome_trace(json_load_file(trace), trace.string()));
-  const SimulationResult sim = simulate_iteration(cost, plan, {.symmetric = true, .record_timeline = false});
+  const SimulationResult sim =
+      simulate_iteration(cost, plan, {.symmetric = true, .record_timeline = false});
   r.simulated_s = sim.estimate.iteration_time_s;
   r.simulated_breakdown = sim.estimate.breakdown;
   r.simulated_peak = sim.estimate.memory.total();
@@ -235,7 +247,8 @@ int run_compare(const CompareFlags& f) {
     }
     for (std::size_t i = 0; i < list.size(); ++i) {
       const std::string source = fmt::format("{} (plan {})", f.plans, i);
-      const Json& item = list[i].is_object() && list[i].contains("plan") ? list[i].at("plan") : list[i];
+      const Json& item =
+          list[i].is_object() && list[i].contains("plan") ? list[i].at("plan") : list[i];
       Plan p = plan_from_json(item, source);
       plan_validate(p, model.graph, p.world_size(), source);
       plans.push_back(p);
@@ -248,9 +261,9 @@ int run_compare(const CompareFlags& f) {
                        std::to_string(ranks));
     }
   }
-  const fs::path dir = f.work_dir.empty()
-                           ? fs::temp_directory_path() / fmt::format("parallax_compare_{}", getpid())
-                           : fs::path(f.work_dir);
+  const fs::path dir =
+      f.work_dir.empty() ? fs::temp_directory_path() / fmt::format("parallax_compare_{}", getpid())
+                         : fs::path(f.work_dir);
   fs::create_directories(dir);
   std::vector<Row> rows;
   for (std::size_t i = 0; i < plans.size(); ++i) {
@@ -283,16 +296,16 @@ int run_compare(const CompareFlags& f) {
     std::cout << fmt::format("{} on {} ({}): measured vs simulated step time\n",
                              model.graph.info().name, cluster.name, cluster.device.name);
     std::cout << fmt::format("{:>3}  {:<52} {:>10} {:>10} {:>7}  {:>15}  {:>23}\n", "#", "plan",
-                             "measured", "simulated", "error", "peak MiB m/s",
-                             "compute m/s (ms)");
+                             "measured", "simulated", "error", "peak MiB m/s", "compute m/s (ms)");
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
-      std::cout << fmt::format(
-          "{:>3}  {:<52} {:>8.2f}ms {:>8.2f}ms {:>+6.1f}%  {:>7.0f}/{:<7.0f}  {:>10.2f}/{:<10.2f}\n",
-          i + 1, plan_label(r.plan), 1e3 * r.measured_s, 1e3 * r.simulated_s,
-          100 * (r.simulated_s - r.measured_s) / r.measured_s, r.measured_peak / (1 << 20),
-          r.simulated_peak / (1 << 20), 1e3 * r.measured_breakdown.compute,
-          1e3 * r.simulated_breakdown.compute);
+      std::cout << fmt::format("{:>3}  {:<52} {:>8.2f}ms {:>8.2f}ms {:>+6.1f}%  {:>7.0f}/{:<7.0f}  "
+                               "{:>10.2f}/{:<10.2f}\n",
+                               i + 1, plan_label(r.plan), 1e3 * r.measured_s, 1e3 * r.simulated_s,
+                               100 * (r.simulated_s - r.measured_s) / r.measured_s,
+                               r.measured_peak / (1 << 20), r.simulated_peak / (1 << 20),
+                               1e3 * r.measured_breakdown.compute,
+                               1e3 * r.simulated_breakdown.compute);
     }
     std::cout << fmt::format("MAPE {:.1f}%, Kendall tau {:.2f} over {} plans\n", 100 * mape, tau,
                              rows.size());
@@ -303,9 +316,9 @@ int run_compare(const CompareFlags& f) {
       std::cout << fmt::format(
           "{:>3}  {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} | {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} "
           "{:.2f}\n",
-          i + 1, 1e3 * m.compute, 1e3 * m.tp_comm, 1e3 * m.pp_comm, 1e3 * m.dp_comm,
-          1e3 * m.bubble, 1e3 * m.optimizer, 1e3 * s.compute, 1e3 * s.tp_comm, 1e3 * s.pp_comm,
-          1e3 * s.dp_comm, 1e3 * s.bubble, 1e3 * s.optimizer);
+          i + 1, 1e3 * m.compute, 1e3 * m.tp_comm, 1e3 * m.pp_comm, 1e3 * m.dp_comm, 1e3 * m.bubble,
+          1e3 * m.optimizer, 1e3 * s.compute, 1e3 * s.tp_comm, 1e3 * s.pp_comm, 1e3 * s.dp_comm,
+          1e3 * s.bubble, 1e3 * s.optimizer);
     }
   }
   if (!f.report.empty()) {
@@ -334,9 +347,11 @@ Run register_compare(CLI::App& app) {
       "compare", "Train plans for real and compare each measured step with the simulator");
   cmd->add_option("--model", f->model, "Zoo name or model JSON")->required();
   cmd->add_option("--cluster", f->cluster, "Profile to simulate with (e.g. from calibrate)");
-  cmd->add_option("--plans", f->plans, "JSON array of plans (or {\"plans\": [...]}); default: "
-                                       "a representative sweep");
-  cmd->add_option("--ranks", f->ranks, "Ranks of the default sweep (default: the profile's devices)");
+  cmd->add_option("--plans", f->plans,
+                  "JSON array of plans (or {\"plans\": [...]}); default: "
+                  "a representative sweep");
+  cmd->add_option("--ranks", f->ranks,
+                  "Ranks of the default sweep (default: the profile's devices)");
   cmd->add_option("--global-batch", f->global_batch, "Global batch of the default sweep");
   cmd->add_option("--max-plans", f->max_plans, "Plans in the default sweep");
   cmd->add_option("--steps", f->steps, "Training steps per plan (the first is not timed)");

@@ -78,10 +78,12 @@ Setup prepare(const TrainFlags& f, int world_size) {
   }
   if (f.checkpoint_every < 0 || (f.checkpoint_every > 0 && f.checkpoint_dir.empty())) {
     throw InputError("command line", "--checkpoint-every",
-                     "a non-negative count, with --checkpoint-dir", std::to_string(f.checkpoint_every));
+                     "a non-negative count, with --checkpoint-dir",
+                     std::to_string(f.checkpoint_every));
   }
   if (f.resume && f.checkpoint_dir.empty()) {
-    throw InputError("command line", "--resume", "--checkpoint-dir D to resume from", "no directory");
+    throw InputError("command line", "--resume", "--checkpoint-dir D to resume from",
+                     "no directory");
   }
   if (!(f.lr > 0) || !(f.timeout_s > 0) || f.keep < 1) {
     throw InputError("command line", "--lr / --comm-timeout / --keep-checkpoints",
@@ -89,26 +91,27 @@ Setup prepare(const TrainFlags& f, int world_size) {
   }
   LoadedModel loaded = model_load(f.model);
   if (!loaded.config) {
-    throw InputError(loaded.source, "/", "a GPT or Llama model config (the executor does not "
-                                         "train generic layer graphs)",
+    throw InputError(loaded.source, "/",
+                     "a GPT or Llama model config (the executor does not "
+                     "train generic layer graphs)",
                      "a generic layer graph");
   }
   Setup s;
   s.model = ExecModel::from_config(*loaded.config, loaded.source);
   s.plan = plan_from_json(json_load_file(f.plan), f.plan);
   if (s.plan.world_size() != world_size) {
-    throw InputError(f.plan, "/dp",
-                     fmt::format("dp·tp·pp equal to the number of processes ({})", world_size),
-                     fmt::format("{}·{}·{} = {}", s.plan.dp, s.plan.tp, s.plan.pp,
-                                 s.plan.world_size()),
-                     fmt::format("launch with mpirun -np {}", s.plan.world_size()));
+    throw InputError(
+        f.plan, "/dp", fmt::format("dp·tp·pp equal to the number of processes ({})", world_size),
+        fmt::format("{}·{}·{} = {}", s.plan.dp, s.plan.tp, s.plan.pp, s.plan.world_size()),
+        fmt::format("launch with mpirun -np {}", s.plan.world_size()));
   }
   plan_validate(s.plan, loaded.graph, world_size, f.plan);
   Cluster cluster = cluster_load(f.cluster).with_devices(world_size);
   if (s.plan.stages.empty()) {
     // The planner's balanced partition, costed in a precision the profile has.
     Plan costed = s.plan;
-    if (!cluster.supports(costed.precision)) costed.precision = Precision::fp32;
+    if (!cluster.supports(costed.precision))
+      costed.precision = Precision::fp32;
     CostModel cost(loaded.graph, cluster);
     plan_assign_stages(cost, costed);
     s.plan.stages = costed.stages;
@@ -144,7 +147,8 @@ struct Fault {
 
 std::optional<Fault> fault_from_environment() {
   const char* spec = std::getenv("PARALLAX_FAULT");
-  if (spec == nullptr) return std::nullopt;
+  if (spec == nullptr)
+    return std::nullopt;
   char kind[8] = {};
   int rank = -1;
   long long step = -1;
@@ -196,12 +200,14 @@ int run_train(const TrainFlags& f) {
     std::ofstream log;
     if (rank == 0 && !f.log.empty()) {
       log.open(f.log, std::ios::app);
-      if (!log) throw InputError(f.log, "--log", "a writable file", "cannot open");
+      if (!log)
+        throw InputError(f.log, "--log", "a writable file", "cannot open");
     }
     const auto save = [&]() {
       Checkpoint ck = trainer.checkpoint();
       if (rank == 0) {
-        ck.extra = {{"plan", plan_to_json(setup.plan)}, {"data", f.data.empty() ? "synthetic" : f.data},
+        ck.extra = {{"plan", plan_to_json(setup.plan)},
+                    {"data", f.data.empty() ? "synthetic" : f.data},
                     {"lr", f.lr}};
         write_checkpoint(f.checkpoint_dir, ck, f.keep);
       }
@@ -212,7 +218,8 @@ int run_train(const TrainFlags& f) {
       if (rank == 0) {
         const std::string line = step_json(st).dump();
         std::cout << line << "\n" << std::flush;
-        if (log) log << line << "\n" << std::flush;
+        if (log)
+          log << line << "\n" << std::flush;
         if (terminal) {
           std::cerr << fmt::format("\rstep {}/{}  loss {:.4f}  {:.0f} tokens/s  MFU {:.1f}%   ",
                                    st.step, f.steps, st.loss, st.tokens_per_s, 100 * st.mfu)
@@ -224,19 +231,23 @@ int run_train(const TrainFlags& f) {
         save();
       }
       if (fault && fault->rank == rank && fault->step == st.step) {
-        if (!fault->hang) std::raise(SIGKILL);
-        for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+        if (!fault->hang)
+          std::raise(SIGKILL);
+        for (;;)
+          std::this_thread::sleep_for(std::chrono::seconds(1));
       }
     }
     if (!f.trace.empty()) {
       const Timeline t = trainer.timeline();
-      if (rank == 0) json_write_file(f.trace, timeline_to_chrome_trace(t));
+      if (rank == 0)
+        json_write_file(f.trace, timeline_to_chrome_trace(t));
     }
     world->barrier();
   } catch (const std::exception& e) {
     // One rank failing mid-run (a dead peer, a timeout, a full disk) must end the whole job.
     std::cerr << fmt::format("parallax train: rank {}: error: {}\n", rank, e.what());
-    if (world_size > 1) MpiRuntime::abort(dynamic_cast<const InputError*>(&e) ? 2 : 1);
+    if (world_size > 1)
+      MpiRuntime::abort(dynamic_cast<const InputError*>(&e) ? 2 : 1);
     return dynamic_cast<const InputError*>(&e) ? 2 : 1;
   }
   return 0;
@@ -251,11 +262,13 @@ Run register_train(CLI::App& app) {
   cmd->add_option("--model", f->model, "Zoo name or model JSON (GPT or Llama family)")->required();
   cmd->add_option("--plan", f->plan, "Plan JSON; dp·tp·pp must equal the process count")
       ->required();
-  cmd->add_option("--backend", f->backend, "cpu (Eigen + MPI)")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--backend", f->backend, "cpu (Eigen + MPI)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--cluster", f->cluster,
                   "Profile whose device peak is the MFU denominator (default cpu-local)");
   cmd->add_option("--steps", f->steps, "Train until this many optimizer steps are done");
-  cmd->add_option("--data", f->data, "uint16 token file (nanoGPT .bin or llm.c); default synthetic");
+  cmd->add_option("--data", f->data,
+                  "uint16 token file (nanoGPT .bin or llm.c); default synthetic");
   cmd->add_option("--seed", f->seed, "Initial weights and synthetic data");
   cmd->add_option("--lr", f->lr, "Peak learning rate (AdamW)");
   cmd->add_option("--warmup-steps", f->warmup, "Linear warm-up steps (default steps/10)");
@@ -263,12 +276,14 @@ Run register_train(CLI::App& app) {
   cmd->add_option("--weight-decay", f->weight_decay, "AdamW weight decay on matrices");
   cmd->add_option("--clip-grad", f->clip, "Gradient-norm clipping threshold (0: off)");
   cmd->add_option("--checkpoint-dir", f->checkpoint_dir, "Directory for checkpoints");
-  cmd->add_option("--checkpoint-every", f->checkpoint_every, "Checkpoint every K steps (and at the end)");
+  cmd->add_option("--checkpoint-every", f->checkpoint_every,
+                  "Checkpoint every K steps (and at the end)");
   cmd->add_option("--keep-checkpoints", f->keep, "How many checkpoints to keep");
   cmd->add_flag("--resume", f->resume, "Resume from the newest checkpoint in --checkpoint-dir");
   cmd->add_option("--log", f->log, "Append the per-step JSON lines to this file");
   cmd->add_option("--trace", f->trace, "Write the last step's measured timeline (Chrome trace)");
-  cmd->add_option("--comm-timeout", f->timeout_s, "Seconds before a stuck collective aborts the job");
+  cmd->add_option("--comm-timeout", f->timeout_s,
+                  "Seconds before a stuck collective aborts the job");
   return [f]() { return run_train(*f); };
 }
 

@@ -34,14 +34,17 @@ CommRequest::~CommRequest() {
 }
 
 void CommRequest::wait() {
-  if (!impl_) return;
+  if (!impl_)
+    return;
   impl_->wait();
   impl_.reset();
 }
 
 bool CommRequest::test() {
-  if (!impl_) return true;
-  if (!impl_->test()) return false;
+  if (!impl_)
+    return true;
+  if (!impl_->test())
+    return false;
   impl_.reset();
   return true;
 }
@@ -80,7 +83,8 @@ public:
     while (!test()) {
       // Keep polling (MPI progresses large messages only inside these calls), but yield the
       // core after a while so oversubscribed ranks let their busy peers run.
-      if (++spins > 1000) std::this_thread::yield();
+      if (++spins > 1000)
+        std::this_thread::yield();
       if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > timeout_) {
         throw CommTimeout(fmt::format("{} did not complete within {:.0f} s (a peer rank died or "
                                       "stopped communicating)",
@@ -106,7 +110,8 @@ public:
   ~MpiCommunicator() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (owned_ && !finalized) MPI_Comm_free(&comm_);
+    if (owned_ && !finalized)
+      MPI_Comm_free(&comm_);
   }
   MpiCommunicator(const MpiCommunicator&) = delete;
   MpiCommunicator& operator=(const MpiCommunicator&) = delete;
@@ -172,15 +177,15 @@ public:
   }
   void all_reduce_sum(std::span<double> data) override {
     MPI_Request r{};
-    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_DOUBLE,
-                             MPI_SUM, comm_, &r),
+    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_DOUBLE, MPI_SUM,
+                             comm_, &r),
               "Iallreduce");
     wrap(r, "all-reduce(sum, fp64)", data.size()).wait();
   }
   void all_reduce_max(std::span<double> data) override {
     MPI_Request r{};
-    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_DOUBLE,
-                             MPI_MAX, comm_, &r),
+    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_DOUBLE, MPI_MAX,
+                             comm_, &r),
               "Iallreduce");
     wrap(r, "all-reduce(max, fp64)", data.size()).wait();
   }
@@ -204,7 +209,8 @@ public:
     wrap(r, "gather(strings)", total).wait();
     std::vector<std::string> out;
     for (std::size_t i = 0; i < lens.size(); ++i) {
-      out.push_back(all.substr(static_cast<std::size_t>(displs[i]), static_cast<std::size_t>(lens[i])));
+      out.push_back(
+          all.substr(static_cast<std::size_t>(displs[i]), static_cast<std::size_t>(lens[i])));
     }
     return out;
   }
@@ -212,9 +218,9 @@ public:
 private:
   CommRequest reduce(std::span<float> data, MPI_Op op, const char* what) {
     MPI_Request r{};
-    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_FLOAT, op,
-                             comm_, &r),
-              "Iallreduce");
+    mpi_check(
+        MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_FLOAT, op, comm_, &r),
+        "Iallreduce");
     return wrap(r, what, data.size());
   }
   CommRequest wrap(MPI_Request r, std::string_view what, std::size_t elems) {
@@ -234,7 +240,8 @@ private:
 } // namespace
 
 void MpiRuntime::init(int* argc, char*** argv) {
-  if (initialized()) return;
+  if (initialized())
+    return;
   int provided = 0;
   mpi_check(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "Init_thread");
   // Errors come back as return codes, so they surface as exceptions with a message.
@@ -242,7 +249,8 @@ void MpiRuntime::init(int* argc, char*** argv) {
   std::atexit([] {
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (!finalized) MPI_Finalize();
+    if (!finalized)
+      MPI_Finalize();
   });
 }
 

@@ -37,13 +37,13 @@ float normal_at(std::uint64_t key, std::uint64_t index) {
   const std::uint64_t b = splitmix64(key ^ splitmix64(2 * index + 1));
   const double u1 = (static_cast<double>(a >> 11) + 1.0) * 0x1.0p-53; // (0, 1]
   const double u2 = static_cast<double>(b >> 11) * 0x1.0p-53;
-  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) *
-                            std::cos(2.0 * std::numbers::pi * u2));
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2));
 }
 
 void require(bool ok, const std::string& source, const std::string& field,
              const std::string& expected, const std::string& found) {
-  if (!ok) throw InputError(source, field, expected, found);
+  if (!ok)
+    throw InputError(source, field, expected, found);
 }
 
 struct LayoutBuilder {
@@ -84,7 +84,8 @@ struct LayoutBuilder {
 void add_norm(LayoutBuilder& b, const ExecModel& m, const std::string& prefix) {
   const std::int64_t h = m.config.hidden_size;
   b.add(prefix + ".gamma", 1, h, ShardDim::none, Init::ones);
-  if (!m.rmsnorm()) b.add(prefix + ".beta", 1, h, ShardDim::none, Init::zeros);
+  if (!m.rmsnorm())
+    b.add(prefix + ".beta", 1, h, ShardDim::none, Init::zeros);
 }
 
 BlockLayout layer_layout(const ExecModel& m, int unit, int tp, int tp_rank, int dp) {
@@ -95,10 +96,10 @@ BlockLayout layer_layout(const ExecModel& m, int unit, int tp, int tp_rank, int 
   const std::int64_t kv = c.num_kv_heads * d;
   const std::int64_t f = c.ffn_hidden_size;
   const float out_std = 0.02f / std::sqrt(2.0f * static_cast<float>(c.num_layers));
-  LayoutBuilder b{.block = {.kind = BlockKind::layer, .name = fmt::format("block{}", unit),
-                            .unit = unit},
-                  .tp = tp,
-                  .tp_rank = tp_rank};
+  LayoutBuilder b{
+      .block = {.kind = BlockKind::layer, .name = fmt::format("block{}", unit), .unit = unit},
+      .tp = tp,
+      .tp_rank = tp_rank};
   add_norm(b, m, "ln1");
   b.add("attn.wq", h, q, ShardDim::cols, Init::normal);
   b.add("attn.wk", h, kv, ShardDim::cols, Init::normal);
@@ -109,17 +110,20 @@ BlockLayout layer_layout(const ExecModel& m, int unit, int tp, int tp_rank, int 
     b.add("attn.bv", 1, kv, ShardDim::cols, Init::zeros);
   }
   b.add("attn.wo", q, h, ShardDim::rows, Init::normal, out_std);
-  if (c.bias) b.add("attn.bo", 1, h, ShardDim::none, Init::zeros);
+  if (c.bias)
+    b.add("attn.bo", 1, h, ShardDim::none, Init::zeros);
   add_norm(b, m, "ln2");
   if (m.llama()) {
     b.add("mlp.wg", h, f, ShardDim::cols, Init::normal);
     b.add("mlp.wu", h, f, ShardDim::cols, Init::normal);
   } else {
     b.add("mlp.w1", h, f, ShardDim::cols, Init::normal);
-    if (c.bias) b.add("mlp.b1", 1, f, ShardDim::cols, Init::zeros);
+    if (c.bias)
+      b.add("mlp.b1", 1, f, ShardDim::cols, Init::zeros);
   }
   b.add("mlp.w2", f, h, ShardDim::rows, Init::normal, out_std);
-  if (c.bias) b.add("mlp.b2", 1, h, ShardDim::none, Init::zeros);
+  if (c.bias)
+    b.add("mlp.b2", 1, h, ShardDim::none, Init::zeros);
   return b.finish(dp);
 }
 
@@ -133,7 +137,8 @@ const ParamInfo& BlockLayout::param(std::string_view suffix) const {
       return p;
     }
   }
-  check_fail(__FILE__, __LINE__, "param", fmt::format("block {} has no parameter {}", name, suffix));
+  check_fail(__FILE__, __LINE__, "param",
+             fmt::format("block {} has no parameter {}", name, suffix));
 }
 
 ExecModel ExecModel::from_config(const ModelConfig& c, const std::string& source) {
@@ -148,8 +153,8 @@ ExecModel ExecModel::from_config(const ModelConfig& c, const std::string& source
           "a divisor of hidden_size", std::to_string(c.num_attention_heads));
   require(c.position_embedding != "rope" || c.head_dim() % 2 == 0, source, "/hidden_size",
           "an even head dimension for rotary embeddings", std::to_string(c.head_dim()));
-  require(c.position_embedding != "learned" || c.max_position_embeddings >= c.seq_length,
-          source, "/max_position_embeddings", fmt::format(">= seq_length {}", c.seq_length),
+  require(c.position_embedding != "learned" || c.max_position_embeddings >= c.seq_length, source,
+          "/max_position_embeddings", fmt::format(">= seq_length {}", c.seq_length),
           std::to_string(c.max_position_embeddings));
   require(c.vocab_size <= (std::int64_t{1} << 31), source, "/vocab_size", "< 2^31",
           std::to_string(c.vocab_size));
@@ -205,7 +210,8 @@ std::vector<ParamInfo> logical_params(const ExecModel& m) {
   std::vector<ParamInfo> out;
   for (const BlockLayout& b : chunk_layout(m, {0, m.config.num_layers}, 1, 0, 1)) {
     for (const ParamInfo& p : b.params) {
-      if (!p.tied_copy) out.push_back(p);
+      if (!p.tied_copy)
+        out.push_back(p);
     }
   }
   return out;
@@ -221,9 +227,15 @@ void init_block(const BlockLayout& block, std::uint64_t seed, std::span<float> f
         const auto global = static_cast<std::uint64_t>((p.row0 + i) * p.cols + p.col0 + j);
         float v = 0.0f;
         switch (p.init) {
-        case Init::normal: v = p.init_std * normal_at(key, global); break;
-        case Init::ones: v = 1.0f; break;
-        case Init::zeros: v = 0.0f; break;
+        case Init::normal:
+          v = p.init_std * normal_at(key, global);
+          break;
+        case Init::ones:
+          v = 1.0f;
+          break;
+        case Init::zeros:
+          v = 0.0f;
+          break;
         }
         flat[static_cast<std::size_t>(p.offset + i * p.local_cols + j)] = v;
       }
@@ -237,8 +249,7 @@ double model_flops_per_sequence(const ExecModel& model) {
 }
 
 double steady_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 ConstMatRef BlockBuffers::p(std::string_view suffix) const {
@@ -264,7 +275,8 @@ void report(const TpContext& tp, const char* what, double start, const Tensor& t
 }
 
 Tensor tp_gather(const TpContext& tp, Tensor x) {
-  if (tp.size() == 1 || !tp.sequence_parallel) return x;
+  if (tp.size() == 1 || !tp.sequence_parallel)
+    return x;
   const double start = steady_seconds();
   Tensor full(x.rows() * tp.size(), x.cols(), Tensor::uninitialized);
   tp.comm->all_gather(x.span(), full.span());
@@ -273,7 +285,8 @@ Tensor tp_gather(const TpContext& tp, Tensor x) {
 }
 
 Tensor tp_reduce(const TpContext& tp, Tensor x) {
-  if (tp.size() == 1) return x;
+  if (tp.size() == 1)
+    return x;
   const double start = steady_seconds();
   if (!tp.sequence_parallel) {
     tp.comm->all_reduce_sum(x.span());
@@ -299,8 +312,8 @@ struct NormOut {
 
 NormOut norm_forward(const ExecModel& m, const BlockBuffers& b, const std::string& prefix,
                      const Tensor& x) {
-  NormOut o{Tensor(x.rows(), x.cols(), Tensor::uninitialized), Tensor(x.rows(), 1, Tensor::uninitialized),
-            Tensor(x.rows(), 1, Tensor::uninitialized)};
+  NormOut o{Tensor(x.rows(), x.cols(), Tensor::uninitialized),
+            Tensor(x.rows(), 1, Tensor::uninitialized), Tensor(x.rows(), 1, Tensor::uninitialized)};
   if (m.rmsnorm()) {
     ops::rmsnorm_forward(x, b.p(prefix + ".gamma"), o.y, o.rstd, m.norm_eps);
   } else {
@@ -318,8 +331,8 @@ void norm_backward(const ExecModel& m, const BlockBuffers& b, const std::string&
   if (m.rmsnorm()) {
     ops::rmsnorm_backward(x, b.p(prefix + ".gamma"), rstd, dy, tmp, b.g(prefix + ".gamma"));
   } else {
-    ops::layernorm_backward(x, b.p(prefix + ".gamma"), mean, rstd, dy, tmp,
-                            b.g(prefix + ".gamma"), b.g(prefix + ".beta"));
+    ops::layernorm_backward(x, b.p(prefix + ".gamma"), mean, rstd, dy, tmp, b.g(prefix + ".gamma"),
+                            b.g(prefix + ".beta"));
   }
   if (accumulate) {
     dx.m() += tmp.m();
@@ -337,12 +350,26 @@ MatRef opt_g(const ExecModel& m, const BlockBuffers& b, std::string_view s) {
 
 // Cache slots of a transformer layer.
 enum Slot : std::size_t {
-  kX, kLn1Mean, kLn1Rstd, kLn1Full, kQ, kK, kV, kProbs, kAtt, kX1, kLn2Mean, kLn2Rstd, kLn2Full,
-  kU, kUp, kAct, kNumSlots
+  kX,
+  kLn1Mean,
+  kLn1Rstd,
+  kLn1Full,
+  kQ,
+  kK,
+  kV,
+  kProbs,
+  kAtt,
+  kX1,
+  kLn2Mean,
+  kLn2Rstd,
+  kLn2Full,
+  kU,
+  kUp,
+  kAct,
+  kNumSlots
 };
 
-ops::AttentionShape attention_shape(const ExecModel& m, const TpContext& tp,
-                                    const MicroBatch& mb) {
+ops::AttentionShape attention_shape(const ExecModel& m, const TpContext& tp, const MicroBatch& mb) {
   return {.batch = mb.batch,
           .seq = mb.seq,
           .heads = m.config.num_attention_heads / tp.size(),
@@ -386,11 +413,13 @@ Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext&
   t[kProbs] = Tensor(mb.batch * shape.heads, mb.seq * mb.seq, Tensor::uninitialized);
   t[kAtt] = Tensor(n, shape.heads * d, Tensor::uninitialized);
   ops::attention_forward(t[kQ], t[kK], t[kV], shape, t[kProbs], t[kAtt]);
-  if (keep != KeepMode::all) t[kProbs].release();
+  if (keep != KeepMode::all)
+    t[kProbs].release();
   Tensor o(n, m.config.hidden_size, Tensor::uninitialized);
   ops::linear_forward(t[kAtt], b.p("attn.wo"), ConstMatRef{}, o);
   o = tp_reduce(tp, std::move(o));
-  if (m.config.bias) o.m().rowwise() += b.p("attn.bo").m().row(0);
+  if (m.config.bias)
+    o.m().rowwise() += b.p("attn.bo").m().row(0);
   t[kX1] = Tensor(x.rows(), x.cols(), Tensor::uninitialized);
   t[kX1].m() = x.m() + o.m();
   o.release();
@@ -415,7 +444,8 @@ Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext&
   Tensor dn(n, m.config.hidden_size, Tensor::uninitialized);
   ops::linear_forward(t[kAct], b.p("mlp.w2"), ConstMatRef{}, dn);
   dn = tp_reduce(tp, std::move(dn));
-  if (m.config.bias) dn.m().rowwise() += b.p("mlp.b2").m().row(0);
+  if (m.config.bias)
+    dn.m().rowwise() += b.p("mlp.b2").m().row(0);
   Tensor y(x.rows(), x.cols(), Tensor::uninitialized);
   y.m() = t[kX1].m() + dn.m();
 
@@ -446,7 +476,8 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
   const Index n = mb.batch * mb.seq;
 
   // MLP sub-layer.
-  if (m.config.bias) b.g("mlp.b2").m().row(0) += dy.m().colwise().sum();
+  if (m.config.bias)
+    b.g("mlp.b2").m().row(0) += dy.m().colwise().sum();
   const Tensor dd_full = tp_gather(tp, copy_of(dy));
   Tensor dact(n, t[kAct].cols(), Tensor::uninitialized);
   ops::linear_backward(t[kAct], b.p("mlp.w2"), dd_full, dact, b.g("mlp.w2"), MatRef{});
@@ -457,8 +488,7 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
     Tensor dup(n, t[kU].cols(), Tensor::uninitialized);
     ops::swiglu_backward(t[kU], t[kUp], dact, dgate, dup);
     ops::linear_backward(t[kLn2Full], b.p("mlp.wg"), dgate, dln2_full, b.g("mlp.wg"), MatRef{});
-    ops::linear_backward(t[kLn2Full], b.p("mlp.wu"), dup, dln2_full, b.g("mlp.wu"), MatRef{},
-                         true);
+    ops::linear_backward(t[kLn2Full], b.p("mlp.wu"), dup, dln2_full, b.g("mlp.wu"), MatRef{}, true);
   } else {
     Tensor du(n, t[kU].cols(), Tensor::uninitialized);
     ops::gelu_backward(t[kU], dact, du);
@@ -474,7 +504,8 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
   t[kX1].release();
 
   // Attention sub-layer.
-  if (m.config.bias) b.g("attn.bo").m().row(0) += dx1.m().colwise().sum();
+  if (m.config.bias)
+    b.g("attn.bo").m().row(0) += dx1.m().colwise().sum();
   const Tensor do_full = tp_gather(tp, copy_of(dx1));
   Tensor datt(n, t[kAtt].cols(), Tensor::uninitialized);
   ops::linear_backward(t[kAtt], b.p("attn.wo"), do_full, datt, b.g("attn.wo"), MatRef{});
@@ -507,9 +538,8 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
   return dx1;
 }
 
-Tensor embedding_forward(const ExecModel& m, const BlockBuffers& emb,
-                         const BlockBuffers* positions, const TpContext& tp,
-                         const MicroBatch& mb) {
+Tensor embedding_forward(const ExecModel& m, const BlockBuffers& emb, const BlockBuffers* positions,
+                         const TpContext& tp, const MicroBatch& mb) {
   const ParamInfo& wte = emb.layout->param("wte");
   Tensor e(mb.batch * mb.seq, m.config.hidden_size, Tensor::uninitialized);
   ops::embedding_forward(mb.inputs, emb.p("wte"), wte.row0, e);
@@ -517,7 +547,8 @@ Tensor embedding_forward(const ExecModel& m, const BlockBuffers& emb,
   if (positions != nullptr) {
     const auto wpe = positions->p("wpe").m();
     auto em = e.m();
-    for (Index r = 0; r < e.rows(); ++r) em.row(r) += wpe.row(mb.positions[static_cast<std::size_t>(r)]);
+    for (Index r = 0; r < e.rows(); ++r)
+      em.row(r) += wpe.row(mb.positions[static_cast<std::size_t>(r)]);
   }
   return e;
 }
@@ -528,7 +559,8 @@ void embedding_backward(const ExecModel& /*m*/, const BlockBuffers& emb,
   if (positions != nullptr) {
     auto dwpe = positions->g("wpe").m();
     const auto dm = dx.m();
-    for (Index r = 0; r < dx.rows(); ++r) dwpe.row(mb.positions[static_cast<std::size_t>(r)]) += dm.row(r);
+    for (Index r = 0; r < dx.rows(); ++r)
+      dwpe.row(mb.positions[static_cast<std::size_t>(r)]) += dm.row(r);
   }
   const Tensor dfull = tp_gather(tp, copy_of(dx));
   ops::embedding_backward(mb.inputs, dfull, emb.layout->param("wte").row0, emb.g("wte"));
@@ -539,8 +571,7 @@ enum HeadSlot : std::size_t { kHX, kHMean, kHRstd, kHFull, kHLogits, kHMax, kHSu
 } // namespace
 
 double head_forward(const ExecModel& m, const BlockBuffers& norm, const BlockBuffers& head,
-                    const TpContext& tp, const MicroBatch& mb, const Tensor& x,
-                    BlockCache& cache) {
+                    const TpContext& tp, const MicroBatch& mb, const Tensor& x, BlockCache& cache) {
   std::vector<Tensor> t(kHNumSlots);
   NormOut o = norm_forward(m, norm, "norm", x);
   t[kHMean] = std::move(o.mean);
@@ -555,13 +586,14 @@ double head_forward(const ExecModel& m, const BlockBuffers& norm, const BlockBuf
   } else {
     ops::linear_forward(t[kHFull], w, ConstMatRef{}, t[kHLogits]);
   }
-  const std::int64_t vocab_begin = tied ? head.layout->param("wte").row0
-                                        : head.layout->param("w").col0;
+  const std::int64_t vocab_begin =
+      tied ? head.layout->param("wte").row0 : head.layout->param("w").col0;
   t[kHMax] = Tensor(n, 1);
   t[kHSum] = Tensor(n, 1);
   Tensor target(n, 1);
   ops::row_max(t[kHLogits], t[kHMax]);
-  if (tp.size() > 1) tp.comm->all_reduce_max(t[kHMax].span());
+  if (tp.size() > 1)
+    tp.comm->all_reduce_max(t[kHMax].span());
   ops::row_sum_exp(t[kHLogits], t[kHMax], t[kHSum]);
   ops::target_logits(t[kHLogits], mb.targets, vocab_begin, target);
   if (tp.size() > 1) {
@@ -575,8 +607,8 @@ double head_forward(const ExecModel& m, const BlockBuffers& norm, const BlockBuf
   }
   double loss = 0;
   for (Index r = 0; r < n; ++r) {
-    loss += std::log(static_cast<double>(t[kHSum].data()[r])) + t[kHMax].data()[r] -
-            target.data()[r];
+    loss +=
+        std::log(static_cast<double>(t[kHSum].data()[r])) + t[kHMax].data()[r] - target.data()[r];
   }
   t[kHX] = copy_of(x);
   cache.t = std::move(t);
@@ -589,11 +621,11 @@ Tensor head_backward(const ExecModel& m, const BlockBuffers& norm, const BlockBu
   std::vector<Tensor>& t = cache.t;
   PARALLAX_CHECK(t.size() == kHNumSlots, "head backward without its forward");
   const bool tied = m.config.tied_embeddings;
-  const std::int64_t vocab_begin = tied ? head.layout->param("wte").row0
-                                        : head.layout->param("w").col0;
+  const std::int64_t vocab_begin =
+      tied ? head.layout->param("wte").row0 : head.layout->param("w").col0;
   Tensor dlogits(t[kHLogits].rows(), t[kHLogits].cols(), Tensor::uninitialized);
-  ops::cross_entropy_backward(t[kHLogits], t[kHMax], t[kHSum], mb.targets, vocab_begin,
-                              loss_scale, dlogits);
+  ops::cross_entropy_backward(t[kHLogits], t[kHMax], t[kHSum], mb.targets, vocab_begin, loss_scale,
+                              dlogits);
   t[kHLogits].release();
   Tensor dfull(t[kHFull].rows(), t[kHFull].cols(), Tensor::uninitialized);
   if (tied) {

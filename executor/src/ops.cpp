@@ -32,8 +32,8 @@ void linear_forward(ConstMatRef x, ConstMatRef w, ConstMatRef b, MatRef y) {
   }
 }
 
-void linear_backward(ConstMatRef x, ConstMatRef w, ConstMatRef dy, MatRef dx, MatRef dw,
-                     MatRef db, bool accumulate_dx) {
+void linear_backward(ConstMatRef x, ConstMatRef w, ConstMatRef dy, MatRef dx, MatRef dw, MatRef db,
+                     bool accumulate_dx) {
   check_shape(dy, x.rows, w.cols, "linear output gradient");
   check_shape(dw, w.rows, w.cols, "linear weight gradient");
   if (dx) {
@@ -118,8 +118,8 @@ void rmsnorm_forward(ConstMatRef x, ConstMatRef gamma, MatRef y, MatRef rstd, fl
   }
 }
 
-void rmsnorm_backward(ConstMatRef x, ConstMatRef gamma, ConstMatRef rstd, ConstMatRef dy,
-                      MatRef dx, MatRef dgamma) {
+void rmsnorm_backward(ConstMatRef x, ConstMatRef gamma, ConstMatRef rstd, ConstMatRef dy, MatRef dx,
+                      MatRef dgamma) {
   const Index n = x.rows;
   const Index h = x.cols;
   check_shape(dy, n, h, "rmsnorm output gradient");
@@ -222,8 +222,7 @@ void rope_forward(MatRef x, int head_dim, std::span<const std::int32_t> position
   rope_rotate(x, head_dim, positions, theta, 1.0f);
 }
 
-void rope_backward(MatRef dx, int head_dim, std::span<const std::int32_t> positions,
-                   float theta) {
+void rope_backward(MatRef dx, int head_dim, std::span<const std::int32_t> positions, float theta) {
   rope_rotate(dx, head_dim, positions, theta, -1.0f);
 }
 
@@ -234,7 +233,8 @@ void check_attention(ConstMatRef q, ConstMatRef k, ConstMatRef v, const Attentio
                  "query heads must be a multiple of key/value heads");
   check_shape(q, s.batch * s.seq, Index{s.heads} * s.head_dim, "attention q");
   check_shape(k, s.batch * s.seq, Index{s.kv_heads} * s.head_dim, "attention k");
-  if (v) check_shape(v, s.batch * s.seq, Index{s.kv_heads} * s.head_dim, "attention v");
+  if (v)
+    check_shape(v, s.batch * s.seq, Index{s.kv_heads} * s.head_dim, "attention v");
 }
 
 } // namespace
@@ -342,7 +342,8 @@ void embedding_backward(std::span<const std::int32_t> tokens, ConstMatRef dout,
   auto tm = dtable.m();
   for (Index r = 0; r < dout.rows; ++r) {
     const std::int64_t local = tokens[static_cast<std::size_t>(r)] - vocab_begin;
-    if (local >= 0 && local < dtable.rows) tm.row(local) += dm.row(r);
+    if (local >= 0 && local < dtable.rows)
+      tm.row(local) += dm.row(r);
   }
 }
 
@@ -379,7 +380,8 @@ void cross_entropy_backward(ConstMatRef logits, ConstMatRef max, ConstMatRef sum
        scale;
   for (Index r = 0; r < logits.rows; ++r) {
     const std::int64_t local = targets[static_cast<std::size_t>(r)] - vocab_begin;
-    if (local >= 0 && local < logits.cols) dm(r, local) -= scale;
+    if (local >= 0 && local < logits.cols)
+      dm(r, local) -= scale;
   }
 }
 

@@ -19,8 +19,14 @@ void MemoryTracker::freed(std::int64_t bytes) {
   g_current.fetch_sub(bytes, std::memory_order_relaxed);
 }
 
-std::int64_t MemoryTracker::current() { return g_current.load(std::memory_order_relaxed); }
-std::int64_t MemoryTracker::peak() { return g_peak.load(std::memory_order_relaxed); }
-void MemoryTracker::reset_peak() { g_peak.store(current(), std::memory_order_relaxed); }
+std::int64_t MemoryTracker::current() {
+  return g_current.load(std::memory_order_relaxed);
+}
+std::int64_t MemoryTracker::peak() {
+  return g_peak.load(std::memory_order_relaxed);
+}
+void MemoryTracker::reset_peak() {
+  g_peak.store(current(), std::memory_order_relaxed);
+}
 
 } // namespace parallax

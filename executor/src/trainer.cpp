@@ -7,10 +7,10 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <limits>
-#include <malloc.h>
 #include <cmath>
 #include <deque>
+#include <limits>
+#include <malloc.h>
 #include <map>
 #include <numbers>
 
@@ -24,14 +24,14 @@ struct Block {
   BlockLayout layout;
   std::int64_t own_begin = 0; // the slice of the flat buffer this data-parallel rank updates
   std::int64_t own_size = 0;
-  Buffer params;              // full local parameters (ZeRO-3: only while gathered)
-  Buffer param_shard;         // ZeRO-3: the owned slice, always resident
-  Buffer grads;               // full local gradients (ZeRO-2/3: only during a backward)
-  Buffer grad_shard;          // ZeRO-2/3: reduced gradients of the owned slice, accumulated
-  Buffer exp_avg;             // AdamW moments of the owned slice
+  Buffer params;      // full local parameters (ZeRO-3: only while gathered)
+  Buffer param_shard; // ZeRO-3: the owned slice, always resident
+  Buffer grads;       // full local gradients (ZeRO-2/3: only during a backward)
+  Buffer grad_shard;  // ZeRO-2/3: reduced gradients of the owned slice, accumulated
+  Buffer exp_avg;     // AdamW moments of the owned slice
   Buffer exp_avg_sq;
-  CommRequest pending;        // in-flight gradient all-reduce or reduce-scatter
-  Buffer rs_out;              // reduce-scatter destination while pending
+  CommRequest pending; // in-flight gradient all-reduce or reduce-scatter
+  Buffer rs_out;       // reduce-scatter destination while pending
   bool rs_pending = false;
   // The LM head's tied embedding when the embedding lives on the same rank: no storage of its
   // own, it reads and writes the embedding block's buffers.
@@ -39,8 +39,8 @@ struct Block {
 
   BlockBuffers buffers() const {
     const Block& s = alias ? *alias : *this;
-    return {.layout = &layout, .params = s.params.data(),
-            .grads = const_cast<float*>(s.grads.data())};
+    return {
+        .layout = &layout, .params = s.params.data(), .grads = const_cast<float*>(s.grads.data())};
   }
   // Reduced gradients of the owned slice (valid after the step's reduction).
   float* owned_grads(int zero) { return zero >= 2 ? grad_shard.data() : grads.data() + own_begin; }
@@ -50,15 +50,19 @@ struct Block {
 };
 
 struct Chunk {
-  int index = 0;            // global chunk index
+  int index = 0; // global chunk index
   StageRange units;
   std::vector<Block> blocks;
   bool first() const { return units.first == 0; }
 };
 
-Buffer zeros(std::int64_t n) { return Buffer(static_cast<std::size_t>(n), 0.0f); }
+Buffer zeros(std::int64_t n) {
+  return Buffer(static_cast<std::size_t>(n), 0.0f);
+}
 
-std::span<float> span_of(Buffer& b) { return {b.data(), b.size()}; }
+std::span<float> span_of(Buffer& b) {
+  return {b.data(), b.size()};
+}
 
 } // namespace
 
@@ -75,7 +79,7 @@ struct Trainer::Impl {
   std::unique_ptr<Communicator> embed_comm; // first and last pipeline rank (tied embeddings)
   RankCoords me;
   int rank = 0;
-  std::int64_t m = 1;       // micro-batches per replica
+  std::int64_t m = 1;        // micro-batches per replica
   std::vector<Chunk> chunks; // local chunks, by local index
   std::int64_t step_count = 0;
   std::int64_t samples_consumed = 0; // global samples of the steps done (the data position)
@@ -107,12 +111,20 @@ struct Trainer::Impl {
     return t;
   }
 
-  void record(Stream stream, Category cat, std::string name, int layer, int mb, double s,
-              double e, double flops = 0, double bytes = 0) {
-    if (!recording) return;
-    events.push_back({.rank = rank, .stream = stream, .category = cat, .name = std::move(name),
-                      .layer = layer, .micro_batch = mb, .start_s = s - t0, .end_s = e - t0,
-                      .flops = flops, .bytes = bytes});
+  void record(Stream stream, Category cat, std::string name, int layer, int mb, double s, double e,
+              double flops = 0, double bytes = 0) {
+    if (!recording)
+      return;
+    events.push_back({.rank = rank,
+                      .stream = stream,
+                      .category = cat,
+                      .name = std::move(name),
+                      .layer = layer,
+                      .micro_batch = mb,
+                      .start_s = s - t0,
+                      .end_s = e - t0,
+                      .flops = flops,
+                      .bytes = bytes});
   }
 
   int chunk_rank(int chunk) const {
@@ -127,8 +139,8 @@ struct Trainer::Impl {
     MicroBatch mb;
     mb.batch = plan.micro_batch_size;
     mb.seq = c.seq_length;
-    const std::int64_t base = samples_consumed +
-                              me.dp * (m * plan.micro_batch_size) + k * plan.micro_batch_size;
+    const std::int64_t base =
+        samples_consumed + me.dp * (m * plan.micro_batch_size) + k * plan.micro_batch_size;
     std::vector<std::int32_t> sample(static_cast<std::size_t>(mb.seq + 1));
     for (Index b = 0; b < mb.batch; ++b) {
       data->sample(base + b, sample);
@@ -150,7 +162,8 @@ struct Trainer::Impl {
   static Block& storage(Block& b) { return b.alias ? *b.alias : b; }
 
   void gather_params(Block& blk) {
-    if (plan.zero_stage != 3) return;
+    if (plan.zero_stage != 3)
+      return;
     Block& b = storage(blk);
     const double s = steady_seconds();
     b.params = zeros(b.layout.padded);
@@ -163,17 +176,20 @@ struct Trainer::Impl {
            s, steady_seconds(), 0, static_cast<double>(b.layout.padded) * sizeof(float));
   }
   void release_params(Block& b) {
-    if (plan.zero_stage == 3) Buffer().swap(storage(b).params);
+    if (plan.zero_stage == 3)
+      Buffer().swap(storage(b).params);
   }
 
   void finish_reduce_scatter(Block& b) {
-    if (!b.rs_pending) return;
+    if (!b.rs_pending)
+      return;
     scattering.erase(std::find(scattering.begin(), scattering.end(), &b));
     const double s = steady_seconds();
     b.pending.wait();
     record(Stream::dp_comm, Category::dp_comm, "reduce-scatter wait " + b.layout.name,
            b.layout.unit, -1, s, steady_seconds());
-    for (std::size_t i = 0; i < b.grad_shard.size(); ++i) b.grad_shard[i] += b.rs_out[i];
+    for (std::size_t i = 0; i < b.grad_shard.size(); ++i)
+      b.grad_shard[i] += b.rs_out[i];
     Buffer().swap(b.rs_out);
     Buffer().swap(b.grads);
     b.rs_pending = false;
@@ -181,7 +197,8 @@ struct Trainer::Impl {
 
   // Before a block's backward: make sure its gradient buffer exists and is free.
   void prepare_grads(Block& blk) {
-    if (plan.zero_stage < 2) return;
+    if (plan.zero_stage < 2)
+      return;
     Block& b = storage(blk);
     finish_reduce_scatter(b);
     b.grads = zeros(b.layout.padded);
@@ -192,7 +209,8 @@ struct Trainer::Impl {
   bool shared_with_head(const Block& emb) const {
     for (const Chunk& c : chunks) {
       for (const Block& b : c.blocks) {
-        if (b.alias == &emb) return true;
+        if (b.alias == &emb)
+          return true;
       }
     }
     return false;
@@ -200,11 +218,13 @@ struct Trainer::Impl {
 
   // After a block's backward of micro-batch `k`: launch its data-parallel reduction when due.
   void after_backward(Block& b, std::int64_t k) {
-    if (b.alias) return; // reduced with the embedding, whose backward comes later
+    if (b.alias)
+      return; // reduced with the embedding, whose backward comes later
     const int dp = plan.dp;
     if (plan.zero_stage >= 2) {
       if (dp == 1) {
-        for (std::size_t i = 0; i < b.grad_shard.size(); ++i) b.grad_shard[i] += b.grads[i];
+        for (std::size_t i = 0; i < b.grad_shard.size(); ++i)
+          b.grad_shard[i] += b.grads[i];
         Buffer().swap(b.grads);
         return;
       }
@@ -263,9 +283,12 @@ struct Trainer::Impl {
 
   KeepMode keep_mode() const {
     switch (plan.recompute) {
-    case Recompute::none: return KeepMode::all;
-    case Recompute::selective: return KeepMode::no_attention_probs;
-    case Recompute::full: return KeepMode::input_only;
+    case Recompute::none:
+      return KeepMode::all;
+    case Recompute::selective:
+      return KeepMode::no_attention_probs;
+    case Recompute::full:
+      return KeepMode::input_only;
     }
     return KeepMode::all;
   }
@@ -284,7 +307,8 @@ struct Trainer::Impl {
                        ? &ch.blocks[1]
                        : nullptr;
       gather_params(emb);
-      if (pos) gather_params(*pos);
+      if (pos)
+        gather_params(*pos);
       const double s = steady_seconds();
       const BlockBuffers eb = emb.buffers();
       const BlockBuffers pb = pos ? pos->buffers() : BlockBuffers{};
@@ -292,19 +316,21 @@ struct Trainer::Impl {
       record(Stream::compute, Category::forward, "embedding", 0, static_cast<int>(k), s,
              steady_seconds());
       release_params(emb);
-      if (pos) release_params(*pos);
+      if (pos)
+        release_params(*pos);
       i = pos ? 2 : 1;
     } else {
       x = receive(ch.index - 1, k, 0, local_rows());
     }
     for (; i < ch.blocks.size(); ++i) {
       Block& b = ch.blocks[i];
-      if (b.layout.kind != BlockKind::layer) break;
+      if (b.layout.kind != BlockKind::layer)
+        break;
       gather_params(b);
       const double s = steady_seconds();
       x = layer_forward(model, b.buffers(), tpc, mb, x, keep_mode(), cache[i]);
-      record(Stream::compute, Category::forward, b.layout.name, b.layout.unit,
-             static_cast<int>(k), s, steady_seconds());
+      record(Stream::compute, Category::forward, b.layout.name, b.layout.unit, static_cast<int>(k),
+             s, steady_seconds());
       release_params(b);
     }
     if (ch.index == last_chunk) {
@@ -313,13 +339,13 @@ struct Trainer::Impl {
       gather_params(norm);
       gather_params(head);
       const double s = steady_seconds();
-      const double loss = head_forward(model, norm.buffers(), head.buffers(), tpc, mb, x,
-                                       cache[i]);
+      const double loss = head_forward(model, norm.buffers(), head.buffers(), tpc, mb, x, cache[i]);
       record(Stream::compute, Category::forward, "head", norm.layout.unit, static_cast<int>(k), s,
              steady_seconds());
       release_params(norm);
       release_params(head);
-      if (me.tp == 0) loss_sum += loss;
+      if (me.tp == 0)
+        loss_sum += loss;
     } else {
       send(std::move(x), ch.index + 1, ch.index, k, 0);
     }
@@ -340,10 +366,10 @@ struct Trainer::Impl {
       prepare_grads(norm);
       prepare_grads(head);
       const double s = steady_seconds();
-      dy = head_backward(model, norm.buffers(), head.buffers(), tpc, mb, loss_scale,
-                         cache[end - 2]);
-      record(Stream::compute, Category::backward, "head", norm.layout.unit, static_cast<int>(k),
-             s, steady_seconds());
+      dy =
+          head_backward(model, norm.buffers(), head.buffers(), tpc, mb, loss_scale, cache[end - 2]);
+      record(Stream::compute, Category::backward, "head", norm.layout.unit, static_cast<int>(k), s,
+             steady_seconds());
       release_params(norm);
       release_params(head);
       after_backward(head, k);
@@ -369,7 +395,8 @@ struct Trainer::Impl {
       Block& emb = ch.blocks[0];
       Block* pos = first_layer == 2 ? &ch.blocks[1] : nullptr;
       gather_params(emb);
-      if (!shared_with_head(emb)) prepare_grads(emb);
+      if (!shared_with_head(emb))
+        prepare_grads(emb);
       if (pos) {
         gather_params(*pos);
         prepare_grads(*pos);
@@ -396,34 +423,36 @@ struct Trainer::Impl {
 
   double learning_rate(std::int64_t step) const {
     const std::int64_t warmup = opt.warmup_steps >= 0 ? opt.warmup_steps : opt.steps / 10;
-    const std::int64_t horizon = std::max<std::int64_t>(opt.decay_steps >= 0 ? opt.decay_steps
-                                                                             : opt.steps,
-                                                        1);
-    if (step < warmup) return opt.lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
-    const double progress = std::clamp(static_cast<double>(step - warmup) /
-                                           static_cast<double>(std::max<std::int64_t>(horizon - warmup, 1)),
-                                       0.0, 1.0);
+    const std::int64_t horizon =
+        std::max<std::int64_t>(opt.decay_steps >= 0 ? opt.decay_steps : opt.steps, 1);
+    if (step < warmup)
+      return opt.lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
+    const double progress =
+        std::clamp(static_cast<double>(step - warmup) /
+                       static_cast<double>(std::max<std::int64_t>(horizon - warmup, 1)),
+                   0.0, 1.0);
     const double min_lr = opt.lr * opt.min_lr_ratio;
     return min_lr + 0.5 * (opt.lr - min_lr) * (1.0 + std::cos(std::numbers::pi * progress));
   }
 
   // Calls f(param, begin, end) for the part [begin, end) of each parameter (flat offsets) that
   // lies in the block's owned slice.
-  template <class F>
-  static void for_owned(const Block& b, F&& f) {
+  template <class F> static void for_owned(const Block& b, F&& f) {
     const std::int64_t lo = b.own_begin;
     const std::int64_t hi = b.own_begin + b.own_size;
     for (const ParamInfo& p : b.layout.params) {
       const std::int64_t s = std::max(lo, p.offset);
       const std::int64_t e = std::min(hi, p.offset + p.local_size());
-      if (s < e) f(p, s, e);
+      if (s < e)
+        f(p, s, e);
     }
   }
 
   Block* find_block(BlockKind kind) {
     for (Chunk& c : chunks) {
       for (Block& b : c.blocks) {
-        if (b.layout.kind == kind) return &b;
+        if (b.layout.kind == kind)
+          return &b;
       }
     }
     return nullptr;
@@ -432,7 +461,8 @@ struct Trainer::Impl {
   void reduce_gradients() {
     for (Chunk& c : chunks) {
       for (Block& b : c.blocks) {
-        if (b.alias) continue;
+        if (b.alias)
+          continue;
         if (plan.zero_stage >= 2) {
           finish_reduce_scatter(b);
         } else if (b.pending.pending()) {
@@ -454,11 +484,12 @@ struct Trainer::Impl {
       } else if (emb && head) {
         float* a = emb->owned_grads(z);
         float* h = head->owned_grads(z);
-        for (std::int64_t i = 0; i < emb->own_size; ++i) a[i] = h[i] = a[i] + h[i];
+        for (std::int64_t i = 0; i < emb->own_size; ++i)
+          a[i] = h[i] = a[i] + h[i];
       } else if (emb || head) {
         Block* b = emb ? emb : head;
-        embed_comm->all_reduce_sum(std::span<float>(b->owned_grads(z),
-                                                    static_cast<std::size_t>(b->own_size)));
+        embed_comm->all_reduce_sum(
+            std::span<float>(b->owned_grads(z), static_cast<std::size_t>(b->own_size)));
       }
     }
     // Sequence parallelism: replicated parameters saw only this rank's part of the sequence.
@@ -466,10 +497,12 @@ struct Trainer::Impl {
       std::vector<float> packed;
       for (Chunk& c : chunks) {
         for (Block& b : c.blocks) {
-          if (b.alias) continue;
+          if (b.alias)
+            continue;
           float* g = b.owned_grads(plan.zero_stage) - b.own_begin;
           for_owned(b, [&](const ParamInfo& p, std::int64_t s, std::int64_t e) {
-            if (p.sp_partial) packed.insert(packed.end(), g + s, g + e);
+            if (p.sp_partial)
+              packed.insert(packed.end(), g + s, g + e);
           });
         }
       }
@@ -477,12 +510,15 @@ struct Trainer::Impl {
       std::size_t at = 0;
       for (Chunk& c : chunks) {
         for (Block& b : c.blocks) {
-          if (b.alias) continue;
+          if (b.alias)
+            continue;
           float* g = b.owned_grads(plan.zero_stage) - b.own_begin;
           for_owned(b, [&](const ParamInfo& p, std::int64_t s, std::int64_t e) {
-            if (!p.sp_partial) return;
+            if (!p.sp_partial)
+              return;
             std::copy(packed.begin() + static_cast<std::ptrdiff_t>(at),
-                      packed.begin() + static_cast<std::ptrdiff_t>(at + static_cast<std::size_t>(e - s)),
+                      packed.begin() +
+                          static_cast<std::ptrdiff_t>(at + static_cast<std::size_t>(e - s)),
                       g + s);
             at += static_cast<std::size_t>(e - s);
           });
@@ -497,11 +533,14 @@ struct Trainer::Impl {
     if (count_dp) {
       for (Chunk& c : chunks) {
         for (Block& b : c.blocks) {
-          if (b.alias) continue;
+          if (b.alias)
+            continue;
           const float* g = b.owned_grads(plan.zero_stage) - b.own_begin;
           for_owned(b, [&](const ParamInfo& p, std::int64_t s, std::int64_t e) {
-            if (p.tied_copy || (p.split == ShardDim::none && me.tp != 0)) return;
-            for (std::int64_t i = s; i < e; ++i) sq += static_cast<double>(g[i]) * g[i];
+            if (p.tied_copy || (p.split == ShardDim::none && me.tp != 0))
+              return;
+            for (std::int64_t i = s; i < e; ++i)
+              sq += static_cast<double>(g[i]) * g[i];
           });
         }
       }
@@ -514,7 +553,8 @@ struct Trainer::Impl {
   bool parameter_server() const { return plan.grad_sync == GradSync::parameter_server; }
 
   void adamw(double lr, double clip_coef) {
-    if (parameter_server() && me.dp != 0) return; // the server updates, the others receive
+    if (parameter_server() && me.dp != 0)
+      return; // the server updates, the others receive
     const std::int64_t t = step_count + 1;
     const double bc1 = 1.0 - std::pow(opt.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(opt.beta2, static_cast<double>(t));
@@ -522,7 +562,8 @@ struct Trainer::Impl {
     const float b2 = static_cast<float>(opt.beta2);
     for (Chunk& c : chunks) {
       for (Block& b : c.blocks) {
-        if (b.alias) continue;
+        if (b.alias)
+          continue;
         float* g = b.owned_grads(plan.zero_stage) - b.own_begin;
         float* p = b.owned_params(plan.zero_stage) - b.own_begin;
         float* m1 = b.exp_avg.data() - b.own_begin;
@@ -549,7 +590,8 @@ struct Trainer::Impl {
     if (parameter_server() && plan.dp > 1) {
       for (Chunk& c : chunks) {
         for (Block& b : c.blocks) {
-          if (b.alias) continue;
+          if (b.alias)
+            continue;
           const double s = steady_seconds();
           dp_comm->broadcast(span_of(b.params), 0);
           record(Stream::dp_comm, Category::dp_comm, "parameter broadcast " + b.layout.name,
@@ -559,10 +601,12 @@ struct Trainer::Impl {
       }
       return;
     }
-    if (plan.zero_stage == 0 || plan.zero_stage == 3 || plan.dp == 1) return;
+    if (plan.zero_stage == 0 || plan.zero_stage == 3 || plan.dp == 1)
+      return;
     for (Chunk& c : chunks) {
       for (Block& b : c.blocks) {
-        if (b.alias) continue;
+        if (b.alias)
+          continue;
         const double s = steady_seconds();
         const std::span<float> all = span_of(b.params);
         dp_comm->all_gather(all.subspan(static_cast<std::size_t>(b.own_begin),
@@ -592,8 +636,7 @@ Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& o
   s.rank = s.world->rank();
   if (plan.world_size() != s.world->size()) {
     throw InputError(plan_source, "/dp",
-                     fmt::format("dp·tp·pp equal to the number of processes ({})",
-                                 s.world->size()),
+                     fmt::format("dp·tp·pp equal to the number of processes ({})", s.world->size()),
                      fmt::format("{}·{}·{} = {}", plan.dp, plan.tp, plan.pp, plan.world_size()),
                      fmt::format("launch with mpirun -np {}", plan.world_size()));
   }
@@ -607,8 +650,8 @@ Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& o
   }
   if (c.vocab_size % plan.tp != 0 || c.ffn_hidden_size % plan.tp != 0) {
     throw InputError(plan_source, "/tp",
-                     fmt::format("a divisor of vocab_size {} and ffn_hidden_size {}",
-                                 c.vocab_size, c.ffn_hidden_size),
+                     fmt::format("a divisor of vocab_size {} and ffn_hidden_size {}", c.vocab_size,
+                                 c.ffn_hidden_size),
                      std::to_string(plan.tp));
   }
   if (plan.grad_sync == GradSync::parameter_server && plan.zero_stage != 0) {
@@ -650,8 +693,10 @@ Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& o
       } else {
         b.params = std::move(full);
       }
-      if (z < 2) b.grads = zeros(padded);
-      if (z >= 2) b.grad_shard = zeros(b.own_size);
+      if (z < 2)
+        b.grads = zeros(padded);
+      if (z >= 2)
+        b.grad_shard = zeros(b.own_size);
       b.exp_avg = zeros(b.own_size);
       b.exp_avg_sq = zeros(b.own_size);
       ch.blocks.push_back(std::move(b));
@@ -673,8 +718,12 @@ Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& o
 
 Trainer::~Trainer() = default;
 
-int Trainer::world_rank() const { return impl_->rank; }
-std::int64_t Trainer::steps_done() const { return impl_->step_count; }
+int Trainer::world_rank() const {
+  return impl_->rank;
+}
+std::int64_t Trainer::steps_done() const {
+  return impl_->step_count;
+}
 
 StepStats Trainer::step(bool record) {
   Impl& s = *impl_;
@@ -688,13 +737,15 @@ StepStats Trainer::step(bool record) {
   const int z = s.plan.zero_stage;
   for (Chunk& c : s.chunks) {
     for (Block& b : c.blocks) {
-      if (z < 2) std::fill(b.grads.begin(), b.grads.end(), 0.0f);
-      else std::fill(b.grad_shard.begin(), b.grad_shard.end(), 0.0f);
+      if (z < 2)
+        std::fill(b.grads.begin(), b.grads.end(), 0.0f);
+      else
+        std::fill(b.grad_shard.begin(), b.grad_shard.end(), 0.0f);
     }
   }
   s.loss_sum = 0;
-  s.caches.assign(s.chunks.size(), std::vector<std::vector<BlockCache>>(
-                                       static_cast<std::size_t>(s.m)));
+  s.caches.assign(s.chunks.size(),
+                  std::vector<std::vector<BlockCache>>(static_cast<std::size_t>(s.m)));
   const double global_tokens =
       static_cast<double>(s.plan.global_batch_size * s.model.config.seq_length);
   const float loss_scale = static_cast<float>(1.0 / global_tokens);
@@ -703,14 +754,16 @@ StepStats Trainer::step(bool record) {
   for (const PipelineOp& op : pipeline_schedule(s.plan, s.me.pp)) {
     const int lc = op.chunk / s.plan.pp;
     auto it = batches.find(op.micro_batch);
-    if (it == batches.end()) it = batches.emplace(op.micro_batch, s.micro_batch(op.micro_batch)).first;
+    if (it == batches.end())
+      it = batches.emplace(op.micro_batch, s.micro_batch(op.micro_batch)).first;
     if (op.forward) {
       s.forward(lc, op.micro_batch, it->second);
     } else {
       s.backward(lc, op.micro_batch, it->second, loss_scale);
     }
   }
-  for (CommRequest& r : s.sends) r.wait();
+  for (CommRequest& r : s.sends)
+    r.wait();
   s.sends.clear();
   s.stash.clear();
   PARALLAX_CHECK(s.mailbox.empty(), "pipeline messages left undelivered");
@@ -762,7 +815,8 @@ Timeline Trainer::timeline() {
   for (std::size_t r = 0; r < parts.size(); ++r) {
     Timeline t = timeline_from_chrome_trace(json_parse_text(parts[r], "rank trace"), "rank trace");
     all.events.insert(all.events.end(), t.events.begin(), t.events.end());
-    if (r < t.peak_memory_bytes.size()) all.peak_memory_bytes[r] = t.peak_memory_bytes[r];
+    if (r < t.peak_memory_bytes.size())
+      all.peak_memory_bytes[r] = t.peak_memory_bytes[r];
   }
   all.sort();
   return all;
@@ -793,8 +847,10 @@ Checkpoint Trainer::checkpoint() {
                                 all);
         }
       };
-      if (z == 3) own(f.p, b.param_shard.data());
-      else f.p.assign(b.params.begin(), b.params.end());
+      if (z == 3)
+        own(f.p, b.param_shard.data());
+      else
+        f.p.assign(b.params.begin(), b.params.end());
       own(f.m1, b.exp_avg.data());
       own(f.m2, b.exp_avg_sq.data());
       fc.push_back(std::move(f));
@@ -822,7 +878,8 @@ Checkpoint Trainer::checkpoint() {
   const auto place = [&](const BlockLayout& layout, const float* p, const float* m1,
                          const float* m2) {
     for (const ParamInfo& info : layout.params) {
-      if (info.tied_copy) continue;
+      if (info.tied_copy)
+        continue;
       CheckpointTensor& t = tensors.at(info.name);
       for (std::int64_t i = 0; i < info.local_rows; ++i) {
         for (std::int64_t j = 0; j < info.local_cols; ++j) {
@@ -875,12 +932,13 @@ Checkpoint Trainer::checkpoint() {
 void Trainer::restore(const Checkpoint& ck, const std::string& source) {
   Impl& s = *impl_;
   if (ck.model != s.model.config.name) {
-    throw InputError(source, "model", fmt::format("a checkpoint of model \"{}\"",
-                                                  s.model.config.name),
+    throw InputError(source, "model",
+                     fmt::format("a checkpoint of model \"{}\"", s.model.config.name),
                      fmt::format("\"{}\"", ck.model));
   }
   std::map<std::string, const CheckpointTensor*> by_name;
-  for (const CheckpointTensor& t : ck.tensors) by_name[t.name] = &t;
+  for (const CheckpointTensor& t : ck.tensors)
+    by_name[t.name] = &t;
   for (const ParamInfo& p : logical_params(s.model)) {
     auto it = by_name.find(p.name);
     if (it == by_name.end()) {
@@ -896,7 +954,8 @@ void Trainer::restore(const Checkpoint& ck, const std::string& source) {
   const int z = s.plan.zero_stage;
   for (Chunk& c : s.chunks) {
     for (Block& b : c.blocks) {
-      if (b.alias) continue;
+      if (b.alias)
+        continue;
       Buffer p = zeros(b.layout.padded), m1 = zeros(b.layout.padded), m2 = zeros(b.layout.padded);
       for (const ParamInfo& info : b.layout.params) {
         const CheckpointTensor& t = *by_name.at(info.name);
@@ -913,8 +972,10 @@ void Trainer::restore(const Checkpoint& ck, const std::string& source) {
       const auto own = [&](const Buffer& from) {
         return Buffer(from.begin() + b.own_begin, from.begin() + b.own_begin + b.own_size);
       };
-      if (z == 3) b.param_shard = own(p);
-      else b.params = std::move(p);
+      if (z == 3)
+        b.param_shard = own(p);
+      else
+        b.params = std::move(p);
       b.exp_avg = own(m1);
       b.exp_avg_sq = own(m2);
     }

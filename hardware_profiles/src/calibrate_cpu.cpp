@@ -16,14 +16,14 @@ namespace parallax {
 namespace {
 
 double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // Median wall time of `reps` runs of f after `warmup` runs, every rank starting each run
 // together.
 double median_time(Communicator& world, int warmup, int reps, const std::function<void()>& f) {
-  for (int i = 0; i < warmup; ++i) f();
+  for (int i = 0; i < warmup; ++i)
+    f();
   std::vector<double> t;
   for (int i = 0; i < reps; ++i) {
     world.barrier();
@@ -58,7 +58,8 @@ double memory_gib_total() {
   double kib = 0;
   std::string unit;
   while (f >> key >> kib >> unit) {
-    if (key == "MemTotal:") return kib / (1024.0 * 1024.0);
+    if (key == "MemTotal:")
+      return kib / (1024.0 * 1024.0);
   }
   return 24.0;
 }
@@ -75,10 +76,9 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   struct Shape {
     Eigen::Index m, k, n;
   };
-  std::vector<Shape> shapes = {{32, 32, 32},    {64, 64, 64},     {128, 128, 128},
-                               {256, 256, 256}, {512, 512, 512},  {256, 64, 256},
-                               {512, 256, 1024}, {1024, 512, 512}, {1024, 512, 2048},
-                               {1024, 2048, 512}};
+  std::vector<Shape> shapes = {
+      {32, 32, 32},   {64, 64, 64},     {128, 128, 128},  {256, 256, 256},   {512, 512, 512},
+      {256, 64, 256}, {512, 256, 1024}, {1024, 512, 512}, {1024, 512, 2048}, {1024, 2048, 512}};
   if (!options.quick) {
     shapes.push_back({1024, 1024, 1024});
     shapes.push_back({2048, 2048, 2048});
@@ -93,13 +93,15 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
     // Enough repetitions inside one timing to last a few milliseconds.
     const int inner = std::max(1, static_cast<int>(2e8 / flops));
     const double t = median_time(*world, 1, reps, [&] {
-      for (int i = 0; i < inner; ++i) c.noalias() = a * b;
+      for (int i = 0; i < inner; ++i)
+        c.noalias() = a * b;
     });
     rates.emplace_back(flops, mean_over_ranks(*world, flops * inner / t));
   }
   std::sort(rates.begin(), rates.end());
   double peak = 0;
-  for (const auto& [f, r] : rates) peak = std::max(peak, r);
+  for (const auto& [f, r] : rates)
+    peak = std::max(peak, r);
 
   // Memory bandwidth: a streaming copy (read + write) of buffers far larger than the caches.
   const auto elems = static_cast<Eigen::Index>(options.quick ? (4 << 20) : (32 << 20));
@@ -119,13 +121,18 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   c.device.memory_gib = memory_gib_total() / n;
   c.device.memory_bandwidth_gbps = bandwidth / 1e9;
   c.device.elementwise_efficiency = std::clamp(gelu_rate / bandwidth, 0.05, 1.0);
-  // One point per FLOP count (shapes of equal size averaged): the cost model's curve is a
-  // function of GEMM FLOPs.
+  // The cost model's curve is a function of GEMM FLOPs: one point per FLOP count (the best
+  // shape of that size), made non-decreasing — a larger GEMM can always be blocked at least as
+  // well as a smaller one, and single pathological shapes (Eigen's 256³ runs at a fifth of its
+  // 512³ rate here) must not drag down every GEMM of similar size.
+  double envelope = 0;
   for (std::size_t i = 0; i < rates.size();) {
     std::size_t j = i;
-    double sum = 0;
-    while (j < rates.size() && rates[j].first == rates[i].first) sum += rates[j++].second;
-    c.device.gemm_efficiency.push_back({rates[i].first, sum / static_cast<double>(j - i) / peak});
+    double best = 0;
+    while (j < rates.size() && rates[j].first == rates[i].first)
+      best = std::max(best, rates[j++].second);
+    envelope = std::max(envelope, best / peak);
+    c.device.gemm_efficiency.push_back({rates[i].first, envelope});
     i = j;
   }
 
@@ -134,14 +141,31 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   double latency_us = 1.0;
   double bus_gbps = c.device.memory_bandwidth_gbps / 2;
   if (n > 1) {
-    std::vector<float> tiny(1, 1.0f);
-    const double t_small = median_time(*world, 3, reps * 3, [&] { world->all_reduce_sum(std::span<float>(tiny)); });
-    std::vector<float> big(static_cast<std::size_t>(options.quick ? (1 << 20) : (8 << 20)), 1.0f);
-    const double t_big = median_time(*world, 1, reps, [&] { world->all_reduce_sum(std::span<float>(big)); });
-    const double steps = 2.0 * (n - 1);
-    latency_us = mean_over_ranks(*world, t_small / steps * 1e6);
-    const double bytes = 4.0 * static_cast<double>(big.size()) * steps / n;
-    bus_gbps = mean_over_ranks(*world, bytes / std::max(t_big - t_small, 1e-9) / 1e9);
+    // Least-squares fit of t = a + b · bytes over messages of 4 KiB … 4 MiB (the activation,
+    // gradient-bucket and parameter sizes CPU runs exchange): a is 2(n − 1) ring steps of
+    // latency, b the inverse bus bandwidth over the ring volume 2(n − 1)/n of the message.
+    std::vector<double> xs, ts;
+    for (std::size_t count = 1024; count <= (1u << 20); count *= 4) {
+      std::vector<float> buf(count, 1.0f);
+      const double t =
+          median_time(*world, 2, reps, [&] { world->all_reduce_sum(std::span<float>(buf)); });
+      xs.push_back(4.0 * static_cast<double>(count) * 2.0 * (n - 1) / n);
+      ts.push_back(mean_over_ranks(*world, t));
+    }
+    double mx = 0, mt = 0;
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+      mx += xs[i] / static_cast<double>(xs.size());
+      mt += ts[i] / static_cast<double>(xs.size());
+    }
+    double sxx = 0, sxt = 0;
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+      sxx += (xs[i] - mx) * (xs[i] - mx);
+      sxt += (xs[i] - mx) * (ts[i] - mt);
+    }
+    const double slope = std::max(sxt / sxx, 1e-12);
+    const double intercept = std::max(mt - slope * mx, 1e-7);
+    latency_us = intercept / (2.0 * (n - 1)) * 1e6;
+    bus_gbps = 1.0 / slope / 1e9;
   }
   c.node.devices_per_node = n;
   c.node.intra_bandwidth_gbps = bus_gbps;

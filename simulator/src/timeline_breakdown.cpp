@@ -83,15 +83,23 @@ TimeBreakdown timeline_breakdown(const Timeline& timeline) {
         r.busy += e.end_s - e.start_s;
       }
       break;
-    case Stream::tp_comm: r.comm[0].push_back(span); break;
-    case Stream::pp_comm: r.comm[1].push_back(span); break;
-    case Stream::dp_comm: r.comm[2].push_back(span); break;
+    case Stream::tp_comm:
+      r.comm[0].push_back(span);
+      break;
+    case Stream::pp_comm:
+      r.comm[1].push_back(span);
+      break;
+    case Stream::dp_comm:
+      r.comm[2].push_back(span);
+      break;
     }
   }
-  if (ranks.empty()) return {};
+  if (ranks.empty())
+    return {};
   const RankSpans* critical = &ranks.begin()->second;
   for (const auto& [rank, r] : ranks) {
-    if (r.busy > critical->busy + 1e-12) critical = &r;
+    if (r.busy > critical->busy + 1e-12)
+      critical = &r;
   }
   return sweep_breakdown(critical->compute, critical->optimizer, critical->comm, end);
 }
@@ -119,7 +127,8 @@ double kendall_tau(const std::vector<double>& a, const std::vector<double>& b) {
     for (std::size_t j = i + 1; j < a.size(); ++j) {
       const double da = a[i] - a[j];
       const double db = b[i] - b[j];
-      if (da == 0 && db == 0) continue;
+      if (da == 0 && db == 0)
+        continue;
       if (da == 0) {
         ties_a += 1;
       } else if (db == 0) {
@@ -131,8 +140,8 @@ double kendall_tau(const std::vector<double>& a, const std::vector<double>& b) {
       }
     }
   }
-  const double denom = std::sqrt((concordant + discordant + ties_a) *
-                                 (concordant + discordant + ties_b));
+  const double denom =
+      std::sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b));
   return denom > 0 ? (concordant - discordant) / denom : 0.0;
 }
 

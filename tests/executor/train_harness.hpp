@@ -26,7 +26,6 @@ namespace fs = std::filesystem;
 using parallax::Checkpoint;
 using parallax::Json;
 
-
 struct Result {
   int code = -1;
   std::string out;
@@ -36,7 +35,8 @@ inline Result shell(const std::string& command) {
   FILE* pipe = popen((command + " 2>&1").c_str(), "r");
   Result r;
   std::array<char, 4096> buf{};
-  while (pipe != nullptr && fgets(buf.data(), buf.size(), pipe) != nullptr) r.out += buf.data();
+  while (pipe != nullptr && fgets(buf.data(), buf.size(), pipe) != nullptr)
+    r.out += buf.data();
   const int status = pipe != nullptr ? pclose(pipe) : -1;
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
@@ -60,15 +60,20 @@ inline fs::path work_dir() {
 inline fs::path model_file(const std::string& family) {
   const fs::path path = work_dir() / (family + "-8l.json");
   if (!fs::exists(path)) {
-    Json m = family == "gpt"
-                 ? Json{{"name", "gpt-tiny-8l"}, {"family", "gpt"}, {"activation", "gelu"},
-                        {"norm", "layernorm"}, {"position_embedding", "learned"},
-                        {"bias", true}, {"tied_embeddings", true}, {"num_kv_heads", 4},
-                        {"ffn_hidden_size", 256}}
-                 : Json{{"name", "llama-tiny-8l"}, {"family", "llama"}, {"activation", "swiglu"},
-                        {"norm", "rmsnorm"}, {"position_embedding", "rope"}, {"bias", false},
-                        {"tied_embeddings", false}, {"num_kv_heads", 2},
-                        {"ffn_hidden_size", 176}};
+    Json m = family == "gpt" ? Json{{"name", "gpt-tiny-8l"},
+                                    {"family", "gpt"},
+                                    {"activation", "gelu"},
+                                    {"norm", "layernorm"},
+                                    {"position_embedding", "learned"},
+                                    {"bias", true},
+                                    {"tied_embeddings", true},
+                                    {"num_kv_heads", 4},
+                                    {"ffn_hidden_size", 256}}
+                             : Json{{"name", "llama-tiny-8l"},      {"family", "llama"},
+                                    {"activation", "swiglu"},       {"norm", "rmsnorm"},
+                                    {"position_embedding", "rope"}, {"bias", false},
+                                    {"tied_embeddings", false},     {"num_kv_heads", 2},
+                                    {"ffn_hidden_size", 176}};
     m["num_layers"] = 8;
     m["hidden_size"] = 64;
     m["num_attention_heads"] = 4;
@@ -100,34 +105,43 @@ inline std::string case_name(const Case& c) {
 }
 
 // gtest prints parameters in test names and failure messages with this.
-inline void PrintTo(const Case& c, std::ostream* os) { *os << case_name(c); }
+inline void PrintTo(const Case& c, std::ostream* os) {
+  *os << case_name(c);
+}
 
 constexpr int kGlobalBatch = 16;
 constexpr int kSteps = 5;
 
 struct TrainRun {
   int code = -1;
-  std::vector<Json> steps;   // the --log lines
-  Checkpoint final_state;    // the newest checkpoint
+  std::vector<Json> steps; // the --log lines
+  Checkpoint final_state;  // the newest checkpoint
   std::string output;
 };
 
 struct TrainArgs {
-  std::string extra;         // more flags
+  std::string extra; // more flags
   int steps = kSteps;
-  std::string dir;           // run directory under work_dir(); default: the case's name
-  bool fresh = true;         // empty the directory first
-  std::string env;           // environment assignments put before the command
+  std::string dir;   // run directory under work_dir(); default: the case's name
+  bool fresh = true; // empty the directory first
+  std::string env;   // environment assignments put before the command
   bool expect_success = true;
   int comm_timeout_s = 60;
 };
 
 inline fs::path write_plan(const Case& c, const fs::path& file) {
-  const Json plan = {{"dp", c.dp}, {"tp", c.tp}, {"pp", c.pp}, {"zero_stage", c.zero},
-                     {"micro_batch_size", c.micro}, {"global_batch_size", kGlobalBatch},
-                     {"schedule", c.schedule}, {"virtual_stages", c.v},
-                     {"recompute", c.recompute}, {"sequence_parallel", c.sp},
-                     {"precision", "fp32"}, {"grad_sync", c.sync}};
+  const Json plan = {{"dp", c.dp},
+                     {"tp", c.tp},
+                     {"pp", c.pp},
+                     {"zero_stage", c.zero},
+                     {"micro_batch_size", c.micro},
+                     {"global_batch_size", kGlobalBatch},
+                     {"schedule", c.schedule},
+                     {"virtual_stages", c.v},
+                     {"recompute", c.recompute},
+                     {"sequence_parallel", c.sp},
+                     {"precision", "fp32"},
+                     {"grad_sync", c.sync}};
   parallax::json_write_file(file, plan);
   return file;
 }
@@ -136,7 +150,8 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
 // checkpointing into the run directory.
 inline TrainRun train(const Case& c, const TrainArgs& a = {}) {
   const fs::path dir = work_dir() / (a.dir.empty() ? case_name(c) : a.dir);
-  if (a.fresh) fs::remove_all(dir);
+  if (a.fresh)
+    fs::remove_all(dir);
   fs::create_directories(dir);
   const fs::path plan = write_plan(c, dir / fmt::format("plan-{}.json", case_name(c)));
   const int np = c.dp * c.tp * c.pp;
@@ -144,17 +159,21 @@ inline TrainRun train(const Case& c, const TrainArgs& a = {}) {
       "{} {}{} train --model {} --plan {} --steps {} --seed 7 --lr 1e-3 --warmup-steps 2 "
       "--decay-steps 20 --checkpoint-dir {} --log {} --comm-timeout {} {}",
       a.env, np > 1 ? mpirun(np) : "", PARALLAX_BINARY, model_file(c.family).string(),
-      plan.string(), a.steps, (dir / "ckpt").string(), (dir / "log.jsonl").string(), a.comm_timeout_s, a.extra));
+      plan.string(), a.steps, (dir / "ckpt").string(), (dir / "log.jsonl").string(),
+      a.comm_timeout_s, a.extra));
   TrainRun run;
   run.code = r.code;
   run.output = r.out;
   if (a.expect_success) {
     EXPECT_EQ(r.code, 0) << r.out;
   }
-  if (r.code != 0) return run;
+  if (r.code != 0)
+    return run;
   std::ifstream log(dir / "log.jsonl");
-  for (std::string line; std::getline(log, line);) run.steps.push_back(Json::parse(line));
-  if (auto ck = parallax::read_latest_checkpoint(dir / "ckpt")) run.final_state = std::move(*ck);
+  for (std::string line; std::getline(log, line);)
+    run.steps.push_back(Json::parse(line));
+  if (auto ck = parallax::read_latest_checkpoint(dir / "ckpt"))
+    run.final_state = std::move(*ck);
   return run;
 }
 
@@ -198,7 +217,8 @@ inline void expect_same_training(const TrainRun& got, const TrainRun& ref, doubl
     one.add(a.exp_avg, b.exp_avg);
     worst += fmt::format("{} {:.2e}; ", a.name, one.rel());
     value.add(a.value, b.value);
-    if (a.name.ends_with(".attn.bk")) continue; // zero gradient: its moments are rounding noise
+    if (a.name.ends_with(".attn.bk"))
+      continue; // zero gradient: its moments are rounding noise
     m1.add(a.exp_avg, b.exp_avg);
     m2.add(a.exp_avg_sq, b.exp_avg_sq);
   }

@@ -62,7 +62,8 @@ std::vector<Case> equivalence_cases() {
     for (int dp : {1, 2, 4}) {
       for (int tp : {1, 2, 4}) {
         for (int pp : {1, 2, 4}) {
-          if (dp * tp * pp > 8 || (family == "llama" && tp == 4)) continue;
+          if (dp * tp * pp > 8 || (family == "llama" && tp == 4))
+            continue;
           cases.push_back({.family = family, .dp = dp, .tp = tp, .pp = pp});
         }
       }
@@ -87,9 +88,15 @@ std::vector<Case> equivalence_cases() {
     // Sequence parallelism.
     cases.push_back({.family = family, .tp = 2, .sp = true});
     cases.push_back({.family = family, .dp = 2, .tp = 2, .pp = 2, .zero = 2, .sp = true});
-    if (family == "gpt") cases.push_back({.family = family, .tp = 4, .sp = true});
-    cases.push_back({.family = family, .tp = 2, .pp = 2, .schedule = "interleaved", .v = 2,
-                     .recompute = "full", .sp = true});
+    if (family == "gpt")
+      cases.push_back({.family = family, .tp = 4, .sp = true});
+    cases.push_back({.family = family,
+                     .tp = 2,
+                     .pp = 2,
+                     .schedule = "interleaved",
+                     .v = 2,
+                     .recompute = "full",
+                     .sp = true});
     // Parameter-server gradient sync (data-parallel rank 0 reduces, updates and broadcasts).
     cases.push_back({.family = family, .dp = 4, .sync = "parameter_server"});
     cases.push_back({.family = family, .dp = 2, .tp = 2, .pp = 2, .sync = "parameter_server"});

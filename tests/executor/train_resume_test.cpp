@@ -22,8 +22,7 @@ TEST(TrainResume, ContinuesUnderAnotherPlanAndRankCount) {
     SCOPED_TRACE(family);
     const TrainRun straight = train({.family = family}, {.steps = 20, .dir = family + "-straight"});
     const std::string dir = family + "-resumed";
-    const TrainRun first = train({.family = family, .dp = 2, .zero = 1},
-                                 {.steps = 10, .dir = dir});
+    const TrainRun first = train({.family = family, .dp = 2, .zero = 1}, {.steps = 10, .dir = dir});
     ASSERT_EQ(first.final_state.step, 10);
     const TrainRun second = train({.family = family, .tp = 2, .pp = 2, .zero = 3},
                                   {.extra = "--resume", .steps = 20, .dir = dir, .fresh = false});
@@ -52,16 +51,16 @@ TEST(TrainResume, SurvivesKillNineAndLosesNothingBeyondTheLastCheckpoint) {
   fs::remove_all(dir);
   fs::create_directories(dir);
   const fs::path plan = write_plan(c, dir / "plan.json");
-  const std::string args = fmt::format(
-      "train --model {} --plan {} --seed 7 --lr 1e-3 --warmup-steps 2 --decay-steps 20 "
-      "--checkpoint-dir {} --checkpoint-every 3 --log {}",
-      model_file("gpt").string(), plan.string(), (dir / "ckpt").string(),
-      (dir / "log.jsonl").string());
+  const std::string args =
+      fmt::format("train --model {} --plan {} --seed 7 --lr 1e-3 --warmup-steps 2 --decay-steps 20 "
+                  "--checkpoint-dir {} --checkpoint-every 3 --log {}",
+                  model_file("gpt").string(), plan.string(), (dir / "ckpt").string(),
+                  (dir / "log.jsonl").string());
   const pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
-    const std::string cmd = std::string(PARALLAX_BINARY) + " " + args +
-                            " --steps 100000 >/dev/null 2>&1";
+    const std::string cmd =
+        std::string(PARALLAX_BINARY) + " " + args + " --steps 100000 >/dev/null 2>&1";
     execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
@@ -69,8 +68,10 @@ TEST(TrainResume, SurvivesKillNineAndLosesNothingBeyondTheLastCheckpoint) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   std::int64_t seen = 0;
   while (std::chrono::steady_clock::now() < deadline) {
-    if (auto ck = latest(dir / "ckpt")) seen = ck->step;
-    if (seen >= 12) break;
+    if (auto ck = latest(dir / "ckpt"))
+      seen = ck->step;
+    if (seen >= 12)
+      break;
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   ASSERT_EQ(kill(pid, SIGKILL), 0);
@@ -96,15 +97,16 @@ TEST(TrainResume, SurvivesKillNineAndLosesNothingBeyondTheLastCheckpoint) {
 
 TEST(TrainFailures, DeadRankEndsTheJobWithoutHanging) {
   const auto start = std::chrono::steady_clock::now();
-  const TrainRun r = train({.family = "gpt", .dp = 2, .pp = 2},
-                           {.steps = 50, .env = "PARALLAX_FAULT=kill:1:2",
-                            .expect_success = false});
+  const TrainRun r =
+      train({.family = "gpt", .dp = 2, .pp = 2},
+            {.steps = 50, .env = "PARALLAX_FAULT=kill:1:2", .expect_success = false});
   EXPECT_NE(r.code, 0) << r.output;
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(60));
   // It did run until the fault: two steps logged, no more.
   std::ifstream log(work_dir() / "gpt_d2t1p2_z0_onefoneb_none_mb2" / "log.jsonl");
   int lines = 0;
-  for (std::string line; std::getline(log, line);) ++lines;
+  for (std::string line; std::getline(log, line);)
+    ++lines;
   EXPECT_EQ(lines, 2) << r.output;
 }
 
@@ -112,9 +114,11 @@ TEST(TrainFailures, DeadRankEndsTheJobWithoutHanging) {
 // is aborted with a message naming the stuck operation.
 TEST(TrainFailures, StuckRankTimesOutInsteadOfHanging) {
   const auto start = std::chrono::steady_clock::now();
-  const TrainRun r = train({.family = "gpt", .dp = 2},
-                           {.steps = 50, .dir = "hang", .env = "PARALLAX_FAULT=hang:1:2",
-                            .expect_success = false, .comm_timeout_s = 3});
+  const TrainRun r = train({.family = "gpt", .dp = 2}, {.steps = 50,
+                                                        .dir = "hang",
+                                                        .env = "PARALLAX_FAULT=hang:1:2",
+                                                        .expect_success = false,
+                                                        .comm_timeout_s = 3});
   EXPECT_NE(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("did not complete within"), std::string::npos) << r.output;
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(40));
@@ -146,7 +150,8 @@ TEST(TrainFailures, BadInputsFailCleanlyNamingTheInput) {
   const fs::path ckpt_dir = work_dir() / "corrupt" / "ckpt";
   fs::path file;
   for (const auto& e : fs::directory_iterator(ckpt_dir)) {
-    if (e.path().extension() == ".ckpt") file = e.path();
+    if (e.path().extension() == ".ckpt")
+      file = e.path();
   }
   ASSERT_FALSE(file.empty());
   {
@@ -155,9 +160,9 @@ TEST(TrainFailures, BadInputsFailCleanlyNamingTheInput) {
     const char byte = 0x5a;
     f.write(&byte, 1);
   }
-  const TrainRun bad = train({.family = "gpt"}, {.extra = "--resume", .steps = 4,
-                                                 .dir = "corrupt", .fresh = false,
-                                                 .expect_success = false});
+  const TrainRun bad = train(
+      {.family = "gpt"},
+      {.extra = "--resume", .steps = 4, .dir = "corrupt", .fresh = false, .expect_success = false});
   EXPECT_EQ(bad.code, 2) << bad.output;
   EXPECT_NE(bad.output.find("CRC"), std::string::npos) << bad.output;
   // Unknown backend, no steps.
@@ -180,7 +185,8 @@ TEST(TrainData, TokenFileShardedByDataParallelRank) {
   }
   const std::string data = "--data " + file.string();
   const TrainRun one = train({.family = "llama"}, {.extra = data, .dir = "bin-1"});
-  const TrainRun four = train({.family = "llama", .dp = 4, .zero = 2}, {.extra = data, .dir = "bin-4"});
+  const TrainRun four =
+      train({.family = "llama", .dp = 4, .zero = 2}, {.extra = data, .dir = "bin-4"});
   expect_same_training(four, one, 1e-5);
   EXPECT_LT(one.steps.back()["loss"].get<double>(), one.steps.front()["loss"].get<double>());
 }
@@ -202,13 +208,14 @@ TEST(TrainTrace, WritesMeasuredTimelineOfEveryRank) {
     EXPECT_LE(e.start_s, e.end_s);
   }
   EXPECT_EQ(ranks.size(), 8u);
-  for (auto c : {parallax::Category::forward, parallax::Category::backward,
-                 parallax::Category::tp_comm, parallax::Category::pp_comm,
-                 parallax::Category::dp_comm, parallax::Category::optimizer}) {
+  for (auto c :
+       {parallax::Category::forward, parallax::Category::backward, parallax::Category::tp_comm,
+        parallax::Category::pp_comm, parallax::Category::dp_comm, parallax::Category::optimizer}) {
     EXPECT_TRUE(categories.contains(c)) << parallax::category_name(c);
   }
   ASSERT_EQ(t.peak_memory_bytes.size(), 8u);
-  for (auto b : t.peak_memory_bytes) EXPECT_GT(b, 0);
+  for (auto b : t.peak_memory_bytes)
+    EXPECT_GT(b, 0);
   // The per-step JSON reports the largest rank's peak.
   EXPECT_EQ(r.steps.back()["peak_memory_bytes"].get<std::int64_t>() > 0, true);
 }

@@ -47,7 +47,8 @@ TrainOptions options() {
 std::vector<StepStats> run(const ExecModel& m, const Plan& p, int steps = 4) {
   Trainer t(m, p, options(), "plan");
   std::vector<StepStats> out;
-  for (int i = 0; i < steps; ++i) out.push_back(t.step());
+  for (int i = 0; i < steps; ++i)
+    out.push_back(t.step());
   return out;
 }
 
@@ -124,11 +125,13 @@ TEST(Trainer, WarmupThenCosineLearningRate) {
   o.min_lr_ratio = 0.1;
   Trainer t(m, one_rank(), o, "plan");
   std::vector<double> lr;
-  for (int i = 0; i < 10; ++i) lr.push_back(t.step().lr);
+  for (int i = 0; i < 10; ++i)
+    lr.push_back(t.step().lr);
   EXPECT_DOUBLE_EQ(lr[0], 1e-3); // warm-up: lr · (step + 1) / warmup
   EXPECT_DOUBLE_EQ(lr[1], 2e-3);
   EXPECT_DOUBLE_EQ(lr[2], 2e-3); // cosine starts at the peak
-  for (int i = 3; i < 10; ++i) EXPECT_LT(lr[i], lr[i - 1]);
+  for (int i = 3; i < 10; ++i)
+    EXPECT_LT(lr[i], lr[i - 1]);
   const double progress = 7.0 / 8.0; // step 9 of an 8-step cosine after warm-up
   EXPECT_NEAR(lr[9], 2e-4 + 0.5 * (2e-3 - 2e-4) * (1 + std::cos(M_PI * progress)), 1e-12);
 }
@@ -172,7 +175,8 @@ TEST(ExecModel, LogicalParametersMatchTheModelsParameterCount) {
     LoadedModel m = model_load(name);
     const ExecModel e = ExecModel::from_config(*m.config, m.source);
     std::int64_t total = 0;
-    for (const ParamInfo& p : logical_params(e)) total += p.rows * p.cols;
+    for (const ParamInfo& p : logical_params(e))
+      total += p.rows * p.cols;
     EXPECT_EQ(total, m.graph.total_params()) << name;
   }
 }
@@ -187,12 +191,14 @@ TEST(ExecModel, ShardsTileTheLogicalTensorsExactly) {
         EXPECT_EQ(b.padded % 3, 0);
         EXPECT_GE(b.padded, b.numel);
         for (const ParamInfo& p : b.params) {
-          if (p.split == ShardDim::none && r > 0) continue;
+          if (p.split == ShardDim::none && r > 0)
+            continue;
           covered[p.name] += p.local_size();
         }
       }
     }
-    for (const ParamInfo& p : logical_params(e)) EXPECT_EQ(covered[p.name], p.rows * p.cols) << p.name;
+    for (const ParamInfo& p : logical_params(e))
+      EXPECT_EQ(covered[p.name], p.rows * p.cols) << p.name;
   }
 }
 

@@ -26,10 +26,10 @@ TEST(TimelineBreakdown, AttributesEveryInstantOfTheCriticalRank) {
               // Rank 1 computes less: not the critical rank.
               ev(1, Stream::compute, Category::forward, 0, 1)};
   const TimeBreakdown b = timeline_breakdown(t);
-  EXPECT_DOUBLE_EQ(b.compute, 3 + 3);  // 0–1, 2–4, 5–8 (the DP overlap 7–8 is hidden)
+  EXPECT_DOUBLE_EQ(b.compute, 3 + 3); // 0–1, 2–4, 5–8 (the DP overlap 7–8 is hidden)
   EXPECT_DOUBLE_EQ(b.tp_comm, 1);
   EXPECT_DOUBLE_EQ(b.pp_comm, 1);
-  EXPECT_DOUBLE_EQ(b.dp_comm, 1);      // 8–9: exposed part only
+  EXPECT_DOUBLE_EQ(b.dp_comm, 1); // 8–9: exposed part only
   EXPECT_DOUBLE_EQ(b.bubble, 0.5);
   EXPECT_DOUBLE_EQ(b.optimizer, 0.5);
   EXPECT_DOUBLE_EQ(b.compute + b.tp_comm + b.pp_comm + b.dp_comm + b.bubble + b.optimizer, 10);

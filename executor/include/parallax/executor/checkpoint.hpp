@@ -22,20 +22,20 @@
 namespace parallax {
 
 struct CheckpointTensor {
-  std::string name;                 // logical parameter name, e.g. "block3.attn.wq"
-  std::vector<std::int64_t> shape;  // logical shape
-  std::vector<float> value;         // product(shape) elements each
+  std::string name;                // logical parameter name, e.g. "block3.attn.wq"
+  std::vector<std::int64_t> shape; // logical shape
+  std::vector<float> value;        // product(shape) elements each
   std::vector<float> exp_avg;
   std::vector<float> exp_avg_sq;
   bool operator==(const CheckpointTensor&) const = default;
 };
 
 struct Checkpoint {
-  std::int64_t step = 0;            // optimizer steps completed
-  std::int64_t samples = 0;         // global samples consumed
+  std::int64_t step = 0;    // optimizer steps completed
+  std::int64_t samples = 0; // global samples consumed
   std::uint64_t seed = 0;
-  std::string model;                // model name, checked on resume
-  Json extra = Json::object();      // free-form: plan, lr schedule, data source
+  std::string model;           // model name, checked on resume
+  Json extra = Json::object(); // free-form: plan, lr schedule, data source
   std::vector<CheckpointTensor> tensors;
   bool operator==(const Checkpoint&) const = default;
 };

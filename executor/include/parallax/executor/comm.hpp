@@ -74,9 +74,7 @@ public:
   void reduce_scatter_sum(std::span<const float> in, std::span<float> out) {
     ireduce_scatter_sum(in, out).wait();
   }
-  void all_gather(std::span<const float> in, std::span<float> out) {
-    iall_gather(in, out).wait();
-  }
+  void all_gather(std::span<const float> in, std::span<float> out) { iall_gather(in, out).wait(); }
   void broadcast(std::span<float> data, int root) { ibroadcast(data, root).wait(); }
   void send(std::span<const float> data, int dest, int tag) { isend(data, dest, tag).wait(); }
   void recv(std::span<float> data, int source, int tag) { irecv(data, source, tag).wait(); }

@@ -26,22 +26,22 @@ enum class ShardDim { none, rows, cols };
 enum class Init { normal, ones, zeros };
 
 struct ParamInfo {
-  std::string name;           // logical name, e.g. "block3.attn.wq"
-  std::int64_t rows = 0;      // logical shape
+  std::string name;      // logical name, e.g. "block3.attn.wq"
+  std::int64_t rows = 0; // logical shape
   std::int64_t cols = 0;
   ShardDim split = ShardDim::none;
-  std::int64_t row0 = 0;      // this rank's shard: rows [row0, row0 + local_rows) ...
-  std::int64_t col0 = 0;      // ... and cols [col0, col0 + local_cols) of the logical tensor
+  std::int64_t row0 = 0; // this rank's shard: rows [row0, row0 + local_rows) ...
+  std::int64_t col0 = 0; // ... and cols [col0, col0 + local_cols) of the logical tensor
   std::int64_t local_rows = 0;
   std::int64_t local_cols = 0;
-  std::int64_t offset = 0;    // position in the block's flat buffer
+  std::int64_t offset = 0; // position in the block's flat buffer
   Init init = Init::normal;
   float init_std = 0.02f;
-  bool decay = false;         // AdamW weight decay applies (matrices, not norms or biases)
+  bool decay = false; // AdamW weight decay applies (matrices, not norms or biases)
   // Under sequence parallelism a replicated parameter sees only this rank's part of the
   // sequence, so its gradient is summed over the tensor-parallel group.
   bool sp_partial = false;
-  bool tied_copy = false;     // the LM head's copy of the tied token embedding
+  bool tied_copy = false; // the LM head's copy of the tied token embedding
   std::int64_t local_size() const { return local_rows * local_cols; }
 };
 
@@ -49,11 +49,11 @@ enum class BlockKind { embedding, positions, layer, final_norm, head };
 
 struct BlockLayout {
   BlockKind kind = BlockKind::layer;
-  std::string name;         // "embedding", "positions", "block3", "final_norm", "head"
-  int unit = 0;             // partition unit (transformer layer) it belongs to
+  std::string name; // "embedding", "positions", "block3", "final_norm", "head"
+  int unit = 0;     // partition unit (transformer layer) it belongs to
   std::vector<ParamInfo> params;
-  std::int64_t numel = 0;   // parameters in the flat buffer
-  std::int64_t padded = 0;  // numel rounded up to a multiple of dp
+  std::int64_t numel = 0;  // parameters in the flat buffer
+  std::int64_t padded = 0; // numel rounded up to a multiple of dp
   const ParamInfo& param(std::string_view suffix) const;
 };
 
@@ -71,8 +71,8 @@ struct ExecModel {
 
 // The blocks of stage chunk `units` ([first, last) layers) on a rank at tensor-parallel rank
 // tp_rank of tp, padded for dp data-parallel ranks.
-std::vector<BlockLayout> chunk_layout(const ExecModel& model, StageRange units, int tp,
-                                      int tp_rank, int dp);
+std::vector<BlockLayout> chunk_layout(const ExecModel& model, StageRange units, int tp, int tp_rank,
+                                      int dp);
 
 // Every logical parameter of the model (name, shape), in model order; the tied copy excluded.
 std::vector<ParamInfo> logical_params(const ExecModel& model);
@@ -105,9 +105,9 @@ struct TpContext {
 struct MicroBatch {
   Eigen::Index batch = 0;
   Eigen::Index seq = 0;
-  std::vector<std::int32_t> inputs;     // batch · seq tokens
-  std::vector<std::int32_t> targets;    // batch · seq next tokens
-  std::vector<std::int32_t> positions;  // position of each row of this rank's activations
+  std::vector<std::int32_t> inputs;    // batch · seq tokens
+  std::vector<std::int32_t> targets;   // batch · seq next tokens
+  std::vector<std::int32_t> positions; // position of each row of this rank's activations
 };
 
 // What one block keeps from its forward for its backward.

@@ -17,8 +17,8 @@ namespace parallax::ops {
 void linear_forward(ConstMatRef x, ConstMatRef w, ConstMatRef b, MatRef y);
 // dx = dy·Wᵀ (skipped when dx is absent; added to dx when accumulate_dx), dW += xᵀ·dy,
 // db += Σ_rows dy (skipped when absent).
-void linear_backward(ConstMatRef x, ConstMatRef w, ConstMatRef dy, MatRef dx, MatRef dw,
-                     MatRef db, bool accumulate_dx = false);
+void linear_backward(ConstMatRef x, ConstMatRef w, ConstMatRef dy, MatRef dx, MatRef dw, MatRef db,
+                     bool accumulate_dx = false);
 
 // LayerNorm over each row: y = (x − μ)·rstd·γ + β; mean and rstd ([rows, 1]) are saved.
 void layernorm_forward(ConstMatRef x, ConstMatRef gamma, ConstMatRef beta, MatRef y, MatRef mean,
@@ -28,8 +28,8 @@ void layernorm_backward(ConstMatRef x, ConstMatRef gamma, ConstMatRef mean, Cons
 
 // RMSNorm: y = x·rstd·γ with rstd = 1/sqrt(mean(x²) + eps) ([rows, 1], saved).
 void rmsnorm_forward(ConstMatRef x, ConstMatRef gamma, MatRef y, MatRef rstd, float eps);
-void rmsnorm_backward(ConstMatRef x, ConstMatRef gamma, ConstMatRef rstd, ConstMatRef dy,
-                      MatRef dx, MatRef dgamma);
+void rmsnorm_backward(ConstMatRef x, ConstMatRef gamma, ConstMatRef rstd, ConstMatRef dy, MatRef dx,
+                      MatRef dgamma);
 
 // GELU, tanh approximation (GPT-2).
 void gelu_forward(ConstMatRef x, MatRef y);
@@ -48,8 +48,8 @@ void rope_backward(MatRef dx, int head_dim, std::span<const std::int32_t> positi
 struct AttentionShape {
   Eigen::Index batch = 1;
   Eigen::Index seq = 1;
-  int heads = 1;     // query heads (local to this tensor-parallel rank)
-  int kv_heads = 1;  // key/value heads; query head j reads kv head j / (heads / kv_heads)
+  int heads = 1;    // query heads (local to this tensor-parallel rank)
+  int kv_heads = 1; // key/value heads; query head j reads kv head j / (heads / kv_heads)
   int head_dim = 1;
 };
 
@@ -74,8 +74,8 @@ void embedding_backward(std::span<const std::int32_t> tokens, ConstMatRef dout,
 
 // Vocabulary-parallel cross-entropy in three local pieces around two all-reduces (max, then
 // sum): loss_r = log Σ_v exp(l_rv − M_r) + M_r − l_r,target.
-void row_max(ConstMatRef logits, MatRef max);                                  // [rows, 1]
-void row_sum_exp(ConstMatRef logits, ConstMatRef max, MatRef sum);             // Σ exp(l − M)
+void row_max(ConstMatRef logits, MatRef max);                      // [rows, 1]
+void row_sum_exp(ConstMatRef logits, ConstMatRef max, MatRef sum); // Σ exp(l − M)
 void target_logits(ConstMatRef logits, std::span<const std::int32_t> targets,
                    std::int64_t vocab_begin, MatRef out); // 0 where the target is not local
 // dlogits = scale · (exp(l − M)/S − onehot(target)).

@@ -30,12 +30,10 @@ public:
   static void reset_peak();
 };
 
-template <class T>
-struct TrackingAllocator {
+template <class T> struct TrackingAllocator {
   using value_type = T;
   TrackingAllocator() = default;
-  template <class U>
-  TrackingAllocator(const TrackingAllocator<U>&) noexcept {}
+  template <class U> TrackingAllocator(const TrackingAllocator<U>&) noexcept {}
   // 64-byte (cache line, AVX-512) alignment for every buffer: Eigen's vectorised reductions
   // start with a scalar prologue up to the first aligned element, so a fixed alignment keeps
   // their summation order — and the run's results — the same from run to run.
@@ -51,16 +49,13 @@ struct TrackingAllocator {
   }
   // Default-initialise (leave floats uninitialised) when no value is given: Buffer(n) is
   // uninitialised, Buffer(n, 0.0f) zeroed. Outputs that an op overwrites skip a memset.
-  template <class U>
-  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+  template <class U> void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
     ::new (static_cast<void*>(p)) U;
   }
-  template <class U, class... Args>
-  void construct(U* p, Args&&... args) {
+  template <class U, class... Args> void construct(U* p, Args&&... args) {
     ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
   }
-  template <class U>
-  bool operator==(const TrackingAllocator<U>&) const noexcept { return true; }
+  template <class U> bool operator==(const TrackingAllocator<U>&) const noexcept { return true; }
 };
 
 using Buffer = std::vector<float, TrackingAllocator<float>>;
@@ -118,8 +113,8 @@ public:
   ConstMatMap m() const { return ref().m(); }
   std::span<float> span() { return {data_.data(), data_.size()}; }
   std::span<const float> span() const { return {data_.data(), data_.size()}; }
-  operator MatRef() { return ref(); }             // NOLINT: tensors pass as views
-  operator ConstMatRef() const { return ref(); }  // NOLINT
+  operator MatRef() { return ref(); }            // NOLINT: tensors pass as views
+  operator ConstMatRef() const { return ref(); } // NOLINT
   // Frees the storage (recomputation and ZeRO-3 drop buffers this way).
   void release() {
     Buffer().swap(data_);

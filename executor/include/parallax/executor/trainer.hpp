@@ -19,28 +19,28 @@
 namespace parallax {
 
 struct TrainOptions {
-  std::int64_t steps = 20;          // train until this many optimizer steps are done
-  std::uint64_t seed = 1;           // initial weights and synthetic data
-  double lr = 1e-3;                 // peak learning rate
-  double min_lr_ratio = 0.1;        // cosine decays to lr · min_lr_ratio
-  std::int64_t warmup_steps = -1;   // < 0: steps / 10
-  std::int64_t decay_steps = -1;    // cosine horizon; < 0: steps
+  std::int64_t steps = 20;        // train until this many optimizer steps are done
+  std::uint64_t seed = 1;         // initial weights and synthetic data
+  double lr = 1e-3;               // peak learning rate
+  double min_lr_ratio = 0.1;      // cosine decays to lr · min_lr_ratio
+  std::int64_t warmup_steps = -1; // < 0: steps / 10
+  std::int64_t decay_steps = -1;  // cosine horizon; < 0: steps
   double weight_decay = 0.1;
   double beta1 = 0.9;
   double beta2 = 0.95;
   double adam_eps = 1e-8;
-  double clip_grad_norm = 1.0;      // <= 0: no clipping
-  std::string data_path;            // empty: synthetic tokens
+  double clip_grad_norm = 1.0; // <= 0: no clipping
+  std::string data_path;       // empty: synthetic tokens
   std::chrono::duration<double> comm_timeout{300.0};
-  double peak_flops_per_rank = 0;   // MFU denominator (the cluster profile's device peak)
+  double peak_flops_per_rank = 0; // MFU denominator (the cluster profile's device peak)
 };
 
 struct StepStats {
-  std::int64_t step = 0;            // optimizer steps done after this one
+  std::int64_t step = 0; // optimizer steps done after this one
   double loss = 0;
-  double grad_norm = 0;             // before clipping
+  double grad_norm = 0; // before clipping
   double lr = 0;
-  double step_time_s = 0;           // slowest rank
+  double step_time_s = 0; // slowest rank
   double tokens_per_s = 0;
   double mfu = 0;
   std::int64_t peak_memory_bytes = 0; // largest rank, executor's own accounting
