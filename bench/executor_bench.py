@@ -8,8 +8,10 @@ For one GPT model it measures, with medians over the timed steps of each run:
   * the executor's model-FLOPs utilisation against Eigen's measured single-thread GEMM peak
     (bench/eigen_gemm_bench, best size);
   * the executor's measured peak memory against the planner's memory model for the same plan
-    (`parallax simulate --analytic --json`).
+    (`parallax simulate --analytic --json`); with --memory-sweep also for ZeRO 1–3, TP (with and
+    without sequence parallelism), PP (1F1B, GPipe) and recomputation plans.
 Usage: bench/executor_bench.py [--build build/release] [--ranks 1,2,4] [--steps 6] [--json out]
+                               [--no-torch] [--memory-sweep]
 """
 import argparse
 import json
@@ -63,11 +65,20 @@ def cpu_local_peak():
         return json.load(f)["device"]["peak_tflops"]["fp32"] * 1e12
 
 
-def parallax_train(build, tmp, ranks, steps):
-    plan = os.path.join(tmp, f"plan-dp{ranks}.json")
+MEMORY_SWEEP = [{"dp": 2, "zero_stage": 1}, {"dp": 2, "zero_stage": 2},
+                {"dp": 2, "zero_stage": 3}, {"tp": 2}, {"tp": 2, "sequence_parallel": True},
+                {"pp": 2}, {"pp": 2, "schedule": "gpipe"}, {"recompute": "selective"},
+                {"recompute": "full"}]
+
+
+def parallax_train(build, tmp, ranks, steps, extra=None):
+    fields = {"dp": ranks, "tp": 1, "pp": 1, "micro_batch_size": MICRO_BATCH,
+              "global_batch_size": GLOBAL_BATCH, "precision": "fp32"}
+    fields.update(extra or {})
+    ranks = fields["dp"] * fields["tp"] * fields["pp"]
+    plan = os.path.join(tmp, "plan.json")
     with open(plan, "w") as f:
-        json.dump({"dp": ranks, "tp": 1, "pp": 1, "micro_batch_size": MICRO_BATCH,
-                   "global_batch_size": GLOBAL_BATCH, "precision": "fp32"}, f)
+        json.dump(fields, f)
     out = run(mpirun(ranks) + [os.path.join(build, "cli", "parallax"), "train", "--model",
                                os.path.join(tmp, "model.json"), "--plan", plan, "--steps",
                                str(steps)])
@@ -101,6 +112,7 @@ def main():
     p.add_argument("--ranks", default="1,2,4")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--memory-sweep", action="store_true")
     p.add_argument("--json")
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="parallax_bench_")
@@ -138,6 +150,15 @@ def main():
                   f"{100 * r['mfu_vs_eigen_gemm_peak']:.0f}% | "
                   f"{r['peak_memory_bytes'] / 2**20:.0f} / {r['planner_memory_bytes'] / 2**20:.0f} MiB "
                   f"({r['memory_ratio']:.3f}) |")
+        if a.memory_sweep:
+            print("\n| plan (micro-batch 4) | peak memory measured / planner |")
+            print("|---|---|")
+            for extra in MEMORY_SWEEP:
+                px = parallax_train(a.build, tmp, 1, 2, extra)
+                ratio = px["peak_memory_bytes"] / px["planner_memory_bytes"]
+                result.setdefault("memory_sweep", []).append(dict(extra, ratio=ratio))
+                print(f"| {json.dumps(extra)} | {px['peak_memory_bytes'] / 2**20:.0f} / "
+                      f"{px['planner_memory_bytes'] / 2**20:.0f} MiB ({ratio:.3f}) |", flush=True)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(result, f, indent=2)

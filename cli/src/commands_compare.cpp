@@ -235,6 +235,10 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
 }
 
 int run_compare(const CompareFlags& f) {
+  if (!f.report.empty()) {
+    throw InputError("command line", "--report", "no --report (HTML reports come with viz)",
+                     f.report);
+  }
   const LoadedModel model = model_load(f.model);
   const Cluster cluster = cluster_load(f.cluster);
   std::vector<Plan> plans;
@@ -320,10 +324,6 @@ int run_compare(const CompareFlags& f) {
           1e3 * m.optimizer, 1e3 * s.compute, 1e3 * s.tp_comm, 1e3 * s.pp_comm, 1e3 * s.dp_comm,
           1e3 * s.bubble, 1e3 * s.optimizer);
     }
-  }
-  if (!f.report.empty()) {
-    throw InputError("command line", "--report", "no --report (HTML reports come with viz)",
-                     f.report);
   }
   return 0;
 }

@@ -99,12 +99,8 @@ Setup prepare(const TrainFlags& f, int world_size) {
   Setup s;
   s.model = ExecModel::from_config(*loaded.config, loaded.source);
   s.plan = plan_from_json(json_load_file(f.plan), f.plan);
-  if (s.plan.world_size() != world_size) {
-    throw InputError(
-        f.plan, "/dp", fmt::format("dp·tp·pp equal to the number of processes ({})", world_size),
-        fmt::format("{}·{}·{} = {}", s.plan.dp, s.plan.tp, s.plan.pp, s.plan.world_size()),
-        fmt::format("launch with mpirun -np {}", s.plan.world_size()));
-  }
+  // Every input error is found here, on every rank, before any communicator exists.
+  trainer_check_plan(s.model, s.plan, world_size, f.plan);
   plan_validate(s.plan, loaded.graph, world_size, f.plan);
   Cluster cluster = cluster_load(f.cluster).with_devices(world_size);
   if (s.plan.stages.empty()) {

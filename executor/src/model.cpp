@@ -456,7 +456,6 @@ Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext&
     t[kX] = copy_of(x);
     cache.t = std::move(t);
   }
-  cache.recomputed = false;
   return y;
 }
 
@@ -470,7 +469,6 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
     const Tensor x = std::move(t[kX]);
     layer_forward(m, b, tp, mb, x, KeepMode::all, again);
     cache = std::move(again);
-    cache.recomputed = true;
   }
   const ops::AttentionShape shape = attention_shape(m, tp, mb);
   const Index n = mb.batch * mb.seq;

@@ -75,7 +75,6 @@ struct Trainer::Impl {
   std::unique_ptr<Communicator> world;
   std::unique_ptr<Communicator> tp_comm;
   std::unique_ptr<Communicator> dp_comm;
-  std::unique_ptr<Communicator> pp_comm;
   std::unique_ptr<Communicator> embed_comm; // first and last pipeline rank (tied embeddings)
   RankCoords me;
   int rank = 0;
@@ -620,28 +619,14 @@ struct Trainer::Impl {
   }
 };
 
-Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& options,
-                 const std::string& plan_source)
-    : impl_(std::make_unique<Impl>()) {
-  // Activations are allocated and freed every micro-batch: keep freed memory in the heap
-  // instead of returning it to the kernel (glibc would mmap each large tensor and fault its
-  // pages in again every time).
-  mallopt(M_MMAP_MAX, 0);
-  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
-  Impl& s = *impl_;
-  s.model = model;
-  s.plan = plan;
-  s.opt = options;
-  s.world = mpi_world(options.comm_timeout);
-  s.rank = s.world->rank();
-  if (plan.world_size() != s.world->size()) {
+void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size,
+                        const std::string& plan_source) {
+  if (plan.world_size() != world_size) {
     throw InputError(plan_source, "/dp",
-                     fmt::format("dp·tp·pp equal to the number of processes ({})", s.world->size()),
+                     fmt::format("dp·tp·pp equal to the number of processes ({})", world_size),
                      fmt::format("{}·{}·{} = {}", plan.dp, plan.tp, plan.pp, plan.world_size()),
                      fmt::format("launch with mpirun -np {}", plan.world_size()));
   }
-  PARALLAX_CHECK(static_cast<int>(plan.stages.size()) == plan.pp * plan.virtual_stages,
-                 "the trainer needs the plan's stage ranges");
   const ModelConfig& c = model.config;
   if (plan.sequence_parallel && (plan.micro_batch_size * c.seq_length) % plan.tp != 0) {
     throw InputError(plan_source, "/sequence_parallel",
@@ -660,11 +645,31 @@ Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& o
                      "holds the whole optimizer state)",
                      "\"parameter_server\" with zero_stage " + std::to_string(plan.zero_stage));
   }
+}
+
+Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& options,
+                 const std::string& plan_source)
+    : impl_(std::make_unique<Impl>()) {
+  // Activations are allocated and freed every micro-batch: keep freed memory in the heap
+  // instead of returning it to the kernel (glibc would mmap each large tensor and fault its
+  // pages in again every time).
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+  Impl& s = *impl_;
+  s.model = model;
+  s.plan = plan;
+  s.opt = options;
+  s.world = mpi_world(options.comm_timeout);
+  s.rank = s.world->rank();
+  trainer_check_plan(model, plan, s.world->size(), plan_source);
+  PARALLAX_CHECK(static_cast<int>(plan.stages.size()) == plan.pp * plan.virtual_stages,
+                 "the trainer needs the plan's stage ranges");
+  const ModelConfig& c = model.config;
   s.me = rank_coords(plan, s.rank);
   s.m = plan.num_microbatches();
+  // Pipeline messages go point to point over the world communicator (any two chunks' ranks).
   s.tp_comm = mpi_group(tp_group(plan, s.rank), "tp", options.comm_timeout);
   s.dp_comm = mpi_group(dp_group(plan, s.rank), "dp", options.comm_timeout);
-  s.pp_comm = mpi_group(pp_group(plan, s.rank), "pp", options.comm_timeout);
   if (c.tied_embeddings && plan.pp > 1 && (s.me.pp == 0 || s.me.pp == plan.pp - 1)) {
     s.embed_comm = mpi_group({rank_of(plan, {.dp = s.me.dp, .pp = 0, .tp = s.me.tp}),
                               rank_of(plan, {.dp = s.me.dp, .pp = plan.pp - 1, .tp = s.me.tp})},
@@ -718,9 +723,6 @@ Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& o
 
 Trainer::~Trainer() = default;
 
-int Trainer::world_rank() const {
-  return impl_->rank;
-}
 std::int64_t Trainer::steps_done() const {
   return impl_->step_count;
 }

@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "temp_dir.hpp"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -25,25 +27,9 @@ namespace {
 namespace fs = std::filesystem;
 
 // A fresh directory per test, removed afterwards.
-class TempDir {
+class TempDir : public parallax_test::TempDir {
 public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() / fmt::format("parallax_data_test_{}_{}_{}", ::getpid(),
-                                                    info->test_suite_name(), info->name());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
-private:
-  fs::path path_;
+  TempDir() : parallax_test::TempDir("parallax_data_test") {}
 };
 
 void write_bytes(const fs::path& path, const void* data, std::size_t bytes) {

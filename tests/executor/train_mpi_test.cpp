@@ -8,22 +8,8 @@
 
 #include <fmt/format.h>
 
-#include <array>
-#include <chrono>
-#include <cmath>
-#include <csignal>
-#include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <map>
 #include <string>
-#include <sys/wait.h>
-#include <thread>
-#include <unistd.h>
-
-namespace fs = std::filesystem;
-using parallax::Checkpoint;
-using parallax::Json;
 
 namespace {
 

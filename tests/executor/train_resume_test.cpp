@@ -140,6 +140,15 @@ TEST(TrainFailures, BadInputsFailCleanlyNamingTheInput) {
                         model, plan.string()));
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("mpirun -np 2"), std::string::npos) << r.out;
+  // A plan the trainer cannot run (parameter server with ZeRO): found on every rank before any
+  // communicator exists, so the job exits 2 with one message instead of aborting.
+  const fs::path ps_zero =
+      write_plan({.dp = 2, .zero = 1, .sync = "parameter_server"}, dir / "plan-ps-zero.json");
+  r = shell(fmt::format("{}{} train --model {} --plan {} --steps 1", mpirun(2), PARALLAX_BINARY,
+                        model, ps_zero.string()));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("/grad_sync"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("MPI_ABORT"), std::string::npos) << r.out;
   // Missing token file.
   r = shell(fmt::format("{}{} train --model {} --plan {} --steps 1 --data {}", mpirun(2),
                         PARALLAX_BINARY, model, plan.string(), (dir / "missing.bin").string()));

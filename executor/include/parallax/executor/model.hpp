@@ -113,7 +113,6 @@ struct MicroBatch {
 // What one block keeps from its forward for its backward.
 struct BlockCache {
   std::vector<Tensor> t; // by slot, see model.cpp
-  bool recomputed = false;
 };
 
 // Parameter and gradient views of one block (into its flat buffers).

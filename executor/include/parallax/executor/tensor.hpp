@@ -120,7 +120,6 @@ public:
     Buffer().swap(data_);
     rows_ = cols_ = 0;
   }
-  void set_zero() { std::fill(data_.begin(), data_.end(), 0.0f); }
 
 private:
   Eigen::Index rows_ = 0;

@@ -46,6 +46,13 @@ struct StepStats {
   std::int64_t peak_memory_bytes = 0; // largest rank, executor's own accounting
 };
 
+// Checks what the trainer needs of a plan beyond plan_validate: dp·tp·pp equal to the process
+// count, tp dividing the vocabulary and the FFN width, sequence parallelism dividing the
+// micro-batch's rows, a parameter server only without ZeRO. Throws InputError naming
+// `plan_source`. The CLI calls it on every rank before any communicator exists.
+void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size,
+                        const std::string& plan_source);
+
 class Trainer {
 public:
   // Collective over MPI_COMM_WORLD, whose size must equal plan.world_size(). plan.stages must
@@ -69,8 +76,6 @@ public:
 
   // Collective: the recorded step's events of every rank, on world rank 0.
   Timeline timeline();
-
-  int world_rank() const;
 
 private:
   struct Impl;
