@@ -19,8 +19,6 @@ Run register_simulate(CLI::App& app);
 Run register_train(CLI::App& app);
 Run register_calibrate(CLI::App& app);
 Run register_compare(CLI::App& app);
-
-// "dp2 tp2 pp1 z1 B4 1f1b rc=none sp=off fp32": a plan in one line, for tables.
-std::string plan_label(const Plan& plan);
+Run register_export(CLI::App& app);
 
 } // namespace parallax::cli

@@ -14,6 +14,11 @@
 #include "parallax/simulator/cost_model.hpp"
 #include "parallax/simulator/iteration_simulator.hpp"
 #include "parallax/simulator/timeline_breakdown.hpp"
+#include "parallax/viz/graphviz_render.hpp"
+#include "parallax/viz/layer_graph_dot.hpp"
+#include "parallax/viz/mesh_dot.hpp"
+#include "parallax/viz/report_html.hpp"
+#include "parallax/viz/timeline_svg.hpp"
 
 #include <fmt/format.h>
 
@@ -74,14 +79,10 @@ struct CompareFlags {
   std::string report;
 };
 
-struct Row {
-  Plan plan;
-  double measured_s = 0;
-  double simulated_s = 0;
-  double measured_peak = 0;
-  double simulated_peak = 0;
-  TimeBreakdown measured_breakdown;
-  TimeBreakdown simulated_breakdown;
+// One compared plan, with what the report needs besides the figures.
+struct Row : viz::ComparedPlan {
+  fs::path trace;         // the measured timeline (Chrome trace)
+  PlanEstimate estimate;  // the simulator's figures
 };
 
 Json breakdown_json(const TimeBreakdown& b) {
@@ -182,6 +183,45 @@ std::string quote(const std::string& s) {
   return q + "'";
 }
 
+void write_report(const CompareFlags& f, const LoadedModel& model, const Cluster& cluster,
+                  const std::vector<Row>& rows, double mape, double tau) {
+  viz::ReportInput in;
+  in.title = fmt::format("Simulated vs measured: {}", model.graph.info().name);
+  in.context = fmt::format("{} on {} ({}), {} plans, profile {}", model.graph.info().name,
+                           cluster.name, cluster.device.name, rows.size(), f.cluster);
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    const Row& r = rows[i];
+    in.compared.push_back(r);
+    in.plans.push_back({.estimate = r.estimate,
+                        .gpus = r.plan.world_size(),
+                        .chosen = i == 0,
+                        .simulated = true});
+    in.candidates.push_back({.tokens_per_s = r.estimate.tokens_per_s,
+                             .memory_bytes = r.estimate.memory.total(),
+                             .rank_in_table = static_cast<int>(i) + 1,
+                             .chosen = i == 0});
+  }
+  in.mape = mape;
+  in.kendall_tau = tau;
+  // The first plan in detail: memory, both timelines, layer graph and mesh.
+  const Row& first = rows.front();
+  const Cluster sized = cluster.with_devices(first.plan.world_size());
+  CostModel cost(model.graph, sized);
+  in.memory_capacity_bytes = cost.memory_capacity_bytes();
+  in.chosen = first.estimate;
+  const SimulationResult sim = simulate_iteration(cost, first.plan, {.symmetric = true});
+  in.timelines.emplace_back("measured (plan 1, last step, every rank)",
+                            viz::timeline_svg(timeline_from_chrome_trace(
+                                                  json_load_file(first.trace), first.trace.string()),
+                                              {.title = plan_label(first.plan)}));
+  in.timelines.emplace_back("simulated (plan 1, one rank per pipeline stage)",
+                            viz::timeline_svg(sim.timeline, {.title = plan_label(first.plan)}));
+  in.layer_graph_svg =
+      viz::dot_to_svg(viz::layer_graph_dot(model.graph, first.plan), "layer graph");
+  in.mesh_svg = viz::dot_to_svg(viz::mesh_dot(first.plan, sized), "mesh");
+  text_write_file(f.report, viz::report_html(in));
+}
+
 Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const Cluster& cluster,
                          Plan plan, const fs::path& dir, int index) {
   const fs::path plan_file = dir / fmt::format("plan-{}.json", index);
@@ -215,7 +255,7 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
   for (std::string line; std::getline(in, line);) {
     const Json j = Json::parse(line);
     times.push_back(j.at("step_time_s").get<double>());
-    r.measured_peak = std::max(r.measured_peak, j.at("peak_memory_bytes").get<double>());
+    r.measured_peak_memory_bytes = std::max(r.measured_peak_memory_bytes, j.at("peak_memory_bytes").get<double>());
   }
   PARALLAX_CHECK(!times.empty(), "train wrote no steps");
   // The first step warms caches and the allocator; the median of the rest is the step time.
@@ -223,21 +263,25 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
     times.erase(times.begin());
   std::nth_element(times.begin(), times.begin() + static_cast<std::ptrdiff_t>(times.size() / 2),
                    times.end());
-  r.measured_s = times[times.size() / 2];
-  r.measured_breakdown =
+  r.measured_step_s = times[times.size() / 2];
+  r.measured =
       timeline_breakdown(timeline_from_chrome_trace(json_load_file(trace), trace.string()));
   const SimulationResult sim =
       simulate_iteration(cost, plan, {.symmetric = true, .record_timeline = false});
-  r.simulated_s = sim.estimate.iteration_time_s;
-  r.simulated_breakdown = sim.estimate.breakdown;
-  r.simulated_peak = sim.estimate.memory.total();
+  r.simulated_step_s = sim.estimate.iteration_time_s;
+  r.simulated = sim.estimate.breakdown;
+  r.simulated_peak_memory_bytes = sim.estimate.memory.total();
+  r.trace = trace;
+  r.estimate = sim.estimate;
   return r;
 }
 
 int run_compare(const CompareFlags& f) {
   if (!f.report.empty()) {
-    throw InputError("command line", "--report", "no --report (HTML reports come with viz)",
-                     f.report);
+    const fs::path parent = fs::absolute(f.report).parent_path();
+    if (!fs::is_directory(parent)) {
+      throw InputError("command line", "--report", "a file in an existing directory", f.report);
+    }
   }
   const LoadedModel model = model_load(f.model);
   const Cluster cluster = cluster_load(f.cluster);
@@ -278,22 +322,25 @@ int run_compare(const CompareFlags& f) {
   }
   std::vector<double> measured, simulated;
   for (const Row& r : rows) {
-    measured.push_back(r.measured_s);
-    simulated.push_back(r.simulated_s);
+    measured.push_back(r.measured_step_s);
+    simulated.push_back(r.simulated_step_s);
   }
   const double mape = mean_absolute_percentage_error(measured, simulated);
   const double tau = rows.size() >= 2 ? kendall_tau(measured, simulated) : 1.0;
+  if (!f.report.empty()) {
+    write_report(f, model, cluster, rows, mape, tau);
+  }
   if (f.json) {
     Json out = {{"plans", Json::array()}, {"mape", mape}, {"kendall_tau", tau}};
     for (const Row& r : rows) {
       out["plans"].push_back({{"plan", plan_to_json(r.plan)},
-                              {"measured_step_time_s", r.measured_s},
-                              {"simulated_step_time_s", r.simulated_s},
-                              {"error", (r.simulated_s - r.measured_s) / r.measured_s},
-                              {"measured_peak_memory_bytes", r.measured_peak},
-                              {"simulated_peak_memory_bytes", r.simulated_peak},
-                              {"measured_breakdown", breakdown_json(r.measured_breakdown)},
-                              {"simulated_breakdown", breakdown_json(r.simulated_breakdown)}});
+                              {"measured_step_time_s", r.measured_step_s},
+                              {"simulated_step_time_s", r.simulated_step_s},
+                              {"error", (r.simulated_step_s - r.measured_step_s) / r.measured_step_s},
+                              {"measured_peak_memory_bytes", r.measured_peak_memory_bytes},
+                              {"simulated_peak_memory_bytes", r.simulated_peak_memory_bytes},
+                              {"measured_breakdown", breakdown_json(r.measured)},
+                              {"simulated_breakdown", breakdown_json(r.simulated)}});
     }
     std::cout << out.dump(2) << "\n";
   } else {
@@ -305,18 +352,18 @@ int run_compare(const CompareFlags& f) {
       const Row& r = rows[i];
       std::cout << fmt::format("{:>3}  {:<52} {:>8.2f}ms {:>8.2f}ms {:>+6.1f}%  {:>7.0f}/{:<7.0f}  "
                                "{:>10.2f}/{:<10.2f}\n",
-                               i + 1, plan_label(r.plan), 1e3 * r.measured_s, 1e3 * r.simulated_s,
-                               100 * (r.simulated_s - r.measured_s) / r.measured_s,
-                               r.measured_peak / (1 << 20), r.simulated_peak / (1 << 20),
-                               1e3 * r.measured_breakdown.compute,
-                               1e3 * r.simulated_breakdown.compute);
+                               i + 1, plan_label(r.plan), 1e3 * r.measured_step_s, 1e3 * r.simulated_step_s,
+                               100 * (r.simulated_step_s - r.measured_step_s) / r.measured_step_s,
+                               r.measured_peak_memory_bytes / (1 << 20), r.simulated_peak_memory_bytes / (1 << 20),
+                               1e3 * r.measured.compute,
+                               1e3 * r.simulated.compute);
     }
     std::cout << fmt::format("MAPE {:.1f}%, Kendall tau {:.2f} over {} plans\n", 100 * mape, tau,
                              rows.size());
     std::cout << "breakdowns (measured | simulated, ms): compute, tp, pp, dp, bubble, optimizer\n";
     for (std::size_t i = 0; i < rows.size(); ++i) {
-      const auto& m = rows[i].measured_breakdown;
-      const auto& s = rows[i].simulated_breakdown;
+      const auto& m = rows[i].measured;
+      const auto& s = rows[i].simulated;
       std::cout << fmt::format(
           "{:>3}  {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} | {:.2f} {:.2f} {:.2f} {:.2f} {:.2f} "
           "{:.2f}\n",
@@ -356,7 +403,7 @@ Run register_compare(CLI::App& app) {
   cmd->add_option("--max-plans", f->max_plans, "Plans in the default sweep");
   cmd->add_option("--steps", f->steps, "Training steps per plan (the first is not timed)");
   cmd->add_option("--work-dir", f->work_dir, "Where plans, step logs and measured traces go");
-  cmd->add_option("--report", f->report, "HTML report (not built yet)");
+  cmd->add_option("--report", f->report, "Write a self-contained HTML report to this file");
   cmd->add_flag("--json", f->json, "Print the comparison as JSON");
   return [f]() { return run_compare(*f); };
 }

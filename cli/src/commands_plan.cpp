@@ -247,16 +247,6 @@ Run register_plan(CLI::App& app) {
   return [f]() { return run_plan(*f); };
 }
 
-std::string plan_label(const Plan& p) {
-  std::string sched = std::string(schedule_name(p.schedule));
-  if (p.schedule == Schedule::interleaved) {
-    sched += fmt::format("(v={})", p.virtual_stages);
-  }
-  return fmt::format("dp{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, p.tp, p.pp, p.zero_stage,
-                     p.micro_batch_size, sched, recompute_name(p.recompute),
-                     p.sequence_parallel ? "on" : "off", precision_name(p.precision));
-}
-
 Run register_simulate(CLI::App& app) {
   auto f = std::make_shared<SimulateFlags>();
   auto* cmd = app.add_subcommand("simulate", "Predict one plan's step time, throughput and memory");

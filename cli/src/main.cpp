@@ -4,26 +4,10 @@
 
 #include "parallax/core/error.hpp"
 
-#include <fmt/format.h>
 
 #include <iostream>
 #include <map>
 #include <string>
-
-namespace {
-
-// Subcommands of the CLI contract that later work fills in; they say so and exit non-zero.
-void register_pending(CLI::App& app, std::map<CLI::App*, parallax::cli::Run>& runs,
-                      const std::string& name, const std::string& description) {
-  auto* cmd = app.add_subcommand(name, description + " (not built yet)");
-  cmd->allow_extras();
-  runs[cmd] = [name]() {
-    std::cerr << fmt::format("parallax {}: not built yet in this version\n", name);
-    return 3;
-  };
-}
-
-} // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"Parallax: plan, simulate and execute distributed training of large models"};
@@ -37,7 +21,7 @@ int main(int argc, char** argv) {
   add(parallax::cli::register_train(app));
   add(parallax::cli::register_calibrate(app));
   add(parallax::cli::register_compare(app));
-  register_pending(app, runs, "export", "Export plan graphs, timelines and reports");
+  add(parallax::cli::register_export(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

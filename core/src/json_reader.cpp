@@ -91,7 +91,10 @@ Json json_load_file(const std::filesystem::path& path) {
 }
 
 void json_write_file(const std::filesystem::path& path, const Json& doc) {
-  const std::string text = doc.dump(2) + "\n";
+  text_write_file(path, doc.dump(2) + "\n");
+}
+
+void text_write_file(const std::filesystem::path& path, const std::string& text) {
   std::filesystem::path tmp = path;
   tmp += fmt::format(".tmp.{}", ::getpid());
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);

@@ -3,6 +3,8 @@
 #include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 
+#include <fmt/format.h>
+
 #include <array>
 
 namespace parallax {
@@ -69,6 +71,16 @@ std::vector<StageRange> stages_even(int num_units, int num_chunks) {
     first += size;
   }
   return out;
+}
+
+std::string plan_label(const Plan& p) {
+  std::string sched = std::string(schedule_name(p.schedule));
+  if (p.schedule == Schedule::interleaved) {
+    sched += fmt::format("(v={})", p.virtual_stages);
+  }
+  return fmt::format("dp{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, p.tp, p.pp, p.zero_stage,
+                     p.micro_batch_size, sched, recompute_name(p.recompute),
+                     p.sequence_parallel ? "on" : "off", precision_name(p.precision));
 }
 
 } // namespace parallax

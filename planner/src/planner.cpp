@@ -105,6 +105,12 @@ void consider(SearchState& st, CostModel& model, StageCache& stages, Plan plan, 
   ++st.result.evaluated;
   RankedPlan ranked{.estimate = model.estimate(plan), .gpus = gpus};
   ranked.objective_value = objective_value(st.req, model.cluster(), ranked.estimate, gpus);
+  if (st.req.record_points) {
+    st.result.points.push_back({.plan = plan,
+                                .gpus = gpus,
+                                .tokens_per_s = ranked.estimate.tokens_per_s,
+                                .memory_bytes = ranked.estimate.memory.total()});
+  }
   auto& plans = st.result.plans;
   const auto k = static_cast<std::size_t>(std::max(1, st.req.top_k));
   if (plans.size() == k && ranked.objective_value >= plans.back().objective_value) {

@@ -179,8 +179,10 @@ TEST(Cli, CalibrateWritesAValidProfileAndCompareScoresPlans) {
              {"dp":1,"tp":1,"pp":1,"micro_batch_size":4,"global_batch_size":8,"precision":"fp32",
               "recompute":"full"}])";
   }
+  const std::string report = temp_path("parallax_cli_compare_report.html");
+  std::filesystem::remove(report);
   r = run("compare --model gpt-tiny --cluster " + profile + " --plans " + plans +
-          " --steps 3 --json 2>/dev/null");
+          " --steps 3 --json --report " + report + " 2>/dev/null");
   ASSERT_EQ(r.code, 0) << r.out;
   const parallax::Json out = parallax::json_parse_text(r.out, "compare output");
   ASSERT_EQ(out.at("plans").size(), 2u);
@@ -199,6 +201,58 @@ TEST(Cli, CalibrateWritesAValidProfileAndCompareScoresPlans) {
   }
   EXPECT_NEAR(out.at("mape").get<double>(), sum / 2, 1e-12);
   EXPECT_LE(std::abs(out.at("kendall_tau").get<double>()), 1.0);
+  // The report has the comparison and both timelines of the first plan.
+  std::ifstream in(report);
+  const std::string html((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(html.find("id=\"compare\""), std::string::npos);
+  EXPECT_NE(html.find("measured (plan 1"), std::string::npos);
+  EXPECT_NE(html.find("simulated (plan 1"), std::string::npos);
+}
+
+TEST(Cli, ExportWritesDotSvgAndHtml) {
+  const std::string plan = temp_path("parallax_cli_export_plan.json");
+  {
+    std::ofstream f(plan);
+    f << R"({"dp":2,"tp":2,"pp":2,"zero_stage":1,"micro_batch_size":1,"global_batch_size":8})";
+  }
+  const std::string dot = temp_path("parallax_cli_export_graph.dot");
+  Result r = run("export --model gpt-tiny --cluster dgx-a100-80g --plan " + plan +
+                 " --format dot --out " + dot);
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::ifstream d(dot);
+  const std::string dot_text((std::istreambuf_iterator<char>(d)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(dot_text.rfind("digraph \"gpt-tiny\"", 0), 0u) << dot_text;
+
+  const std::string svg = temp_path("parallax_cli_export_mesh.svg");
+  std::filesystem::remove(temp_path("parallax_cli_export_mesh.dot"));
+  r = run("export --model gpt-tiny --cluster dgx-a100-80g --plan " + plan +
+          " --format svg --view mesh --out " + svg);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(std::filesystem::exists(temp_path("parallax_cli_export_mesh.dot")));
+  EXPECT_GT(std::filesystem::file_size(svg), 1000u);
+
+  const std::string timeline = temp_path("parallax_cli_export_timeline.svg");
+  r = run("export --model gpt-tiny --cluster dgx-a100-80g --plan " + plan +
+          " --format svg --view timeline --out " + timeline);
+  ASSERT_EQ(r.code, 0) << r.out;
+
+  // Without --plan the planner chooses; the report carries the search.
+  const std::string html = temp_path("parallax_cli_export_report.html");
+  r = run("export --model gpt3-175b --cluster dgx-a100-80g --gpus 64 --global-batch 256 "
+          "--format html --out " + html);
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::ifstream h(html);
+  const std::string page((std::istreambuf_iterator<char>(h)), std::istreambuf_iterator<char>());
+  for (const char* id : {"plans", "candidates", "memory", "timeline", "layer-graph", "mesh"}) {
+    EXPECT_NE(page.find(std::string("<section id=\"") + id + "\""), std::string::npos) << id;
+  }
+}
+
+TEST(Cli, ExportRejectsATimelineAsDot) {
+  const Result r = run("export --model gpt-tiny --cluster dgx-a100-80g --gpus 1 --format dot "
+                       "--view timeline --out /tmp/parallax_cli_x.dot");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--view"), std::string::npos) << r.out;
 }
 
 TEST(Cli, CompareRejectsABadPlanList) {

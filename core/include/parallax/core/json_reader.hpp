@@ -30,6 +30,8 @@ Json json_load_file(const std::filesystem::path& path);
 Json json_parse_text(std::string_view text, std::string_view source);
 // Writes `doc` atomically (temporary file, fsync, rename) with two-space indentation.
 void json_write_file(const std::filesystem::path& path, const Json& doc);
+// The same for any text (DOT, SVG, HTML): written to a temporary file, then renamed.
+void text_write_file(const std::filesystem::path& path, const std::string& text);
 
 // A short human description of a JSON value's type and content, for error messages.
 std::string json_describe(const Json& value);

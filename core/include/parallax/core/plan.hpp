@@ -83,6 +83,9 @@ std::vector<int> pp_group(const Plan& plan, int rank);
 // Which pipeline rank runs stage chunk c (chunks are assigned round-robin for interleaving).
 inline int chunk_pp_rank(const Plan& plan, int chunk) { return chunk % plan.pp; }
 
+// "dp2 tp2 pp1 z1 B4 1f1b rc=none sp=off fp32": a plan in one line, for tables and pictures.
+std::string plan_label(const Plan& plan);
+
 // Layer units per chunk as even as possible, earlier chunks taking the remainder.
 std::vector<StageRange> stages_even(int num_units, int num_chunks);
 

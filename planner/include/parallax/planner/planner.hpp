@@ -46,6 +46,8 @@ struct PlanRequest {
   // The best `simulate_top` plans of the analytic ranking are re-ranked by the discrete-event
   // simulator (0: analytic ranking only).
   int simulate_top = 20;
+  // Keep every timed plan's figures in PlanSearchResult::points (for plots of the search).
+  bool record_points = false;
 };
 
 struct RankedPlan {
@@ -53,6 +55,14 @@ struct RankedPlan {
   std::optional<PlanEstimate> analytic; // the analytic model's figures for the same plan
   int gpus = 0;
   double objective_value = 0; // seconds per iteration, hours to train, or USD per million tokens
+};
+
+// One timed candidate of the search, by the analytic model.
+struct PlanPoint {
+  Plan plan;
+  int gpus = 0;
+  double tokens_per_s = 0;
+  double memory_bytes = 0; // most loaded rank
 };
 
 struct PlanSearchResult {
@@ -65,6 +75,7 @@ struct PlanSearchResult {
   // When nothing fits: the plan that came closest, and its memory over the capacity.
   std::optional<PlanEstimate> closest;
   std::string no_fit_reason;
+  std::vector<PlanPoint> points; // every timed plan, when PlanRequest::record_points
 };
 
 PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,

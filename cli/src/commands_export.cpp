@@ -1,0 +1,195 @@
+// `parallax export`: pictures of a plan — its layer graph or device mesh as DOT or SVG, its
+// simulated timeline as an SVG Gantt chart, or everything in one self-contained HTML report.
+#include "commands.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/core/plan_json.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/models/model_loader.hpp"
+#include "parallax/planner/planner.hpp"
+#include "parallax/simulator/iteration_simulator.hpp"
+#include "parallax/viz/graphviz_render.hpp"
+#include "parallax/viz/layer_graph_dot.hpp"
+#include "parallax/viz/mesh_dot.hpp"
+#include "parallax/viz/report_html.hpp"
+#include "parallax/viz/timeline_svg.hpp"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <iostream>
+#include <memory>
+
+namespace parallax::cli {
+
+namespace {
+
+struct ExportFlags {
+  std::string model, cluster, plan, format, out;
+  std::string view = "graph";
+  int gpus = 0;
+  std::int64_t global_batch = 0;
+  int top = 10;
+  bool expand = false;
+};
+
+// The search behind the report's table and scatter.
+PlanSearchResult search_for_report(const LoadedModel& model, const Cluster& cluster, int gpus,
+                                   std::int64_t global_batch, int top) {
+  PlanRequest req;
+  req.gpus = gpus;
+  req.global_batch_size = global_batch;
+  req.top_k = top;
+  req.simulate_top = top;
+  req.record_points = true;
+  return plan_search(model.graph, cluster, req);
+}
+
+std::string dot_for_view(const ExportFlags& f, const LoadedModel& model, const Cluster& cluster,
+                         const Plan& plan) {
+  if (f.view == "graph") {
+    return viz::layer_graph_dot(model.graph, plan, {.expand_blocks = f.expand});
+  }
+  if (f.view == "mesh") {
+    return viz::mesh_dot(plan, cluster, {.expand = f.expand});
+  }
+  throw InputError("command line", "--view", "\"graph\" or \"mesh\" with --format dot",
+                   fmt::format("\"{}\" (timelines are SVG, HTML or the Chrome trace of `simulate "
+                               "--trace`)",
+                               f.view));
+}
+
+std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cluster& cluster,
+                        CostModel& cost, const Plan& plan, PlanSearchResult search) {
+  viz::ReportInput in;
+  in.title = fmt::format("Parallax plan for {}", model.graph.info().name);
+  in.context = fmt::format("{} on {} × {} ({}), global batch {}", model.graph.info().name,
+                           cluster.num_devices(), cluster.device.name, cluster.name,
+                           plan.global_batch_size);
+  in.memory_capacity_bytes = cost.memory_capacity_bytes();
+  bool listed = false;
+  for (const RankedPlan& p : search.plans) {
+    const bool chosen = p.estimate.plan == plan;
+    listed = listed || chosen;
+    in.plans.push_back({.estimate = p.estimate,
+                        .gpus = p.gpus,
+                        .chosen = chosen,
+                        .simulated = p.analytic.has_value()});
+  }
+  const SimulationResult sim = simulate_iteration(cost, plan, {.symmetric = true});
+  if (!listed) {
+    in.plans.push_back({.estimate = sim.estimate,
+                        .gpus = plan.world_size(),
+                        .chosen = true,
+                        .simulated = true});
+  }
+  for (const PlanPoint& p : search.points) {
+    int rank = -1;
+    for (std::size_t i = 0; i < search.plans.size(); ++i) {
+      if (search.plans[i].estimate.plan == p.plan) {
+        rank = static_cast<int>(i) + 1;
+      }
+    }
+    in.candidates.push_back({.tokens_per_s = p.tokens_per_s,
+                             .memory_bytes = p.memory_bytes,
+                             .rank_in_table = rank,
+                             .chosen = p.plan == plan});
+  }
+  in.chosen = sim.estimate;
+  in.timelines.emplace_back(
+      "simulated (one rank per pipeline stage)",
+      viz::timeline_svg(sim.timeline, {.title = plan_label(plan)}));
+  in.layer_graph_svg = viz::dot_to_svg(viz::layer_graph_dot(model.graph, plan,
+                                                            {.expand_blocks = f.expand}),
+                                       "layer graph");
+  in.mesh_svg = viz::dot_to_svg(viz::mesh_dot(plan, cluster, {.expand = f.expand}), "mesh");
+  return viz::report_html(in);
+}
+
+int run_export(const ExportFlags& f) {
+  const LoadedModel model = model_load(f.model);
+  Cluster cluster = cluster_load(f.cluster);
+  if (f.gpus > 0) {
+    cluster = cluster.with_devices(f.gpus);
+  }
+  Plan plan;
+  std::optional<PlanSearchResult> search;
+  if (!f.plan.empty()) {
+    plan = plan_from_json(json_load_file(f.plan), f.plan);
+    if (f.gpus <= 0 && plan.world_size() != cluster.num_devices()) {
+      cluster = cluster.with_devices(plan.world_size());
+    }
+    plan_validate(plan, model.graph, cluster.num_devices(), f.plan);
+  } else {
+    const std::int64_t batch = f.global_batch > 0 ? f.global_batch : 512;
+    search = search_for_report(model, cluster, cluster.num_devices(), batch, f.top);
+    if (search->plans.empty()) {
+      std::cerr << "parallax export: " << search->no_fit_reason << "\n";
+      return 4;
+    }
+    plan = search->plans.front().estimate.plan;
+    cluster = cluster.with_devices(search->plans.front().gpus);
+  }
+  cluster.peak_flops(plan.precision);
+  CostModel cost(model.graph, cluster);
+  if (plan.stages.empty()) {
+    plan_assign_stages(cost, plan);
+  }
+  const std::filesystem::path out(f.out);
+  if (f.format == "dot") {
+    text_write_file(out, dot_for_view(f, model, cluster, plan));
+  } else if (f.format == "svg") {
+    if (f.view == "timeline") {
+      const SimulationResult sim = simulate_iteration(cost, plan, {.symmetric = true});
+      text_write_file(out, viz::timeline_svg(sim.timeline, {.title = plan_label(plan)}));
+    } else {
+      const std::string dot = dot_for_view(f, model, cluster, plan);
+      std::filesystem::path dot_path = out;
+      dot_path.replace_extension(".dot");
+      if (dot_path != out) {
+        text_write_file(dot_path, dot);
+      }
+      text_write_file(out, viz::dot_to_svg(dot, f.view));
+    }
+  } else {
+    if (!search) {
+      search = search_for_report(model, cluster, cluster.num_devices(), plan.global_batch_size,
+                                 f.top);
+    }
+    text_write_file(out, html_report(f, model, cluster, cost, plan, std::move(*search)));
+  }
+  std::cerr << fmt::format("parallax export: wrote {} ({}) for {}\n", f.out,
+                           f.format == "html" ? "report" : f.view, plan_label(plan));
+  return 0;
+}
+
+} // namespace
+
+Run register_export(CLI::App& app) {
+  auto f = std::make_shared<ExportFlags>();
+  auto* cmd = app.add_subcommand(
+      "export", "Export a plan's layer graph, device mesh or timeline (DOT, SVG) or an HTML report");
+  cmd->add_option("--model", f->model, "Zoo model name or model / HF config / layer-graph JSON")
+      ->required();
+  cmd->add_option("--cluster", f->cluster, "Zoo cluster name or cluster profile JSON")->required();
+  cmd->add_option("--gpus", f->gpus, "Number of GPUs (num_nodes = N / devices_per_node)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--plan", f->plan, "Plan JSON (default: the planner's best plan)");
+  cmd->add_option("--format", f->format, "dot, svg or html")
+      ->required()
+      ->check(CLI::IsMember({"dot", "svg", "html"}));
+  cmd->add_option("--out", f->out, "File to write (with svg, the DOT source goes next to it)")
+      ->required();
+  cmd->add_option("--view", f->view, "graph (default), mesh or timeline (svg only)")
+      ->check(CLI::IsMember({"graph", "mesh", "timeline"}));
+  cmd->add_flag("--expand", f->expand,
+                "Draw every layer and every GPU instead of folding repeated blocks and replicas");
+  cmd->add_option("--global-batch", f->global_batch,
+                  "Global batch for the search when no --plan is given (default 512)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--top", f->top, "Plans in the report's table (default 10)")
+      ->check(CLI::PositiveNumber);
+  return [f]() { return run_export(*f); };
+}
+
+} // namespace parallax::cli
