@@ -63,9 +63,9 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
                         CostModel& cost, const Plan& plan, PlanSearchResult search) {
   viz::ReportInput in;
   in.title = fmt::format("Parallax plan for {}", model.graph.info().name);
-  in.context = fmt::format("{} on {} × {} ({}), global batch {}", model.graph.info().name,
-                           cluster.num_devices(), cluster.device.name, cluster.name,
-                           plan.global_batch_size);
+  in.context =
+      fmt::format("{} on {} × {} ({}), global batch {}", model.graph.info().name,
+                  cluster.num_devices(), cluster.device.name, cluster.name, plan.global_batch_size);
   in.memory_capacity_bytes = cost.memory_capacity_bytes();
   bool listed = false;
   for (const RankedPlan& p : search.plans) {
@@ -78,10 +78,8 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
   }
   const SimulationResult sim = simulate_iteration(cost, plan, {.symmetric = true});
   if (!listed) {
-    in.plans.push_back({.estimate = sim.estimate,
-                        .gpus = plan.world_size(),
-                        .chosen = true,
-                        .simulated = true});
+    in.plans.push_back(
+        {.estimate = sim.estimate, .gpus = plan.world_size(), .chosen = true, .simulated = true});
   }
   for (const PlanPoint& p : search.points) {
     int rank = -1;
@@ -96,12 +94,10 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
                              .chosen = p.plan == plan});
   }
   in.chosen = sim.estimate;
-  in.timelines.emplace_back(
-      "simulated (one rank per pipeline stage)",
-      viz::timeline_svg(sim.timeline, {.title = plan_label(plan)}));
-  in.layer_graph_svg = viz::dot_to_svg(viz::layer_graph_dot(model.graph, plan,
-                                                            {.expand_blocks = f.expand}),
-                                       "layer graph");
+  in.timelines.emplace_back("simulated (one rank per pipeline stage)",
+                            viz::timeline_svg(sim.timeline, {.title = plan_label(plan)}));
+  in.layer_graph_svg = viz::dot_to_svg(
+      viz::layer_graph_dot(model.graph, plan, {.expand_blocks = f.expand}), "layer graph");
   in.mesh_svg = viz::dot_to_svg(viz::mesh_dot(plan, cluster, {.expand = f.expand}), "mesh");
   return viz::report_html(in);
 }
@@ -153,8 +149,8 @@ int run_export(const ExportFlags& f) {
     }
   } else {
     if (!search) {
-      search = search_for_report(model, cluster, cluster.num_devices(), plan.global_batch_size,
-                                 f.top);
+      search =
+          search_for_report(model, cluster, cluster.num_devices(), plan.global_batch_size, f.top);
     }
     text_write_file(out, html_report(f, model, cluster, cost, plan, std::move(*search)));
   }
@@ -168,7 +164,8 @@ int run_export(const ExportFlags& f) {
 Run register_export(CLI::App& app) {
   auto f = std::make_shared<ExportFlags>();
   auto* cmd = app.add_subcommand(
-      "export", "Export a plan's layer graph, device mesh or timeline (DOT, SVG) or an HTML report");
+      "export",
+      "Export a plan's layer graph, device mesh or timeline (DOT, SVG) or an HTML report");
   cmd->add_option("--model", f->model, "Zoo model name or model / HF config / layer-graph JSON")
       ->required();
   cmd->add_option("--cluster", f->cluster, "Zoo cluster name or cluster profile JSON")->required();

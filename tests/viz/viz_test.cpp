@@ -114,7 +114,8 @@ TEST(LayerGraphDot, CollapsedBlocksParseAndRenderWithExpectedCounts) {
 
 TEST(LayerGraphDot, ExpandedDrawsEveryLayerAndEdge) {
   const LoadedModel model = model_load("gpt-tiny");
-  const std::string svg = dot_to_svg(layer_graph_dot(model.graph, plan_222(), {.expand_blocks = true}));
+  const std::string svg =
+      dot_to_svg(layer_graph_dot(model.graph, plan_222(), {.expand_blocks = true}));
   XmlSummary x = parse_xml(svg);
   ASSERT_EQ(x.error, "");
   EXPECT_EQ(x.classes["node"], static_cast<int>(model.graph.num_layers()));
@@ -200,12 +201,21 @@ Timeline hand_timeline() {
   for (int rank = 0; rank < 2; ++rank) {
     for (int mb = 0; mb < 3; ++mb) {
       const double s = 0.01 * (mb + rank);
-      t.events.push_back({.rank = rank, .stream = Stream::compute, .category = Category::forward,
-                          .name = "fwd", .layer = 0, .micro_batch = mb, .start_s = s,
+      t.events.push_back({.rank = rank,
+                          .stream = Stream::compute,
+                          .category = Category::forward,
+                          .name = "fwd",
+                          .layer = 0,
+                          .micro_batch = mb,
+                          .start_s = s,
                           .end_s = s + 0.008});
     }
-    t.events.push_back({.rank = rank, .stream = Stream::dp_comm, .category = Category::dp_comm,
-                        .name = "allreduce <grads>", .start_s = 0.05, .end_s = 0.06});
+    t.events.push_back({.rank = rank,
+                        .stream = Stream::dp_comm,
+                        .category = Category::dp_comm,
+                        .name = "allreduce <grads>",
+                        .start_s = 0.05,
+                        .end_s = 0.06});
   }
   return t;
 }
@@ -222,11 +232,19 @@ TEST(TimelineSvg, OneBarPerEventAndRowPerRankStream) {
 TEST(TimelineSvg, NarrowBarsOfOneColourMerge) {
   Timeline t;
   for (int i = 0; i < 1000; ++i) {
-    t.events.push_back({.rank = 0, .stream = Stream::tp_comm, .category = Category::tp_comm,
-                        .name = "ar", .start_s = i * 1e-6, .end_s = (i + 0.5) * 1e-6});
+    t.events.push_back({.rank = 0,
+                        .stream = Stream::tp_comm,
+                        .category = Category::tp_comm,
+                        .name = "ar",
+                        .start_s = i * 1e-6,
+                        .end_s = (i + 0.5) * 1e-6});
   }
-  t.events.push_back({.rank = 0, .stream = Stream::compute, .category = Category::optimizer,
-                      .name = "optimizer", .start_s = 0, .end_s = 1.0});
+  t.events.push_back({.rank = 0,
+                      .stream = Stream::compute,
+                      .category = Category::optimizer,
+                      .name = "optimizer",
+                      .start_s = 0,
+                      .end_s = 1.0});
   XmlSummary x = parse_xml(timeline_svg(t, {.width_px = 1200}));
   ASSERT_EQ(x.error, "");
   EXPECT_LE(x.classes["bar"], 5); // 1000 sub-pixel bars in the first millisecond merge
@@ -235,8 +253,13 @@ TEST(TimelineSvg, NarrowBarsOfOneColourMerge) {
 TEST(TimelineSvg, AtMostMaxRanksAreDrawn) {
   Timeline t;
   for (int r = 0; r < 100; ++r) {
-    t.events.push_back({.rank = r, .stream = Stream::compute, .category = Category::forward,
-                        .name = "f", .micro_batch = 0, .start_s = 0, .end_s = 1});
+    t.events.push_back({.rank = r,
+                        .stream = Stream::compute,
+                        .category = Category::forward,
+                        .name = "f",
+                        .micro_batch = 0,
+                        .start_s = 0,
+                        .end_s = 1});
   }
   const std::string svg = timeline_svg(t, {.max_ranks = 10});
   EXPECT_EQ(parse_xml(svg).classes["bar"], 10);
@@ -245,10 +268,11 @@ TEST(TimelineSvg, AtMostMaxRanksAreDrawn) {
 }
 
 TEST(ParetoFront, KeepsOnlyUndominatedPoints) {
-  const std::vector<CandidatePoint> pts = {
-      {.tokens_per_s = 100, .memory_bytes = 10}, {.tokens_per_s = 90, .memory_bytes = 20},
-      {.tokens_per_s = 200, .memory_bytes = 30}, {.tokens_per_s = 150, .memory_bytes = 5},
-      {.tokens_per_s = 200, .memory_bytes = 40}};
+  const std::vector<CandidatePoint> pts = {{.tokens_per_s = 100, .memory_bytes = 10},
+                                           {.tokens_per_s = 90, .memory_bytes = 20},
+                                           {.tokens_per_s = 200, .memory_bytes = 30},
+                                           {.tokens_per_s = 150, .memory_bytes = 5},
+                                           {.tokens_per_s = 200, .memory_bytes = 40}};
   // By memory: 5 (150) front, 10 (100) dominated, 20 dominated, 30 (200) front, 40 dominated.
   EXPECT_EQ(pareto_front(pts), (std::vector<std::size_t>{3, 2}));
 }

@@ -71,10 +71,9 @@ LayerMemory layer_memory(const Layer& layer, const Plan& plan) {
   const double d = plan.dp;
   LayerMemory m;
   m.params = static_cast<double>(layer.params) / layer_param_divisor(layer, plan.tp);
-  const double per_param = w_bytes / (plan.zero_stage >= 3 ? d : 1) +
-                           w_bytes / (plan.zero_stage >= 2 ? d : 1) +
-                           (precision_is_mixed(plan.precision) ? 12.0 : 8.0) /
-                               (plan.zero_stage >= 1 ? d : 1);
+  const double per_param =
+      w_bytes / (plan.zero_stage >= 3 ? d : 1) + w_bytes / (plan.zero_stage >= 2 ? d : 1) +
+      (precision_is_mixed(plan.precision) ? 12.0 : 8.0) / (plan.zero_stage >= 1 ? d : 1);
   m.state_bytes = m.params * per_param;
   double elems = layer.saved_act_elems;
   double masks = layer.saved_mask_bytes;
@@ -154,7 +153,8 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
         add_memory(group.memory, mem);
         if (!group_emitted) {
           group_emitted = true; // placed where its first layer is; label filled in below
-          out += fmt::format("    blocks_c{} [fillcolor={}, label=@BLOCKS@];\n", c, dot_quote(colour));
+          out +=
+              fmt::format("    blocks_c{} [fillcolor={}, label=@BLOCKS@];\n", c, dot_quote(colour));
         }
         continue;
       }
@@ -195,13 +195,12 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
             n * static_cast<double>(plan.micro_batch_size * info.seq_length * info.hidden_size) *
             precision_storage_bytes(plan.precision) / (plan.sequence_parallel ? plan.tp : 1);
       }
-      const std::string blocks =
-          n == 1 ? fmt::format("transformer block {}", group.first_block)
-                 : fmt::format("transformer blocks {}–{} (×{})", group.first_block,
-                               group.last_block, n);
-      std::string label = fmt::format("{}\n{} layers per block{}\n{}", blocks, group.layers,
-                                      splits.empty() ? "" : "; TP: " + splits,
-                                      memory_text(group.memory));
+      const std::string blocks = n == 1 ? fmt::format("transformer block {}", group.first_block)
+                                        : fmt::format("transformer blocks {}–{} (×{})",
+                                                      group.first_block, group.last_block, n);
+      std::string label =
+          fmt::format("{}\n{} layers per block{}\n{}", blocks, group.layers,
+                      splits.empty() ? "" : "; TP: " + splits, memory_text(group.memory));
       const auto pos = out.find("@BLOCKS@");
       out.replace(pos, 8, dot_quote(label));
     }

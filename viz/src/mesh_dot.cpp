@@ -26,8 +26,9 @@ std::string stage_text(const Plan& plan, int pp_rank) {
   for (std::size_t c = 0; c < plan.stages.size(); ++c) {
     if (chunk_pp_rank(plan, static_cast<int>(c)) == pp_rank) {
       const auto [first, last] = plan.stages[c];
-      units += last - first == 1 ? fmt::format("{}{}", units.empty() ? "" : ", ", first)
-                                 : fmt::format("{}{}–{}", units.empty() ? "" : ", ", first, last - 1);
+      units += last - first == 1
+                   ? fmt::format("{}{}", units.empty() ? "" : ", ", first)
+                   : fmt::format("{}{}–{}", units.empty() ? "" : ", ", first, last - 1);
     }
   }
   return fmt::format("stage {}: unit{} {}", pp_rank,
@@ -69,13 +70,16 @@ std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
   for (int r = 0; r < plan.world_size(); ++r) {
     const RankCoords c = rank_coords(plan, r);
     if (c.tp + 1 < plan.tp) {
-      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp, c.pp, c.tp + 1}), kTpEdge);
+      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp, c.pp, c.tp + 1}),
+                         kTpEdge);
     }
     if (c.pp + 1 < plan.pp) {
-      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp, c.pp + 1, c.tp}), kPpEdge);
+      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp, c.pp + 1, c.tp}),
+                         kPpEdge);
     }
     if (c.dp + 1 < plan.dp) {
-      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp + 1, c.pp, c.tp}), kDpEdge);
+      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp + 1, c.pp, c.tp}),
+                         kDpEdge);
     }
   }
   return out;
@@ -143,14 +147,14 @@ std::string mesh_folded(const Plan& plan, const Cluster& cluster) {
 std::string mesh_dot(const Plan& plan, const Cluster& cluster, const MeshDotOptions& options) {
   const bool fold = !options.expand && plan.world_size() > options.fold_above;
   std::string out = "digraph mesh {\n";
-  out += fmt::format("  graph [label={}, labelloc=t, fontname=\"Helvetica\", fontsize=14, "
-                     "rankdir=LR, nodesep=0.2, ranksep=0.6, newrank=true];\n",
-                     dot_quote(fmt::format("{} GPUs of {} ({} per node) — {}{}", plan.world_size(),
-                                           cluster.name, cluster.node.devices_per_node,
-                                           plan_label(plan),
-                                           fold ? "\nfolded: one box per TP group, middle "
-                                                  "data-parallel replicas counted"
-                                                : "")));
+  out += fmt::format(
+      "  graph [label={}, labelloc=t, fontname=\"Helvetica\", fontsize=14, "
+      "rankdir=LR, nodesep=0.2, ranksep=0.6, newrank=true];\n",
+      dot_quote(fmt::format("{} GPUs of {} ({} per node) — {}{}", plan.world_size(), cluster.name,
+                            cluster.node.devices_per_node, plan_label(plan),
+                            fold ? "\nfolded: one box per TP group, middle "
+                                   "data-parallel replicas counted"
+                                 : "")));
   out += "  node [shape=box, style=\"rounded,filled\", fontname=\"Helvetica\", fontsize=10];\n";
   out += fold ? mesh_folded(plan, cluster) : mesh_expanded(plan, cluster);
   out += legend();

@@ -9,9 +9,9 @@ namespace parallax::viz {
 
 namespace {
 
-constexpr std::array<const char*, 12> kStageColours = {
-    "#a6cee3", "#b2df8a", "#fdbf6f", "#cab2d6", "#fb9a99", "#ffff99",
-    "#8dd3c7", "#bebada", "#80b1d3", "#fdb462", "#b3de69", "#fccde5"};
+constexpr std::array<const char*, 12> kStageColours = {"#a6cee3", "#b2df8a", "#fdbf6f", "#cab2d6",
+                                                       "#fb9a99", "#ffff99", "#8dd3c7", "#bebada",
+                                                       "#80b1d3", "#fdb462", "#b3de69", "#fccde5"};
 
 // HSL → "#rrggbb" (h in degrees, s and l in [0, 1]).
 std::string hsl(double h, double s, double l) {

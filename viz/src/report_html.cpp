@@ -74,8 +74,8 @@ std::string compare_table(const ReportInput& in) {
     summary += fmt::format("mean absolute percentage error <b>{:.1f}%</b>", 100 * *in.mape);
   }
   if (in.kendall_tau) {
-    summary += fmt::format("{}Kendall tau <b>{:.2f}</b>", summary.empty() ? "" : " · ",
-                           *in.kendall_tau);
+    summary +=
+        fmt::format("{}Kendall tau <b>{:.2f}</b>", summary.empty() ? "" : " · ", *in.kendall_tau);
   }
   return fmt::format("<p>{}</p>\n<table>\n<tr><th>#</th><th>plan</th><th>measured ms</th>"
                      "<th>simulated ms</th><th>error</th><th>measured peak</th>"
@@ -100,12 +100,12 @@ std::string report_html(const ReportInput& in) {
                       xml_escape(in.context));
   if (in.chosen) {
     const auto& e = *in.chosen;
-    body += fmt::format(
-        "<div class=\"figures\"><span>plan <b>{}</b></span><span>step <b>{}</b></span>"
-        "<span>tokens/s <b>{:.0f}</b></span><span>MFU <b>{:.1f}%</b></span>"
-        "<span>memory/GPU <b>{}</b></span></div>\n",
-        xml_escape(plan_label(e.plan)), xml_escape(format_seconds(e.iteration_time_s)),
-        e.tokens_per_s, 100 * e.mfu, xml_escape(format_bytes(e.memory.total())));
+    body +=
+        fmt::format("<div class=\"figures\"><span>plan <b>{}</b></span><span>step <b>{}</b></span>"
+                    "<span>tokens/s <b>{:.0f}</b></span><span>MFU <b>{:.1f}%</b></span>"
+                    "<span>memory/GPU <b>{}</b></span></div>\n",
+                    xml_escape(plan_label(e.plan)), xml_escape(format_seconds(e.iteration_time_s)),
+                    e.tokens_per_s, 100 * e.mfu, xml_escape(format_bytes(e.memory.total())));
   }
   if (!in.compared.empty()) {
     body += section("compare", "Simulated vs measured",

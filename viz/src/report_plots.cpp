@@ -160,8 +160,8 @@ std::string candidates_scatter_svg(const std::vector<CandidatePoint>& points,
   std::string path;
   for (std::size_t k = 0; k < front.size(); ++k) {
     const auto& p = points[front[k]];
-    path += fmt::format("{}{:.2f},{:.2f} ", k == 0 ? "M" : "L", px(p.memory_bytes),
-                        py(p.tokens_per_s));
+    path +=
+        fmt::format("{}{:.2f},{:.2f} ", k == 0 ? "M" : "L", px(p.memory_bytes), py(p.tokens_per_s));
   }
   if (!path.empty()) {
     svg.raw(fmt::format(R"(<path d="{}" fill="none" stroke="#cb181d" stroke-width="1.2"/>)", path) +
@@ -169,10 +169,10 @@ std::string candidates_scatter_svg(const std::vector<CandidatePoint>& points,
   }
   for (std::size_t i : drawn) {
     const auto& p = points[i];
-    const std::string tip = fmt::format("{}{:.0f} tokens/s, {}{}",
-                                        p.rank_in_table > 0 ? fmt::format("#{}: ", p.rank_in_table) : "",
-                                        p.tokens_per_s, format_bytes(p.memory_bytes),
-                                        on_front.contains(i) ? " (Pareto front)" : "");
+    const std::string tip = fmt::format(
+        "{}{:.0f} tokens/s, {}{}", p.rank_in_table > 0 ? fmt::format("#{}: ", p.rank_in_table) : "",
+        p.tokens_per_s, format_bytes(p.memory_bytes),
+        on_front.contains(i) ? " (Pareto front)" : "");
     if (on_front.contains(i)) {
       svg.circle(px(p.memory_bytes), py(p.tokens_per_s), 3.6, "#cb181d", tip, R"(class="pareto")");
     } else {
@@ -188,14 +188,13 @@ std::string candidates_scatter_svg(const std::vector<CandidatePoint>& points,
     }
   }
   svg.text(L, 18,
-           fmt::format("{} timed plans; {} on the Pareto front (red){}{}", points.size(),
-                       front.size(),
-                       sampled < others ? fmt::format("; {} of the other {} drawn", sampled, others)
-                                        : "",
-                       capacity_drawn || memory_capacity_bytes <= 0
-                           ? ""
-                           : fmt::format("; device memory {} is off the scale",
-                                         format_bytes(memory_capacity_bytes))),
+           fmt::format(
+               "{} timed plans; {} on the Pareto front (red){}{}", points.size(), front.size(),
+               sampled < others ? fmt::format("; {} of the other {} drawn", sampled, others) : "",
+               capacity_drawn || memory_capacity_bytes <= 0
+                   ? ""
+                   : fmt::format("; device memory {} is off the scale",
+                                 format_bytes(memory_capacity_bytes))),
            11);
   return svg.finish();
 }
@@ -243,8 +242,8 @@ std::string compare_bars_svg(const std::vector<ComparedPlan>& plans) {
   SvgWriter svg(W, H);
   double longest = 1e-12;
   for (const auto& p : plans) {
-    longest = std::max({longest, p.measured_step_s, p.simulated_step_s, p.measured.total(),
-                        p.simulated.total()});
+    longest = std::max(
+        {longest, p.measured_step_s, p.simulated_step_s, p.measured.total(), p.simulated.total()});
   }
   const Axis ax = nice_axis(longest);
   const double scale = (W - L - R) / ax.max;

@@ -35,8 +35,9 @@ SvgWriter::SvgWriter(double width, double height) : width_(width), height_(heigh
 
 void SvgWriter::rect(double x, double y, double w, double h, const std::string& fill,
                      const std::string& title, const std::string& extra) {
-  body_ += fmt::format(R"(<rect x="{:.2f}" y="{:.2f}" width="{:.2f}" height="{:.2f}" fill="{}"{}{})",
-                       x, y, w, h, xml_escape(fill), extra.empty() ? "" : " ", extra);
+  body_ +=
+      fmt::format(R"(<rect x="{:.2f}" y="{:.2f}" width="{:.2f}" height="{:.2f}" fill="{}"{}{})", x,
+                  y, w, h, xml_escape(fill), extra.empty() ? "" : " ", extra);
   body_ += title.empty() ? "/>\n" : fmt::format("><title>{}</title></rect>\n", xml_escape(title));
 }
 
@@ -57,8 +58,9 @@ void SvgWriter::circle(double cx, double cy, double r, const std::string& fill,
 
 void SvgWriter::text(double x, double y, const std::string& text, double size,
                      const std::string& anchor, const std::string& extra) {
-  body_ += fmt::format(R"(<text x="{:.2f}" y="{:.2f}" font-size="{:.1f}" text-anchor="{}"{}{}>{}</text>)",
-                       x, y, size, anchor, extra.empty() ? "" : " ", extra, xml_escape(text));
+  body_ += fmt::format(
+      R"(<text x="{:.2f}" y="{:.2f}" font-size="{:.1f}" text-anchor="{}"{}{}>{}</text>)", x, y,
+      size, anchor, extra.empty() ? "" : " ", extra, xml_escape(text));
   body_ += "\n";
 }
 

@@ -66,8 +66,8 @@ std::vector<int> ranks_to_draw(const std::set<int>& present, int max) {
   }
   std::vector<int> out;
   for (int i = 0; i < max; ++i) {
-    const auto idx = static_cast<std::size_t>(std::lround(
-        static_cast<double>(i) * static_cast<double>(all.size() - 1) / (max - 1)));
+    const auto idx = static_cast<std::size_t>(
+        std::lround(static_cast<double>(i) * static_cast<double>(all.size() - 1) / (max - 1)));
     if (out.empty() || out.back() != all[idx]) {
       out.push_back(all[idx]);
     }
@@ -119,11 +119,10 @@ std::string timeline_svg(const Timeline& timeline, const TimelineSvgOptions& opt
   double height = kTopPx + kAxisPx + static_cast<double>(rows.size()) * kRowPx +
                   static_cast<double>(ranks.size()) * kRankGapPx;
   SvgWriter svg(options.width_px, height);
-  svg.text(kLeftPx, 18,
-           options.title.empty() ? std::string("timeline") : options.title, 14, "start",
-           R"(font-weight="bold")");
-  std::string subtitle = fmt::format("{} events, makespan {}", timeline.events.size(),
-                                     format_seconds(span));
+  svg.text(kLeftPx, 18, options.title.empty() ? std::string("timeline") : options.title, 14,
+           "start", R"(font-weight="bold")");
+  std::string subtitle =
+      fmt::format("{} events, makespan {}", timeline.events.size(), format_seconds(span));
   if (ranks.size() < present.size()) {
     subtitle += fmt::format("; {} of {} ranks shown", ranks.size(), present.size());
   }

@@ -20,9 +20,9 @@ struct LayerGraphDotOptions {
 
 // Memory one rank spends on a layer under `plan`.
 struct LayerMemory {
-  double params = 0;             // parameters held by one rank (after the TP split)
-  double state_bytes = 0;        // weights + gradients + optimizer state, ZeRO-divided
-  double activation_bytes = 0;   // kept for backward per micro-batch, after recomputation
+  double params = 0;           // parameters held by one rank (after the TP split)
+  double state_bytes = 0;      // weights + gradients + optimizer state, ZeRO-divided
+  double activation_bytes = 0; // kept for backward per micro-batch, after recomputation
 };
 
 LayerMemory layer_memory(const Layer& layer, const Plan& plan);

@@ -24,11 +24,11 @@ struct ReportPlan {
 
 struct ReportInput {
   std::string title;
-  std::string context; // one line: model, cluster, GPUs, global batch
-  std::vector<ReportPlan> plans;           // best first
-  std::vector<CandidatePoint> candidates;  // every timed plan of the search
+  std::string context;                    // one line: model, cluster, GPUs, global batch
+  std::vector<ReportPlan> plans;          // best first
+  std::vector<CandidatePoint> candidates; // every timed plan of the search
   double memory_capacity_bytes = 0;
-  std::optional<PlanEstimate> chosen;      // memory breakdown and headline figures
+  std::optional<PlanEstimate> chosen; // memory breakdown and headline figures
   // Timelines of the chosen plan (caption, SVG document): simulated, and measured from compare.
   std::vector<std::pair<std::string, std::string>> timelines;
   std::string layer_graph_svg;

@@ -15,8 +15,8 @@ public:
 
   void rect(double x, double y, double w, double h, const std::string& fill,
             const std::string& title = {}, const std::string& extra = {});
-  void line(double x1, double y1, double x2, double y2, const std::string& stroke,
-            double width = 1, const std::string& extra = {});
+  void line(double x1, double y1, double x2, double y2, const std::string& stroke, double width = 1,
+            const std::string& extra = {});
   void circle(double cx, double cy, double r, const std::string& fill,
               const std::string& title = {}, const std::string& extra = {});
   // anchor: "start", "middle" or "end".
