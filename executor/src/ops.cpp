@@ -2,6 +2,8 @@
 
 #include "parallax/core/error.hpp"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 
 namespace parallax::ops {
@@ -141,6 +143,9 @@ void rmsnorm_backward(ConstMatRef x, ConstMatRef gamma, ConstMatRef rstd, ConstM
   }
 }
 
+// Elements per chunk of the vectorised element-wise backwards (a 4 KiB scratch on the stack).
+constexpr Index kElementwiseChunk = 1024;
+
 void gelu_forward(ConstMatRef x, MatRef y) {
   check_shape(y, x.rows, x.cols, "gelu output");
   const auto xa = x.m().array();
@@ -150,15 +155,19 @@ void gelu_forward(ConstMatRef x, MatRef y) {
 void gelu_backward(ConstMatRef x, ConstMatRef dy, MatRef dx) {
   check_shape(dy, x.rows, x.cols, "gelu output gradient");
   check_shape(dx, x.rows, x.cols, "gelu input gradient");
-  const float* xp = x.data;
-  const float* dyp = dy.data;
-  float* dxp = dx.data;
+  // In cache-sized chunks so tanh is evaluated once per element, vectorised by Eigen (the
+  // scalar libm tanh made this backward cost a fifth of a CPU training step).
   const Index n = x.size();
-  for (Index i = 0; i < n; ++i) {
-    const float v = xp[i];
-    const float t = std::tanh(kGeluC * (v + kGeluA * v * v * v));
-    const float dt = (1.0f - t * t) * kGeluC * (1.0f + 3.0f * kGeluA * v * v);
-    dxp[i] = dyp[i] * (0.5f * (1.0f + t) + 0.5f * v * dt);
+  std::array<float, kElementwiseChunk> tanh_buf{};
+  for (Index start = 0; start < n; start += kElementwiseChunk) {
+    const Index len = std::min<Index>(kElementwiseChunk, n - start);
+    const Eigen::Map<const Eigen::ArrayXf> v(x.data + start, len);
+    const Eigen::Map<const Eigen::ArrayXf> g(dy.data + start, len);
+    Eigen::Map<Eigen::ArrayXf> t(tanh_buf.data(), len);
+    t = (kGeluC * (v + kGeluA * v.cube())).tanh();
+    Eigen::Map<Eigen::ArrayXf>(dx.data + start, len) =
+        g * (0.5f * (1.0f + t) +
+             0.5f * v * (1.0f - t.square()) * kGeluC * (1.0f + 3.0f * kGeluA * v.square()));
   }
 }
 
@@ -174,12 +183,17 @@ void swiglu_backward(ConstMatRef gate, ConstMatRef up, ConstMatRef dy, MatRef dg
   check_shape(dgate, gate.rows, gate.cols, "swiglu gate gradient");
   check_shape(dup, gate.rows, gate.cols, "swiglu up gradient");
   const Index n = gate.size();
-  for (Index i = 0; i < n; ++i) {
-    const float g = gate.data[i];
-    const float sig = 1.0f / (1.0f + std::exp(-g));
-    const float silu = g * sig;
-    dup.data[i] = dy.data[i] * silu;
-    dgate.data[i] = dy.data[i] * up.data[i] * (sig * (1.0f + g * (1.0f - sig)));
+  std::array<float, kElementwiseChunk> sig_buf{};
+  for (Index start = 0; start < n; start += kElementwiseChunk) {
+    const Index len = std::min<Index>(kElementwiseChunk, n - start);
+    const Eigen::Map<const Eigen::ArrayXf> g(gate.data + start, len);
+    const Eigen::Map<const Eigen::ArrayXf> u(up.data + start, len);
+    const Eigen::Map<const Eigen::ArrayXf> d(dy.data + start, len);
+    Eigen::Map<Eigen::ArrayXf> sig(sig_buf.data(), len);
+    sig = 1.0f / (1.0f + (-g).exp());
+    Eigen::Map<Eigen::ArrayXf>(dup.data + start, len) = d * g * sig;
+    Eigen::Map<Eigen::ArrayXf>(dgate.data + start, len) =
+        d * u * (sig * (1.0f + g * (1.0f - sig)));
   }
 }
 
@@ -355,8 +369,12 @@ void row_max(ConstMatRef logits, MatRef max) {
 void row_sum_exp(ConstMatRef logits, ConstMatRef max, MatRef sum) {
   check_shape(max, logits.rows, 1, "row max");
   check_shape(sum, logits.rows, 1, "row sum");
-  sum.m().col(0) =
-      (logits.m().array().colwise() - max.m().col(0).array()).exp().rowwise().sum().matrix();
+  // Row by row over contiguous memory, so Eigen vectorises exp (a column-wise broadcast over
+  // the row-major matrix fell back to scalar libm calls).
+  for (Index r = 0; r < logits.rows; ++r) {
+    const Eigen::Map<const Eigen::ArrayXf> row(logits.data + r * logits.cols, logits.cols);
+    sum.data[r] = (row - max.data[r]).exp().sum();
+  }
 }
 
 void target_logits(ConstMatRef logits, std::span<const std::int32_t> targets,
@@ -374,14 +392,13 @@ void cross_entropy_backward(ConstMatRef logits, ConstMatRef max, ConstMatRef sum
                             float scale, MatRef dlogits) {
   check_shape(dlogits, logits.rows, logits.cols, "logits gradient");
   PARALLAX_CHECK(static_cast<Index>(targets.size()) == logits.rows, "one target per row");
-  auto dm = dlogits.m();
-  dm = ((logits.m().array().colwise() - max.m().col(0).array()).exp().colwise() /
-        sum.m().col(0).array()) *
-       scale;
   for (Index r = 0; r < logits.rows; ++r) {
+    const Eigen::Map<const Eigen::ArrayXf> row(logits.data + r * logits.cols, logits.cols);
+    Eigen::Map<Eigen::ArrayXf> out(dlogits.data + r * logits.cols, logits.cols);
+    out = (row - max.data[r]).exp() * (scale / sum.data[r]);
     const std::int64_t local = targets[static_cast<std::size_t>(r)] - vocab_begin;
     if (local >= 0 && local < logits.cols)
-      dm(r, local) -= scale;
+      out(local) -= scale;
   }
 }
 

@@ -64,6 +64,43 @@ double memory_gib_total() {
   return 24.0;
 }
 
+// The rate of the executor's element-wise layers in the cost model's terms: bytes charged per
+// second, where the model charges a layer its forward traffic (fwd_mem_elems: LayerNorm and
+// GELU read and write [T, n], cross-entropy reads [T, V]) once forward and twice backward.
+// Measured on LayerNorm, GELU and cross-entropy, forward and backward, over tensors larger than
+// the caches — what these layers cost inside a step, which a plain copy does not show (GELU's
+// tanh and the exponentials are arithmetic, not traffic).
+double elementwise_bytes_per_s(Communicator& world, const CalibrationOptions& options, int reps) {
+  const Eigen::Index tokens = options.quick ? 512 : 2048;
+  const Eigen::Index h = 512;
+  const Eigen::Index f = 2048;
+  const Eigen::Index vocab = 8192;
+  Tensor x(tokens, h), y(tokens, h), dx(tokens, h), dy(tokens, h);
+  Tensor gamma(1, h), beta(1, h), dgamma(1, h), dbeta(1, h), mean(tokens, 1), rstd(tokens, 1);
+  Tensor a(tokens, f), b(tokens, f), da(tokens, f), db(tokens, f);
+  Tensor logits(tokens, vocab), dlogits(tokens, vocab), max(tokens, 1), sum(tokens, 1);
+  std::vector<std::int32_t> targets(static_cast<std::size_t>(tokens));
+  for (std::size_t i = 0; i < targets.size(); ++i) {
+    targets[i] = static_cast<std::int32_t>((i * 7919) % static_cast<std::size_t>(vocab));
+  }
+  for (Tensor* t : {&x, &dy, &a, &db, &logits}) {
+    t->m().setRandom();
+  }
+  gamma.m().setOnes();
+  const double t = median_time(world, 1, reps, [&] {
+    ops::layernorm_forward(x, gamma, beta, y, mean, rstd, 1e-5f);
+    ops::layernorm_backward(x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+    ops::gelu_forward(a, b);
+    ops::gelu_backward(a, db, da);
+    ops::row_max(logits, max);
+    ops::row_sum_exp(logits, max, sum);
+    ops::cross_entropy_backward(logits, max, sum, targets, 0, 1.0f, dlogits);
+  });
+  const auto T = static_cast<double>(tokens);
+  const double charged = 3.0 * 4.0 * (2.0 * T * h + 2.0 * T * f + T * static_cast<double>(vocab));
+  return mean_over_ranks(world, charged / t);
+}
+
 } // namespace
 
 Cluster calibrate_cpu(const CalibrationOptions& options) {
@@ -71,32 +108,61 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   const int n = world->size();
   const int reps = options.quick ? 3 : 7;
 
-  // GEMM grid: square shapes and the skinny ones transformer layers run (tokens × hidden ×
-  // ffn, and the vocabulary projection).
+  // GEMM rates as training sees them: the executor's own linear layer, forward (y = x·W) and
+  // backward (dx = dy·Wᵀ, dW += xᵀ·dy), on the token × feature shapes transformer layers run,
+  // cycling through enough independent operand sets that each call finds its inputs in memory
+  // rather than in the caches (in a training step every layer reads activations written long
+  // before). Isolated products of cache-resident matrices run ~1.5× faster than that here.
   struct Shape {
-    Eigen::Index m, k, n;
+    Eigen::Index tokens, in, out;
   };
-  std::vector<Shape> shapes = {
-      {32, 32, 32},   {64, 64, 64},     {128, 128, 128},  {256, 256, 256},   {512, 512, 512},
-      {256, 64, 256}, {512, 256, 1024}, {1024, 512, 512}, {1024, 512, 2048}, {1024, 2048, 512}};
-  if (!options.quick) {
-    shapes.push_back({1024, 1024, 1024});
-    shapes.push_back({2048, 2048, 2048});
-    shapes.push_back({1024, 512, 8192});
+  std::vector<Shape> shapes;
+  const std::vector<Eigen::Index> token_counts =
+      options.quick ? std::vector<Eigen::Index>{128, 1024}
+                    : std::vector<Eigen::Index>{64, 128, 256, 512, 1024, 2048};
+  const std::vector<std::pair<Eigen::Index, Eigen::Index>> features =
+      options.quick ? std::vector<std::pair<Eigen::Index, Eigen::Index>>{{256, 256}, {256, 1024}}
+                    : std::vector<std::pair<Eigen::Index, Eigen::Index>>{
+                          {64, 64},    {128, 128},  {256, 256}, {256, 768},
+                          {256, 1024}, {1024, 256}, {512, 512}, {512, 2048},
+                          {2048, 512}, {256, 4096}, {1024, 1024}};
+  for (Eigen::Index t : token_counts) {
+    for (const auto& [in, out] : features) {
+      shapes.push_back({t, in, out});
+    }
   }
-  std::vector<std::pair<double, double>> rates; // (flops, FLOP/s)
+  constexpr double kColdBytes = 48.0 * (1 << 20); // operand sets together exceed the caches
+  std::vector<std::pair<double, double>> rates; // (forward GEMM FLOPs, FLOP/s over fwd + bwd)
   for (const Shape& s : shapes) {
-    const Mat a = Mat::Random(s.m, s.k);
-    const Mat b = Mat::Random(s.k, s.n);
-    Mat c(s.m, s.n);
-    const double flops = 2.0 * static_cast<double>(s.m * s.k * s.n);
-    // Enough repetitions inside one timing to last a few milliseconds.
-    const int inner = std::max(1, static_cast<int>(2e8 / flops));
+    const double set_bytes =
+        4.0 * static_cast<double>(2 * s.tokens * s.in + 2 * s.tokens * s.out + 2 * s.in * s.out);
+    const int sets = std::clamp(static_cast<int>(kColdBytes / set_bytes) + 1, 2, 64);
+    struct Operands {
+      Tensor x, w, y, dy, dx, dw;
+    };
+    std::vector<Operands> ops_sets;
+    for (int i = 0; i < sets; ++i) {
+      Operands o{Tensor(s.tokens, s.in),  Tensor(s.in, s.out),    Tensor(s.tokens, s.out),
+                 Tensor(s.tokens, s.out), Tensor(s.tokens, s.in), Tensor(s.in, s.out)};
+      o.x.m().setRandom();
+      o.w.m().setRandom();
+      o.dy.m().setRandom();
+      o.dw.m().setZero();
+      ops_sets.push_back(std::move(o));
+    }
+    const double fwd_flops = 2.0 * static_cast<double>(s.tokens * s.in * s.out);
+    // Enough passes over the sets inside one timing to last a few milliseconds.
+    const int passes = std::max(1, static_cast<int>(2e8 / (3 * fwd_flops * sets)));
     const double t = median_time(*world, 1, reps, [&] {
-      for (int i = 0; i < inner; ++i)
-        c.noalias() = a * b;
+      for (int p = 0; p < passes; ++p) {
+        for (Operands& o : ops_sets) {
+          ops::linear_forward(o.x, o.w, {}, o.y);
+          ops::linear_backward(o.x, o.w, o.dy, o.dx, o.dw, {});
+        }
+      }
     });
-    rates.emplace_back(flops, mean_over_ranks(*world, flops * inner / t));
+    const double per_call = t / (passes * sets);
+    rates.emplace_back(fwd_flops, mean_over_ranks(*world, 3 * fwd_flops / per_call));
   }
   std::sort(rates.begin(), rates.end());
   double peak = 0;
@@ -110,9 +176,7 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   src.m().setConstant(0.5f);
   const double t_copy = median_time(*world, 1, reps, [&] { dst.m() = src.m(); });
   const double bandwidth = mean_over_ranks(*world, 2.0 * 4.0 * static_cast<double>(elems) / t_copy);
-  const double t_gelu = median_time(*world, 1, reps, [&] { ops::gelu_forward(src, dst); });
-  const double gelu_rate = mean_over_ranks(*world, 2.0 * 4.0 * static_cast<double>(elems) / t_gelu);
-
+  const double elementwise_rate = elementwise_bytes_per_s(*world, options, reps);
   Cluster c;
   c.name = "cpu-calibrated";
   c.device.name = cpu_model() + " core";
@@ -120,7 +184,7 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   c.device.peak_tflops[Precision::fp32] = peak / 1e12;
   c.device.memory_gib = memory_gib_total() / n;
   c.device.memory_bandwidth_gbps = bandwidth / 1e9;
-  c.device.elementwise_efficiency = std::clamp(gelu_rate / bandwidth, 0.05, 1.0);
+  c.device.elementwise_efficiency = std::clamp(elementwise_rate / bandwidth, 0.05, 1.0);
   // The cost model's curve is a function of GEMM FLOPs: one point per FLOP count (the best
   // shape of that size), made non-decreasing — a larger GEMM can always be blocked at least as
   // well as a smaller one, and single pathological shapes (Eigen's 256³ runs at a fifth of its
@@ -179,8 +243,8 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   c.collectives.inter = 1.0;
   c.notes = fmt::format(
       "Measured by `parallax calibrate --backend cpu` with {} MPI rank(s) running at once on "
-      "{}: fp32 GEMM peak {:.1f} GFLOP/s per rank (Eigen, best of {} shapes, medians of {} "
-      "repetitions), streaming copy {:.1f} GB/s per rank, GELU at {:.0f}% of that, all-reduce "
+      "{}: fp32 GEMM peak {:.1f} GFLOP/s per rank (the executor's linear layer forward + "
+      "backward with operands from memory, best of {} shapes, medians of {} repetitions), streaming copy {:.1f} GB/s per rank, GELU at {:.0f}% of that, all-reduce "
       "latency {:.1f} us per ring step and bus bandwidth {:.2f} GB/s per rank.",
       n, cpu_model(), peak / 1e9, shapes.size(), reps, bandwidth / 1e9,
       100 * c.device.elementwise_efficiency, latency_us, bus_gbps);

@@ -49,6 +49,8 @@ double kernel_overhead_s(const Device& device) {
   return device.kind == "cpu" ? kCpuKernelOverheadS : kGpuKernelOverheadS;
 }
 
+bool device_overlaps_communication(const Device& device) { return device.kind != "cpu"; }
+
 double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused) {
   const double flops = gemm.flops();
   if (flops <= 0) {

@@ -43,7 +43,8 @@ void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
     r.compute_s += 2 * u.fwd_s + u.bwd_s;
     r.tp_s += 2 * u.tp_fwd_s + u.tp_bwd_s;
     r.act_per_mb += u.act_full_bytes;
-    r.act_working = std::max(r.act_working, u.act_bytes);
+    r.act_working = std::max(r.act_working, u.act_bytes - u.act_outside_blocks_bytes);
+    r.act_outside_blocks += u.act_outside_blocks_bytes;
     break;
   }
   r.bwd_s += u.bwd_s + u.tp_bwd_s;
@@ -119,7 +120,7 @@ MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
   m.params = r.params * w_bytes / (p.zero_stage >= 3 ? d : 1);
   m.grads = r.params * w_bytes / (p.zero_stage >= 2 ? d : 1);
   m.optimizer = r.params * (mixed ? 12.0 : 8.0) / (p.zero_stage >= 1 ? d : 1);
-  m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.act_working;
+  m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.recompute_working_bytes();
   // Gradient buckets are views of the flat gradient buffer, reduced in place (Megatron-LM's
   // contiguous buffer, Parallax's executor): no extra bucket memory.
   double buffers = MemoryModelConstants::kFragmentation * m.activations;
@@ -257,12 +258,13 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
                           : plan.stages;
   std::vector<RankLoad> ranks = rank_loads(plan, stages);
   const double p2p = p2p_time_s(plan, c, *graph_);
+  const bool overlap = device_overlaps_communication(c.device);
   for (auto& r : ranks) {
     r.compute_s += grad_accumulation_s(plan, r.params);
     r.p2p_s = plan.pp > 1 ? 2.0 * plan.virtual_stages * p2p : 0.0;
     const double zero_comm = zero_per_microbatch_s(plan, c, r);
-    const double hidden = std::min(zero_comm, r.compute_s);
-    r.zero3_exposed_s = std::max(0.0, zero_comm - r.compute_s) + kOverlapInterference * hidden;
+    const double hidden = overlap ? std::min(zero_comm, r.compute_s) : 0.0;
+    r.zero3_exposed_s = zero_comm - hidden + kOverlapInterference * hidden;
   }
 
   double t_max = 0;
@@ -286,7 +288,7 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
     const double t_dp = dp_iteration_comm_s(plan, c, r);
     const double buckets = std::max(1.0, std::ceil(r.params * precision_storage_bytes(plan.precision) /
                                                     MemoryModelConstants::kGradBucketBytes));
-    const double window = (plan.zero_stage <= 1 ? r.bwd_s : 0.0) + slack;
+    const double window = overlap ? (plan.zero_stage <= 1 ? r.bwd_s : 0.0) + slack : 0.0;
     const double exposed = std::max(t_dp / buckets, t_dp - window);
     dp_exposed = std::max(dp_exposed, exposed + kOverlapInterference * (t_dp - exposed));
     slack += r.bwd_s + r.p2p_s / 2;

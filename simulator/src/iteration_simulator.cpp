@@ -1,5 +1,7 @@
 #include "parallax/simulator/iteration_simulator.hpp"
 
+#include "parallax/simulator/compute_model.hpp"
+
 #include "parallax/core/error.hpp"
 #include "parallax/core/pipeline_schedule.hpp"
 #include "parallax/simulator/collectives.hpp"
@@ -115,10 +117,13 @@ Id IterationBuilder::add_comm(RankSim& r, Stream stream, Category cat, const Col
   const Id link = cost.network ? r.network : r.nvlink;
   const double capacity =
       cost.network ? network_link_bandwidth(cluster_) : intra_link_bandwidth(cluster_);
-  const Id stream_id = gather                     ? r.gather_stream
-                       : stream == Stream::tp_comm ? r.tp_stream
-                       : stream == Stream::pp_comm ? r.pp_stream
-                                                   : r.dp_stream;
+  Id stream_id = gather                     ? r.gather_stream
+                 : stream == Stream::tp_comm ? r.tp_stream
+                 : stream == Stream::pp_comm ? r.pp_stream
+                                             : r.dp_stream;
+  if (stream == Stream::dp_comm && !device_overlaps_communication(cluster_.device)) {
+    stream_id = r.compute; // the cores that compute also move the data (CPU ranks)
+  }
   const Id id = engine_.add_flow(stream_id, link, cost.latency_s, cost.transfer_s * capacity,
                                  static_cast<std::int32_t>(info_.size()));
   info_.push_back({r.rank, stream, cat, unit, mb, 0, bytes});
@@ -445,7 +450,7 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) 
     }
     const MemoryBreakdown& a = analytic[static_cast<std::size_t>(r.pp_rank)];
     MemoryBreakdown m = a;
-    m.activations = peak + loads[static_cast<std::size_t>(r.pp_rank)].act_working;
+    m.activations = peak + loads[static_cast<std::size_t>(r.pp_rank)].recompute_working_bytes();
     m.buffers = a.buffers - MemoryModelConstants::kFragmentation * a.activations +
                 MemoryModelConstants::kFragmentation * m.activations;
     if (m.total() > e.memory.total()) {

@@ -110,6 +110,14 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
                                  const UnitCostKey& key) {
   std::vector<UnitCost> units(static_cast<std::size_t>(graph.num_units()));
   std::vector<bool> has_input(units.size(), false);
+  // Units holding transformer blocks recompute only the blocks; in graphs without blocks
+  // (generic DAGs) full recomputation covers the whole unit.
+  std::vector<bool> has_block(units.size(), false);
+  for (std::size_t v = 0; v < graph.num_layers(); ++v) {
+    if (graph.layer(v).block >= 0) {
+      has_block[static_cast<std::size_t>(graph.layer(v).unit)] = true;
+    }
+  }
   const double elem_bytes = precision_storage_bytes(key.precision);
   const auto B = static_cast<double>(key.micro_batch_size);
   for (std::size_t v = 0; v < graph.num_layers(); ++v) {
@@ -135,6 +143,9 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
             : 0.0;
     u.act_bytes += act;
     u.act_selective_bytes += act - dropped;
+    if (layer.block < 0 && has_block[static_cast<std::size_t>(layer.unit)]) {
+      u.act_outside_blocks_bytes += act;
+    }
     const double fdiv = layer_flop_divisor(layer, key.tp, key.sequence_parallel);
     u.model_flops += (layer.fwd_flops + layer.bwd_flops) * B / fdiv;
     // Full recomputation keeps the unit's input: the first layer's output of the previous unit,
@@ -146,6 +157,9 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
       u.act_full_bytes = static_cast<double>(info.seq_length * info.hidden_size) * elem_bytes * B /
                          (key.sequence_parallel ? key.tp : 1);
     }
+  }
+  for (UnitCost& u : units) {
+    u.act_full_bytes += u.act_outside_blocks_bytes;
   }
   return units;
 }

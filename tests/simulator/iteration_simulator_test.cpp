@@ -127,17 +127,26 @@ TEST(SimulateIteration, DataParallelReductionHiddenOrExposed) {
     SimulationResult r = simulate_iteration(model, plan, {.record_timeline = false});
     EXPECT_LT(r.estimate.breakdown.dp_comm, 0.01 * (t.f + t.b));
   }
-  {
-    // Slow links: the four all-reduces run back to back after the first bucket is ready.
-    const Cluster c = flat_cluster(2, 0.001);
+  for (const char* kind : {"gpu", "cpu"}) {
+    // Slow links. A GPU runs the four all-reduces back to back on its communication stream
+    // once the first bucket is ready, beside the rest of the backward; a CPU's cores move the
+    // data themselves, so each all-reduce sits between the backwards of two units.
+    Cluster c = flat_cluster(2, 0.001);
+    c.device.kind = kind;
     CostModel model(g, c);
     const StageTimes t = stage_times(model, plan, 4);
     const double allreduce = collective_time_s(c, Collective::all_reduce, 1e6 * 4.0,
                                                dp_span(plan, c));
     ASSERT_GT(allreduce, 10 * (t.f + t.b));
     SimulationResult r = simulate_iteration(model, plan, {.record_timeline = false});
-    const double expected = t.f + t.b / 4 + 4 * allreduce + r.estimate.breakdown.optimizer;
-    EXPECT_NEAR(r.estimate.iteration_time_s, expected, 1e-6 * expected);
+    const double backward = std::string(kind) == "gpu" ? t.b / 4 : t.b;
+    const double expected = t.f + backward + 4 * allreduce + r.estimate.breakdown.optimizer;
+    EXPECT_NEAR(r.estimate.iteration_time_s, expected, 1e-9) << kind;
+    // The analytic model exposes the same communication.
+    const PlanEstimate analytic = model.estimate(plan);
+    EXPECT_NEAR(analytic.iteration_time_s, r.estimate.iteration_time_s,
+                0.02 * r.estimate.iteration_time_s)
+        << kind;
   }
 }
 
@@ -171,9 +180,10 @@ TEST(SimulateIteration, SymmetricReductionMatchesFullSimulation) {
     p.sequence_parallel = p.tp > 1 && rng() % 2 == 0;
     p.schedule = p.pp > 1 ? static_cast<Schedule>(rng() % 3) : Schedule::one_f_one_b;
     p.virtual_stages = p.schedule == Schedule::interleaved ? 2 : 1;
-    const Cluster c = base.with_devices(p.world_size());
+    Cluster c = base.with_devices(p.world_size());
+    c.device.kind = trial % 2 == 0 ? "gpu" : "cpu"; // CPU ranks serialise DP communication
     CostModel model(g, c);
-    SCOPED_TRACE(plan_to_json(p).dump());
+    SCOPED_TRACE(plan_to_json(p).dump() + " on a " + c.device.kind);
     SimulationResult reduced = simulate_iteration(model, p, {.symmetric = true, .record_timeline = false});
     SimulationResult full = simulate_iteration(model, p, {.symmetric = false, .record_timeline = false});
     EXPECT_EQ(full.simulated_ranks, p.world_size());

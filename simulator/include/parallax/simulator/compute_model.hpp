@@ -22,6 +22,11 @@ double elementwise_efficiency(const Device& device);
 
 // Per-kernel launch and scheduling overhead on the device.
 double kernel_overhead_s(const Device& device);
+// Whether data-parallel communication runs beside compute. GPUs copy with DMA engines and NCCL
+// kernels on their own streams; CPU ranks move data with the same cores that compute, and
+// OpenMPI advances non-blocking collectives only inside MPI calls, so on CPU devices gradient
+// reduction and ZeRO gathers add to the step instead of hiding behind the backward.
+bool device_overlaps_communication(const Device& device);
 
 // Time of one GEMM in `precision`. `fused` GEMMs (flash attention) never write their m×n output
 // to memory, so only their compute term counts, at the fused-kernel efficiency.

@@ -60,8 +60,14 @@ public:
     double params = 0;
     double max_layer_params = 0;
     double act_per_mb = 0;  // activations kept per micro-batch over all this rank's chunks
-    double act_working = 0; // transient activations of one unit (full recomputation)
+    double act_working = 0; // transient activations of one unit's blocks (full recomputation)
+    double act_outside_blocks = 0; // per micro-batch, kept under full recomputation
     double step_s() const { return compute_s + tp_s + p2p_s + zero3_exposed_s; }
+    // Activations rebuilt at once under full recomputation: one unit's blocks during the
+    // backward, when that micro-batch's head and loss activations have already been freed.
+    double recompute_working_bytes() const {
+      return act_working > act_outside_blocks ? act_working - act_outside_blocks : 0.0;
+    }
   };
 
   // Per pipeline rank: the load of one micro-batch, and the memory the analytic model predicts.

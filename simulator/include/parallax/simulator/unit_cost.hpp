@@ -20,7 +20,10 @@ struct UnitCost {
   double max_layer_params = 0;
   double act_bytes = 0;           // activations kept per micro-batch without recomputation
   double act_selective_bytes = 0; // with selective recomputation
-  double act_full_bytes = 0;      // with full recomputation (the unit's input only)
+  // With full recomputation: the unit's input, plus the activations of its layers outside
+  // transformer blocks (embedding, final norm, LM head, loss), which are not recomputed.
+  double act_full_bytes = 0;
+  double act_outside_blocks_bytes = 0; // that second part alone
   double model_flops = 0;         // forward + backward model FLOPs on this rank
   bool operator==(const UnitCost&) const = default;
 };
