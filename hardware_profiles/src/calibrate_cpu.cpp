@@ -121,7 +121,9 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
       options.quick ? std::vector<Eigen::Index>{128, 1024}
                     : std::vector<Eigen::Index>{64, 128, 256, 512, 1024, 2048};
   const std::vector<std::pair<Eigen::Index, Eigen::Index>> features =
-      options.quick ? std::vector<std::pair<Eigen::Index, Eigen::Index>>{{256, 256}, {256, 1024}}
+      options.quick ? std::vector<std::pair<Eigen::Index, Eigen::Index>>{{64, 64},
+                                                                          {256, 256},
+                                                                          {256, 1024}}
                     : std::vector<std::pair<Eigen::Index, Eigen::Index>>{
                           {64, 64},    {128, 128},  {256, 256}, {256, 768},
                           {256, 1024}, {1024, 256}, {512, 512}, {512, 2048},
