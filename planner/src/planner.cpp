@@ -58,7 +58,8 @@ public:
     std::vector<double> weights;
     weights.reserve(units.size());
     for (const UnitCost& u : units) {
-      const double recompute = plan.recompute == Recompute::full        ? u.fwd_s + u.tp_fwd_s
+      const double recompute = plan.recompute == Recompute::full
+                                   ? u.full_recompute_s + u.full_recompute_tp_s
                                : plan.recompute == Recompute::selective ? u.selective_s
                                                                         : 0.0;
       weights.push_back(u.fwd_s + u.bwd_s + u.tp_fwd_s + u.tp_bwd_s + recompute +
@@ -198,16 +199,23 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
           continue;
         }
         for (auto [schedule, v] : schedules_for(pins, pp, units, local / mb)) {
-          for (int zero : pinned_or(pins.zero_stage, dp > 1 ? std::vector<int>{0, 1, 2, 3}
-                                                            : std::vector<int>{0})) {
+          for (int zero : pinned_or(pins.zero_stage,
+                                    dp > 1 ? std::vector<int>{0, 1, 2, 3} : std::vector<int>{0})) {
             for (Recompute rc : pinned_or(pins.recompute, recomputes)) {
-              for (bool sp : pinned_or(pins.sequence_parallel,
-                                       tp > 1 ? std::vector<bool>{false, true}
-                                              : std::vector<bool>{false})) {
-                Plan p{.dp = dp, .tp = tp, .pp = pp, .zero_stage = zero,
-                       .micro_batch_size = mb, .global_batch_size = req.global_batch_size,
-                       .schedule = schedule, .virtual_stages = v, .recompute = rc,
-                       .sequence_parallel = sp, .precision = precision,
+              for (bool sp :
+                   pinned_or(pins.sequence_parallel,
+                             tp > 1 ? std::vector<bool>{false, true} : std::vector<bool>{false})) {
+                Plan p{.dp = dp,
+                       .tp = tp,
+                       .pp = pp,
+                       .zero_stage = zero,
+                       .micro_batch_size = mb,
+                       .global_batch_size = req.global_batch_size,
+                       .schedule = schedule,
+                       .virtual_stages = v,
+                       .recompute = rc,
+                       .sequence_parallel = sp,
+                       .precision = precision,
                        .grad_sync = pins.grad_sync.value_or(GradSync::allreduce)};
                 consider(st, model, stages, std::move(p), gpus);
               }
@@ -312,8 +320,8 @@ std::string plan_explain(const RankedPlan& best, const RankedPlan* other) {
       "optimizer {:.1f}, activations {:.1f}, buffers {:.1f})\n",
       t, pct(b.compute), pct(b.tp_comm), pct(b.pp_comm), pct(b.dp_comm), pct(b.bubble),
       pct(b.optimizer), e.memory.total() / (1 << 30), e.memory.params / (1 << 30),
-      e.memory.grads / (1 << 30), e.memory.optimizer / (1 << 30),
-      e.memory.activations / (1 << 30), e.memory.buffers / (1 << 30));
+      e.memory.grads / (1 << 30), e.memory.optimizer / (1 << 30), e.memory.activations / (1 << 30),
+      e.memory.buffers / (1 << 30));
   if (other == nullptr) {
     return out;
   }

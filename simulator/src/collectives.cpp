@@ -12,16 +12,24 @@ namespace {
 constexpr double kDefaultIntraEfficiency = 0.70; // NVLink all-reduce bus bandwidth / link
 constexpr double kDefaultInterEfficiency = 0.85; // InfiniBand / RoCE the same
 
-double log2_ceil(int n) { return n <= 1 ? 0.0 : std::ceil(std::log2(static_cast<double>(n))); }
+double log2_ceil(int n) {
+  return n <= 1 ? 0.0 : std::ceil(std::log2(static_cast<double>(n)));
+}
 
-double intra_bw(const Cluster& c) { return c.node.intra_bandwidth_gbps * 1e9 * intra_efficiency(c); }
+double intra_bw(const Cluster& c) {
+  return c.node.intra_bandwidth_gbps * 1e9 * intra_efficiency(c);
+}
 
 double nic_bw(const Cluster& c) {
   return c.network.inter_bandwidth_gbps * 1e9 * inter_efficiency(c) / c.network.oversubscription;
 }
 
-double alpha_intra(const Cluster& c) { return c.node.intra_latency_us * 1e-6; }
-double alpha_inter(const Cluster& c) { return c.network.inter_latency_us * 1e-6; }
+double alpha_intra(const Cluster& c) {
+  return c.node.intra_latency_us * 1e-6;
+}
+double alpha_inter(const Cluster& c) {
+  return c.network.inter_latency_us * 1e-6;
+}
 
 // Bus bandwidth of a ring over the span: the slowest of the intra-node hops and the node's NICs.
 double ring_bus_bw(const Cluster& c, GroupSpan span) {
@@ -54,7 +62,8 @@ CollectiveCost ring_cost(const Cluster& c, Collective kind, double bytes, GroupS
     latency = span.nodes > 1 ? alpha_inter(c) : alpha_intra(c);
     break;
   }
-  const bool network = span.nodes > 1 && (span.per_node == 1 || span.per_node * nic_bw(c) < intra_bw(c));
+  const bool network =
+      span.nodes > 1 && (span.per_node == 1 || span.per_node * nic_bw(c) < intra_bw(c));
   return {latency, bus_factor(kind, n) * bytes / ring_bus_bw(c, span), network};
 }
 
@@ -136,8 +145,12 @@ double collective_time_s(const Cluster& c, Collective kind, double bytes, GroupS
   return collective_cost(c, kind, bytes, span, algorithm).total_s();
 }
 
-double intra_link_bandwidth(const Cluster& c) { return intra_bw(c); }
-double network_link_bandwidth(const Cluster& c) { return nic_bw(c); }
+double intra_link_bandwidth(const Cluster& c) {
+  return intra_bw(c);
+}
+double network_link_bandwidth(const Cluster& c) {
+  return nic_bw(c);
+}
 
 GroupSpan tp_span(const Plan& p, const Cluster& c) {
   return group_span(p.tp, 1, c.node.devices_per_node);

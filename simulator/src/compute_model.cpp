@@ -18,9 +18,9 @@ constexpr double kCpuKernelOverheadS = 1e-6;
 const std::vector<GemmEfficiencyPoint>& gemm_efficiency_default() {
   // Sustained (clock-throttled) fractions of dense peak under training load, not isolated
   // cuBLAS peaks: an A100 running back-to-back large GEMMs settles near 78% of its 312 TFLOP/s.
-  static const std::vector<GemmEfficiencyPoint> curve = {
-      {1e6, 0.015}, {1e7, 0.05}, {1e8, 0.16}, {1e9, 0.38},
-      {1e10, 0.58}, {1e11, 0.72}, {1e12, 0.78}};
+  static const std::vector<GemmEfficiencyPoint> curve = {{1e6, 0.015}, {1e7, 0.05},  {1e8, 0.16},
+                                                         {1e9, 0.38},  {1e10, 0.58}, {1e11, 0.72},
+                                                         {1e12, 0.78}};
   return curve;
 }
 
@@ -36,7 +36,8 @@ double gemm_efficiency(const Device& device, double flops) {
   auto hi = std::upper_bound(curve.begin(), curve.end(), flops,
                              [](double f, const GemmEfficiencyPoint& p) { return f < p.flops; });
   auto lo = hi - 1;
-  const double t = (std::log(flops) - std::log(lo->flops)) / (std::log(hi->flops) - std::log(lo->flops));
+  const double t =
+      (std::log(flops) - std::log(lo->flops)) / (std::log(hi->flops) - std::log(lo->flops));
   return lo->efficiency + t * (hi->efficiency - lo->efficiency);
 }
 
@@ -49,7 +50,9 @@ double kernel_overhead_s(const Device& device) {
   return device.kind == "cpu" ? kCpuKernelOverheadS : kGpuKernelOverheadS;
 }
 
-bool device_overlaps_communication(const Device& device) { return device.kind != "cpu"; }
+bool device_overlaps_communication(const Device& device) {
+  return device.kind != "cpu";
+}
 
 double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused) {
   const double flops = gemm.flops();
@@ -72,8 +75,8 @@ double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm
 }
 
 double memory_time_s(const Cluster& cluster, double bytes) {
-  return bytes / (cluster.device.memory_bandwidth_gbps * 1e9 *
-                  elementwise_efficiency(cluster.device));
+  return bytes /
+         (cluster.device.memory_bandwidth_gbps * 1e9 * elementwise_efficiency(cluster.device));
 }
 
 } // namespace parallax

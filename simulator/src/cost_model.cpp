@@ -40,8 +40,8 @@ void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
     r.act_per_mb += u.act_selective_bytes;
     break;
   case Recompute::full:
-    r.compute_s += 2 * u.fwd_s + u.bwd_s;
-    r.tp_s += 2 * u.tp_fwd_s + u.tp_bwd_s;
+    r.compute_s += u.fwd_s + u.full_recompute_s + u.bwd_s;
+    r.tp_s += u.tp_fwd_s + u.full_recompute_tp_s + u.tp_bwd_s;
     r.act_per_mb += u.act_full_bytes;
     r.act_working = std::max(r.act_working, u.act_bytes - u.act_outside_blocks_bytes);
     r.act_outside_blocks += u.act_outside_blocks_bytes;
@@ -286,8 +286,9 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
   for (std::size_t i = 0; i < ranks.size(); ++i) {
     const RankLoad& r = ranks[i];
     const double t_dp = dp_iteration_comm_s(plan, c, r);
-    const double buckets = std::max(1.0, std::ceil(r.params * precision_storage_bytes(plan.precision) /
-                                                    MemoryModelConstants::kGradBucketBytes));
+    const double buckets =
+        std::max(1.0, std::ceil(r.params * precision_storage_bytes(plan.precision) /
+                                MemoryModelConstants::kGradBucketBytes));
     const double window = overlap ? (plan.zero_stage <= 1 ? r.bwd_s : 0.0) + slack : 0.0;
     const double exposed = std::max(t_dp / buckets, t_dp - window);
     dp_exposed = std::max(dp_exposed, exposed + kOverlapInterference * (t_dp - exposed));
@@ -310,7 +311,8 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
 
   const double tokens = static_cast<double>(plan.global_batch_size * graph_->info().seq_length);
   e.tokens_per_s = tokens / e.iteration_time_s;
-  const double model_flops = static_cast<double>(plan.global_batch_size) * model_flops_per_sequence_;
+  const double model_flops =
+      static_cast<double>(plan.global_batch_size) * model_flops_per_sequence_;
   e.tflops_per_gpu = model_flops / (e.iteration_time_s * plan.world_size()) / 1e12;
   e.mfu = e.tflops_per_gpu * 1e12 / c.peak_flops(plan.precision);
 

@@ -116,8 +116,8 @@ void EventEngine::finish(Id id, double now) {
 
 void EventEngine::link_advance(Link& link, double now) {
   if (!link.flows.empty()) {
-    const double moved = (now - link.last_update) * link.capacity /
-                         static_cast<double>(link.flows.size());
+    const double moved =
+        (now - link.last_update) * link.capacity / static_cast<double>(link.flows.size());
     for (Flow& f : link.flows) {
       f.remaining -= moved;
     }

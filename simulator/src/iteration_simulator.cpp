@@ -40,7 +40,7 @@ struct RankSim {
   Id compute = 0, tp_stream = 0, pp_stream = 0, dp_stream = 0;
   Id gather_stream = 0; // ZeRO-3 parameter all-gathers (FSDP runs them beside reductions)
   Id nvlink = 0, network = 0;
-  std::vector<Id> dp_tasks;        // gradient synchronisation the optimizer waits for
+  std::vector<Id> dp_tasks;                 // gradient synchronisation the optimizer waits for
   std::vector<std::pair<Id, bool>> op_ends; // last task of each schedule op, forward?
   std::vector<int> op_chunks;
 };
@@ -60,8 +60,8 @@ public:
         stages_(plan.stages.empty()
                     ? stages_even(model.graph().num_units(), plan.pp * plan.virtual_stages)
                     : plan.stages),
-        units_(model.units({plan.tp, plan.sequence_parallel, plan.micro_batch_size,
-                            plan.precision})),
+        units_(
+            model.units({plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision})),
         w_bytes_(precision_storage_bytes(plan.precision)) {}
 
   SimulationResult run();
@@ -90,13 +90,17 @@ private:
   double w_bytes_;
   EventEngine engine_;
   std::vector<TaskInfo> info_;
-  Id prev_ = -1;            // last task of the current rank's critical chain
+  Id prev_ = -1;                   // last task of the current rank's critical chain
   std::vector<Id> recent_compute_; // compute tasks of the current rank, for ZeRO-3 prefetch
   // Pipeline sends by (direction, chunk, micro-batch, dp, tp), packed into one index.
   std::int64_t send_key(bool forward, int chunk, int mb, int dp, int tp) const {
     const auto chunks = static_cast<std::int64_t>(stages_.size());
-    return (((static_cast<std::int64_t>(forward) * chunks + chunk) * plan_.num_microbatches() + mb) *
-                plan_.dp + dp) * plan_.tp + tp;
+    return (((static_cast<std::int64_t>(forward) * chunks + chunk) * plan_.num_microbatches() +
+             mb) *
+                plan_.dp +
+            dp) *
+               plan_.tp +
+           tp;
   }
   std::unordered_map<std::int64_t, Id> sends_;
   std::vector<std::pair<std::int64_t, Id>> receives_;
@@ -117,7 +121,7 @@ Id IterationBuilder::add_comm(RankSim& r, Stream stream, Category cat, const Col
   const Id link = cost.network ? r.network : r.nvlink;
   const double capacity =
       cost.network ? network_link_bandwidth(cluster_) : intra_link_bandwidth(cluster_);
-  Id stream_id = gather                     ? r.gather_stream
+  Id stream_id = gather                      ? r.gather_stream
                  : stream == Stream::tp_comm ? r.tp_stream
                  : stream == Stream::pp_comm ? r.pp_stream
                                              : r.dp_stream;
@@ -166,8 +170,8 @@ void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
   for (int u = first; u < last; ++u) {
     const UnitCost& cost = units_[static_cast<std::size_t>(u)];
     const Id ag = zero3 ? zero3_gather(r, u, op.micro_batch) : -1;
-    const Id c = add_compute(r, cost.fwd_s, Category::forward, u, op.micro_batch,
-                             cost.model_flops / 3.0);
+    const Id c =
+        add_compute(r, cost.fwd_s, Category::forward, u, op.micro_batch, cost.model_flops / 3.0);
     recent_compute_.push_back(c);
     if (ag >= 0) {
       engine_.add_dependency(ag, c);
@@ -176,8 +180,8 @@ void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
       receives_.emplace_back(send_key(true, op.chunk - 1, op.micro_batch, r.dp, r.tp), c);
     }
     if (plan_.tp > 1 && cost.tp_fwd_s > 0) {
-      const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm,
-                            {0.0, cost.tp_fwd_s, false}, 0, u, op.micro_batch);
+      const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm, {0.0, cost.tp_fwd_s, false}, 0,
+                            u, op.micro_batch);
       chain(t);
       record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, c, t);
     }
@@ -186,7 +190,8 @@ void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
     const double bytes = p2p_bytes(plan_, model_.graph());
     const CollectiveCost cost =
         collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
-    const Id s = add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, last - 1, op.micro_batch);
+    const Id s =
+        add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, last - 1, op.micro_batch);
     chain(s); // blocking send, as in Megatron-LM's schedules
     sends_[send_key(true, op.chunk, op.micro_batch, r.dp, r.tp)] = s;
   }
@@ -205,11 +210,11 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
     const Id ag = zero3 ? zero3_gather(r, u, op.micro_batch) : -1;
     Id start = -1;
     if (plan_.recompute == Recompute::full) {
-      start = add_compute(r, cost.fwd_s, Category::recompute, u, op.micro_batch, 0);
+      start = add_compute(r, cost.full_recompute_s, Category::recompute, u, op.micro_batch, 0);
       recent_compute_.push_back(start);
-      if (plan_.tp > 1 && cost.tp_fwd_s > 0) {
-        const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm, {0.0, cost.tp_fwd_s, false},
-                              0, u, op.micro_batch);
+      if (plan_.tp > 1 && cost.full_recompute_tp_s > 0) {
+        const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm,
+                              {0.0, cost.full_recompute_tp_s, false}, 0, u, op.micro_batch);
         chain(t);
         record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, start, t);
       }
@@ -238,9 +243,11 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
     // Gradient synchronisation of this unit's parameters, launched as its backward finishes.
     const double grad_bytes = cost.params * w_bytes_;
     if (plan_.dp > 1 && grad_bytes > 0 && (plan_.zero_stage >= 2 || last_mb)) {
-      const Collective kind = plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
+      const Collective kind =
+          plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
       const CollectiveCost cc = collective_cost(cluster_, kind, grad_bytes, dspan, plan_.grad_sync);
-      const Id g = add_comm(r, Stream::dp_comm, Category::dp_comm, cc, grad_bytes, u, op.micro_batch);
+      const Id g =
+          add_comm(r, Stream::dp_comm, Category::dp_comm, cc, grad_bytes, u, op.micro_batch);
       engine_.add_dependency(b, g);
       r.dp_tasks.push_back(g);
       record_group(1, dp_group, r, b, g);
@@ -250,7 +257,8 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
     const double bytes = p2p_bytes(plan_, model_.graph());
     const CollectiveCost cost =
         collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
-    const Id s = add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, first, op.micro_batch);
+    const Id s =
+        add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, first, op.micro_batch);
     chain(s);
     sends_[send_key(false, op.chunk, op.micro_batch, r.dp, r.tp)] = s;
   }
@@ -265,7 +273,8 @@ void IterationBuilder::finish_rank(RankSim& r) {
   }
   const auto loads = model_.rank_loads(plan_, stages_);
   const CostModel::RankLoad& load = loads[static_cast<std::size_t>(r.pp_rank)];
-  const Id opt = add_compute(r, model_.optimizer_time_s(plan_, load), Category::optimizer, -1, -1, 0);
+  const Id opt =
+      add_compute(r, model_.optimizer_time_s(plan_, load), Category::optimizer, -1, -1, 0);
   for (Id g : r.dp_tasks) {
     engine_.add_dependency(g, opt);
   }
@@ -378,7 +387,8 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) 
     const std::pair<double, double> span{task.start_s, task.end_s};
     switch (info.stream) {
     case Stream::compute:
-      (info.category == Category::optimizer ? optimizer : compute)[static_cast<std::size_t>(s)].push_back(span);
+      (info.category == Category::optimizer ? optimizer : compute)[static_cast<std::size_t>(s)]
+          .push_back(span);
       break;
     case Stream::tp_comm:
       comm[static_cast<std::size_t>(s)][0].push_back(span);
@@ -417,7 +427,8 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) 
   const GraphInfo& g = model_.graph().info();
   const double tokens = static_cast<double>(plan_.global_batch_size * g.seq_length);
   e.tokens_per_s = tokens / makespan;
-  const double flops = static_cast<double>(plan_.global_batch_size) * model_.model_flops_per_sequence();
+  const double flops =
+      static_cast<double>(plan_.global_batch_size) * model_.model_flops_per_sequence();
   e.tflops_per_gpu = flops / (makespan * plan_.world_size()) / 1e12;
   e.mfu = e.tflops_per_gpu * 1e12 / cluster_.peak_flops(plan_.precision);
 
@@ -437,7 +448,8 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) 
     std::vector<std::pair<double, double>> changes;
     for (std::size_t i = 0; i < r.op_ends.size(); ++i) {
       const double act = chunk_act[static_cast<std::size_t>(r.op_chunks[i])];
-      changes.emplace_back(engine_.task(r.op_ends[i].first).end_s, r.op_ends[i].second ? act : -act);
+      changes.emplace_back(engine_.task(r.op_ends[i].first).end_s,
+                           r.op_ends[i].second ? act : -act);
     }
     std::stable_sort(changes.begin(), changes.end(), [](const auto& a, const auto& b) {
       return a.first != b.first ? a.first < b.first : a.second < b.second;

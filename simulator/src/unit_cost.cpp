@@ -93,8 +93,9 @@ double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel) {
 
 double layer_activation_divisor(const Layer& layer, int tp, bool sequence_parallel) {
   // A column-parallel (or vocabulary-parallel) linear layer keeps its full input.
-  const bool replicated_input = layer.kind == LayerKind::linear &&
-                                (layer.tp_split == TpSplit::column || layer.tp_split == TpSplit::vocab);
+  const bool replicated_input =
+      layer.kind == LayerKind::linear &&
+      (layer.tp_split == TpSplit::column || layer.tp_split == TpSplit::vocab);
   if (replicated_input || layer.tp_split == TpSplit::sequence) {
     return sequence_parallel ? tp : 1.0;
   }
@@ -131,6 +132,11 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
     u.tp_bwd_s += tp_bwd;
     if (layer.selective_recompute) {
       u.selective_s += fwd;
+    }
+    const bool kept = layer.block < 0 && has_block[static_cast<std::size_t>(layer.unit)];
+    if (!kept) {
+      u.full_recompute_s += fwd;
+      u.full_recompute_tp_s += tp_fwd;
     }
     const double pdiv = layer_param_divisor(layer, key.tp);
     u.params += static_cast<double>(layer.params) / pdiv;

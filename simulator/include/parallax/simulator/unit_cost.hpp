@@ -14,6 +14,10 @@ struct UnitCost {
   double fwd_s = 0;          // forward compute
   double bwd_s = 0;          // backward compute (with a fused attention's recompute)
   double selective_s = 0;    // forward of the layers selective recomputation reruns
+  // Forward (and its TP collectives) that full recomputation reruns: the transformer blocks;
+  // embedding, final norm, head and loss keep their activations and are not rerun.
+  double full_recompute_s = 0;
+  double full_recompute_tp_s = 0;
   double tp_fwd_s = 0;       // tensor-parallel collectives in the forward (critical path)
   double tp_bwd_s = 0;       // the same in the backward
   double params = 0;         // parameters held by one TP rank
