@@ -70,10 +70,24 @@ Cluster cluster_from_json(const Json& doc, const std::string& source) {
   c.device = device_from_json(root.child("device"));
 
   JsonReader node = root.child("node");
-  node.reject_unknown({"devices_per_node", "intra_bandwidth_gbps", "intra_latency_us"});
+  node.reject_unknown({"devices_per_node", "intra_bandwidth_gbps", "intra_latency_us",
+                       "measured_collectives"});
   c.node.devices_per_node = static_cast<int>(node.integer("devices_per_node", 1, 1 << 16));
   c.node.intra_bandwidth_gbps = node.positive("intra_bandwidth_gbps");
   c.node.intra_latency_us = node.non_negative_or("intra_latency_us", 0.0);
+  if (node.has("measured_collectives")) {
+    JsonReader list = node.array("measured_collectives");
+    for (std::size_t i = 0; i < list.array_size(); ++i) {
+      JsonReader e = list.element(i);
+      e.reject_unknown({"group_size", "stride", "latency_us", "bus_bandwidth_gbps"});
+      MeasuredCollective m;
+      m.group_size = static_cast<int>(e.integer("group_size", 2, c.node.devices_per_node));
+      m.stride = static_cast<int>(e.integer_or("stride", 1, 1, c.node.devices_per_node));
+      m.latency_us = e.non_negative_or("latency_us", 0.0);
+      m.bus_bandwidth_gbps = e.positive("bus_bandwidth_gbps");
+      c.node.measured_collectives.push_back(m);
+    }
+  }
 
   JsonReader net = root.child("network");
   net.reject_unknown({"num_nodes", "inter_bandwidth_gbps", "inter_latency_us", "topology",
@@ -127,6 +141,13 @@ Json cluster_to_json(const Cluster& c) {
   if (c.device.elementwise_efficiency > 0) {
     device["elementwise_efficiency"] = c.device.elementwise_efficiency;
   }
+  Json measured = Json::array();
+  for (const auto& m : c.node.measured_collectives) {
+    measured.push_back({{"group_size", m.group_size},
+                        {"stride", m.stride},
+                        {"latency_us", m.latency_us},
+                        {"bus_bandwidth_gbps", m.bus_bandwidth_gbps}});
+  }
   Json doc = {{"name", c.name},
               {"device", device},
               {"node",
@@ -141,6 +162,9 @@ Json cluster_to_json(const Cluster& c) {
                 {"oversubscription", c.network.oversubscription}}}};
   if (!c.notes.empty()) {
     doc["notes"] = c.notes;
+  }
+  if (!measured.empty()) {
+    doc["node"]["measured_collectives"] = measured;
   }
   if (c.collectives.intra > 0 || c.collectives.inter > 0) {
     Json coll = Json::object();

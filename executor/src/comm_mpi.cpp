@@ -1,6 +1,7 @@
 #include "parallax/executor/comm.hpp"
 
 #include "parallax/core/error.hpp"
+#include "parallax/executor/mpi_check.hpp"
 
 #include <fmt/format.h>
 #include <mpi.h>
@@ -50,20 +51,6 @@ bool CommRequest::test() {
 }
 
 namespace {
-
-void mpi_check(int rc, const char* what) {
-  if (rc != MPI_SUCCESS) {
-    char text[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(rc, text, &len);
-    throw std::runtime_error(fmt::format("MPI {} failed: {}", what, std::string(text, len)));
-  }
-}
-
-int count_of(std::size_t n) {
-  PARALLAX_CHECK(n <= static_cast<std::size_t>(INT_MAX), "message over 2^31 elements");
-  return static_cast<int>(n);
-}
 
 class MpiRequest final : public CommRequest::Impl {
 public:
@@ -130,7 +117,7 @@ public:
     PARALLAX_CHECK(in.size() == out.size() * static_cast<std::size_t>(size_),
                    "reduce-scatter input must be size() blocks of the output");
     MPI_Request r{};
-    mpi_check(MPI_Ireduce_scatter_block(in.data(), out.data(), count_of(out.size()), MPI_FLOAT,
+    mpi_check(MPI_Ireduce_scatter_block(in.data(), out.data(), mpi_count(out.size()), MPI_FLOAT,
                                         MPI_SUM, comm_, &r),
               "Ireduce_scatter_block");
     return wrap(r, "reduce-scatter", out.size());
@@ -140,32 +127,32 @@ public:
                    "all-gather output must be size() blocks of the input");
     const bool in_place = in.data() == out.data() + in.size() * static_cast<std::size_t>(rank_);
     MPI_Request r{};
-    mpi_check(MPI_Iallgather(in_place ? MPI_IN_PLACE : in.data(), count_of(in.size()), MPI_FLOAT,
-                             out.data(), count_of(in.size()), MPI_FLOAT, comm_, &r),
+    mpi_check(MPI_Iallgather(in_place ? MPI_IN_PLACE : in.data(), mpi_count(in.size()), MPI_FLOAT,
+                             out.data(), mpi_count(in.size()), MPI_FLOAT, comm_, &r),
               "Iallgather");
     return wrap(r, "all-gather", out.size());
   }
   CommRequest ibroadcast(std::span<float> data, int root) override {
     MPI_Request r{};
-    mpi_check(MPI_Ibcast(data.data(), count_of(data.size()), MPI_FLOAT, root, comm_, &r), "Ibcast");
+    mpi_check(MPI_Ibcast(data.data(), mpi_count(data.size()), MPI_FLOAT, root, comm_, &r), "Ibcast");
     return wrap(r, "broadcast", data.size());
   }
   CommRequest ireduce_sum(std::span<float> data, int root) override {
     MPI_Request r{};
     mpi_check(MPI_Ireduce(rank_ == root ? MPI_IN_PLACE : data.data(), data.data(),
-                          count_of(data.size()), MPI_FLOAT, MPI_SUM, root, comm_, &r),
+                          mpi_count(data.size()), MPI_FLOAT, MPI_SUM, root, comm_, &r),
               "Ireduce");
     return wrap(r, "reduce(sum)", data.size());
   }
   CommRequest isend(std::span<const float> data, int dest, int tag) override {
     MPI_Request r{};
-    mpi_check(MPI_Isend(data.data(), count_of(data.size()), MPI_FLOAT, dest, tag, comm_, &r),
+    mpi_check(MPI_Isend(data.data(), mpi_count(data.size()), MPI_FLOAT, dest, tag, comm_, &r),
               "Isend");
     return wrap(r, fmt::format("send to {} rank {} (tag {})", name_, dest, tag), data.size());
   }
   CommRequest irecv(std::span<float> data, int source, int tag) override {
     MPI_Request r{};
-    mpi_check(MPI_Irecv(data.data(), count_of(data.size()), MPI_FLOAT, source, tag, comm_, &r),
+    mpi_check(MPI_Irecv(data.data(), mpi_count(data.size()), MPI_FLOAT, source, tag, comm_, &r),
               "Irecv");
     return wrap(r, fmt::format("receive from {} rank {} (tag {})", name_, source, tag),
                 data.size());
@@ -177,21 +164,21 @@ public:
   }
   void all_reduce_sum(std::span<double> data) override {
     MPI_Request r{};
-    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_DOUBLE, MPI_SUM,
+    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), mpi_count(data.size()), MPI_DOUBLE, MPI_SUM,
                              comm_, &r),
               "Iallreduce");
     wrap(r, "all-reduce(sum, fp64)", data.size()).wait();
   }
   void all_reduce_max(std::span<double> data) override {
     MPI_Request r{};
-    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_DOUBLE, MPI_MAX,
+    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), mpi_count(data.size()), MPI_DOUBLE, MPI_MAX,
                              comm_, &r),
               "Iallreduce");
     wrap(r, "all-reduce(max, fp64)", data.size()).wait();
   }
 
   std::vector<std::string> gather_strings(const std::string& mine, int root) override {
-    int len = count_of(mine.size());
+    int len = mpi_count(mine.size());
     std::vector<int> lens(rank_ == root ? static_cast<std::size_t>(size_) : 0);
     MPI_Request r{};
     mpi_check(MPI_Igather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, root, comm_, &r), "Igather");
@@ -199,7 +186,7 @@ public:
     std::vector<int> displs(lens.size());
     std::size_t total = 0;
     for (std::size_t i = 0; i < lens.size(); ++i) {
-      displs[i] = count_of(total);
+      displs[i] = mpi_count(total);
       total += static_cast<std::size_t>(lens[i]);
     }
     std::string all(total, '\0');
@@ -219,7 +206,7 @@ private:
   CommRequest reduce(std::span<float> data, MPI_Op op, const char* what) {
     MPI_Request r{};
     mpi_check(
-        MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_FLOAT, op, comm_, &r),
+        MPI_Iallreduce(MPI_IN_PLACE, data.data(), mpi_count(data.size()), MPI_FLOAT, op, comm_, &r),
         "Iallreduce");
     return wrap(r, what, data.size());
   }
@@ -286,7 +273,7 @@ std::unique_ptr<Communicator> mpi_group(const std::vector<int>& ranks, const std
   MPI_Group world_group{};
   mpi_check(MPI_Comm_group(MPI_COMM_WORLD, &world_group), "Comm_group");
   MPI_Group group{};
-  mpi_check(MPI_Group_incl(world_group, count_of(ranks.size()), ranks.data(), &group),
+  mpi_check(MPI_Group_incl(world_group, mpi_count(ranks.size()), ranks.data(), &group),
             "Group_incl");
   MPI_Comm comm{};
   // Collective only over the group's members (MPI 3), so disjoint groups are built in parallel.

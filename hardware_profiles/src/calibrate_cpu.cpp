@@ -64,6 +64,47 @@ double memory_gib_total() {
   return 24.0;
 }
 
+struct AllReduceFit {
+  double latency_us = 0; // per ring step
+  double bus_gbps = 0;
+};
+
+// Least-squares fit of t = a + b · bytes over all-reduces of 4 KiB … 4 MiB (the activation,
+// gradient-bucket and parameter sizes CPU runs exchange) on `comm`, every rank of `world`
+// timing its own group at once: a is 2(n − 1) ring steps of latency, b the inverse bus
+// bandwidth over the ring volume 2(n − 1)/n of the message.
+AllReduceFit fit_all_reduce(Communicator& world, Communicator& comm, int reps) {
+  const int n = comm.size();
+  std::vector<double> xs, ts;
+  for (std::size_t count = 1024; count <= (1u << 20); count *= 4) {
+    std::vector<float> buf(count, 1.0f);
+    const double t =
+        median_time(world, 2, reps, [&] { comm.all_reduce_sum(std::span<float>(buf)); });
+    xs.push_back(4.0 * static_cast<double>(count) * 2.0 * (n - 1) / n);
+    ts.push_back(mean_over_ranks(world, t));
+  }
+  double mx = 0, mt = 0;
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    mx += xs[i] / static_cast<double>(xs.size());
+    mt += ts[i] / static_cast<double>(xs.size());
+  }
+  double sxx = 0, sxt = 0;
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    sxx += (xs[i] - mx) * (xs[i] - mx);
+    sxt += (xs[i] - mx) * (ts[i] - mt);
+  }
+  double slope = sxt / sxx;
+  double intercept = mt - slope * mx;
+  if (slope <= 0 || intercept < 0) {
+    // Time not growing with size (scheduling noise, e.g. more ranks than cores): bound the
+    // bandwidth by the largest message alone and the latency by the smallest.
+    slope = ts.back() / xs.back();
+    intercept = ts.front();
+  }
+  intercept = std::max(intercept, 1e-7);
+  return {intercept / (2.0 * (n - 1)) * 1e6, 1.0 / slope / 1e9};
+}
+
 // The rate of the executor's element-wise layers in the cost model's terms: bytes charged per
 // second, where the model charges a layer its forward traffic (fwd_mem_elems: LayerNorm and
 // GELU read and write [T, n], cross-entropy reads [T, V]) once forward and twice backward.
@@ -202,40 +243,43 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
     i = j;
   }
 
-  // All-reduce over every rank: latency from the smallest message, bus bandwidth from the
-  // largest (ring volume 2(n − 1)/n of the message per rank).
+  // All-reduce over every rank, and over every smaller group the executor can form: for each
+  // group size g dividing n, adjacent ranks (stride 1, like tensor-parallel groups) and ranks
+  // n/g apart (like data-parallel groups), all groups at once as in training.
   double latency_us = 1.0;
   double bus_gbps = c.device.memory_bandwidth_gbps / 2;
-  if (n > 1) {
-    // Least-squares fit of t = a + b · bytes over messages of 4 KiB … 4 MiB (the activation,
-    // gradient-bucket and parameter sizes CPU runs exchange): a is 2(n − 1) ring steps of
-    // latency, b the inverse bus bandwidth over the ring volume 2(n − 1)/n of the message.
-    std::vector<double> xs, ts;
-    for (std::size_t count = 1024; count <= (1u << 20); count *= 4) {
-      std::vector<float> buf(count, 1.0f);
-      const double t =
-          median_time(*world, 2, reps, [&] { world->all_reduce_sum(std::span<float>(buf)); });
-      xs.push_back(4.0 * static_cast<double>(count) * 2.0 * (n - 1) / n);
-      ts.push_back(mean_over_ranks(*world, t));
+  std::vector<MeasuredCollective> measured;
+  for (int g = 2; g <= n; ++g) {
+    if (n % g != 0) {
+      continue;
     }
-    double mx = 0, mt = 0;
-    for (std::size_t i = 0; i < xs.size(); ++i) {
-      mx += xs[i] / static_cast<double>(xs.size());
-      mt += ts[i] / static_cast<double>(xs.size());
+    std::vector<int> strides = {1};
+    if (n / g > 1) {
+      strides.push_back(n / g);
     }
-    double sxx = 0, sxt = 0;
-    for (std::size_t i = 0; i < xs.size(); ++i) {
-      sxx += (xs[i] - mx) * (xs[i] - mx);
-      sxt += (xs[i] - mx) * (ts[i] - mt);
+    for (int stride : strides) {
+      const int me = world->rank();
+      const int first = stride == 1 ? me - me % g : me % stride;
+      std::vector<int> members;
+      for (int i = 0; i < g; ++i) {
+        members.push_back(first + i * stride);
+      }
+      auto group = g == n ? nullptr
+                          : mpi_group(members, fmt::format("calibrate-g{}-s{}", g, stride),
+                                      options.comm_timeout);
+      Communicator& comm = group ? *group : *world;
+      const AllReduceFit fit = fit_all_reduce(*world, comm, reps);
+      measured.push_back({g, stride, fit.latency_us, fit.bus_gbps});
+      if (g == n) {
+        latency_us = fit.latency_us;
+        bus_gbps = fit.bus_gbps;
+      }
     }
-    const double slope = std::max(sxt / sxx, 1e-12);
-    const double intercept = std::max(mt - slope * mx, 1e-7);
-    latency_us = intercept / (2.0 * (n - 1)) * 1e6;
-    bus_gbps = 1.0 / slope / 1e9;
   }
   c.node.devices_per_node = n;
   c.node.intra_bandwidth_gbps = bus_gbps;
   c.node.intra_latency_us = latency_us;
+  c.node.measured_collectives = measured;
   c.network.num_nodes = 1;
   c.network.inter_bandwidth_gbps = bus_gbps;
   c.network.inter_latency_us = latency_us;

@@ -31,10 +31,28 @@ double alpha_inter(const Cluster& c) {
   return c.network.inter_latency_us * 1e-6;
 }
 
+// The profile's measurement for a group inside one node: same size and stride, else same size.
+const MeasuredCollective* measured_for(const Cluster& c, GroupSpan span) {
+  if (span.nodes > 1) {
+    return nullptr;
+  }
+  const MeasuredCollective* same_size = nullptr;
+  for (const MeasuredCollective& m : c.node.measured_collectives) {
+    if (m.group_size == span.size) {
+      if (m.stride == span.stride) {
+        return &m;
+      }
+      same_size = same_size != nullptr ? same_size : &m;
+    }
+  }
+  return same_size;
+}
+
 // Bus bandwidth of a ring over the span: the slowest of the intra-node hops and the node's NICs.
 double ring_bus_bw(const Cluster& c, GroupSpan span) {
   if (span.nodes <= 1) {
-    return intra_bw(c);
+    const MeasuredCollective* m = measured_for(c, span);
+    return m != nullptr ? m->bus_bandwidth_gbps * 1e9 : intra_bw(c);
   }
   const double network = span.per_node * nic_bw(c);
   return span.per_node > 1 ? std::min(intra_bw(c), network) : network;
@@ -43,23 +61,25 @@ double ring_bus_bw(const Cluster& c, GroupSpan span) {
 CollectiveCost ring_cost(const Cluster& c, Collective kind, double bytes, GroupSpan span) {
   const int n = span.size;
   const double steps_intra = static_cast<double>(span.per_node - 1);
+  const MeasuredCollective* measured = measured_for(c, span);
+  const double a_intra = measured != nullptr ? measured->latency_us * 1e-6 : alpha_intra(c);
   double latency = 0;
   switch (kind) {
   case Collective::all_reduce:
     // Ring inside nodes, tree between nodes for the latency-bound part (NCCL picks trees at scale).
-    latency = 2 * steps_intra * alpha_intra(c) + 2 * log2_ceil(span.nodes) * alpha_inter(c);
+    latency = 2 * steps_intra * a_intra + 2 * log2_ceil(span.nodes) * alpha_inter(c);
     break;
   case Collective::reduce_scatter:
   case Collective::all_gather:
     // A ring of n ranks takes n − 1 steps in lock-step; each step waits for the slowest hop,
     // a network hop once the ring leaves the node.
-    latency = static_cast<double>(n - 1) * (span.nodes > 1 ? alpha_inter(c) : alpha_intra(c));
+    latency = static_cast<double>(n - 1) * (span.nodes > 1 ? alpha_inter(c) : a_intra);
     break;
   case Collective::broadcast:
-    latency = steps_intra * alpha_intra(c) + log2_ceil(span.nodes) * alpha_inter(c);
+    latency = steps_intra * a_intra + log2_ceil(span.nodes) * alpha_inter(c);
     break;
   case Collective::send_recv:
-    latency = span.nodes > 1 ? alpha_inter(c) : alpha_intra(c);
+    latency = span.nodes > 1 ? alpha_inter(c) : a_intra;
     break;
   }
   const bool network =
@@ -72,10 +92,10 @@ CollectiveCost ring_cost(const Cluster& c, Collective kind, double bytes, GroupS
 GroupSpan group_span(int size, int stride, int devices_per_node) {
   PARALLAX_CHECK(size >= 1 && stride >= 1 && devices_per_node >= 1, "bad group geometry");
   if (size == 1) {
-    return {1, 1, 1};
+    return {1, 1, 1, 1};
   }
   const int per_node = std::clamp(devices_per_node / stride, 1, size);
-  return {size, per_node, (size + per_node - 1) / per_node};
+  return {size, per_node, (size + per_node - 1) / per_node, stride};
 }
 
 double bus_factor(Collective kind, int n) {
@@ -121,8 +141,8 @@ CollectiveCost collective_cost(const Cluster& c, Collective kind, double bytes, 
   }
   case GradSync::hierarchical: {
     // Reduce-scatter inside the node, all-reduce of a 1/k shard across nodes, all-gather inside.
-    GroupSpan local{span.per_node, span.per_node, 1};
-    GroupSpan across{span.nodes, 1, span.nodes};
+    GroupSpan local{span.per_node, span.per_node, 1, span.stride};
+    GroupSpan across{span.nodes, 1, span.nodes, span.stride * span.per_node};
     const CollectiveCost rs = ring_cost(c, Collective::reduce_scatter, bytes, local);
     const CollectiveCost ar = ring_cost(c, Collective::all_reduce, bytes / span.per_node, across);
     const CollectiveCost ag = ring_cost(c, Collective::all_gather, bytes, local);
@@ -161,7 +181,8 @@ GroupSpan dp_span(const Plan& p, const Cluster& c) {
 }
 
 GroupSpan pp_hop_span(const Plan& p, const Cluster& c) {
-  return p.tp * p.dp < c.node.devices_per_node ? GroupSpan{2, 2, 1} : GroupSpan{2, 1, 2};
+  const int stride = p.tp * p.dp;
+  return stride < c.node.devices_per_node ? GroupSpan{2, 2, 1, stride} : GroupSpan{2, 1, 2, stride};
 }
 
 } // namespace parallax

@@ -51,6 +51,15 @@ struct BadCluster {
   const char* field;
 };
 
+TEST(ClusterJson, MeasuredCollectivesRoundTrip) {
+  Cluster c = cluster_load("cpu-local");
+  c.node.devices_per_node = 4;
+  c.node.measured_collectives = {{2, 1, 3.5, 4.25}, {2, 2, 4.0, 3.0}, {4, 1, 5.0, 2.5}};
+  const Json doc = cluster_to_json(c);
+  EXPECT_EQ(cluster_from_json(doc, "measured.json"), c);
+  EXPECT_EQ(doc.at("node").at("measured_collectives").size(), 3u);
+}
+
 TEST(ClusterJson, MalformedInputsNameTheField) {
   const Json valid = cluster_to_json(cluster_load("dgx-a100-80g"));
   const BadCluster cases[] = {
@@ -67,6 +76,12 @@ TEST(ClusterJson, MalformedInputsNameTheField) {
       {"zero nodes", R"({"network": {"num_nodes": 0}})", "/network/num_nodes"},
       {"efficiency above 1", R"({"device": {"gemm_efficiency": [{"flops": 1e9, "efficiency": 1.5}]}})",
        "/device/gemm_efficiency/0/efficiency"},
+      {"measured group larger than a node",
+       R"({"node": {"measured_collectives": [{"group_size": 16, "bus_bandwidth_gbps": 5}]}})",
+       "/node/measured_collectives/0/group_size"},
+      {"measured bandwidth zero",
+       R"({"node": {"measured_collectives": [{"group_size": 2, "bus_bandwidth_gbps": 0}]}})",
+       "/node/measured_collectives/0/bus_bandwidth_gbps"},
   };
   for (const auto& bad : cases) {
     SCOPED_TRACE(bad.what);

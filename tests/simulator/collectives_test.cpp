@@ -70,32 +70,32 @@ TEST(BusFactor, AllReduceIsReduceScatterPlusAllGather) {
 }
 
 TEST(GroupSpan, TensorParallelStrideOneStaysInANode) {
-  EXPECT_EQ(group_span(8, 1, 8), (GroupSpan{8, 8, 1}));
-  EXPECT_EQ(group_span(4, 1, 8), (GroupSpan{4, 4, 1}));
-  EXPECT_EQ(group_span(2, 1, 8), (GroupSpan{2, 2, 1}));
+  EXPECT_EQ(group_span(8, 1, 8), (GroupSpan{8, 8, 1, 1}));
+  EXPECT_EQ(group_span(4, 1, 8), (GroupSpan{4, 4, 1, 1}));
+  EXPECT_EQ(group_span(2, 1, 8), (GroupSpan{2, 2, 1, 1}));
   // A group larger than a node fills whole nodes.
-  EXPECT_EQ(group_span(16, 1, 8), (GroupSpan{16, 8, 2}));
+  EXPECT_EQ(group_span(16, 1, 8), (GroupSpan{16, 8, 2, 1}));
 }
 
 TEST(GroupSpan, DataParallelStrideT) {
   // t = 8: every DP peer is on its own node.
-  EXPECT_EQ(group_span(16, 8, 8), (GroupSpan{16, 1, 16}));
+  EXPECT_EQ(group_span(16, 8, 8), (GroupSpan{16, 1, 16, 8}));
   // t = 2: four DP peers share a node (ranks 0, 2, 4, 6), so 8 peers span two nodes.
-  EXPECT_EQ(group_span(8, 2, 8), (GroupSpan{8, 4, 2}));
-  EXPECT_EQ(group_span(4, 2, 8), (GroupSpan{4, 4, 1}));
+  EXPECT_EQ(group_span(8, 2, 8), (GroupSpan{8, 4, 2, 2}));
+  EXPECT_EQ(group_span(4, 2, 8), (GroupSpan{4, 4, 1, 2}));
   // t = 4: ranks 0, 4 | 8, 12 | ...
-  EXPECT_EQ(group_span(8, 4, 8), (GroupSpan{8, 2, 4}));
+  EXPECT_EQ(group_span(8, 4, 8), (GroupSpan{8, 2, 4, 4}));
   // t = 1: DP is dense.
-  EXPECT_EQ(group_span(64, 1, 8), (GroupSpan{64, 8, 8}));
+  EXPECT_EQ(group_span(64, 1, 8), (GroupSpan{64, 8, 8, 1}));
 }
 
 TEST(GroupSpan, PipelineStrideTD) {
   // t·d = 16 on 8-GPU nodes: one pipeline rank per node.
-  EXPECT_EQ(group_span(8, 16, 8), (GroupSpan{8, 1, 8}));
+  EXPECT_EQ(group_span(8, 16, 8), (GroupSpan{8, 1, 8, 16}));
   // t·d = 4: two pipeline ranks per node.
-  EXPECT_EQ(group_span(4, 4, 8), (GroupSpan{4, 2, 2}));
+  EXPECT_EQ(group_span(4, 4, 8), (GroupSpan{4, 2, 2, 4}));
   // t·d = 2: four per node, all in one node.
-  EXPECT_EQ(group_span(4, 2, 8), (GroupSpan{4, 4, 1}));
+  EXPECT_EQ(group_span(4, 2, 8), (GroupSpan{4, 4, 1, 2}));
 }
 
 TEST(GroupSpan, MembersAccountedFor) {
@@ -113,7 +113,7 @@ TEST(GroupSpan, MembersAccountedFor) {
       }
     }
   }
-  EXPECT_EQ(group_span(1, 8, 8), (GroupSpan{1, 1, 1}));
+  EXPECT_EQ(group_span(1, 8, 8), (GroupSpan{1, 1, 1, 1}));
 }
 
 TEST(GroupSpan, RejectsBadGeometry) {
@@ -147,6 +147,27 @@ TEST(CollectiveTime, InsideANodeIsBusFactorOverBusBandwidth) {
   }
   // Hand-computed: an 8-way all-reduce of 1 GB at 50 GB/s bus bandwidth, 2·7/8 · 1e9 / 50e9.
   EXPECT_NEAR(collective_time_s(c, Collective::all_reduce, bytes, {8, 8, 1}), 0.035, 1e-12);
+}
+
+TEST(CollectiveTime, MeasuredCollectivesReplaceLinkFiguresInsideANode) {
+  Cluster c = hand_cluster();
+  c.node.measured_collectives = {{.group_size = 2, .stride = 1, .latency_us = 10, .bus_bandwidth_gbps = 5},
+                                 {.group_size = 2, .stride = 4, .latency_us = 20, .bus_bandwidth_gbps = 2}};
+  const double bytes = 1e8;
+  // Adjacent pair: 2(n − 1) ring steps of 10 µs, then 2(n − 1)/n · S at 5 GB/s.
+  EXPECT_NEAR(collective_time_s(c, Collective::all_reduce, bytes, group_span(2, 1, 8)),
+              2 * 10e-6 + 1.0 * bytes / 5e9, 1e-12);
+  // Ranks four apart use their own measurement.
+  EXPECT_NEAR(collective_time_s(c, Collective::all_reduce, bytes, group_span(2, 4, 8)),
+              2 * 20e-6 + 1.0 * bytes / 2e9, 1e-12);
+  // Another stride of the same size falls back to the first measurement of that size.
+  EXPECT_NEAR(collective_time_s(c, Collective::all_gather, bytes, group_span(2, 2, 8)),
+              10e-6 + 0.5 * bytes / 5e9, 1e-12);
+  // Sizes not measured, and groups across nodes, keep the link figures.
+  EXPECT_NEAR(collective_time_s(c, Collective::all_reduce, bytes, group_span(8, 1, 8)),
+              1.75 * bytes / kIntraBusBw, 1e-12);
+  EXPECT_NEAR(collective_time_s(c, Collective::all_reduce, bytes, GroupSpan{2, 1, 2, 8}),
+              1.0 * bytes / kNicBw, 1e-12);
 }
 
 TEST(CollectiveTime, OneMemberPerNodeIsLimitedByTheNic) {

@@ -2,6 +2,7 @@
 
 #include "parallax/core/error.hpp"
 #include "parallax/executor/cuda/check.hpp"
+#include "parallax/executor/mpi_check.hpp"
 
 #include <fmt/format.h>
 #include <mpi.h>
@@ -15,20 +16,6 @@ namespace parallax::cuda {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-void mpi_check(int rc, const char* what) {
-  if (rc != MPI_SUCCESS) {
-    char text[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(rc, text, &len);
-    throw std::runtime_error(fmt::format("MPI {} failed: {}", what, std::string(text, len)));
-  }
-}
-
-int count_of(std::size_t n) {
-  PARALLAX_CHECK(n <= static_cast<std::size_t>(INT_MAX), "message too large for one MPI call");
-  return static_cast<int>(n);
-}
 
 // What a request and its communicator share: the NCCL handle (null once aborted), the name
 // and the timeout for messages.
@@ -219,7 +206,7 @@ public:
   void all_reduce_max(std::span<double> data) override { host_all_reduce(data, MPI_MAX, "max"); }
 
   std::vector<std::string> gather_strings(const std::string& mine, int root) override {
-    int length = count_of(mine.size());
+    int length = mpi_count(mine.size());
     std::vector<int> lengths(rank_ == root ? static_cast<std::size_t>(size_) : 0);
     MPI_Request request{};
     mpi_check(
@@ -283,7 +270,7 @@ private:
 
   void host_all_reduce(std::span<double> data, MPI_Op op, const char* what) {
     MPI_Request request{};
-    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), count_of(data.size()), MPI_DOUBLE, op,
+    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), mpi_count(data.size()), MPI_DOUBLE, op,
                              mpi_comm_, &request),
               "Iallreduce");
     wait_mpi(request, what);
@@ -338,7 +325,7 @@ std::unique_ptr<NcclCommunicator> nccl_group(const std::vector<int>& ranks, cons
   MPI_Group world_group{};
   mpi_check(MPI_Comm_group(MPI_COMM_WORLD, &world_group), "Comm_group");
   MPI_Group group{};
-  mpi_check(MPI_Group_incl(world_group, count_of(ranks.size()), ranks.data(), &group),
+  mpi_check(MPI_Group_incl(world_group, mpi_count(ranks.size()), ranks.data(), &group),
             "Group_incl");
   MPI_Comm comm{};
   // Collective over the group's members only (MPI 3), as mpi_group.

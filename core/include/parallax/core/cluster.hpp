@@ -35,10 +35,25 @@ struct Device {
   bool operator==(const Device&) const = default;
 };
 
+// A collective measured on the machine itself (`parallax calibrate`): rings over `group_size`
+// ranks of one node whose members are `stride` ranks apart (1: adjacent, like tensor-parallel
+// groups; larger: interleaved, like data-parallel groups), all groups running at once as they
+// do in training. Fit of t = 2(n − 1)·latency + 2(n − 1)/n · bytes / bus bandwidth.
+struct MeasuredCollective {
+  int group_size = 2;
+  int stride = 1;
+  double latency_us = 0; // per ring step
+  double bus_bandwidth_gbps = 0;
+  bool operator==(const MeasuredCollective&) const = default;
+};
+
 struct Node {
   int devices_per_node = 1;
   double intra_bandwidth_gbps = 0;
   double intra_latency_us = 0;
+  // When present, collectives inside a node use the entry of their group size (and stride)
+  // instead of the link figures above.
+  std::vector<MeasuredCollective> measured_collectives;
   bool operator==(const Node&) const = default;
 };
 

@@ -22,6 +22,7 @@ struct GroupSpan {
   int size = 1;
   int per_node = 1;
   int nodes = 1;
+  int stride = 1; // ranks between consecutive members
   bool operator==(const GroupSpan&) const = default;
 };
 
