@@ -70,8 +70,8 @@ Cluster cluster_from_json(const Json& doc, const std::string& source) {
   c.device = device_from_json(root.child("device"));
 
   JsonReader node = root.child("node");
-  node.reject_unknown({"devices_per_node", "intra_bandwidth_gbps", "intra_latency_us",
-                       "measured_collectives"});
+  node.reject_unknown(
+      {"devices_per_node", "intra_bandwidth_gbps", "intra_latency_us", "measured_collectives"});
   c.node.devices_per_node = static_cast<int>(node.integer("devices_per_node", 1, 1 << 16));
   c.node.intra_bandwidth_gbps = node.positive("intra_bandwidth_gbps");
   c.node.intra_latency_us = node.non_negative_or("intra_latency_us", 0.0);
@@ -90,13 +90,13 @@ Cluster cluster_from_json(const Json& doc, const std::string& source) {
   }
 
   JsonReader net = root.child("network");
-  net.reject_unknown({"num_nodes", "inter_bandwidth_gbps", "inter_latency_us", "topology",
-                      "oversubscription"});
+  net.reject_unknown(
+      {"num_nodes", "inter_bandwidth_gbps", "inter_latency_us", "topology", "oversubscription"});
   c.network.num_nodes = static_cast<int>(net.integer("num_nodes", 1, 1 << 20));
   c.network.inter_bandwidth_gbps = net.positive("inter_bandwidth_gbps");
   c.network.inter_latency_us = net.non_negative_or("inter_latency_us", 0.0);
-  c.network.topology =
-      *enum_from_name<Topology>(kTopologyNames, net.choice_or("topology", kTopologyNames, "fat-tree"));
+  c.network.topology = *enum_from_name<Topology>(
+      kTopologyNames, net.choice_or("topology", kTopologyNames, "fat-tree"));
   c.network.oversubscription = net.positive_or("oversubscription", 1.0);
   if (c.network.oversubscription < 1.0) {
     net.fail("oversubscription", "a ratio >= 1 (1 = non-blocking)",

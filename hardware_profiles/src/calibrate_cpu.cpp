@@ -162,20 +162,18 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
       options.quick ? std::vector<Eigen::Index>{128, 1024}
                     : std::vector<Eigen::Index>{64, 128, 256, 512, 1024, 2048};
   const std::vector<std::pair<Eigen::Index, Eigen::Index>> features =
-      options.quick ? std::vector<std::pair<Eigen::Index, Eigen::Index>>{{64, 64},
-                                                                          {256, 256},
-                                                                          {256, 1024}}
-                    : std::vector<std::pair<Eigen::Index, Eigen::Index>>{
-                          {64, 64},    {128, 128},  {256, 256}, {256, 768},
-                          {256, 1024}, {1024, 256}, {512, 512}, {512, 2048},
-                          {2048, 512}, {256, 4096}, {1024, 1024}};
+      options.quick
+          ? std::vector<std::pair<Eigen::Index, Eigen::Index>>{{64, 64}, {256, 256}, {256, 1024}}
+          : std::vector<std::pair<Eigen::Index, Eigen::Index>>{
+                {64, 64},   {128, 128},  {256, 256},  {256, 768},  {256, 1024}, {1024, 256},
+                {512, 512}, {512, 2048}, {2048, 512}, {256, 4096}, {1024, 1024}};
   for (Eigen::Index t : token_counts) {
     for (const auto& [in, out] : features) {
       shapes.push_back({t, in, out});
     }
   }
   constexpr double kColdBytes = 48.0 * (1 << 20); // operand sets together exceed the caches
-  std::vector<std::pair<double, double>> rates; // (forward GEMM FLOPs, FLOP/s over fwd + bwd)
+  std::vector<std::pair<double, double>> rates;   // (forward GEMM FLOPs, FLOP/s over fwd + bwd)
   for (const Shape& s : shapes) {
     const double set_bytes =
         4.0 * static_cast<double>(2 * s.tokens * s.in + 2 * s.tokens * s.out + 2 * s.in * s.out);
@@ -290,7 +288,8 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   c.notes = fmt::format(
       "Measured by `parallax calibrate --backend cpu` with {} MPI rank(s) running at once on "
       "{}: fp32 GEMM peak {:.1f} GFLOP/s per rank (the executor's linear layer forward + "
-      "backward with operands from memory, best of {} shapes, medians of {} repetitions), streaming copy {:.1f} GB/s per rank, GELU at {:.0f}% of that, all-reduce "
+      "backward with operands from memory, best of {} shapes, medians of {} repetitions), "
+      "streaming copy {:.1f} GB/s per rank, GELU at {:.0f}% of that, all-reduce "
       "latency {:.1f} us per ring step and bus bandwidth {:.2f} GB/s per rank.",
       n, cpu_model(), peak / 1e9, shapes.size(), reps, bandwidth / 1e9,
       100 * c.device.elementwise_efficiency, latency_us, bus_gbps);

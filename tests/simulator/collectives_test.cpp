@@ -108,8 +108,8 @@ TEST(GroupSpan, MembersAccountedFor) {
         EXPECT_GE(s.per_node, 1);
         EXPECT_LE(s.per_node, dpn);
         EXPECT_LE(s.per_node, size);
-        EXPECT_GE(s.per_node * s.nodes, size);           // every member placed
-        EXPECT_LT((s.nodes - 1) * s.per_node, size);     // no empty node
+        EXPECT_GE(s.per_node * s.nodes, size);       // every member placed
+        EXPECT_LT((s.nodes - 1) * s.per_node, size); // no empty node
       }
     }
   }
@@ -151,8 +151,9 @@ TEST(CollectiveTime, InsideANodeIsBusFactorOverBusBandwidth) {
 
 TEST(CollectiveTime, MeasuredCollectivesReplaceLinkFiguresInsideANode) {
   Cluster c = hand_cluster();
-  c.node.measured_collectives = {{.group_size = 2, .stride = 1, .latency_us = 10, .bus_bandwidth_gbps = 5},
-                                 {.group_size = 2, .stride = 4, .latency_us = 20, .bus_bandwidth_gbps = 2}};
+  c.node.measured_collectives = {
+      {.group_size = 2, .stride = 1, .latency_us = 10, .bus_bandwidth_gbps = 5},
+      {.group_size = 2, .stride = 4, .latency_us = 20, .bus_bandwidth_gbps = 2}};
   const double bytes = 1e8;
   // Adjacent pair: 2(n − 1) ring steps of 10 µs, then 2(n − 1)/n · S at 5 GB/s.
   EXPECT_NEAR(collective_time_s(c, Collective::all_reduce, bytes, group_span(2, 1, 8)),
@@ -213,9 +214,9 @@ TEST(CollectiveTime, LinearInBytesWithoutLatency) {
     for (Collective kind : kAllKinds) {
       for (GradSync algo : {GradSync::allreduce, GradSync::tree, GradSync::hierarchical,
                             GradSync::parameter_server}) {
-        SCOPED_TRACE(testing::Message() << span.size << "/" << span.per_node << " kind "
-                                        << static_cast<int>(kind) << " algo "
-                                        << static_cast<int>(algo));
+        SCOPED_TRACE(testing::Message()
+                     << span.size << "/" << span.per_node << " kind " << static_cast<int>(kind)
+                     << " algo " << static_cast<int>(algo));
         const double t1 = collective_time_s(c, kind, 3e8, span, algo);
         const double t2 = collective_time_s(c, kind, 6e8, span, algo);
         EXPECT_GT(t1, 0.0);
@@ -253,9 +254,8 @@ TEST(CollectiveTime, SingleRankAndEmptyBuffersCostNothing) {
   c.node.intra_latency_us = 2;
   c.network.inter_latency_us = 5;
   const GroupSpan one{1, 1, 1};
-  for (Collective kind :
-       {Collective::all_reduce, Collective::reduce_scatter, Collective::all_gather,
-        Collective::broadcast}) {
+  for (Collective kind : {Collective::all_reduce, Collective::reduce_scatter,
+                          Collective::all_gather, Collective::broadcast}) {
     for (GradSync algo : {GradSync::allreduce, GradSync::tree, GradSync::hierarchical,
                           GradSync::parameter_server}) {
       EXPECT_EQ(collective_time_s(c, kind, 1e9, one, algo), 0.0) << static_cast<int>(kind);
@@ -275,14 +275,15 @@ TEST(CollectiveTime, GradSyncAlgorithmsArePositiveAndOnlyChangeAllReduce) {
   const double bytes = 2e8;
   for (const GroupSpan& span : spans) {
     for (GradSync algo : {GradSync::tree, GradSync::hierarchical, GradSync::parameter_server}) {
-      SCOPED_TRACE(testing::Message() << span.size << "/" << span.per_node << " algo "
-                                      << static_cast<int>(algo));
+      SCOPED_TRACE(testing::Message()
+                   << span.size << "/" << span.per_node << " algo " << static_cast<int>(algo));
       const double t = collective_time_s(c, Collective::all_reduce, bytes, span, algo);
       EXPECT_GT(t, 0.0);
       EXPECT_TRUE(std::isfinite(t));
       // Any all-reduce moves at least the reduce-scatter's share of the buffer over the bus.
       EXPECT_GE(t, bus_factor(Collective::reduce_scatter, span.size) * bytes /
-                       std::max(kIntraBusBw, span.per_node * kNicBw) - 1e-15);
+                           std::max(kIntraBusBw, span.per_node * kNicBw) -
+                       1e-15);
       // The algorithm is only for all-reduce.
       for (Collective kind : {Collective::reduce_scatter, Collective::all_gather,
                               Collective::broadcast, Collective::send_recv}) {
@@ -299,10 +300,9 @@ TEST(CollectiveTime, HierarchicalComposesLocalAndCrossNodeRings) {
   const Cluster c = hand_cluster();
   const double bytes = 8e8;
   const GroupSpan span{32, 8, 4};
-  const double expect =
-      bus_factor(Collective::reduce_scatter, 8) * bytes / kIntraBusBw +
-      bus_factor(Collective::all_reduce, 4) * (bytes / 8) / kNicBw +
-      bus_factor(Collective::all_gather, 8) * bytes / kIntraBusBw;
+  const double expect = bus_factor(Collective::reduce_scatter, 8) * bytes / kIntraBusBw +
+                        bus_factor(Collective::all_reduce, 4) * (bytes / 8) / kNicBw +
+                        bus_factor(Collective::all_gather, 8) * bytes / kIntraBusBw;
   EXPECT_NEAR(collective_time_s(c, Collective::all_reduce, bytes, span, GradSync::hierarchical),
               expect, 1e-12);
   // Inside one node it is just the ring all-reduce.
