@@ -136,6 +136,7 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
                        c, dot_quote(title));
     BlockGroup group;
     bool group_emitted = false;
+    std::size_t group_at = 0; // where the group's node goes: where its first layer is
     std::map<int, std::vector<LayerGraph::Vertex>> expanded_blocks;
     for (auto v : by_chunk[static_cast<std::size_t>(c)]) {
       const Layer& l = g[v];
@@ -152,9 +153,8 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
         }
         add_memory(group.memory, mem);
         if (!group_emitted) {
-          group_emitted = true; // placed where its first layer is; label filled in below
-          out +=
-              fmt::format("    blocks_c{} [fillcolor={}, label=@BLOCKS@];\n", c, dot_quote(colour));
+          group_emitted = true; // its label is complete only after the chunk's last layer
+          group_at = out.size();
         }
         continue;
       }
@@ -201,8 +201,8 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
       std::string label =
           fmt::format("{}\n{} layers per block{}\n{}", blocks, group.layers,
                       splits.empty() ? "" : "; TP: " + splits, memory_text(group.memory));
-      const auto pos = out.find("@BLOCKS@");
-      out.replace(pos, 8, dot_quote(label));
+      out.insert(group_at, fmt::format("    blocks_c{} [fillcolor={}, label={}];\n", c,
+                                       dot_quote(colour), dot_quote(label)));
     }
     out += "  }\n";
   }
