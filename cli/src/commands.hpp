@@ -2,6 +2,8 @@
 // that runs it. main.cpp maps InputError to exit code 2 and a one-line message.
 #pragma once
 
+#include "parallax/core/cluster.hpp"
+#include "parallax/core/layer_graph.hpp"
 #include "parallax/core/plan.hpp"
 
 #include <CLI/CLI.hpp>
@@ -20,5 +22,12 @@ Run register_train(CLI::App& app);
 Run register_calibrate(CLI::App& app);
 Run register_compare(CLI::App& app);
 Run register_export(CLI::App& app);
+
+// --model, --cluster (required) and --gpus, as plan, simulate and export take them.
+void add_model_cluster(CLI::App* cmd, std::string& model, std::string& cluster, int& gpus);
+
+// Reads and validates a plan file for `graph`; `cluster` is resized to the plan's world size
+// unless --gpus (`gpus` > 0) fixed it, and must support the plan's precision.
+Plan plan_load_for(const std::string& file, const LayerGraph& graph, Cluster& cluster, int gpus);
 
 } // namespace parallax::cli

@@ -111,11 +111,7 @@ int run_export(const ExportFlags& f) {
   Plan plan;
   std::optional<PlanSearchResult> search;
   if (!f.plan.empty()) {
-    plan = plan_from_json(json_load_file(f.plan), f.plan);
-    if (f.gpus <= 0 && plan.world_size() != cluster.num_devices()) {
-      cluster = cluster.with_devices(plan.world_size());
-    }
-    plan_validate(plan, model.graph, cluster.num_devices(), f.plan);
+    plan = plan_load_for(f.plan, model.graph, cluster, f.gpus);
   } else {
     const std::int64_t batch = f.global_batch > 0 ? f.global_batch : 512;
     search = search_for_report(model, cluster, cluster.num_devices(), batch, f.top);
@@ -126,7 +122,6 @@ int run_export(const ExportFlags& f) {
     plan = search->plans.front().estimate.plan;
     cluster = cluster.with_devices(search->plans.front().gpus);
   }
-  cluster.peak_flops(plan.precision);
   CostModel cost(model.graph, cluster);
   if (plan.stages.empty()) {
     plan_assign_stages(cost, plan);
@@ -166,11 +161,7 @@ Run register_export(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "export",
       "Export a plan's layer graph, device mesh or timeline (DOT, SVG) or an HTML report");
-  cmd->add_option("--model", f->model, "Zoo model name or model / HF config / layer-graph JSON")
-      ->required();
-  cmd->add_option("--cluster", f->cluster, "Zoo cluster name or cluster profile JSON")->required();
-  cmd->add_option("--gpus", f->gpus, "Number of GPUs (num_nodes = N / devices_per_node)")
-      ->check(CLI::PositiveNumber);
+  add_model_cluster(cmd, f->model, f->cluster, f->gpus);
   cmd->add_option("--plan", f->plan, "Plan JSON (default: the planner's best plan)");
   cmd->add_option("--format", f->format, "dot, svg or html")
       ->required()

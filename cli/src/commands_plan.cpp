@@ -4,10 +4,10 @@
 #include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 #include "parallax/core/plan_json.hpp"
+#include "parallax/core/timeline_json.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
-#include "parallax/core/timeline_json.hpp"
 #include "parallax/simulator/cost_model.hpp"
 #include "parallax/simulator/iteration_simulator.hpp"
 
@@ -57,12 +57,18 @@ struct PlanFlags {
 
 PlanPins pins_from(const PlanFlags& f) {
   PlanPins p;
-  if (f.tp > 0) p.tp = f.tp;
-  if (f.pp > 0) p.pp = f.pp;
-  if (f.dp > 0) p.dp = f.dp;
-  if (f.zero >= 0) p.zero_stage = f.zero;
-  if (f.micro_batch > 0) p.micro_batch_size = f.micro_batch;
-  if (f.virtual_stages > 0) p.virtual_stages = f.virtual_stages;
+  if (f.tp > 0)
+    p.tp = f.tp;
+  if (f.pp > 0)
+    p.pp = f.pp;
+  if (f.dp > 0)
+    p.dp = f.dp;
+  if (f.zero >= 0)
+    p.zero_stage = f.zero;
+  if (f.micro_batch > 0)
+    p.micro_batch_size = f.micro_batch;
+  if (f.virtual_stages > 0)
+    p.virtual_stages = f.virtual_stages;
   p.schedule = parse_choice<Schedule>("--schedule", f.schedule, kScheduleNames);
   p.recompute = parse_choice<Recompute>("--recompute", f.recompute, kRecomputeNames);
   p.precision = parse_choice<Precision>("--precision", f.precision, kPrecisionNames);
@@ -75,7 +81,9 @@ PlanPins pins_from(const PlanFlags& f) {
   return p;
 }
 
-std::string gib(double bytes) { return fmt::format("{:.1f}", bytes / (1 << 30)); }
+std::string gib(double bytes) {
+  return fmt::format("{:.1f}", bytes / (1 << 30));
+}
 
 void print_table(const PlanSearchResult& r, std::ostream& out) {
   out << fmt::format("{:>3}  {:<58} {:>10} {:>12} {:>6} {:>9}  {}\n", "#", "plan", "step s",
@@ -96,7 +104,8 @@ int run_plan(const PlanFlags& f) {
   req.global_batch_size = f.global_batch > 0 ? f.global_batch : 512;
   req.pins = pins_from(f);
   req.objective = *parse_choice<Objective>(
-      "--objective", f.objective, std::array<std::string_view, 3>{"throughput", "time_to_train", "cost"});
+      "--objective", f.objective,
+      std::array<std::string_view, 3>{"throughput", "time_to_train", "cost"});
   req.train_tokens = f.train_tokens;
   req.allow_fewer_gpus = f.allow_fewer;
   req.top_k = std::max(f.top, 2);
@@ -165,12 +174,7 @@ int run_simulate(const SimulateFlags& f) {
   if (f.gpus > 0) {
     cluster = cluster.with_devices(f.gpus);
   }
-  Plan plan = plan_from_json(json_load_file(f.plan), f.plan);
-  if (f.gpus <= 0 && plan.world_size() != cluster.num_devices()) {
-    cluster = cluster.with_devices(plan.world_size());
-  }
-  plan_validate(plan, model.graph, cluster.num_devices(), f.plan);
-  cluster.peak_flops(plan.precision);
+  Plan plan = plan_load_for(f.plan, model.graph, cluster, f.gpus);
   CostModel cost(model.graph, cluster);
   if (plan.stages.empty()) {
     plan_assign_stages(cost, plan);
@@ -205,6 +209,8 @@ int run_simulate(const SimulateFlags& f) {
   return 0;
 }
 
+} // namespace
+
 void add_model_cluster(CLI::App* cmd, std::string& model, std::string& cluster, int& gpus) {
   cmd->add_option("--model", model, "Zoo model name or model / HF config / layer-graph JSON")
       ->required();
@@ -213,7 +219,15 @@ void add_model_cluster(CLI::App* cmd, std::string& model, std::string& cluster, 
       ->check(CLI::PositiveNumber);
 }
 
-} // namespace
+Plan plan_load_for(const std::string& file, const LayerGraph& graph, Cluster& cluster, int gpus) {
+  Plan plan = plan_from_json(json_load_file(file), file);
+  if (gpus <= 0 && plan.world_size() != cluster.num_devices()) {
+    cluster = cluster.with_devices(plan.world_size());
+  }
+  plan_validate(plan, graph, cluster.num_devices(), file);
+  cluster.peak_flops(plan.precision); // InputError when the profile lacks the precision
+  return plan;
+}
 
 Run register_plan(CLI::App& app) {
   auto f = std::make_shared<PlanFlags>();
@@ -221,7 +235,8 @@ Run register_plan(CLI::App& app) {
   add_model_cluster(cmd, f->model, f->cluster, f->gpus);
   cmd->add_option("--global-batch", f->global_batch, "Global batch size in sequences (default 512)")
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--top", f->top, "How many plans to show (default 10)")->check(CLI::PositiveNumber);
+  cmd->add_option("--top", f->top, "How many plans to show (default 10)")
+      ->check(CLI::PositiveNumber);
   cmd->add_flag("--json", f->json, "Print the ranked plans as JSON");
   cmd->add_flag("--explain", f->explain, "Explain where time goes and why the runner-up loses");
   cmd->add_option("--out", f->out, "Write the best plan to this file");
@@ -229,7 +244,8 @@ Run register_plan(CLI::App& app) {
   cmd->add_option("--pp", f->pp, "Pin pipeline-parallel size")->check(CLI::PositiveNumber);
   cmd->add_option("--dp", f->dp, "Pin data-parallel size")->check(CLI::PositiveNumber);
   cmd->add_option("--zero", f->zero, "Pin ZeRO stage")->check(CLI::Range(0, 3));
-  cmd->add_option("--micro-batch", f->micro_batch, "Pin micro-batch size")->check(CLI::PositiveNumber);
+  cmd->add_option("--micro-batch", f->micro_batch, "Pin micro-batch size")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--schedule", f->schedule, "Pin schedule: gpipe, 1f1b, interleaved");
   cmd->add_option("--virtual-stages", f->virtual_stages, "Pin virtual stages (interleaved)")
       ->check(CLI::PositiveNumber);

@@ -112,14 +112,26 @@ double pipeline_time_s(const Plan& p, const std::vector<RankLoad>& ranks, double
   return (m - 1) * t_max + sum;
 }
 
-MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
+} // namespace
+
+ParamStateBytes param_state_bytes(const Plan& p) {
   const double d = p.dp;
   const double w_bytes = precision_storage_bytes(p.precision);
-  const bool mixed = precision_is_mixed(p.precision);
+  return {.params = w_bytes / (p.zero_stage >= 3 ? d : 1),
+          .grads = w_bytes / (p.zero_stage >= 2 ? d : 1),
+          .optimizer =
+              (precision_is_mixed(p.precision) ? 12.0 : 8.0) / (p.zero_stage >= 1 ? d : 1)};
+}
+
+namespace {
+
+MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
+  const double w_bytes = precision_storage_bytes(p.precision);
+  const ParamStateBytes per_param = param_state_bytes(p);
   MemoryBreakdown m;
-  m.params = r.params * w_bytes / (p.zero_stage >= 3 ? d : 1);
-  m.grads = r.params * w_bytes / (p.zero_stage >= 2 ? d : 1);
-  m.optimizer = r.params * (mixed ? 12.0 : 8.0) / (p.zero_stage >= 1 ? d : 1);
+  m.params = r.params * per_param.params;
+  m.grads = r.params * per_param.grads;
+  m.optimizer = r.params * per_param.optimizer;
   m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.recompute_working_bytes();
   // Gradient buckets are views of the flat gradient buffer, reduced in place (Megatron-LM's
   // contiguous buffer, Parallax's executor): no extra bucket memory.

@@ -1,5 +1,6 @@
 #include "parallax/viz/layer_graph_dot.hpp"
 
+#include "parallax/simulator/cost_model.hpp"
 #include "parallax/simulator/unit_cost.hpp"
 #include "parallax/viz/graphviz_render.hpp"
 #include "parallax/viz/palette.hpp"
@@ -68,13 +69,9 @@ void add_memory(LayerMemory& into, const LayerMemory& m) {
 
 LayerMemory layer_memory(const Layer& layer, const Plan& plan) {
   const double w_bytes = precision_storage_bytes(plan.precision);
-  const double d = plan.dp;
   LayerMemory m;
   m.params = static_cast<double>(layer.params) / layer_param_divisor(layer, plan.tp);
-  const double per_param =
-      w_bytes / (plan.zero_stage >= 3 ? d : 1) + w_bytes / (plan.zero_stage >= 2 ? d : 1) +
-      (precision_is_mixed(plan.precision) ? 12.0 : 8.0) / (plan.zero_stage >= 1 ? d : 1);
-  m.state_bytes = m.params * per_param;
+  m.state_bytes = m.params * param_state_bytes(plan).total();
   double elems = layer.saved_act_elems;
   double masks = layer.saved_mask_bytes;
   if (plan.recompute == Recompute::full) {

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 
@@ -120,6 +121,17 @@ std::string format_count(double count) {
     return fmt::format("{:.1f} k", count / 1e3);
   }
   return fmt::format("{:.0f}", count);
+}
+
+double axis_tick_step(double span, int ticks) {
+  const double raw = std::max(span, 1e-30) / std::max(ticks, 1);
+  const double base = std::pow(10.0, std::floor(std::log10(raw)));
+  for (double m : {1.0, 2.0, 2.5, 5.0}) {
+    if (m * base >= raw) {
+      return m * base;
+    }
+  }
+  return 10 * base;
 }
 
 } // namespace parallax::viz

@@ -15,7 +15,7 @@ namespace parallax::viz {
 
 namespace {
 
-// Round-number axis: ticks at 1-2-5 multiples covering [0, max].
+// Round-number axis: ticks at axis_tick_step multiples covering [0, max].
 struct Axis {
   double max = 1;
   double step = 1;
@@ -23,15 +23,7 @@ struct Axis {
 
 Axis nice_axis(double max_value, int ticks = 6) {
   max_value = std::max(max_value, 1e-30);
-  const double raw = max_value / ticks;
-  const double base = std::pow(10.0, std::floor(std::log10(raw)));
-  double step = 10 * base;
-  for (double m : {1.0, 2.0, 2.5, 5.0, 10.0}) {
-    if (m * base >= raw) {
-      step = m * base;
-      break;
-    }
-  }
+  const double step = axis_tick_step(max_value, ticks);
   return {std::ceil(max_value / step - 1e-9) * step, step};
 }
 

@@ -30,18 +30,6 @@ std::string bar_colour(const Event& e) {
                                 : category_colour(e.category);
 }
 
-// 1-2-5 tick spacing giving about `target` ticks over `span`.
-double tick_step(double span, int target) {
-  const double raw = span / std::max(target, 1);
-  const double base = std::pow(10.0, std::floor(std::log10(raw)));
-  for (double m : {1.0, 2.0, 5.0, 10.0}) {
-    if (m * base >= raw) {
-      return m * base;
-    }
-  }
-  return 10 * base;
-}
-
 std::string event_tooltip(const Event& e) {
   std::string t = fmt::format("rank {} · {} · {}", e.rank, category_name(e.category), e.name);
   if (e.micro_batch >= 0) {
@@ -178,7 +166,7 @@ std::string timeline_svg(const Timeline& timeline, const TimelineSvgOptions& opt
   // Time axis.
   const double axis_y = y + 6;
   svg.line(kLeftPx, axis_y, kLeftPx + plot_w, axis_y, "#333333");
-  const double step = tick_step(span, 10);
+  const double step = axis_tick_step(span, 10);
   for (double t = 0; t <= span * (1 + 1e-9); t += step) {
     const double x = kLeftPx + t * scale;
     svg.line(x, axis_y, x, axis_y + 4, "#333333");

@@ -24,8 +24,8 @@ namespace parallax {
 
 // Documented constants of the memory model.
 struct MemoryModelConstants {
-  static constexpr double kGradBucketBytes = 50e6;   // DP gradient bucket (overlap granularity)
-  static constexpr double kFragmentation = 0.08;     // allocator slack over activations
+  static constexpr double kGradBucketBytes = 50e6; // DP gradient bucket (overlap granularity)
+  static constexpr double kFragmentation = 0.08;   // allocator slack over activations
   static constexpr double kGpuReservedBytes = 1.0 * (1 << 30); // CUDA context, workspaces, NCCL
 };
 
@@ -79,12 +79,22 @@ public:
   double grad_accumulation_s(const Plan& plan, double params) const;
 
 private:
-
   const LayerGraph* graph_;
   const Cluster* cluster_;
   double model_flops_per_sequence_ = 0;
   std::map<UnitCostKey, std::vector<UnitCost>> cache_;
 };
+
+// Bytes one rank keeps per parameter it holds (after the TP split): working weights, gradients,
+// and optimizer state (fp32 master weights in mixed precision, Adam's two moments), each divided
+// among the data-parallel ranks as the plan's ZeRO stage divides it.
+struct ParamStateBytes {
+  double params = 0;
+  double grads = 0;
+  double optimizer = 0;
+  double total() const { return params + grads + optimizer; }
+};
+ParamStateBytes param_state_bytes(const Plan& plan);
 
 // Bytes one pipeline hop sends per micro-batch (activations forward, their gradient backward).
 double p2p_bytes(const Plan& plan, const LayerGraph& graph);

@@ -20,4 +20,7 @@ std::string format_bytes(double bytes);
 std::string format_seconds(double seconds);
 std::string format_count(double count); // 1.2 k, 3.4 M, 5.6 G
 
+// A round axis step (1, 2, 2.5 or 5 times a power of ten) giving about `ticks` ticks over `span`.
+double axis_tick_step(double span, int ticks);
+
 } // namespace parallax::viz
