@@ -100,6 +100,12 @@ PlanPins pins_of(const Json& row) {
     pins.recompute = Recompute::selective;
   }
   pins.precision = contains(text_of(t, "precision"), "bf16") ? Precision::bf16 : Precision::fp16;
+  // Megatron-LM's own data parallelism (local DDP, 2020–2022) all-reduced the gradient buffer
+  // after the pipeline flush; overlapping it with the backward came in 2023. DeepSpeed overlaps.
+  const std::string framework = text_of(t, "framework");
+  if (contains(framework, "Megatron") && !contains(framework, "DeepSpeed")) {
+    pins.overlap_grad_reduce = false;
+  }
   return pins;
 }
 

@@ -48,7 +48,7 @@ struct PlanFlags {
   std::string out;
   int tp = 0, pp = 0, dp = 0, zero = -1, virtual_stages = 0;
   std::int64_t micro_batch = 0;
-  std::string schedule, recompute, sequence_parallel, precision, grad_sync;
+  std::string schedule, recompute, sequence_parallel, precision, grad_sync, overlap_grad_reduce;
   std::string objective = "throughput";
   double train_tokens = 0;
   bool allow_fewer = false;
@@ -77,6 +77,11 @@ PlanPins pins_from(const PlanFlags& f) {
     auto sp = parse_choice<int>("--sequence-parallel", f.sequence_parallel,
                                 std::array<std::string_view, 2>{"off", "on"});
     p.sequence_parallel = *sp == 1;
+  }
+  if (!f.overlap_grad_reduce.empty()) {
+    auto on = parse_choice<int>("--overlap-grad-reduce", f.overlap_grad_reduce,
+                                std::array<std::string_view, 2>{"off", "on"});
+    p.overlap_grad_reduce = *on == 1;
   }
   return p;
 }
@@ -254,6 +259,9 @@ Run register_plan(CLI::App& app) {
   cmd->add_option("--precision", f->precision, "Pin precision: fp32, tf32, fp16, bf16, fp8");
   cmd->add_option("--grad-sync", f->grad_sync,
                   "Gradient sync: allreduce, tree, hierarchical, parameter_server");
+  cmd->add_option("--overlap-grad-reduce", f->overlap_grad_reduce,
+                  "Whether the training stack overlaps gradient reduction with the backward "
+                  "pass: on (default), off");
   cmd->add_option("--objective", f->objective, "throughput (default), time_to_train, cost");
   cmd->add_option("--train-tokens", f->train_tokens, "Tokens to train, for time_to_train");
   cmd->add_flag("--allow-fewer-gpus", f->allow_fewer, "Also consider using fewer GPUs");

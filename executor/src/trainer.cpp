@@ -98,6 +98,9 @@ struct Trainer::Impl {
   // kReduceScatterWindow full-size gradient buffers are alive at once.
   static constexpr std::size_t kReduceScatterWindow = 2;
   std::deque<Block*> scattering;
+  // Plans whose stack does not overlap gradient reduction: blocks whose reduction is due, launched
+  // after the backward pass (ZeRO-2/3: after each micro-batch's, else after the step's).
+  std::vector<std::pair<Block*, std::int64_t>> deferred;
   double loss_sum = 0;
 
   TpContext tp() {
@@ -219,6 +222,25 @@ struct Trainer::Impl {
   void after_backward(Block& b, std::int64_t k) {
     if (b.alias)
       return; // reduced with the embedding, whose backward comes later
+    if (!plan.overlap_grad_reduce && plan.dp > 1 && (plan.zero_stage >= 2 || k == m - 1)) {
+      deferred.emplace_back(&b, k);
+      return;
+    }
+    launch_reduction(b, k);
+  }
+
+  // The deferred reductions of a stack without overlap; ZeRO-2/3 also wait for theirs here.
+  void launch_deferred() {
+    for (auto [b, k] : deferred)
+      launch_reduction(*b, k);
+    deferred.clear();
+    if (plan.zero_stage >= 2) {
+      while (!scattering.empty())
+        finish_reduce_scatter(*scattering.front());
+    }
+  }
+
+  void launch_reduction(Block& b, std::int64_t k) {
     const int dp = plan.dp;
     if (plan.zero_stage >= 2) {
       if (dp == 1) {
@@ -416,6 +438,9 @@ struct Trainer::Impl {
       send(std::move(dy), ch.index - 1, ch.index, k, 1);
     }
     cache.clear();
+    if (plan.zero_stage >= 2) {
+      launch_deferred();
+    }
   }
 
   // ---- optimizer ----
@@ -770,6 +795,7 @@ StepStats Trainer::step(bool record) {
   s.stash.clear();
   PARALLAX_CHECK(s.mailbox.empty(), "pipeline messages left undelivered");
 
+  s.launch_deferred();
   s.reduce_gradients();
   const double norm = s.gradient_norm();
   const double lr = s.learning_rate(s.step_count);

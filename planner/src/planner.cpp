@@ -216,7 +216,8 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                        .recompute = rc,
                        .sequence_parallel = sp,
                        .precision = precision,
-                       .grad_sync = pins.grad_sync.value_or(GradSync::allreduce)};
+                       .grad_sync = pins.grad_sync.value_or(GradSync::allreduce),
+                       .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(true)};
                 consider(st, model, stages, std::move(p), gpus);
               }
             }

@@ -53,18 +53,24 @@ void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
 }
 
 // Per-micro-batch ZeRO communication that must overlap that micro-batch's compute.
-double zero_per_microbatch_s(const Plan& p, const Cluster& c, const RankLoad& r) {
+struct ZeroMicrobatchComm {
+  double reduce_s = 0; // gradient reduce-scatter (ZeRO-2/3)
+  double gather_s = 0; // parameter all-gathers (ZeRO-3)
+};
+
+ZeroMicrobatchComm zero_per_microbatch(const Plan& p, const Cluster& c, const RankLoad& r) {
   if (p.dp <= 1 || p.zero_stage < 2) {
-    return 0;
+    return {};
   }
   const double w_bytes = precision_storage_bytes(p.precision);
   const double shard_bytes = r.params * w_bytes;
   const GroupSpan span = dp_span(p, c);
-  double comm = collective_time_s(c, Collective::reduce_scatter, shard_bytes, span);
+  ZeroMicrobatchComm comm;
+  comm.reduce_s = collective_time_s(c, Collective::reduce_scatter, shard_bytes, span);
   if (p.zero_stage == 3) {
     // Gathered once for the forward and once for the backward; a recomputed forward runs inside
     // the backward of its unit and reuses that gather (as PyTorch FSDP does).
-    comm += 2 * collective_time_s(c, Collective::all_gather, shard_bytes, span);
+    comm.gather_s = 2 * collective_time_s(c, Collective::all_gather, shard_bytes, span);
   }
   return comm;
 }
@@ -274,9 +280,12 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
   for (auto& r : ranks) {
     r.compute_s += grad_accumulation_s(plan, r.params);
     r.p2p_s = plan.pp > 1 ? 2.0 * plan.virtual_stages * p2p : 0.0;
-    const double zero_comm = zero_per_microbatch_s(plan, c, r);
-    const double hidden = overlap ? std::min(zero_comm, r.compute_s) : 0.0;
-    r.zero3_exposed_s = zero_comm - hidden + kOverlapInterference * hidden;
+    // Gathers are prefetched whatever the stack does with gradients; reductions overlap only
+    // when the plan's stack overlaps them.
+    const ZeroMicrobatchComm zc = zero_per_microbatch(plan, c, r);
+    const double overlappable = zc.gather_s + (plan.overlap_grad_reduce ? zc.reduce_s : 0.0);
+    const double hidden = overlap ? std::min(overlappable, r.compute_s) : 0.0;
+    r.zero3_exposed_s = zc.reduce_s + zc.gather_s - hidden + kOverlapInterference * hidden;
   }
 
   double t_max = 0;
@@ -291,7 +300,8 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
   const double pipe = pipeline_time_s(plan, ranks, t_max);
 
   // Gradient reduction overlaps the last backward on each rank (bucket by bucket; the last
-  // bucket cannot overlap); later pipeline ranks also overlap the drain of earlier ones.
+  // bucket cannot overlap) when the stack overlaps it; later pipeline ranks also overlap the
+  // drain of earlier ones.
   double dp_exposed = 0;
   double optimizer = 0;
   double slack = 0;
@@ -301,7 +311,9 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
     const double buckets =
         std::max(1.0, std::ceil(r.params * precision_storage_bytes(plan.precision) /
                                 MemoryModelConstants::kGradBucketBytes));
-    const double window = overlap ? (plan.zero_stage <= 1 ? r.bwd_s : 0.0) + slack : 0.0;
+    const double own_backward =
+        plan.overlap_grad_reduce && plan.zero_stage <= 1 ? r.bwd_s : 0.0;
+    const double window = overlap ? own_backward + slack : 0.0;
     const double exposed = std::max(t_dp / buckets, t_dp - window);
     dp_exposed = std::max(dp_exposed, exposed + kOverlapInterference * (t_dp - exposed));
     slack += r.bwd_s + r.p2p_s / 2;

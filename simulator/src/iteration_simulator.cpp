@@ -41,6 +41,7 @@ struct RankSim {
   Id gather_stream = 0; // ZeRO-3 parameter all-gathers (FSDP runs them beside reductions)
   Id nvlink = 0, network = 0;
   std::vector<Id> dp_tasks;                 // gradient synchronisation the optimizer waits for
+  std::vector<std::pair<int, int>> deferred_reductions; // (unit, micro-batch), stacks without overlap
   std::vector<std::pair<Id, bool>> op_ends; // last task of each schedule op, forward?
   std::vector<int> op_chunks;
 };
@@ -76,6 +77,8 @@ private:
   void forward_op(RankSim& r, const PipelineOp& op);
   void backward_op(RankSim& r, const PipelineOp& op);
   Id zero3_gather(RankSim& r, int unit, int mb);
+  Id grad_reduction(RankSim& r, int unit, int mb);
+  void flush_deferred_reductions(RankSim& r);
   void finish_rank(RankSim& r);
   void wire_groups();
   PlanEstimate estimate_from(const std::vector<RankSim>& ranks) const;
@@ -203,7 +206,6 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
   const auto [first, last] = stages_[static_cast<std::size_t>(op.chunk)];
   const bool zero3 = plan_.zero_stage == 3 && plan_.dp > 1;
   const bool last_mb = op.micro_batch == plan_.num_microbatches() - 1;
-  const GroupSpan dspan = dp_span(plan_, cluster_);
   const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
   for (int u = last - 1; u >= first; --u) {
     const UnitCost& cost = units_[static_cast<std::size_t>(u)];
@@ -240,17 +242,16 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
       chain(done);
       record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, b, done);
     }
-    // Gradient synchronisation of this unit's parameters, launched as its backward finishes.
-    const double grad_bytes = cost.params * w_bytes_;
-    if (plan_.dp > 1 && grad_bytes > 0 && (plan_.zero_stage >= 2 || last_mb)) {
-      const Collective kind =
-          plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
-      const CollectiveCost cc = collective_cost(cluster_, kind, grad_bytes, dspan, plan_.grad_sync);
-      const Id g =
-          add_comm(r, Stream::dp_comm, Category::dp_comm, cc, grad_bytes, u, op.micro_batch);
-      engine_.add_dependency(b, g);
-      r.dp_tasks.push_back(g);
-      record_group(1, dp_group, r, b, g);
+    // Gradient synchronisation of this unit's parameters, launched as its backward finishes
+    // (or, on stacks that do not overlap it, after the backward pass).
+    if (plan_.dp > 1 && cost.params > 0 && (plan_.zero_stage >= 2 || last_mb)) {
+      if (plan_.overlap_grad_reduce) {
+        const Id g = grad_reduction(r, u, op.micro_batch);
+        engine_.add_dependency(b, g);
+        record_group(1, dp_group, r, b, g);
+      } else {
+        r.deferred_reductions.emplace_back(u, op.micro_batch);
+      }
     }
   }
   if (op.chunk > 0) {
@@ -262,11 +263,39 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
     chain(s);
     sends_[send_key(false, op.chunk, op.micro_batch, r.dp, r.tp)] = s;
   }
+  if (plan_.zero_stage >= 2) { // reduce-scattered after every micro-batch's backward
+    flush_deferred_reductions(r);
+  }
   r.op_ends.emplace_back(prev_, false);
   r.op_chunks.push_back(op.chunk);
 }
 
+Id IterationBuilder::grad_reduction(RankSim& r, int unit, int mb) {
+  const double bytes = units_[static_cast<std::size_t>(unit)].params * w_bytes_;
+  const Collective kind =
+      plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
+  const CollectiveCost cc =
+      collective_cost(cluster_, kind, bytes, dp_span(plan_, cluster_), plan_.grad_sync);
+  const Id g = add_comm(r, Stream::dp_comm, Category::dp_comm, cc, bytes, unit, mb);
+  r.dp_tasks.push_back(g);
+  return g;
+}
+
+// Reductions of a stack that does not overlap them: after the backward, on the rank's critical
+// chain, so the next compute waits for them.
+void IterationBuilder::flush_deferred_reductions(RankSim& r) {
+  const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
+  for (const auto& [unit, mb] : r.deferred_reductions) {
+    const Id trigger = prev_;
+    const Id g = grad_reduction(r, unit, mb);
+    chain(g);
+    record_group(1, dp_group, r, trigger, g);
+  }
+  r.deferred_reductions.clear();
+}
+
 void IterationBuilder::finish_rank(RankSim& r) {
+  flush_deferred_reductions(r);
   std::vector<StageRange> mine;
   for (int c = r.pp_rank; c < static_cast<int>(stages_.size()); c += plan_.pp) {
     mine.push_back(stages_[static_cast<std::size_t>(c)]);

@@ -96,6 +96,21 @@ TEST(Cli, PlanHonoursPins) {
     EXPECT_EQ(p["plan"]["pp"], 4);
     EXPECT_EQ(p["plan"]["schedule"], "interleaved");
   }
+  // A stack that reduces gradients after the backward: the plans say so and are no faster.
+  Result serial = run("plan --model llama2-70b --cluster dgx-h100 --gpus 64 --global-batch 512 "
+                      "--tp 8 --pp 4 --schedule interleaved --json --top 4 "
+                      "--overlap-grad-reduce off");
+  ASSERT_EQ(serial.code, 0) << serial.out;
+  const parallax::Json serial_doc = parallax::Json::parse(serial.out);
+  for (const auto& p : serial_doc["plans"]) {
+    EXPECT_EQ(p["plan"]["overlap_grad_reduce"], false);
+  }
+  EXPECT_GE(serial_doc["plans"][0]["iteration_time_s"].get<double>(),
+            doc["plans"][0]["iteration_time_s"].get<double>());
+  Result bad = run("plan --model llama2-70b --cluster dgx-h100 --gpus 64 --global-batch 512 "
+                   "--overlap-grad-reduce maybe");
+  EXPECT_EQ(bad.code, 2);
+  EXPECT_NE(bad.out.find("--overlap-grad-reduce"), std::string::npos) << bad.out;
 }
 
 TEST(Cli, NothingFitsSaysWhatCameClosest) {

@@ -26,6 +26,11 @@ TEST(PlanJson, ContractExampleRoundTripsExactly) {
   p.stages = stages_even(96, 32);
   EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
   EXPECT_EQ(plan_to_json(plan_from_json(plan_to_json(p), "rt")), plan_to_json(p));
+  // The stack's overlap of gradient reduction is written only when it is off.
+  EXPECT_FALSE(plan_to_json(p).contains("overlap_grad_reduce"));
+  p.overlap_grad_reduce = false;
+  EXPECT_EQ(plan_to_json(p)["overlap_grad_reduce"], false);
+  EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
 }
 
 TEST(PlanJson, DefaultsForOptionalFields) {
@@ -35,6 +40,7 @@ TEST(PlanJson, DefaultsForOptionalFields) {
   EXPECT_EQ(p.micro_batch_size, 1);
   EXPECT_EQ(p.schedule, Schedule::one_f_one_b);
   EXPECT_EQ(p.precision, Precision::bf16);
+  EXPECT_TRUE(p.overlap_grad_reduce);
   EXPECT_TRUE(p.stages.empty());
 }
 
@@ -53,6 +59,7 @@ TEST(PlanJson, MalformedInputsNameTheField) {
       {"zero stage 4", R"({"zero_stage": 4})", "/zero_stage"},
       {"unknown schedule", R"({"schedule": "zigzag"})", "/schedule"},
       {"unknown precision", R"({"precision": "int4"})", "/precision"},
+      {"overlap not a boolean", R"({"overlap_grad_reduce": "no"})", "/overlap_grad_reduce"},
       {"unknown field", R"({"pipeline": 2})", "/pipeline"},
       {"batch not divisible", R"({"global_batch_size": 1537})", "/global_batch_size"},
       {"virtual stages without interleaving", R"({"schedule": "1f1b"})", "/virtual_stages"},

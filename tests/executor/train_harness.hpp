@@ -95,13 +95,15 @@ struct Case {
   bool sp = false;
   int micro = 2;
   std::string sync = "allreduce";
+  bool overlap = true; // the plan's overlap_grad_reduce
 };
 
 inline std::string case_name(const Case& c) {
-  return fmt::format("{}_d{}t{}p{}_z{}_{}{}_{}{}_mb{}{}", c.family, c.dp, c.tp, c.pp, c.zero,
+  return fmt::format("{}_d{}t{}p{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp, c.zero,
                      c.schedule == "1f1b" ? "onefoneb" : c.schedule,
                      c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "",
-                     c.micro, c.sync == "allreduce" ? "" : "_" + c.sync);
+                     c.micro, c.sync == "allreduce" ? "" : "_" + c.sync,
+                     c.overlap ? "" : "_serial_reduce");
 }
 
 // gtest prints parameters in test names and failure messages with this.
@@ -141,7 +143,8 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
                      {"recompute", c.recompute},
                      {"sequence_parallel", c.sp},
                      {"precision", "fp32"},
-                     {"grad_sync", c.sync}};
+                     {"grad_sync", c.sync},
+                     {"overlap_grad_reduce", c.overlap}};
   parallax::json_write_file(file, plan);
   return file;
 }

@@ -88,6 +88,11 @@ std::vector<Case> equivalence_cases() {
     cases.push_back({.family = family, .dp = 2, .tp = 2, .pp = 2, .sync = "parameter_server"});
     // Gradient accumulation over many micro-batches vs one big batch.
     cases.push_back({.family = family, .micro = 1});
+    // A stack that reduces gradients after the backward pass instead of during it.
+    if (family == "gpt") {
+      cases.push_back({.family = family, .dp = 2, .tp = 2, .pp = 2, .micro = 1, .overlap = false});
+      cases.push_back({.family = family, .dp = 2, .pp = 2, .zero = 2, .micro = 1, .overlap = false});
+    }
   }
   return cases;
 }

@@ -148,6 +148,24 @@ TEST(SimulateIteration, DataParallelReductionHiddenOrExposed) {
                 0.02 * r.estimate.iteration_time_s)
         << kind;
   }
+  {
+    // A stack that does not overlap gradient reduction (Megatron-LM's local DDP): on a GPU the
+    // four all-reduces start only after the whole backward, as on a CPU.
+    Cluster c = flat_cluster(2, 0.001);
+    c.device.kind = "gpu";
+    CostModel model(g, c);
+    const StageTimes t = stage_times(model, plan, 4);
+    const double allreduce = collective_time_s(c, Collective::all_reduce, 1e6 * 4.0,
+                                               dp_span(plan, c));
+    Plan serial = plan;
+    serial.overlap_grad_reduce = false;
+    SimulationResult r = simulate_iteration(model, serial, {.record_timeline = false});
+    const double expected = t.f + t.b + 4 * allreduce + r.estimate.breakdown.optimizer;
+    EXPECT_NEAR(r.estimate.iteration_time_s, expected, 1e-9);
+    EXPECT_NEAR(r.estimate.breakdown.dp_comm, 4 * allreduce, 1e-9);
+    const PlanEstimate analytic = model.estimate(serial);
+    EXPECT_NEAR(analytic.iteration_time_s, expected, 0.02 * expected);
+  }
 }
 
 TEST(SimulateIteration, SymmetricReductionMatchesFullSimulation) {
@@ -180,6 +198,7 @@ TEST(SimulateIteration, SymmetricReductionMatchesFullSimulation) {
     p.sequence_parallel = p.tp > 1 && rng() % 2 == 0;
     p.schedule = p.pp > 1 ? static_cast<Schedule>(rng() % 3) : Schedule::one_f_one_b;
     p.virtual_stages = p.schedule == Schedule::interleaved ? 2 : 1;
+    p.overlap_grad_reduce = rng() % 3 != 0;
     Cluster c = base.with_devices(p.world_size());
     c.device.kind = trial % 2 == 0 ? "gpu" : "cpu"; // CPU ranks serialise DP communication
     CostModel model(g, c);

@@ -47,6 +47,11 @@ struct Plan {
   bool sequence_parallel = false;
   Precision precision = Precision::bf16;
   GradSync grad_sync = GradSync::allreduce;
+  // Data-parallel gradient reductions start bucket by bucket while the backward pass runs
+  // (PyTorch DDP, FSDP, DeepSpeed, Megatron-LM's --overlap-grad-reduce). false: they start once
+  // the rank's backward pass has finished, and the next compute waits for them (Megatron-LM's
+  // local DDP before 2023, llm.c before its asynchronous reduction).
+  bool overlap_grad_reduce = true;
   // pp × virtual_stages ranges in model order; chunk c runs on pipeline rank c % pp. Empty: the
   // planner's balanced partition.
   std::vector<StageRange> stages;

@@ -33,6 +33,7 @@ struct PlanPins {
   std::optional<bool> sequence_parallel;
   std::optional<Precision> precision;
   std::optional<GradSync> grad_sync;
+  std::optional<bool> overlap_grad_reduce; // a property of the training stack, never searched
 };
 
 struct PlanRequest {
