@@ -11,18 +11,31 @@ namespace parallax {
 
 Json timeline_to_chrome_trace(const Timeline& t) {
   Json events = Json::array();
+  // One process per rank with events (a simulation reduced by symmetry has one per stage); every
+  // rank's peak memory stays in otherData.
   std::set<int> ranks;
   for (const Event& e : t.events) {
     ranks.insert(e.rank);
   }
-  for (std::size_t r = 0; r < t.peak_memory_bytes.size(); ++r) {
-    ranks.insert(static_cast<int>(r));
+  if (t.events.empty()) {
+    for (std::size_t r = 0; r < t.peak_memory_bytes.size(); ++r) {
+      ranks.insert(static_cast<int>(r));
+    }
   }
   for (int rank : ranks) {
     events.push_back({{"name", "process_name"},
                       {"ph", "M"},
                       {"pid", rank},
                       {"args", {{"name", fmt::format("rank {}", rank)}}}});
+    if (static_cast<std::size_t>(rank) < t.peak_memory_bytes.size()) {
+      // A counter track: Perfetto draws the rank's peak memory above its streams.
+      events.push_back({{"name", "peak memory"},
+                        {"ph", "C"},
+                        {"pid", rank},
+                        {"ts", 0},
+                        {"args", {{"GiB", static_cast<double>(t.peak_memory_bytes[static_cast<std::size_t>(rank)]) /
+                                              (1024.0 * 1024.0 * 1024.0)}}}});
+    }
     for (std::size_t s = 0; s < kStreamNames.size(); ++s) {
       events.push_back({{"name", "thread_name"},
                         {"ph", "M"},

@@ -81,8 +81,9 @@ private:
   void flush_deferred_reductions(RankSim& r);
   void finish_rank(RankSim& r);
   void wire_groups();
-  PlanEstimate estimate_from(const std::vector<RankSim>& ranks) const;
-  Timeline timeline_from(const std::vector<RankSim>& ranks) const;
+  PlanEstimate estimate_from(const std::vector<RankSim>& ranks,
+                             std::vector<double>& stage_peaks) const;
+  Timeline timeline_from() const;
 
   CostModel& model_;
   const Plan& plan_;
@@ -379,9 +380,16 @@ SimulationResult IterationBuilder::run() {
   wire_groups();
   engine_.run();
   SimulationResult result;
-  result.estimate = estimate_from(ranks);
+  result.estimate = estimate_from(ranks, result.stage_peak_bytes);
   if (options_.record_timeline) {
-    result.timeline = timeline_from(ranks);
+    result.timeline = timeline_from();
+    // Replicas of a stage (data- and tensor-parallel peers) hold the same memory.
+    result.timeline.peak_memory_bytes.resize(static_cast<std::size_t>(plan_.world_size()));
+    for (int rank = 0; rank < plan_.world_size(); ++rank) {
+      result.timeline.peak_memory_bytes[static_cast<std::size_t>(rank)] =
+          static_cast<std::int64_t>(
+              result.stage_peak_bytes[static_cast<std::size_t>(rank_coords(plan_, rank).pp)]);
+    }
   }
   result.events = engine_.events_processed();
   result.tasks = static_cast<std::int64_t>(engine_.num_tasks());
@@ -389,7 +397,8 @@ SimulationResult IterationBuilder::run() {
   return result;
 }
 
-PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) const {
+PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
+                                             std::vector<double>& stage_peaks) const {
   PlanEstimate e;
   e.plan = plan_;
   e.plan.stages = stages_;
@@ -462,6 +471,7 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) 
   e.mfu = e.tflops_per_gpu * 1e12 / cluster_.peak_flops(plan_.precision);
 
   // Memory: the analytic static state plus the activations the simulated schedule kept alive.
+  stage_peaks.assign(static_cast<std::size_t>(plan_.pp), 0.0);
   const auto analytic = model_.memory_per_stage(plan_);
   const auto loads = const_cast<CostModel&>(model_).rank_loads(plan_, stages_);
   std::vector<double> chunk_act(stages_.size(), 0.0);
@@ -494,6 +504,8 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) 
     m.activations = peak + loads[static_cast<std::size_t>(r.pp_rank)].recompute_working_bytes();
     m.buffers = a.buffers - MemoryModelConstants::kFragmentation * a.activations +
                 MemoryModelConstants::kFragmentation * m.activations;
+    double& stage = stage_peaks[static_cast<std::size_t>(r.pp_rank)];
+    stage = std::max(stage, m.total());
     if (m.total() > e.memory.total()) {
       e.memory = m;
     }
@@ -503,7 +515,7 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks) 
   return e;
 }
 
-Timeline IterationBuilder::timeline_from(const std::vector<RankSim>& ranks) const {
+Timeline IterationBuilder::timeline_from() const {
   Timeline t;
   t.events.reserve(engine_.num_tasks());
   for (std::size_t i = 0; i < engine_.num_tasks(); ++i) {
@@ -522,12 +534,6 @@ Timeline IterationBuilder::timeline_from(const std::vector<RankSim>& ranks) cons
     t.events.push_back({info.rank, info.stream, info.category, std::move(name), info.unit,
                         info.micro_batch, task.start_s, task.end_s, info.flops, info.bytes});
   }
-  int max_rank = 0;
-  for (const RankSim& r : ranks) {
-    max_rank = std::max(max_rank, r.rank);
-  }
-  t.peak_memory_bytes.assign(static_cast<std::size_t>(max_rank) + 1, 0);
-  (void)ranks;
   t.sort();
   return t;
 }
@@ -537,14 +543,7 @@ Timeline IterationBuilder::timeline_from(const std::vector<RankSim>& ranks) cons
 SimulationResult simulate_iteration(CostModel& model, const Plan& plan,
                                     const SimulationOptions& options) {
   IterationBuilder builder(model, plan, options);
-  SimulationResult result = builder.run();
-  if (options.record_timeline) {
-    // Every simulated rank shares its stage's peak; symmetric replicas are identical.
-    for (auto& peak : result.timeline.peak_memory_bytes) {
-      peak = static_cast<std::int64_t>(result.estimate.memory.total());
-    }
-  }
-  return result;
+  return builder.run();
 }
 
 } // namespace parallax

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <map>
+
 namespace parallax {
 namespace {
 
@@ -30,16 +32,22 @@ TEST(TimelineJson, ChromeTraceShape) {
   Json trace = timeline_to_chrome_trace(sample_timeline());
   int complete = 0;
   int metadata = 0;
+  std::map<int, double> peak_gib;
   for (const auto& e : trace["traceEvents"]) {
     if (e["ph"] == "X") {
       ++complete;
       EXPECT_TRUE(e.contains("ts") && e.contains("dur") && e.contains("pid") && e.contains("tid"));
     } else if (e["ph"] == "M") {
       ++metadata;
+    } else if (e["ph"] == "C") {
+      peak_gib[e["pid"].get<int>()] = e["args"]["GiB"].get<double>();
     }
   }
   EXPECT_EQ(complete, 3);
   EXPECT_EQ(metadata, 2 * (1 + 4)); // a process name and four stream names per rank
+  // A peak-memory counter per rank.
+  ASSERT_EQ(peak_gib.size(), 2u);
+  EXPECT_NEAR(peak_gib[1], 987654321 / 1073741824.0, 1e-12);
   Json first;
   for (const auto& e : trace["traceEvents"]) {
     if (e["ph"] == "X") {
@@ -49,6 +57,18 @@ TEST(TimelineJson, ChromeTraceShape) {
   }
   EXPECT_DOUBLE_EQ(first["ts"].get<double>(), 0.1e6);
   EXPECT_DOUBLE_EQ(first["dur"].get<double>(), 0.25e6);
+
+  // A timeline reduced by symmetry: peaks for 4096 ranks, events on two. Only those two get
+  // tracks; every peak survives the round trip.
+  Timeline reduced = sample_timeline();
+  reduced.peak_memory_bytes.assign(4096, 42);
+  const Json big = timeline_to_chrome_trace(reduced);
+  int processes = 0;
+  for (const auto& e : big["traceEvents"]) {
+    processes += e["name"] == "process_name" ? 1 : 0;
+  }
+  EXPECT_EQ(processes, 2);
+  EXPECT_EQ(timeline_from_chrome_trace(big, "t.json"), reduced);
 }
 
 TEST(TimelineJson, RejectsBadEvents) {

@@ -250,5 +250,40 @@ TEST(SimulateIteration, AgreesWithAnalyticModelOnLargePlans) {
   }
 }
 
+TEST(SimulateIteration, TimelineCarriesEveryRanksStagePeakMemory) {
+  ModelConfig config;
+  config.name = "small";
+  config.num_layers = 8;
+  config.hidden_size = 256;
+  config.num_attention_heads = 8;
+  config.num_kv_heads = 8;
+  config.ffn_hidden_size = 1024;
+  config.vocab_size = 1024;
+  config.seq_length = 128;
+  config.max_position_embeddings = 128;
+  const LayerGraph g = transformer_build_graph(config);
+  const Cluster c = cluster_load("dgx-a100-80g").with_devices(16);
+  CostModel model(g, c);
+  // 1F1B keeps pp − s micro-batches of activations on stage s: the first stage peaks highest.
+  const Plan plan = plan_from_json(
+      Json::parse(R"({"dp": 2, "tp": 2, "pp": 4, "micro_batch_size": 4, "global_batch_size": 64})"),
+      "plan");
+  for (bool symmetric : {true, false}) {
+    SCOPED_TRACE(symmetric ? "symmetric" : "full");
+    const SimulationResult r = simulate_iteration(model, plan, {.symmetric = symmetric});
+    ASSERT_EQ(r.stage_peak_bytes.size(), 4u);
+    ASSERT_EQ(r.timeline.peak_memory_bytes.size(), 16u);
+    for (int rank = 0; rank < 16; ++rank) {
+      const int stage = rank_coords(plan, rank).pp;
+      EXPECT_EQ(r.timeline.peak_memory_bytes[static_cast<std::size_t>(rank)],
+                static_cast<std::int64_t>(r.stage_peak_bytes[static_cast<std::size_t>(stage)]));
+    }
+    for (std::size_t s = 1; s < 4; ++s) {
+      EXPECT_GT(r.stage_peak_bytes[s - 1], r.stage_peak_bytes[s]) << s;
+    }
+    EXPECT_DOUBLE_EQ(r.stage_peak_bytes[0], r.estimate.memory.total());
+  }
+}
+
 } // namespace
 } // namespace parallax

@@ -9,6 +9,7 @@
 #include "parallax/viz/graphviz_render.hpp"
 #include "parallax/viz/layer_graph_dot.hpp"
 #include "parallax/viz/mesh_dot.hpp"
+#include "parallax/viz/palette.hpp"
 #include "parallax/viz/report_html.hpp"
 #include "parallax/viz/svg_writer.hpp"
 #include "parallax/viz/timeline_svg.hpp"
@@ -227,6 +228,15 @@ TEST(TimelineSvg, OneBarPerEventAndRowPerRankStream) {
   EXPECT_EQ(x.classes["bar"], 8);
   EXPECT_NE(svg.find("rank 1 dp-comm"), std::string::npos);
   EXPECT_NE(svg.find("allreduce &lt;grads&gt;"), std::string::npos); // tooltips escaped
+  EXPECT_EQ(svg.find("peak "), std::string::npos); // no peaks recorded, none drawn
+
+  // Each rank's peak memory is written beside its rows.
+  Timeline with_peaks = hand_timeline();
+  with_peaks.peak_memory_bytes = {3LL << 30, 5LL << 20};
+  const std::string peaks = timeline_svg(with_peaks, {});
+  EXPECT_EQ(parse_xml(peaks).error, "");
+  EXPECT_NE(peaks.find("peak " + format_bytes(3.0 * (1 << 30))), std::string::npos);
+  EXPECT_NE(peaks.find("peak " + format_bytes(5.0 * (1 << 20))), std::string::npos);
 }
 
 TEST(TimelineSvg, NarrowBarsOfOneColourMerge) {

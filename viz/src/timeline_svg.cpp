@@ -15,7 +15,7 @@ namespace parallax::viz {
 namespace {
 
 constexpr double kLeftPx = 130;
-constexpr double kRightPx = 20;
+constexpr double kRightPx = 84; // room for each rank's peak memory
 constexpr double kTopPx = 56;
 constexpr double kRowPx = 18;
 constexpr double kRankGapPx = 8;
@@ -124,6 +124,12 @@ std::string timeline_svg(const Timeline& timeline, const TimelineSvgOptions& opt
     if (rank != previous_rank) {
       y += kRankGapPx;
       previous_rank = rank;
+      if (static_cast<std::size_t>(rank) < timeline.peak_memory_bytes.size()) {
+        svg.text(kLeftPx + plot_w + 6, y + kRowPx * 0.7,
+                 "peak " + format_bytes(static_cast<double>(
+                               timeline.peak_memory_bytes[static_cast<std::size_t>(rank)])),
+                 10, "start", R"(fill="#555555")");
+      }
     }
     svg.text(kLeftPx - 6, y + kRowPx * 0.7, fmt::format("rank {} {}", rank, stream_name(stream)),
              10, "end");

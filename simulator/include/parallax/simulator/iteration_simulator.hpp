@@ -27,7 +27,8 @@ struct SimulationOptions {
 
 struct SimulationResult {
   PlanEstimate estimate; // figures and breakdown taken from the simulated timeline
-  Timeline timeline;     // empty unless record_timeline
+  Timeline timeline;     // empty unless record_timeline; peak memory for every rank of the plan
+  std::vector<double> stage_peak_bytes; // peak memory of one rank of each pipeline stage
   std::int64_t events = 0;
   std::int64_t tasks = 0;
   int simulated_ranks = 0;
