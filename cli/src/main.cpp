@@ -3,13 +3,15 @@
 #include "commands.hpp"
 
 #include "parallax/core/error.hpp"
-
+#include "parallax/core/memory_policy.hpp"
 
 #include <iostream>
 #include <map>
 #include <string>
 
 int main(int argc, char** argv) {
+  // The planner simulates plan after plan and the trainer frees activations every micro-batch.
+  parallax::keep_freed_memory();
   CLI::App app{"Parallax: plan, simulate and execute distributed training of large models"};
   app.require_subcommand(1);
   std::map<CLI::App*, parallax::cli::Run> runs;

@@ -1,6 +1,7 @@
 #include "parallax/executor/trainer.hpp"
 
 #include "parallax/core/error.hpp"
+#include "parallax/core/memory_policy.hpp"
 #include "parallax/core/pipeline_schedule.hpp"
 #include "parallax/core/timeline_json.hpp"
 
@@ -10,7 +11,6 @@
 #include <cmath>
 #include <deque>
 #include <limits>
-#include <malloc.h>
 #include <map>
 #include <numbers>
 
@@ -675,11 +675,8 @@ void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size
 Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& options,
                  const std::string& plan_source)
     : impl_(std::make_unique<Impl>()) {
-  // Activations are allocated and freed every micro-batch: keep freed memory in the heap
-  // instead of returning it to the kernel (glibc would mmap each large tensor and fault its
-  // pages in again every time).
-  mallopt(M_MMAP_MAX, 0);
-  mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+  // Activations are allocated and freed every micro-batch.
+  keep_freed_memory();
   Impl& s = *impl_;
   s.model = model;
   s.plan = plan;

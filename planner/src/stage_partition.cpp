@@ -16,25 +16,47 @@ std::vector<StageRange> partition_min_max(const std::vector<double>& weights, in
   }
   auto sum = [&](int a, int b) { return prefix[b] - prefix[a]; };
   constexpr double kInf = std::numeric_limits<double>::infinity();
-  // best[k][i]: the smallest possible maximum when the first i units form k chunks.
-  std::vector<std::vector<double>> best(chunks + 1, std::vector<double>(n + 1, kInf));
-  std::vector<std::vector<int>> cut(chunks + 1, std::vector<int>(n + 1, 0));
-  best[0][0] = 0.0;
+  constexpr double kTie = 1e-15; // relative: values this close count as equal
+  // best(k, i): the smallest possible maximum when the first i units form k chunks; cut(k, i):
+  // where the last of those chunks starts.
+  const auto width = static_cast<std::size_t>(n) + 1;
+  std::vector<double> best(static_cast<std::size_t>(chunks + 1) * width, kInf);
+  std::vector<int> cut(best.size(), 0);
+  auto at = [width](int k, int i) { return static_cast<std::size_t>(k) * width + static_cast<std::size_t>(i); };
+  best[at(0, 0)] = 0.0;
   for (int k = 1; k <= chunks; ++k) {
     for (int i = k; i <= n - (chunks - k); ++i) {
-      for (int j = k - 1; j < i; ++j) {
-        const double candidate = std::max(best[k - 1][j], sum(j, i));
-        if (candidate < best[k][i] - 1e-15 * std::abs(candidate)) {
-          best[k][i] = candidate;
-          cut[k][i] = j;
+      // The cost of cutting at j is max(A(j), B(j)) with A(j) = best(k − 1, j) non-decreasing
+      // and B(j) = sum(j, i) non-increasing in j (weights are non-negative), so it falls and
+      // then rises: find where A catches up with B by bisection instead of trying every j.
+      int lo = k - 1;
+      int hi = i; // first j in [k − 1, i) with A(j) >= B(j), or i if there is none
+      while (lo < hi) {
+        const int mid = lo + (hi - lo) / 2;
+        if (best[at(k - 1, mid)] >= sum(mid, i)) {
+          hi = mid;
+        } else {
+          lo = mid + 1;
         }
       }
+      auto cost = [&](int j) { return std::max(best[at(k - 1, j)], sum(j, i)); };
+      int j = hi < i ? hi : i - 1;
+      if (hi > k - 1 && cost(hi - 1) <= cost(j)) {
+        j = hi - 1;
+      }
+      // Ties prefer the earliest cut with (nearly) the optimum, as a scan from the left would.
+      const double value = cost(j);
+      while (j > k - 1 && cost(j - 1) <= value + kTie * std::abs(value)) {
+        --j;
+      }
+      best[at(k, i)] = cost(j);
+      cut[at(k, i)] = j;
     }
   }
   std::vector<StageRange> out(static_cast<std::size_t>(chunks));
   int end = n;
   for (int k = chunks; k >= 1; --k) {
-    const int start = cut[k][end];
+    const int start = cut[at(k, end)];
     out[static_cast<std::size_t>(k - 1)] = {start, end};
     end = start;
   }

@@ -32,7 +32,6 @@ EventEngine::Id EventEngine::add_compute(Id stream, double duration_s, std::int3
   t.duration_s = std::max(0.0, duration_s);
   t.tag = tag;
   tasks_.push_back(t);
-  successors_.emplace_back();
   const Id id = static_cast<Id>(tasks_.size() - 1);
   streams_[static_cast<std::size_t>(stream)].queue.push_back(id);
   return id;
@@ -51,15 +50,27 @@ EventEngine::Id EventEngine::add_barrier(std::int32_t tag) {
   Task t;
   t.tag = tag;
   tasks_.push_back(t);
-  successors_.emplace_back();
   return static_cast<Id>(tasks_.size() - 1);
+}
+
+void EventEngine::reserve(std::size_t tasks, std::size_t dependencies) {
+  tasks_.reserve(tasks);
+  edges_.reserve(dependencies);
 }
 
 void EventEngine::add_dependency(Id before, Id after) {
   PARALLAX_CHECK(before >= 0 && after >= 0 && before < static_cast<Id>(tasks_.size()) &&
                      after < static_cast<Id>(tasks_.size()) && before != after,
                  "bad dependency");
-  successors_[static_cast<std::size_t>(before)].push_back(after);
+  const Id edge = static_cast<Id>(edges_.size());
+  edges_.push_back({after, -1});
+  Task& b = tasks_[static_cast<std::size_t>(before)];
+  if (b.last_successor < 0) {
+    b.first_successor = edge;
+  } else {
+    edges_[static_cast<std::size_t>(b.last_successor)].next = edge;
+  }
+  b.last_successor = edge;
   tasks_[static_cast<std::size_t>(after)].pending += 1;
 }
 
@@ -99,7 +110,8 @@ void EventEngine::finish(Id id, double now) {
     s.busy = false;
     s.head += 1;
   }
-  for (Id succ : successors_[static_cast<std::size_t>(id)]) {
+  for (Id e = t.first_successor; e >= 0; e = edges_[static_cast<std::size_t>(e)].next) {
+    const Id succ = edges_[static_cast<std::size_t>(e)].to;
     Task& n = tasks_[static_cast<std::size_t>(succ)];
     if (--n.pending == 0) {
       if (n.stream == kNoStream) {

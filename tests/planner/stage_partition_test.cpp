@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <random>
 
@@ -30,6 +31,37 @@ double brute_force_min_max(const std::vector<double>& w, int first, int chunks) 
     best = std::min(best, std::max(range_sum(w, first, cut), brute_force_min_max(w, cut, chunks - 1)));
   }
   return best;
+}
+
+// The plain O(chunks · n²) dynamic programme: every last cut tried, earliest kept on ties.
+std::vector<StageRange> reference_partition(const std::vector<double>& w, int chunks) {
+  const int n = static_cast<int>(w.size());
+  std::vector<double> prefix(static_cast<std::size_t>(n) + 1, 0.0);
+  for (int i = 0; i < n; ++i) {
+    prefix[static_cast<std::size_t>(i) + 1] = prefix[static_cast<std::size_t>(i)] + w[static_cast<std::size_t>(i)];
+  }
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<std::vector<double>> best(static_cast<std::size_t>(chunks) + 1,
+                                        std::vector<double>(static_cast<std::size_t>(n) + 1, inf));
+  std::vector<std::vector<int>> cut(best.size(), std::vector<int>(static_cast<std::size_t>(n) + 1, 0));
+  best[0][0] = 0;
+  for (int k = 1; k <= chunks; ++k) {
+    for (int i = k; i <= n - (chunks - k); ++i) {
+      for (int j = k - 1; j < i; ++j) {
+        const double c = std::max(best[k - 1][j], prefix[i] - prefix[j]);
+        if (c < best[k][i] - 1e-15 * std::abs(c)) {
+          best[k][i] = c;
+          cut[k][i] = j;
+        }
+      }
+    }
+  }
+  std::vector<StageRange> out(static_cast<std::size_t>(chunks));
+  for (int k = chunks, end = n; k >= 1; --k) {
+    out[static_cast<std::size_t>(k) - 1] = {cut[k][end], end};
+    end = cut[k][end];
+  }
+  return out;
 }
 
 void expect_valid_partition(const std::vector<StageRange>& ranges, int n, int chunks) {
@@ -87,6 +119,22 @@ TEST(PartitionMinMax, OneChunkAndOneUnitPerChunk) {
 TEST(PartitionMinMax, TiesPreferEarlierCuts) {
   // Cutting after unit 1, 2 or 3 all give a maximum of 2.
   EXPECT_EQ(partition_min_max({2, 0, 0, 2}, 2), (std::vector<StageRange>{{0, 1}, {1, 4}}));
+}
+
+TEST(PartitionMinMax, BisectionAgreesWithTheFullScan) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 400; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 60);
+    const int chunks = 1 + static_cast<int>(rng() % static_cast<unsigned>(n));
+    std::vector<double> w(static_cast<std::size_t>(n));
+    for (double& x : w) {
+      // Small integers (many ties and zeros) or spread-out reals.
+      x = trial % 2 == 0 ? static_cast<double>(rng() % 4)
+                         : std::ldexp(static_cast<double>(rng() % 1000 + 1), -static_cast<int>(rng() % 20));
+    }
+    SCOPED_TRACE(::testing::Message() << "n " << n << " chunks " << chunks << " trial " << trial);
+    EXPECT_EQ(partition_min_max(w, chunks), reference_partition(w, chunks));
+  }
 }
 
 TEST(PartitionMinMax, ZeroWeightsStillGiveNonEmptyRanges) {

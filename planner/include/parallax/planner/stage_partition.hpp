@@ -9,8 +9,9 @@
 
 namespace parallax {
 
-// Exact min-max partition of `weights` into `chunks` non-empty contiguous ranges, by dynamic
-// programming over prefix sums (O(chunks · n²), n = units). Ties prefer earlier cut points.
+// Exact min-max partition of non-negative `weights` into `chunks` non-empty contiguous ranges,
+// by dynamic programming over prefix sums with the best last cut found by bisection
+// (O(chunks · n · log n), n = units). Ties prefer earlier cut points.
 std::vector<StageRange> partition_min_max(const std::vector<double>& weights, int chunks);
 
 // The weight of the heaviest range.

@@ -34,6 +34,8 @@ public:
     double end_s = -1;
     std::int32_t pending = 0; // unfinished dependencies
     std::int32_t tag = -1;    // caller's index (e.g. into a table of event descriptions)
+    Id first_successor = -1;  // into the engine's edge list, in the order they were added
+    Id last_successor = -1;
   };
 
   Id add_stream();
@@ -41,6 +43,8 @@ public:
   Id add_compute(Id stream, double duration_s, std::int32_t tag = -1);
   Id add_flow(Id stream, Id link, double latency_s, double bytes, std::int32_t tag = -1);
   Id add_barrier(std::int32_t tag = -1);
+  // Optional: room for this many tasks and dependencies, to build without regrowing.
+  void reserve(std::size_t tasks, std::size_t dependencies);
   // `after` starts only once `before` has finished.
   void add_dependency(Id before, Id after);
 
@@ -53,6 +57,10 @@ public:
   std::int64_t events_processed() const { return events_; }
 
 private:
+  struct Edge {
+    Id to;
+    Id next; // the next successor of the same task, or -1
+  };
   struct Stream {
     std::vector<Id> queue;
     std::size_t head = 0;
@@ -86,7 +94,7 @@ private:
   void link_schedule(Id link, double now);
 
   std::vector<Task> tasks_;
-  std::vector<std::vector<Id>> successors_;
+  std::vector<Edge> edges_;
   std::vector<Stream> streams_;
   std::vector<Link> links_;
   std::vector<Event> heap_;
