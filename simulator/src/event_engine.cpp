@@ -17,10 +17,12 @@ EventEngine::Id EventEngine::add_stream() {
   return static_cast<Id>(streams_.size() - 1);
 }
 
-EventEngine::Id EventEngine::add_link(double capacity_bytes_per_s) {
-  PARALLAX_CHECK(capacity_bytes_per_s > 0, "link capacity must be positive");
+EventEngine::Id EventEngine::add_link(double capacity_bytes_per_s, double flow_cap_bytes_per_s) {
+  PARALLAX_CHECK(capacity_bytes_per_s > 0 && flow_cap_bytes_per_s > 0,
+                 "link capacity and flow cap must be positive");
   Link l;
   l.capacity = capacity_bytes_per_s;
+  l.flow_cap = flow_cap_bytes_per_s;
   links_.push_back(l);
   return static_cast<Id>(links_.size() - 1);
 }
@@ -38,11 +40,14 @@ EventEngine::Id EventEngine::add_compute(Id stream, double duration_s, std::int3
 }
 
 EventEngine::Id EventEngine::add_flow(Id stream, Id link, double latency_s, double bytes,
-                                      std::int32_t tag) {
+                                      std::int32_t tag, double weight) {
   PARALLAX_CHECK(link >= 0 && link < static_cast<Id>(links_.size()), "unknown link");
+  PARALLAX_CHECK(weight >= 1, "a flow stands for at least itself");
   const Id id = add_compute(stream, latency_s, tag);
-  tasks_[static_cast<std::size_t>(id)].link = link;
-  tasks_[static_cast<std::size_t>(id)].bytes = std::max(0.0, bytes);
+  Task& t = tasks_[static_cast<std::size_t>(id)];
+  t.link = link;
+  t.bytes = std::max(0.0, bytes);
+  t.weight = weight;
   return id;
 }
 
@@ -128,8 +133,7 @@ void EventEngine::finish(Id id, double now) {
 
 void EventEngine::link_advance(Link& link, double now) {
   if (!link.flows.empty()) {
-    const double moved =
-        (now - link.last_update) * link.capacity / static_cast<double>(link.flows.size());
+    const double moved = (now - link.last_update) * link_rate(link);
     for (Flow& f : link.flows) {
       f.remaining -= moved;
     }
@@ -147,8 +151,7 @@ void EventEngine::link_schedule(Id id, double now) {
   for (const Flow& f : link.flows) {
     least = std::min(least, f.remaining);
   }
-  const double rate = link.capacity / static_cast<double>(link.flows.size());
-  push(now + std::max(0.0, least) / rate, Kind::link_check, id, link.version);
+  push(now + std::max(0.0, least) / link_rate(link), Kind::link_check, id, link.version);
 }
 
 double EventEngine::run() {
@@ -180,6 +183,7 @@ double EventEngine::run() {
       Link& link = links_[static_cast<std::size_t>(t.link)];
       link_advance(link, now);
       link.flows.push_back({ev.id, t.bytes});
+      link.weight += t.weight;
       link_schedule(t.link, now);
       break;
     }
@@ -191,17 +195,21 @@ double EventEngine::run() {
       link_advance(link, now);
       std::vector<Id>& done = done_; // finish() below never refills it: only link_check does
       done.clear();
-      const double rate = link.capacity / static_cast<double>(link.flows.size());
+      const double rate = link_rate(link);
       auto keep = std::remove_if(link.flows.begin(), link.flows.end(), [&](const Flow& f) {
-        const double size = tasks_[static_cast<std::size_t>(f.task)].bytes;
+        const Task& t = tasks_[static_cast<std::size_t>(f.task)];
         // Done when (almost) nothing is left, or when what is left would not move the clock.
-        if (f.remaining <= kFlowEpsilon * size || now + f.remaining / rate <= now) {
+        if (f.remaining <= kFlowEpsilon * t.bytes || now + f.remaining / rate <= now) {
           done.push_back(f.task);
+          link.weight -= t.weight;
           return true;
         }
         return false;
       });
       link.flows.erase(keep, link.flows.end());
+      if (link.flows.empty()) {
+        link.weight = 0; // no residue from adding and removing weights
+      }
       link_schedule(ev.id, now);
       for (Id task : done) {
         finish(task, now);

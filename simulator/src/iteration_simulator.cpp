@@ -39,7 +39,9 @@ struct RankSim {
   int tp = 0;
   Id compute = 0, tp_stream = 0, pp_stream = 0, dp_stream = 0;
   Id gather_stream = 0; // ZeRO-3 parameter all-gathers (FSDP runs them beside reductions)
-  Id nvlink = 0, network = 0;
+  Id nvlink = 0;
+  Id network = 0;             // the uplink of this rank's node, shared with the node's other ranks
+  double network_weight = 1;  // ranks on the node this rank's network flows stand for
   std::vector<Id> dp_tasks;                 // gradient synchronisation the optimizer waits for
   std::vector<std::pair<int, int>> deferred_reductions; // (unit, micro-batch), stacks without overlap
   std::vector<std::pair<Id, bool>> op_ends; // last task of each schedule op, forward?
@@ -74,6 +76,8 @@ private:
   void chain(Id task);
   void record_group(int kind, int group, RankSim& r, Id trigger, Id task);
   void build_rank(RankSim& r);
+  Id node_link(int node);
+  double replicas_on_node(const RankSim& r) const;
   void forward_op(RankSim& r, const PipelineOp& op);
   void backward_op(RankSim& r, const PipelineOp& op);
   Id zero3_gather(RankSim& r, int unit, int mb);
@@ -109,6 +113,7 @@ private:
   std::unordered_map<std::int64_t, Id> sends_;
   std::vector<std::pair<std::int64_t, Id>> receives_;
   std::map<GroupKey, std::vector<std::pair<Id, Id>>> groups_; // trigger, task
+  std::unordered_map<int, Id> node_links_;
   std::map<std::pair<int, int>, int> group_sequence_;
 };
 
@@ -133,7 +138,8 @@ Id IterationBuilder::add_comm(RankSim& r, Stream stream, Category cat, const Col
     stream_id = r.compute; // the cores that compute also move the data (CPU ranks)
   }
   const Id id = engine_.add_flow(stream_id, link, cost.latency_s, cost.transfer_s * capacity,
-                                 static_cast<std::int32_t>(info_.size()));
+                                 static_cast<std::int32_t>(info_.size()),
+                                 cost.network ? r.network_weight : 1.0);
   info_.push_back({r.rank, stream, cat, unit, mb, 0, bytes});
   return id;
 }
@@ -318,6 +324,34 @@ void IterationBuilder::finish_rank(RankSim& r) {
   }
 }
 
+// A node's uplink: its GPUs' NICs together, divided by the fabric's oversubscription, and no
+// flow faster than one NIC. Flows from every rank on the node share it, whatever their stage,
+// so one GPU sending alone is not slowed by an oversubscribed fabric while a node whose GPUs
+// all send at once is.
+Id IterationBuilder::node_link(int node) {
+  auto it = node_links_.find(node);
+  if (it == node_links_.end()) {
+    const double nic = network_link_bandwidth(cluster_); // per GPU, after oversubscription
+    it = node_links_
+             .emplace(node, engine_.add_link(cluster_.node.devices_per_node * nic,
+                                             nic * cluster_.network.oversubscription))
+             .first;
+  }
+  return it->second;
+}
+
+// In a simulation reduced by symmetry one rank stands for its stage's data- and tensor-parallel
+// replicas, which run the same flows at the same times: those on its node load the uplink too.
+double IterationBuilder::replicas_on_node(const RankSim& r) const {
+  const int per_node = cluster_.node.devices_per_node;
+  const int stage_size = plan_.tp * plan_.dp;
+  const int stage_first = r.pp_rank * stage_size;
+  const int node_first = (r.rank / per_node) * per_node;
+  const int overlap = std::min(stage_first + stage_size, node_first + per_node) -
+                      std::max(stage_first, node_first);
+  return std::max(1, overlap);
+}
+
 void IterationBuilder::build_rank(RankSim& r) {
   r.compute = engine_.add_stream();
   r.tp_stream = engine_.add_stream();
@@ -325,7 +359,8 @@ void IterationBuilder::build_rank(RankSim& r) {
   r.dp_stream = engine_.add_stream();
   r.gather_stream = engine_.add_stream();
   r.nvlink = engine_.add_link(intra_link_bandwidth(cluster_));
-  r.network = engine_.add_link(network_link_bandwidth(cluster_));
+  r.network = node_link(rank_device(r.rank, cluster_.node.devices_per_node).node);
+  r.network_weight = options_.symmetric ? replicas_on_node(r) : 1.0;
   prev_ = -1;
   recent_compute_.clear();
   for (const PipelineOp& op : pipeline_schedule(plan_, r.pp_rank)) {

@@ -88,6 +88,35 @@ TEST(EventEngine, StaggeredFlowsShareFairly) {
   EXPECT_DOUBLE_EQ(f.task(y).end_s, 2.0);
 }
 
+TEST(EventEngine, FlowCapAndWeights) {
+  // Capacity 10, no flow faster than 4: 20 bytes take 5 s alone or beside one other flow
+  // (10 / 2 = 5 > 4), and 6 s among three (10 / 3 each).
+  for (int flows : {1, 2, 3}) {
+    EventEngine e;
+    const auto link = e.add_link(10.0, 4.0);
+    for (int i = 0; i < flows; ++i) {
+      e.add_flow(e.add_stream(), link, 0.0, 20.0);
+    }
+    EXPECT_NEAR(e.run(), flows < 3 ? 5.0 : 6.0, 1e-12) << flows;
+  }
+  // One flow of weight 3 stands for three: it moves at 10 / 3 and takes 6 s, as three did.
+  EventEngine w;
+  const auto link = w.add_link(10.0, 4.0);
+  const auto heavy = w.add_flow(w.add_stream(), link, 0.0, 20.0, -1, 3.0);
+  EXPECT_NEAR(w.run(), 6.0, 1e-12);
+  EXPECT_NEAR(w.task(heavy).end_s, 6.0, 1e-12);
+  // Weight 2 (10 / 2 = 5, capped at 4) alone until a flow of weight 1 starts at t = 3: 12 bytes
+  // moved, 8 left; then weights 2 + 1 share 10 (10/3 each), so it ends at 3 + 8 · 3 / 10 = 5.4.
+  EventEngine v;
+  const auto l2 = v.add_link(10.0, 4.0);
+  const auto a = v.add_flow(v.add_stream(), l2, 0.0, 20.0, -1, 2.0);
+  v.add_flow(v.add_stream(), l2, 3.0, 100.0);
+  v.run();
+  EXPECT_NEAR(v.task(a).end_s, 5.4, 1e-12);
+  EXPECT_THROW(v.add_flow(v.add_stream(), l2, 0.0, 1.0, -1, 0.5), CheckError);
+  EXPECT_THROW(v.add_link(1.0, 0.0), CheckError);
+}
+
 TEST(EventEngine, BarrierWaitsForAllInputs) {
   EventEngine e;
   const auto s1 = e.add_stream();

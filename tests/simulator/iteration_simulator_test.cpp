@@ -201,6 +201,7 @@ TEST(SimulateIteration, SymmetricReductionMatchesFullSimulation) {
     p.overlap_grad_reduce = rng() % 3 != 0;
     Cluster c = base.with_devices(p.world_size());
     c.device.kind = trial % 2 == 0 ? "gpu" : "cpu"; // CPU ranks serialise DP communication
+    c.network.oversubscription = trial % 3 == 0 ? 3.0 : 1.0; // nodes' uplinks contended
     CostModel model(g, c);
     SCOPED_TRACE(plan_to_json(p).dump() + " on a " + c.device.kind);
     SimulationResult reduced = simulate_iteration(model, p, {.symmetric = true, .record_timeline = false});
@@ -282,6 +283,53 @@ TEST(SimulateIteration, TimelineCarriesEveryRanksStagePeakMemory) {
       EXPECT_GT(r.stage_peak_bytes[s - 1], r.stage_peak_bytes[s]) << s;
     }
     EXPECT_DOUBLE_EQ(r.stage_peak_bytes[0], r.estimate.memory.total());
+  }
+}
+
+// Duration of rank `rank`'s first pipeline send in a simulated timeline.
+double first_send_s(const Timeline& t, int rank) {
+  for (const Event& e : t.events) {
+    if (e.rank == rank && e.stream == Stream::pp_comm) {
+      return e.end_s - e.start_s;
+    }
+  }
+  ADD_FAILURE() << "no send on rank " << rank;
+  return 0;
+}
+
+TEST(SimulateIteration, OversubscribedFabricSlowsBusyNodesNotLoneFlows) {
+  ModelConfig config;
+  config.name = "small";
+  config.num_layers = 16;
+  config.hidden_size = 256;
+  config.num_attention_heads = 8;
+  config.num_kv_heads = 8;
+  config.ffn_hidden_size = 1024;
+  config.vocab_size = 1024;
+  config.seq_length = 128;
+  config.max_position_embeddings = 128;
+  const LayerGraph g = transformer_build_graph(config);
+  const Cluster fair = cluster_load("dgx-a100-80g").with_devices(16);
+  Cluster tight = fair;
+  tight.network.oversubscription = 4;
+  // 16 stages of one GPU: only stage 7 sends across the two nodes, alone on its uplink.
+  const Plan lone = plan_from_json(
+      Json::parse(R"({"dp": 1, "tp": 1, "pp": 16, "global_batch_size": 16})"), "lone");
+  // 2 stages of 8 data-parallel GPUs: all eight GPUs of node 0 send at once.
+  const Plan busy = plan_from_json(
+      Json::parse(R"({"dp": 8, "tp": 1, "pp": 2, "global_batch_size": 16})"), "busy");
+  const double latency = collective_cost(fair, Collective::send_recv, 1.0,
+                                         pp_hop_span(busy, fair)).latency_s;
+  for (bool symmetric : {true, false}) {
+    SCOPED_TRACE(symmetric ? "symmetric" : "full");
+    CostModel fair_model(g, fair);
+    CostModel tight_model(g, tight);
+    const SimulationOptions o{.symmetric = symmetric};
+    EXPECT_NEAR(first_send_s(simulate_iteration(tight_model, lone, o).timeline, 7),
+                first_send_s(simulate_iteration(fair_model, lone, o).timeline, 7), 1e-12);
+    const double busy_fair = first_send_s(simulate_iteration(fair_model, busy, o).timeline, 0);
+    const double busy_tight = first_send_s(simulate_iteration(tight_model, busy, o).timeline, 0);
+    EXPECT_NEAR((busy_tight - latency) / (busy_fair - latency), 4.0, 1e-9);
   }
 }
 

@@ -4,8 +4,12 @@
 // stream, the stream is idle and all its dependencies have finished. A task either takes a fixed
 // time on its stream, or moves bytes over a link after a fixed latency. Links are shared fairly
 // (processor sharing): n concurrent flows each get capacity / n, so two equal flows started
-// together on one link take twice as long as one alone. Tasks without a stream are barriers:
-// they finish as soon as their dependencies do.
+// together on one link take twice as long as one alone. A link may also cap each flow's rate
+// (a node's uplink shared by its GPUs, each behind its own NIC): then every flow moves at
+// min(cap, capacity / n). A flow of weight w stands for w identical flows (the replicas a
+// simulation reduced by symmetry leaves out): it counts w times in n and moves at the rate of
+// one of them. Tasks without a stream are barriers: they finish as soon as their dependencies
+// do.
 //
 //   EventEngine e;
 //   auto s = e.add_stream();                 auto link = e.add_link(25e9);
@@ -13,6 +17,7 @@
 //   e.add_dependency(a, b);                  e.run();   // e.task(b).end_s == 1e-3 + 5e-6 + 4e-5
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -30,6 +35,7 @@ public:
     Id link = kNoLink;
     double duration_s = 0; // compute time, or the latency before a flow starts
     double bytes = 0;      // flow size on `link`
+    double weight = 1;     // identical flows this one stands for
     double start_s = -1;
     double end_s = -1;
     std::int32_t pending = 0; // unfinished dependencies
@@ -39,9 +45,11 @@ public:
   };
 
   Id add_stream();
-  Id add_link(double capacity_bytes_per_s);
+  Id add_link(double capacity_bytes_per_s,
+              double flow_cap_bytes_per_s = std::numeric_limits<double>::infinity());
   Id add_compute(Id stream, double duration_s, std::int32_t tag = -1);
-  Id add_flow(Id stream, Id link, double latency_s, double bytes, std::int32_t tag = -1);
+  Id add_flow(Id stream, Id link, double latency_s, double bytes, std::int32_t tag = -1,
+              double weight = 1.0);
   Id add_barrier(std::int32_t tag = -1);
   // Optional: room for this many tasks and dependencies, to build without regrowing.
   void reserve(std::size_t tasks, std::size_t dependencies);
@@ -72,6 +80,8 @@ private:
   };
   struct Link {
     double capacity = 0;
+    double flow_cap = 0;
+    double weight = 0; // of the flows on the link
     double last_update = 0;
     std::uint32_t version = 0;
     std::vector<Flow> flows;
@@ -90,6 +100,9 @@ private:
   void try_start_stream(Id stream, double now);
   void start(Id task, double now);
   void finish(Id task, double now);
+  static double link_rate(const Link& link) {
+    return std::min(link.flow_cap, link.capacity / link.weight);
+  }
   void link_advance(Link& link, double now);
   void link_schedule(Id link, double now);
 
