@@ -15,7 +15,7 @@ constexpr std::array<std::string_view, 2> kDeviceKinds = {"gpu", "cpu"};
 
 Device device_from_json(const JsonReader& r) {
   r.reject_unknown({"name", "kind", "peak_tflops", "memory_gib", "memory_bandwidth_gbps",
-                    "gemm_efficiency", "elementwise_efficiency"});
+                    "gemm_efficiency", "elementwise_efficiency", "optimizer_efficiency"});
   Device d;
   d.name = r.string("name");
   d.kind = r.choice_or("kind", kDeviceKinds, "gpu");
@@ -54,6 +54,11 @@ Device device_from_json(const JsonReader& r) {
   if (d.elementwise_efficiency > 1.0) {
     r.fail("elementwise_efficiency", "a fraction in (0, 1]",
            fmt::format("{}", d.elementwise_efficiency));
+  }
+  d.optimizer_efficiency = r.non_negative_or("optimizer_efficiency", 0.0);
+  if (d.optimizer_efficiency > 1.0) {
+    r.fail("optimizer_efficiency", "a fraction in (0, 1]",
+           fmt::format("{}", d.optimizer_efficiency));
   }
   return d;
 }
@@ -140,6 +145,9 @@ Json cluster_to_json(const Cluster& c) {
   }
   if (c.device.elementwise_efficiency > 0) {
     device["elementwise_efficiency"] = c.device.elementwise_efficiency;
+  }
+  if (c.device.optimizer_efficiency > 0) {
+    device["optimizer_efficiency"] = c.device.optimizer_efficiency;
   }
   Json measured = Json::array();
   for (const auto& m : c.node.measured_collectives) {

@@ -402,4 +402,16 @@ void cross_entropy_backward(ConstMatRef logits, ConstMatRef max, ConstMatRef sum
   }
 }
 
+void adamw_update(float* p, const float* g, float* m1, float* m2, std::int64_t n,
+                  const AdamwStep& s) {
+  const float one_minus_b1 = 1.0f - s.beta1;
+  const float one_minus_b2 = 1.0f - s.beta2;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * s.clip;
+    m1[i] = s.beta1 * m1[i] + one_minus_b1 * gi;
+    m2[i] = s.beta2 * m2[i] + one_minus_b2 * gi * gi;
+    p[i] = p[i] * s.keep - s.step_size * m1[i] / (std::sqrt(m2[i]) * s.inv_sqrt_bc2 + s.eps);
+  }
+}
+
 } // namespace parallax::ops

@@ -4,6 +4,7 @@
 #include "parallax/core/memory_policy.hpp"
 #include "parallax/core/pipeline_schedule.hpp"
 #include "parallax/core/timeline_json.hpp"
+#include "parallax/executor/ops.hpp"
 
 #include <fmt/format.h>
 
@@ -599,12 +600,8 @@ struct Trainer::Impl {
         const float eps = static_cast<float>(opt.adam_eps);
         for_owned(b, [&](const ParamInfo& info, std::int64_t s, std::int64_t e) {
           const float keep = static_cast<float>(1.0 - lr * (info.decay ? opt.weight_decay : 0.0));
-          for (std::int64_t i = s; i < e; ++i) {
-            const float gi = g[i] * clip;
-            m1[i] = b1 * m1[i] + (1.0f - b1) * gi;
-            m2[i] = b2 * m2[i] + (1.0f - b2) * gi * gi;
-            p[i] = p[i] * keep - step_size * m1[i] / (std::sqrt(m2[i]) * inv_sqrt_bc2 + eps);
-          }
+          ops::adamw_update(p + s, g + s, m1 + s, m2 + s, e - s,
+                            {b1, b2, clip, keep, step_size, inv_sqrt_bc2, eps});
         });
       }
     }

@@ -142,6 +142,21 @@ double elementwise_bytes_per_s(Communicator& world, const CalibrationOptions& op
   return mean_over_ranks(world, charged / t);
 }
 
+// The rate of the executor's AdamW update in the cost model's terms: it charges an fp32
+// parameter 28 bytes (read and write the parameter and both moments, read the gradient; see
+// kAdamBytesFp32 in simulator/src/cost_model.cpp). The update's square root and division make
+// it slower than a copy of that traffic on CPUs.
+double optimizer_bytes_per_s(Communicator& world, const CalibrationOptions& options, int reps) {
+  const std::int64_t n = options.quick ? (1 << 20) : (8 << 20);
+  std::vector<float> p(static_cast<std::size_t>(n), 0.1f), g(p.size(), 0.01f), m1(p.size(), 0.0f),
+      m2(p.size(), 0.0f);
+  const ops::AdamwStep step{0.9f, 0.95f, 1.0f, 0.9999f, 1e-4f, 1.0f, 1e-8f};
+  const double t = median_time(world, 1, reps, [&] {
+    ops::adamw_update(p.data(), g.data(), m1.data(), m2.data(), n, step);
+  });
+  return mean_over_ranks(world, 28.0 * static_cast<double>(n) / t);
+}
+
 } // namespace
 
 Cluster calibrate_cpu(const CalibrationOptions& options) {
@@ -218,6 +233,7 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   const double t_copy = median_time(*world, 1, reps, [&] { dst.m() = src.m(); });
   const double bandwidth = mean_over_ranks(*world, 2.0 * 4.0 * static_cast<double>(elems) / t_copy);
   const double elementwise_rate = elementwise_bytes_per_s(*world, options, reps);
+  const double optimizer_rate = optimizer_bytes_per_s(*world, options, reps);
   Cluster c;
   c.name = "cpu-calibrated";
   c.device.name = cpu_model() + " core";
@@ -226,6 +242,7 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
   c.device.memory_gib = memory_gib_total() / n;
   c.device.memory_bandwidth_gbps = bandwidth / 1e9;
   c.device.elementwise_efficiency = std::clamp(elementwise_rate / bandwidth, 0.05, 1.0);
+  c.device.optimizer_efficiency = std::clamp(optimizer_rate / bandwidth, 0.05, 1.0);
   // The cost model's curve is a function of GEMM FLOPs: one point per FLOP count (the best
   // shape of that size), made non-decreasing — a larger GEMM can always be blocked at least as
   // well as a smaller one, and single pathological shapes (Eigen's 256³ runs at a fifth of its
@@ -289,10 +306,12 @@ Cluster calibrate_cpu(const CalibrationOptions& options) {
       "Measured by `parallax calibrate --backend cpu` with {} MPI rank(s) running at once on "
       "{}: fp32 GEMM peak {:.1f} GFLOP/s per rank (the executor's linear layer forward + "
       "backward with operands from memory, best of {} shapes, medians of {} repetitions), "
-      "streaming copy {:.1f} GB/s per rank, GELU at {:.0f}% of that, all-reduce "
-      "latency {:.1f} us per ring step and bus bandwidth {:.2f} GB/s per rank.",
+      "streaming copy {:.1f} GB/s per rank, element-wise layers at {:.0f}% of that, AdamW at "
+      "{:.0f}%, all-reduce latency {:.1f} us per ring step and bus bandwidth {:.2f} GB/s per "
+      "rank.",
       n, cpu_model(), peak / 1e9, shapes.size(), reps, bandwidth / 1e9,
-      100 * c.device.elementwise_efficiency, latency_us, bus_gbps);
+      100 * c.device.elementwise_efficiency, 100 * c.device.optimizer_efficiency, latency_us,
+      bus_gbps);
   return c;
 }
 

@@ -228,7 +228,10 @@ double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
   const double local_params = r.params / (plan.zero_stage >= 1 ? plan.dp : 1);
   const double bytes =
       local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
-  return memory_time_s(*cluster_, bytes) + kernel_overhead_s(cluster_->device);
+  const Device& d = cluster_->device;
+  const double efficiency =
+      d.optimizer_efficiency > 0 ? d.optimizer_efficiency : elementwise_efficiency(d);
+  return bytes / (d.memory_bandwidth_gbps * 1e9 * efficiency) + kernel_overhead_s(d);
 }
 
 double CostModel::grad_accumulation_s(const Plan& plan, double params) const {

@@ -180,6 +180,9 @@ TEST(Cli, CalibrateWritesAValidProfileAndCompareScoresPlans) {
   EXPECT_EQ(c.device.kind, "cpu");
   EXPECT_GT(c.peak_flops(parallax::Precision::fp32), 1e9);
   EXPECT_GT(c.device.memory_bandwidth_gbps, 0.1);
+  EXPECT_GT(c.device.elementwise_efficiency, 0.0);
+  EXPECT_GT(c.device.optimizer_efficiency, 0.0); // the executor's AdamW pass, measured
+  EXPECT_LE(c.device.optimizer_efficiency, 1.0);
   EXPECT_GE(c.device.gemm_efficiency.size(), 5u);
   for (const auto& p : c.device.gemm_efficiency) {
     EXPECT_GT(p.efficiency, 0);

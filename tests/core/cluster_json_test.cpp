@@ -58,6 +58,8 @@ TEST(ClusterJson, MeasuredCollectivesRoundTrip) {
   const Json doc = cluster_to_json(c);
   EXPECT_EQ(cluster_from_json(doc, "measured.json"), c);
   EXPECT_EQ(doc.at("node").at("measured_collectives").size(), 3u);
+  c.device.optimizer_efficiency = 0.31;
+  EXPECT_EQ(cluster_from_json(cluster_to_json(c), "measured.json"), c);
 }
 
 TEST(ClusterJson, MalformedInputsNameTheField) {
@@ -76,6 +78,8 @@ TEST(ClusterJson, MalformedInputsNameTheField) {
       {"efficiency above 1",
        R"({"device": {"gemm_efficiency": [{"flops": 1e9, "efficiency": 1.5}]}})",
        "/device/gemm_efficiency/0/efficiency"},
+      {"optimizer efficiency above 1", R"({"device": {"optimizer_efficiency": 1.2}})",
+       "/device/optimizer_efficiency"},
       {"measured group larger than a node",
        R"({"node": {"measured_collectives": [{"group_size": 16, "bus_bandwidth_gbps": 5}]}})",
        "/node/measured_collectives/0/group_size"},

@@ -717,5 +717,24 @@ TEST(OpsCrossEntropy, VocabularySplitMatchesUnsplit) {
   }
 }
 
+TEST(OpsAdamw, MatchesTheUpdateInDoublePrecision) {
+  const std::vector<float> g0 = {0.5f, -2.0f, 1e-3f, 0.0f, 7.0f};
+  std::vector<float> p = {1.0f, -0.5f, 0.25f, 3.0f, -4.0f};
+  std::vector<float> m1 = {0.1f, 0.0f, -0.2f, 0.05f, 1.0f};
+  std::vector<float> m2 = {0.01f, 0.0f, 0.04f, 0.0025f, 2.0f};
+  const std::vector<float> p0 = p, m10 = m1, m20 = m2;
+  const ops::AdamwStep s{0.9f, 0.95f, 0.5f, 0.999f, 1e-3f, 1.2f, 1e-8f};
+  ops::adamw_update(p.data(), g0.data(), m1.data(), m2.data(), static_cast<std::int64_t>(p.size()), s);
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    const double g = 0.5 * g0[i];
+    const double a = 0.9 * m10[i] + 0.1 * g;
+    const double b = 0.95 * m20[i] + 0.05 * g * g;
+    const double expected = 0.999 * p0[i] - 1e-3 * a / (std::sqrt(b) * 1.2 + 1e-8);
+    EXPECT_NEAR(m1[i], a, 1e-6 * (1 + std::abs(a))) << i;
+    EXPECT_NEAR(m2[i], b, 1e-6 * (1 + std::abs(b))) << i;
+    EXPECT_NEAR(p[i], expected, 1e-6 * (1 + std::abs(expected))) << i;
+  }
+}
+
 } // namespace
 } // namespace parallax

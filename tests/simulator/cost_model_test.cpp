@@ -161,6 +161,12 @@ TEST(CostModelOneLayer, OptimizerStepIsAMemoryPassOverLocalState) {
   p.zero_stage = 1;
   const double zero1 = model.optimizer_time_s(p, big);
   EXPECT_NEAR(zero1 / zero0, 0.5, 1e-3);
+  // A calibrated optimizer rate replaces the element-wise one (0.5 in this cluster).
+  Cluster measured = c;
+  measured.device.optimizer_efficiency = 0.125;
+  CostModel slow(g, measured);
+  const double overhead = kernel_overhead_s(c.device);
+  EXPECT_NEAR((slow.optimizer_time_s(p, big) - overhead) / (zero1 - overhead), 4.0, 1e-9);
 }
 
 TEST(CostModelOneLayer, DataParallelHalvesPerRankCompute) {

@@ -32,6 +32,9 @@ struct Device {
   std::vector<GemmEfficiencyPoint> gemm_efficiency; // empty: the cost model's default curve
   // Fraction of memory bandwidth element-wise kernels reach; 0: the cost model's default.
   double elementwise_efficiency = 0;
+  // Fraction of memory bandwidth the optimizer's update pass reaches (its traffic in the cost
+  // model's terms, e.g. 28 bytes per fp32 AdamW parameter); 0: the element-wise figure.
+  double optimizer_efficiency = 0;
   bool operator==(const Device&) const = default;
 };
 
