@@ -1,7 +1,6 @@
 // Planner speed: a full search (every dp × tp × pp, ZeRO stage, micro-batch, schedule with each
 // v, recomputation, sequence parallel) for the two reference cases. Counters report
 // candidates generated and evaluated per second; the target is under 1 s per search.
-#include "parallax/core/memory_policy.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
@@ -47,14 +46,4 @@ BENCHMARK(BM_PlanMegatron1T_3072xA100)->Arg(0)->Arg(20)->Unit(benchmark::kMillis
 
 } // namespace
 
-// As the parallax binary does: freed memory stays in the heap for the next simulation.
-int main(int argc, char** argv) {
-  parallax::keep_freed_memory();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
-    return 1;
-  }
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+// main: bench_main.cpp

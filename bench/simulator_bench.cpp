@@ -1,6 +1,5 @@
 // Discrete-event simulator speed: raw engine throughput (events per second on one core) and
 // wall time of whole-iteration simulations at scale (target < 1 s each).
-#include "parallax/core/memory_policy.hpp"
 #include "parallax/core/plan_json.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/model_loader.hpp"
@@ -112,14 +111,4 @@ BENCHMARK(BM_SimulateLlama405B_16384xH100)->Unit(benchmark::kMillisecond);
 
 } // namespace
 
-// As the parallax binary does: freed memory stays in the heap for the next simulation.
-int main(int argc, char** argv) {
-  parallax::keep_freed_memory();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) {
-    return 1;
-  }
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+// main: bench_main.cpp

@@ -69,6 +69,21 @@ StageTimes stage_times(CostModel& model, const Plan& plan, int units_per_stage) 
   return {u.fwd_s * units_per_stage, u.bwd_s * units_per_stage};
 }
 
+// A small GPT (h 256, 8 heads, s 128, V 1024) of `layers` blocks.
+LayerGraph small_gpt(int layers) {
+  ModelConfig config;
+  config.name = "small";
+  config.num_layers = layers;
+  config.hidden_size = 256;
+  config.num_attention_heads = 8;
+  config.num_kv_heads = 8;
+  config.ffn_hidden_size = 1024;
+  config.vocab_size = 1024;
+  config.seq_length = 128;
+  config.max_position_embeddings = 128;
+  return transformer_build_graph(config);
+}
+
 TEST(SimulateIteration, TwoStageOneFOneBWithFourMicroBatches) {
   const LayerGraph g = chain_graph(2, 1'000'000, 0);
   const Cluster c = flat_cluster(2, 1e6);
@@ -169,17 +184,7 @@ TEST(SimulateIteration, DataParallelReductionHiddenOrExposed) {
 }
 
 TEST(SimulateIteration, SymmetricReductionMatchesFullSimulation) {
-  ModelConfig config;
-  config.name = "small";
-  config.num_layers = 8;
-  config.hidden_size = 256;
-  config.num_attention_heads = 8;
-  config.num_kv_heads = 8;
-  config.ffn_hidden_size = 1024;
-  config.vocab_size = 1024;
-  config.seq_length = 128;
-  config.max_position_embeddings = 128;
-  const LayerGraph g = transformer_build_graph(config);
+  const LayerGraph g = small_gpt(8);
   const Cluster base = cluster_load("dgx-a100-80g");
   std::mt19937 rng(11);
   int checked = 0;
@@ -252,17 +257,7 @@ TEST(SimulateIteration, AgreesWithAnalyticModelOnLargePlans) {
 }
 
 TEST(SimulateIteration, TimelineCarriesEveryRanksStagePeakMemory) {
-  ModelConfig config;
-  config.name = "small";
-  config.num_layers = 8;
-  config.hidden_size = 256;
-  config.num_attention_heads = 8;
-  config.num_kv_heads = 8;
-  config.ffn_hidden_size = 1024;
-  config.vocab_size = 1024;
-  config.seq_length = 128;
-  config.max_position_embeddings = 128;
-  const LayerGraph g = transformer_build_graph(config);
+  const LayerGraph g = small_gpt(8);
   const Cluster c = cluster_load("dgx-a100-80g").with_devices(16);
   CostModel model(g, c);
   // 1F1B keeps pp − s micro-batches of activations on stage s: the first stage peaks highest.
@@ -298,17 +293,7 @@ double first_send_s(const Timeline& t, int rank) {
 }
 
 TEST(SimulateIteration, OversubscribedFabricSlowsBusyNodesNotLoneFlows) {
-  ModelConfig config;
-  config.name = "small";
-  config.num_layers = 16;
-  config.hidden_size = 256;
-  config.num_attention_heads = 8;
-  config.num_kv_heads = 8;
-  config.ffn_hidden_size = 1024;
-  config.vocab_size = 1024;
-  config.seq_length = 128;
-  config.max_position_embeddings = 128;
-  const LayerGraph g = transformer_build_graph(config);
+  const LayerGraph g = small_gpt(16);
   const Cluster fair = cluster_load("dgx-a100-80g").with_devices(16);
   Cluster tight = fair;
   tight.network.oversubscription = 4;
