@@ -55,10 +55,24 @@ void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size
 
 class Trainer {
 public:
-  // Collective over MPI_COMM_WORLD, whose size must equal plan.world_size(). plan.stages must
-  // be filled (the CLI assigns the planner's balanced partition when the plan file has none).
+  // What every backend's trainer implements (TrainerCore<Backend> in detail/trainer_core.hpp).
+  class Impl {
+  public:
+    virtual ~Impl() = default;
+    virtual StepStats step(bool record) = 0;
+    virtual std::int64_t steps_done() const = 0;
+    virtual Checkpoint checkpoint() = 0;
+    virtual void restore(const Checkpoint& ckpt, const std::string& source) = 0;
+    virtual Timeline timeline() = 0;
+  };
+
+  // The CPU backend (Eigen ops on host memory, MPI). Collective over MPI_COMM_WORLD, whose
+  // size must equal plan.world_size(). plan.stages must be filled (the CLI assigns the
+  // planner's balanced partition when the plan file has none).
   Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& options,
           const std::string& plan_source);
+  // Another backend's trainer (cuda::make_trainer).
+  explicit Trainer(std::unique_ptr<Impl> impl);
   ~Trainer();
   Trainer(const Trainer&) = delete;
   Trainer& operator=(const Trainer&) = delete;
@@ -69,7 +83,7 @@ public:
   std::int64_t steps_done() const;
 
   // Collective: the logical, plan-independent state, complete on world rank 0 (empty
-  // elsewhere).
+  // elsewhere). Checkpoints do not depend on the backend that wrote them.
   Checkpoint checkpoint();
   // Collective: restore from a checkpoint of the same model (any plan it was written under).
   void restore(const Checkpoint& ckpt, const std::string& source);
@@ -78,7 +92,6 @@ public:
   Timeline timeline();
 
 private:
-  struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
