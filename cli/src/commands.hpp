@@ -23,6 +23,10 @@ Run register_calibrate(CLI::App& app);
 Run register_compare(CLI::App& app);
 Run register_export(CLI::App& app);
 
+// The process's own command line (main stores it), for `train --backend cuda`, which hands
+// itself over to the CUDA-linked twin binary.
+void set_command_line(int argc, char** argv);
+
 // --model, --cluster (required) and --gpus, as plan, simulate and export take them.
 void add_model_cluster(CLI::App* cmd, std::string& model, std::string& cluster, int& gpus);
 

@@ -11,26 +11,59 @@
 #include "parallax/planner/planner.hpp"
 #include "parallax/simulator/cost_model.hpp"
 
+#ifdef PARALLAX_HAVE_CUDA_EXECUTOR
+#include "parallax/executor/cuda/device.hpp"
+#include "parallax/executor/cuda/trainer.hpp"
+#endif
+
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
 #include <optional>
+#include <string>
 #include <thread>
 #include <unistd.h>
+#include <vector>
 
 namespace parallax::cli {
 namespace {
+
+std::vector<char*> g_argv;
+
+// `parallax` itself does not link the CUDA libraries (loading cuBLASLt and NCCL costs every
+// command about a third of a second); `train --backend cuda` re-executes the process as its
+// CUDA-linked twin `parallax-cuda` from the same directory, same arguments, before MPI starts.
+// Returns only when there is no twin (this build has no CUDA backend).
+void exec_cuda_twin() {
+  std::error_code ec;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (ec || g_argv.empty())
+    return;
+  const std::filesystem::path twin = self.parent_path() / "parallax-cuda";
+  if (!std::filesystem::exists(twin, ec))
+    return;
+  std::vector<char*> args = g_argv;
+  const std::string path = twin.string();
+  args[0] = const_cast<char*>(path.c_str());
+  args.push_back(nullptr);
+  ::execv(path.c_str(), args.data());
+  throw std::runtime_error(fmt::format("cannot start {}: {}", path, std::strerror(errno)));
+}
 
 struct TrainFlags {
   std::string model;
   std::string plan;
   std::string backend = "cpu";
+  std::string precision; // empty: the backend's default (cpu fp32, cuda tf32)
   std::string cluster = "cpu-local";
   std::int64_t steps = 20;
   std::string data;
@@ -66,12 +99,42 @@ struct Setup {
   TrainOptions options;
   std::optional<Checkpoint> resume_from;
   std::string resume_source;
+  bool tf32 = false; // cuda backend: tf32 GEMMs (else fp32)
 };
 
+std::unique_ptr<Trainer> make_trainer(const TrainFlags& f, const Setup& s) {
+#ifdef PARALLAX_HAVE_CUDA_EXECUTOR
+  if (f.backend == "cuda") {
+    return cuda::make_trainer(s.model, s.plan, s.options, f.plan,
+                              s.tf32 ? cuda::GemmPrecision::tf32 : cuda::GemmPrecision::f32);
+  }
+#endif
+  return std::make_unique<Trainer>(s.model, s.plan, s.options, f.plan);
+}
+
 Setup prepare(const TrainFlags& f, int world_size) {
-  if (f.backend != "cpu") {
-    throw InputError("command line", "--backend", "\"cpu\" (this build has no CUDA executor)",
-                     fmt::format("\"{}\"", f.backend));
+  if (f.backend == "cuda") {
+#ifdef PARALLAX_HAVE_CUDA_EXECUTOR
+    if (!cuda::gpu_available()) {
+      throw InputError("command line", "--backend",
+                       "\"cpu\", or \"cuda\" on a machine with a CUDA device",
+                       "\"cuda\" (this process sees no CUDA device)");
+    }
+#else
+    throw InputError("command line", "--backend",
+                     "\"cpu\" (this build has no CUDA executor: nvcc was not found when it was "
+                     "configured)",
+                     "\"cuda\"");
+#endif
+  }
+  const std::string precision = f.precision.empty() ? (f.backend == "cuda" ? "tf32" : "fp32")
+                                                    : f.precision;
+  if (f.backend == "cpu" ? precision != "fp32" : precision != "fp32" && precision != "tf32") {
+    throw InputError("command line", "--precision",
+                     f.backend == "cpu" ? "\"fp32\" for the cpu backend"
+                                        : "\"fp32\" or \"tf32\" for the cuda backend (bf16 "
+                                          "mixed precision is not wired into the trainer yet)",
+                     fmt::format("\"{}\"", precision));
   }
   if (f.steps < 1) {
     throw InputError("command line", "--steps", "a positive step count", std::to_string(f.steps));
@@ -121,7 +184,11 @@ Setup prepare(const TrainFlags& f, int world_size) {
   s.options.clip_grad_norm = f.clip;
   s.options.data_path = f.data;
   s.options.comm_timeout = std::chrono::duration<double>(f.timeout_s);
-  s.options.peak_flops_per_rank = cluster.peak_flops(Precision::fp32);
+  // MFU against the device's peak in the precision the GEMMs run in.
+  const Precision gemm = precision == "tf32" ? Precision::tf32 : Precision::fp32;
+  s.options.peak_flops_per_rank =
+      cluster.peak_flops(cluster.supports(gemm) ? gemm : Precision::fp32);
+  s.tf32 = precision == "tf32";
   if (!f.data.empty()) {
     open_token_file(f.data, s.model.config.vocab_size, s.model.config.seq_length); // validates
   }
@@ -156,6 +223,10 @@ std::optional<Fault> fault_from_environment() {
 }
 
 int run_train(const TrainFlags& f) {
+#ifndef PARALLAX_HAVE_CUDA_EXECUTOR
+  if (f.backend == "cuda")
+    exec_cuda_twin();
+#endif
   MpiRuntime::init(nullptr, nullptr);
   const int rank = MpiRuntime::world_rank();
   const int world_size = MpiRuntime::world_size();
@@ -182,7 +253,8 @@ int run_train(const TrainFlags& f) {
   const bool terminal = rank == 0 && isatty(fileno(stderr)) != 0;
   const std::optional<Fault> fault = fault_from_environment();
   try {
-    Trainer trainer(setup.model, setup.plan, setup.options, f.plan);
+    const std::unique_ptr<Trainer> trainer_ptr = make_trainer(f, setup);
+    Trainer& trainer = *trainer_ptr;
     if (setup.resume_from) {
       trainer.restore(*setup.resume_from, setup.resume_source);
       if (rank == 0) {
@@ -251,6 +323,10 @@ int run_train(const TrainFlags& f) {
 
 } // namespace
 
+void set_command_line(int argc, char** argv) {
+  g_argv.assign(argv, argv + argc);
+}
+
 Run register_train(CLI::App& app) {
   auto f = std::make_shared<TrainFlags>();
   auto* cmd = app.add_subcommand(
@@ -258,8 +334,12 @@ Run register_train(CLI::App& app) {
   cmd->add_option("--model", f->model, "Zoo name or model JSON (GPT or Llama family)")->required();
   cmd->add_option("--plan", f->plan, "Plan JSON; dp·tp·pp must equal the process count")
       ->required();
-  cmd->add_option("--backend", f->backend, "cpu (Eigen + MPI)")
+  cmd->add_option("--backend", f->backend,
+                  "cpu (Eigen + MPI) or cuda (cuBLASLt + own kernels + NCCL, one GPU per process)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--precision", f->precision,
+                  "GEMM precision: fp32 (cpu, cuda) or tf32 (cuda; its default)")
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
   cmd->add_option("--cluster", f->cluster,
                   "Profile whose device peak is the MFU denominator (default cpu-local)");
   cmd->add_option("--steps", f->steps, "Train until this many optimizer steps are done");

@@ -12,6 +12,7 @@
 int main(int argc, char** argv) {
   // The planner simulates plan after plan and the trainer frees activations every micro-batch.
   parallax::keep_freed_memory();
+  parallax::cli::set_command_line(argc, argv);
   CLI::App app{"Parallax: plan, simulate and execute distributed training of large models"};
   app.require_subcommand(1);
   std::map<CLI::App*, parallax::cli::Run> runs;

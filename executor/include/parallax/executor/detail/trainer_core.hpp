@@ -474,7 +474,8 @@ void TrainerCore<B>::send(Act x, int chunk_to, int chunk_from, std::int64_t k, i
 template <class B> void TrainerCore<B>::forward(int lc, std::int64_t k, const Batch& mb) {
   Chunk& ch = chunks_[static_cast<std::size_t>(lc)];
   auto& cache = caches_[static_cast<std::size_t>(lc)][static_cast<std::size_t>(k)];
-  cache.assign(ch.blocks.size(), Cache());
+  cache.clear(); // caches hold move-only device tensors: no assign(n, value)
+  cache.resize(ch.blocks.size());
   const TpContext tpc = tp();
   const int last_chunk = plan_.pp * plan_.virtual_stages - 1;
   Act x;
@@ -806,7 +807,10 @@ template <class B> StepStats TrainerCore<B>::step(bool record_step) {
     }
   }
   loss_sum_ = 0;
-  caches_.assign(chunks_.size(), std::vector<std::vector<Cache>>(static_cast<std::size_t>(m_)));
+  caches_.clear();
+  caches_.resize(chunks_.size());
+  for (auto& per_chunk : caches_)
+    per_chunk.resize(static_cast<std::size_t>(m_));
   const double global_tokens =
       static_cast<double>(plan_.global_batch_size * model_.config.seq_length);
   const float loss_scale = static_cast<float>(1.0 / global_tokens);

@@ -81,4 +81,46 @@ void attention_backward(DeviceView q, DeviceView k, DeviceView v, DeviceView out
 void softmax_cross_entropy(DeviceView logits, const std::int32_t* targets, float scale,
                            DeviceView loss, DeviceView dlogits, cudaStream_t stream);
 
+// ---- Trainer pieces: embeddings, rotary, vocabulary-parallel cross-entropy, flat buffers ----
+// The device twins of the CPU ops of the same names (parallax/executor/ops.hpp). Token,
+// target and position arrays are device int32 arrays with one entry per row.
+
+// Vocabulary-parallel embedding: out[r, :] = table[tokens[r] − vocab_begin, :], zero when the
+// token is another rank's; with `accumulate` the row is added to out instead (learned
+// positions: tokens = positions, vocab_begin = 0).
+void embedding_forward(const std::int32_t* tokens, DeviceView table, std::int64_t vocab_begin,
+                       DeviceView out, bool accumulate, cudaStream_t stream);
+// dtable[tokens[r] − vocab_begin, :] += dout[r, :] for the rows whose token is local. Each
+// column's rows are added in row order by one thread (deterministic, no atomics).
+void embedding_backward(const std::int32_t* tokens, DeviceView dout, std::int64_t vocab_begin,
+                        DeviceView dtable, cudaStream_t stream);
+
+// Rotary position embedding in place on x = [tokens, heads·head_dim]: pairs (i, i + d/2) of
+// each head rotated by positions[r]·theta^(−2i/d); direction −1 rotates back (the backward).
+void rope(DeviceView x, int head_dim, const std::int32_t* positions, float theta,
+          float direction, cudaStream_t stream);
+
+// Cross-entropy over a vocabulary shard, in pieces around the tensor-parallel all-reduces:
+// max[r] = max_v l[r, v]; sum[r] = Σ_v exp(l[r, v] − max[r]); out[r] = l[r, t_r − vocab_begin]
+// or 0 when the target is another rank's; dlogits = scale·(exp(l − max)/sum − onehot(target))
+// (dlogits may alias logits). max, sum and out are [rows, 1].
+void row_max(DeviceView logits, DeviceView max, cudaStream_t stream);
+void row_sum_exp(DeviceView logits, DeviceView max, DeviceView sum, cudaStream_t stream);
+void target_logits(DeviceView logits, const std::int32_t* targets, std::int64_t vocab_begin,
+                   DeviceView out, cudaStream_t stream);
+void cross_entropy_backward(DeviceView logits, DeviceView max, DeviceView sum,
+                            const std::int32_t* targets, std::int64_t vocab_begin, float scale,
+                            DeviceView dlogits, cudaStream_t stream);
+
+// y = a + b elementwise (y may alias a or b); dst += src over n floats.
+void add(DeviceView a, DeviceView b, DeviceView y, cudaStream_t stream);
+void add_inplace(float* dst, const float* src, std::int64_t n, cudaStream_t stream);
+
+// *total += Σ x[i]² over n floats, in double, in a fixed order (a fixed grid of partial sums
+// added in block order), so the gradient norm reproduces itself bit for bit. `total` is one
+// device double; `partials` is device scratch of kSumSquaresBlocks doubles.
+constexpr int kSumSquaresBlocks = 128;
+void accumulate_sum_squares(const float* x, std::int64_t n, double* total, double* partials,
+                            cudaStream_t stream);
+
 } // namespace parallax::cuda
