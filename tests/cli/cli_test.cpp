@@ -135,6 +135,28 @@ TEST(Cli, BadInputsExitTwoNamingTheField) {
   EXPECT_EQ(fp8.code, 2) << fp8.out;
 }
 
+// `train --backend cuda` hands over to the CUDA-linked parallax-cuda when the build has one; on
+// a machine without a GPU (or a build without nvcc) it is a clean input error either way, and
+// a precision the chosen backend does not run is one too.
+TEST(Cli, TrainBackendAndPrecisionAreChecked) {
+  const std::string plan = temp_path("parallax_cli_train_plan.json");
+  std::ofstream(plan) << R"({"dp": 1, "tp": 1, "pp": 1, "micro_batch_size": 2,
+                             "global_batch_size": 2})";
+  const std::string base = "train --model gpt-tiny --steps 1 --plan " + plan;
+  Result cpu_tf32 = run(base + " --precision tf32");
+  EXPECT_EQ(cpu_tf32.code, 2) << cpu_tf32.out;
+  EXPECT_NE(cpu_tf32.out.find("--precision"), std::string::npos) << cpu_tf32.out;
+  Result cuda = run(base + " --backend cuda --precision bf16");
+  EXPECT_EQ(cuda.code, 2) << cuda.out;
+  Result cuda_tf32 = run(base + " --backend cuda");
+  if (cuda_tf32.code == 0) {
+    GTEST_SKIP() << "a CUDA device is present: the GPU tests (ctest -L gpu) cover training";
+  }
+  EXPECT_EQ(cuda_tf32.code, 2) << cuda_tf32.out;
+  EXPECT_NE(cuda_tf32.out.find("--backend"), std::string::npos) << cuda_tf32.out;
+  EXPECT_NE(cuda_tf32.out.find("CUDA"), std::string::npos) << cuda_tf32.out;
+}
+
 } // namespace
 
 namespace {
