@@ -63,7 +63,7 @@ struct TrainFlags {
   std::string model;
   std::string plan;
   std::string backend = "cpu";
-  std::string precision; // empty: the backend's default (cpu fp32, cuda tf32)
+  std::string precision; // empty: the backend's default (cpu fp32, cuda bf16)
   std::string cluster = "cpu-local";
   std::int64_t steps = 20;
   std::string data;
@@ -99,14 +99,16 @@ struct Setup {
   TrainOptions options;
   std::optional<Checkpoint> resume_from;
   std::string resume_source;
-  bool tf32 = false; // cuda backend: tf32 GEMMs (else fp32)
+  Precision gemm = Precision::fp32; // the GEMMs' precision (cuda: fp32, tf32 or bf16)
 };
 
 std::unique_ptr<Trainer> make_trainer(const TrainFlags& f, const Setup& s) {
 #ifdef PARALLAX_HAVE_CUDA_EXECUTOR
   if (f.backend == "cuda") {
-    return cuda::make_trainer(s.model, s.plan, s.options, f.plan,
-                              s.tf32 ? cuda::GemmPrecision::tf32 : cuda::GemmPrecision::f32);
+    const cuda::GemmPrecision p = s.gemm == Precision::bf16   ? cuda::GemmPrecision::bf16
+                                  : s.gemm == Precision::tf32 ? cuda::GemmPrecision::tf32
+                                                              : cuda::GemmPrecision::f32;
+    return cuda::make_trainer(s.model, s.plan, s.options, f.plan, p);
   }
 #endif
   return std::make_unique<Trainer>(s.model, s.plan, s.options, f.plan);
@@ -127,13 +129,14 @@ Setup prepare(const TrainFlags& f, int world_size) {
                      "\"cuda\"");
 #endif
   }
-  const std::string precision = f.precision.empty() ? (f.backend == "cuda" ? "tf32" : "fp32")
+  const std::string precision = f.precision.empty() ? (f.backend == "cuda" ? "bf16" : "fp32")
                                                     : f.precision;
-  if (f.backend == "cpu" ? precision != "fp32" : precision != "fp32" && precision != "tf32") {
+  const bool cuda_precision = precision == "tf32" || precision == "bf16";
+  if (precision != "fp32" && !(f.backend == "cuda" && cuda_precision)) {
     throw InputError("command line", "--precision",
-                     f.backend == "cpu" ? "\"fp32\" for the cpu backend"
-                                        : "\"fp32\" or \"tf32\" for the cuda backend (bf16 "
-                                          "mixed precision is not wired into the trainer yet)",
+                     f.backend == "cpu"
+                         ? "\"fp32\" for the cpu backend (tf32 and bf16 GEMMs need --backend cuda)"
+                         : "\"fp32\", \"tf32\" or \"bf16\" for the cuda backend",
                      fmt::format("\"{}\"", precision));
   }
   if (f.steps < 1) {
@@ -185,10 +188,10 @@ Setup prepare(const TrainFlags& f, int world_size) {
   s.options.data_path = f.data;
   s.options.comm_timeout = std::chrono::duration<double>(f.timeout_s);
   // MFU against the device's peak in the precision the GEMMs run in.
-  const Precision gemm = precision == "tf32" ? Precision::tf32 : Precision::fp32;
+  const Precision gemm = precision_parse(precision).value_or(Precision::fp32);
   s.options.peak_flops_per_rank =
       cluster.peak_flops(cluster.supports(gemm) ? gemm : Precision::fp32);
-  s.tf32 = precision == "tf32";
+  s.gemm = gemm;
   if (!f.data.empty()) {
     open_token_file(f.data, s.model.config.vocab_size, s.model.config.seq_length); // validates
   }
@@ -338,8 +341,8 @@ Run register_train(CLI::App& app) {
                   "cpu (Eigen + MPI) or cuda (cuBLASLt + own kernels + NCCL, one GPU per process)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--precision", f->precision,
-                  "GEMM precision: fp32 (cpu, cuda) or tf32 (cuda; its default)")
-      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}));
+                  "GEMM precision: fp32 (cpu, cuda), tf32 or bf16 (cuda; bf16 is its default: "
+                  "bf16 GEMM inputs, fp32 master weights and accumulation)");
   cmd->add_option("--cluster", f->cluster,
                   "Profile whose device peak is the MFU denominator (default cpu-local)");
   cmd->add_option("--steps", f->steps, "Train until this many optimizer steps are done");

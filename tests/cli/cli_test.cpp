@@ -146,7 +146,7 @@ TEST(Cli, TrainBackendAndPrecisionAreChecked) {
   Result cpu_tf32 = run(base + " --precision tf32");
   EXPECT_EQ(cpu_tf32.code, 2) << cpu_tf32.out;
   EXPECT_NE(cpu_tf32.out.find("--precision"), std::string::npos) << cpu_tf32.out;
-  Result cuda = run(base + " --backend cuda --precision bf16");
+  Result cuda = run(base + " --backend cuda --precision fp8");
   EXPECT_EQ(cuda.code, 2) << cuda.out;
   Result cuda_tf32 = run(base + " --backend cuda");
   if (cuda_tf32.code == 0) {

@@ -96,6 +96,46 @@ struct Ctx {
     }
   }
   void sync() const { PARALLAX_CUDA_CHECK(cudaStreamSynchronize(stream)); }
+
+  // x as a GEMM input of this precision: itself (fp32, tf32, or already bf16), or a bf16 copy
+  // (mixed precision: fp32 master weights and activations, bf16 GEMM inputs, fp32 results).
+  struct Operand {
+    DeviceTensor copy; // the bf16 copy when one was made
+    DeviceView view;
+  };
+  Operand operand(DeviceView x) const {
+    const DType want = gemm_input_dtype(precision);
+    if (x.dtype == want || !x)
+      return {DeviceTensor(), x};
+    Operand o{DeviceTensor(alloc, x.rows, x.cols, want), {}};
+    convert_f32_to_bf16(x, o.copy, stream);
+    o.view = o.copy.view();
+    return o;
+  }
+  // A GEMM-only activation kept for the backward: replaced by its bf16 copy under bf16.
+  DeviceTensor gemm_input(DeviceTensor x) const {
+    if (gemm_input_dtype(precision) == DType::f32)
+      return x;
+    Operand o = operand(x);
+    return std::move(o.copy);
+  }
+
+  // y = x·W (+ b) and its backward with every GEMM input converted as needed.
+  void linear(DeviceView x, DeviceView w, DeviceView b, DeviceView y) const {
+    const Operand xo = operand(x), wo = operand(w);
+    linear_forward(blas, xo.view, wo.view, b, y, precision, stream);
+  }
+  void linear_grad(DeviceView x, DeviceView w, DeviceView dy, DeviceView dx, DeviceView dw,
+                   DeviceView db, bool accumulate_dx = false) const {
+    const Operand xo = operand(x), wo = operand(w), dyo = operand(dy);
+    linear_backward(blas, xo.view, wo.view, dyo.view, dx, dw, db, precision, stream,
+                    accumulate_dx);
+  }
+  // c = alpha·op(a)·op(b) + beta·c.
+  void gemm(DeviceView a, bool ta, DeviceView b, bool tb, DeviceView out, float beta) const {
+    const Operand ao = operand(a), bo = operand(b);
+    matmul(blas, precision, ao.view, ta, bo.view, tb, out, 1.0f, beta, {}, stream);
+  }
 };
 
 DeviceView param(const BlockBuffers& b, std::string_view suffix) {
@@ -236,16 +276,13 @@ DeviceTensor layer_forward(const Ctx& c, const ExecModel& m, const BlockBuffers&
   NormOut ln1 = norm_forward(c, m, b, "ln1", x);
   t[kLn1Mean] = std::move(ln1.mean);
   t[kLn1Rstd] = std::move(ln1.rstd);
-  t[kLn1Full] = tp_gather(c, tp, std::move(ln1.y));
+  t[kLn1Full] = c.gemm_input(tp_gather(c, tp, std::move(ln1.y)));
   t[kQ] = c.make(n, shape.heads * d);
   t[kK] = c.make(n, shape.kv_heads * d);
   t[kV] = c.make(n, shape.kv_heads * d);
-  linear_forward(c.blas, t[kLn1Full], param(b, "attn.wq"), opt_param(m, b, "attn.bq"), t[kQ],
-                 c.precision, c.stream);
-  linear_forward(c.blas, t[kLn1Full], param(b, "attn.wk"), opt_param(m, b, "attn.bk"), t[kK],
-                 c.precision, c.stream);
-  linear_forward(c.blas, t[kLn1Full], param(b, "attn.wv"), opt_param(m, b, "attn.bv"), t[kV],
-                 c.precision, c.stream);
+  c.linear(t[kLn1Full], param(b, "attn.wq"), opt_param(m, b, "attn.bq"), t[kQ]);
+  c.linear(t[kLn1Full], param(b, "attn.wk"), opt_param(m, b, "attn.bk"), t[kK]);
+  c.linear(t[kLn1Full], param(b, "attn.wv"), opt_param(m, b, "attn.bv"), t[kV]);
   if (m.rope()) {
     rope(t[kQ], static_cast<int>(d), mb.full_positions.get(), m.rope_theta, 1.0f, c.stream);
     rope(t[kK], static_cast<int>(d), mb.full_positions.get(), m.rope_theta, 1.0f, c.stream);
@@ -254,7 +291,7 @@ DeviceTensor layer_forward(const Ctx& c, const ExecModel& m, const BlockBuffers&
   t[kLse] = c.make(shape.batch * shape.heads, shape.seq);
   attention_forward(t[kQ], t[kK], t[kV], shape, t[kAtt], t[kLse], c.stream);
   DeviceTensor o = c.make(n, h);
-  linear_forward(c.blas, t[kAtt], param(b, "attn.wo"), {}, o, c.precision, c.stream);
+  c.linear(t[kAtt], param(b, "attn.wo"), {}, o);
   o = tp_reduce(c, tp, std::move(o));
   if (m.config.bias)
     add_bias(o, param(b, "attn.bo"), c.stream);
@@ -266,22 +303,22 @@ DeviceTensor layer_forward(const Ctx& c, const ExecModel& m, const BlockBuffers&
   NormOut ln2 = norm_forward(c, m, b, "ln2", t[kX1]);
   t[kLn2Mean] = std::move(ln2.mean);
   t[kLn2Rstd] = std::move(ln2.rstd);
-  t[kLn2Full] = tp_gather(c, tp, std::move(ln2.y));
+  t[kLn2Full] = c.gemm_input(tp_gather(c, tp, std::move(ln2.y)));
   const Index f = m.config.ffn_hidden_size / tp.size();
   t[kU] = c.make(n, f);
   t[kAct] = c.make(n, f);
   if (m.llama()) {
     t[kUp] = c.make(n, f);
-    linear_forward(c.blas, t[kLn2Full], param(b, "mlp.wg"), {}, t[kU], c.precision, c.stream);
-    linear_forward(c.blas, t[kLn2Full], param(b, "mlp.wu"), {}, t[kUp], c.precision, c.stream);
+    c.linear(t[kLn2Full], param(b, "mlp.wg"), {}, t[kU]);
+    c.linear(t[kLn2Full], param(b, "mlp.wu"), {}, t[kUp]);
     swiglu_forward(t[kU], t[kUp], t[kAct], c.stream);
   } else {
-    linear_forward(c.blas, t[kLn2Full], param(b, "mlp.w1"), opt_param(m, b, "mlp.b1"), t[kU],
-                   c.precision, c.stream);
+    c.linear(t[kLn2Full], param(b, "mlp.w1"), opt_param(m, b, "mlp.b1"), t[kU]);
     gelu_forward(t[kU], t[kAct], c.stream);
   }
   DeviceTensor dn = c.make(n, h);
-  linear_forward(c.blas, t[kAct], param(b, "mlp.w2"), {}, dn, c.precision, c.stream);
+  c.linear(t[kAct], param(b, "mlp.w2"), {}, dn);
+  t[kAct] = c.gemm_input(std::move(t[kAct])); // only the w2 GEMM's backward reads it again
   dn = tp_reduce(c, tp, std::move(dn));
   if (m.config.bias)
     add_bias(dn, param(b, "mlp.b2"), c.stream);
@@ -320,23 +357,22 @@ DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers
     accumulate_column_sums(dy, grad(b, "mlp.b2"), c.stream);
   const DeviceTensor dd_full = tp_gather(c, tp, c.copy(dy));
   DeviceTensor dact = c.make(n, t[kAct].cols());
-  linear_backward(c.blas, t[kAct], param(b, "mlp.w2"), dd_full, dact, grad(b, "mlp.w2"), {},
-                  c.precision, c.stream);
+  c.linear_grad(t[kAct], param(b, "mlp.w2"), dd_full, dact, grad(b, "mlp.w2"), {});
   t[kAct].release();
   DeviceTensor dln2_full = c.make(n, h);
   if (m.llama()) {
     DeviceTensor dgate = c.make(n, t[kU].cols());
     DeviceTensor dup = c.make(n, t[kU].cols());
     swiglu_backward(t[kU], t[kUp], dact, dgate, dup, c.stream);
-    linear_backward(c.blas, t[kLn2Full], param(b, "mlp.wg"), dgate, dln2_full, grad(b, "mlp.wg"),
-                    {}, c.precision, c.stream);
-    linear_backward(c.blas, t[kLn2Full], param(b, "mlp.wu"), dup, dln2_full, grad(b, "mlp.wu"),
-                    {}, c.precision, c.stream, true);
+    c.linear_grad(t[kLn2Full], param(b, "mlp.wg"), dgate, dln2_full, grad(b, "mlp.wg"),
+                    {});
+    c.linear_grad(t[kLn2Full], param(b, "mlp.wu"), dup, dln2_full, grad(b, "mlp.wu"),
+                    {}, true);
   } else {
     DeviceTensor du = c.make(n, t[kU].cols());
     gelu_backward(t[kU], dact, du, c.stream);
-    linear_backward(c.blas, t[kLn2Full], param(b, "mlp.w1"), du, dln2_full, grad(b, "mlp.w1"),
-                    opt_grad(m, b, "mlp.b1"), c.precision, c.stream);
+    c.linear_grad(t[kLn2Full], param(b, "mlp.w1"), du, dln2_full, grad(b, "mlp.w1"),
+                    opt_grad(m, b, "mlp.b1"));
   }
   t[kU].release();
   t[kUp].release();
@@ -351,8 +387,7 @@ DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers
     accumulate_column_sums(dx1, grad(b, "attn.bo"), c.stream);
   const DeviceTensor do_full = tp_gather(c, tp, c.copy(dx1));
   DeviceTensor datt = c.make(n, t[kAtt].cols());
-  linear_backward(c.blas, t[kAtt], param(b, "attn.wo"), do_full, datt, grad(b, "attn.wo"), {},
-                  c.precision, c.stream);
+  c.linear_grad(t[kAtt], param(b, "attn.wo"), do_full, datt, grad(b, "attn.wo"), {});
   DeviceTensor dq = c.make(n, t[kQ].cols());
   DeviceTensor dk = c.make(n, t[kK].cols());
   DeviceTensor dv = c.make(n, t[kV].cols());
@@ -366,12 +401,12 @@ DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers
     rope(dk, shape.head_dim, mb.full_positions.get(), m.rope_theta, -1.0f, c.stream);
   }
   DeviceTensor dln1_full = c.make(n, h);
-  linear_backward(c.blas, t[kLn1Full], param(b, "attn.wq"), dq, dln1_full, grad(b, "attn.wq"),
-                  opt_grad(m, b, "attn.bq"), c.precision, c.stream);
-  linear_backward(c.blas, t[kLn1Full], param(b, "attn.wk"), dk, dln1_full, grad(b, "attn.wk"),
-                  opt_grad(m, b, "attn.bk"), c.precision, c.stream, true);
-  linear_backward(c.blas, t[kLn1Full], param(b, "attn.wv"), dv, dln1_full, grad(b, "attn.wv"),
-                  opt_grad(m, b, "attn.bv"), c.precision, c.stream, true);
+  c.linear_grad(t[kLn1Full], param(b, "attn.wq"), dq, dln1_full, grad(b, "attn.wq"),
+                  opt_grad(m, b, "attn.bq"));
+  c.linear_grad(t[kLn1Full], param(b, "attn.wk"), dk, dln1_full, grad(b, "attn.wk"),
+                  opt_grad(m, b, "attn.bk"), true);
+  c.linear_grad(t[kLn1Full], param(b, "attn.wv"), dv, dln1_full, grad(b, "attn.wv"),
+                  opt_grad(m, b, "attn.bv"), true);
   const DeviceTensor dln1 = tp_reduce(c, tp, std::move(dln1_full));
   norm_backward(c, m, b, "ln1", t[kX], t[kLn1Mean], t[kLn1Rstd], dln1, dx1, true);
   cache.t.clear();
@@ -415,15 +450,15 @@ double head_forward(const Ctx& c, const ExecModel& m, const BlockBuffers& norm,
   NormOut o = norm_forward(c, m, norm, "norm", x);
   t[kHMean] = std::move(o.mean);
   t[kHRstd] = std::move(o.rstd);
-  t[kHFull] = tp_gather(c, tp, std::move(o.y));
+  t[kHFull] = c.gemm_input(tp_gather(c, tp, std::move(o.y)));
   const Index n = t[kHFull].rows();
   const bool tied = m.config.tied_embeddings;
   const DeviceView w = param(head, tied ? "wte" : "w");
   t[kHLogits] = c.make(n, tied ? w.rows : w.cols);
   if (tied) {
-    matmul(c.blas, c.precision, t[kHFull], false, w, true, t[kHLogits], 1.0f, 0.0f, {}, c.stream);
+    c.gemm(t[kHFull], false, w, true, t[kHLogits], 0.0f);
   } else {
-    linear_forward(c.blas, t[kHFull], w, {}, t[kHLogits], c.precision, c.stream);
+    c.linear(t[kHFull], w, {}, t[kHLogits]);
   }
   t[kHMax] = c.make(n, 1);
   t[kHSum] = c.make(n, 1);
@@ -468,12 +503,10 @@ DeviceTensor head_backward(const Ctx& c, const ExecModel& m, const BlockBuffers&
   DeviceTensor dfull = c.make(t[kHFull].rows(), t[kHFull].cols());
   if (tied) {
     const DeviceView w = param(head, "wte");
-    matmul(c.blas, c.precision, dlogits, false, w, false, dfull, 1.0f, 0.0f, {}, c.stream);
-    matmul(c.blas, c.precision, dlogits, true, t[kHFull], false, grad(head, "wte"), 1.0f, 1.0f,
-           {}, c.stream);
+    c.gemm(dlogits, false, w, false, dfull, 0.0f);
+    c.gemm(dlogits, true, t[kHFull], false, grad(head, "wte"), 1.0f);
   } else {
-    linear_backward(c.blas, t[kHFull], param(head, "w"), dlogits, dfull, grad(head, "w"), {},
-                    c.precision, c.stream);
+    c.linear_grad(t[kHFull], param(head, "w"), dlogits, dfull, grad(head, "w"), {});
   }
   dlogits.release();
   const DeviceTensor dnorm = tp_reduce(c, tp, std::move(dfull));
@@ -645,12 +678,6 @@ struct CudaBackend {
 std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                                       const TrainOptions& options, const std::string& plan_source,
                                       GemmPrecision precision) {
-  if (precision == GemmPrecision::bf16) {
-    throw InputError("command line", "--precision", "\"fp32\" or \"tf32\" for the CUDA trainer",
-                     "\"bf16\"",
-                     "bf16 mixed precision is not wired into the trainer yet (the GEMM and AdamW "
-                     "kernels support it)");
-  }
   if (!gpu_available()) {
     throw std::runtime_error("the CUDA trainer needs a CUDA device, and this process sees none");
   }

@@ -4,8 +4,14 @@
 // process per GPU: the rank binds the device of its node-local rank.
 //
 // Differences from the CPU backend, all by design of this first device version:
-//   * GEMMs run in fp32 or tf32 on fp32 tensors (bf16 mixed precision with fp32 master
-//     weights is not wired into the trainer yet: cuda::GemmPrecision::bf16 is rejected);
+//   * precision: every tensor the optimizer, the norms, the softmax and the communication see
+//     is fp32 (master weights, moments, gradients, activations); only GEMM inputs change with
+//     the precision: fp32, tf32 (fp32 tensors, tensor-core rounding) or bf16 (mixed precision:
+//     bf16 copies of the weights and of the activations a GEMM reads, made at each use; the
+//     activations kept only for a GEMM's backward are kept as their bf16 copies; fp32
+//     accumulation and fp32 results, so gradients accumulate in fp32). Weights are converted
+//     per GEMM rather than kept as a persistent bf16 copy: simpler with ZeRO, one extra pass
+//     over the weights per use;
 //   * pipeline activations travel through host memory over MPI (device → host copy, MPI
 //     send/recv with tags, host → device copy), so any schedule's message order works;
 //   * the loss of each micro-batch is read back to the host (a small synchronisation per
@@ -25,10 +31,9 @@
 namespace parallax::cuda {
 
 // Collective over MPI_COMM_WORLD (MpiRuntime::init first). Throws std::runtime_error naming the
-// cause when this process sees no CUDA device, and InputError for a precision the trainer does
-// not support (bf16).
+// cause when this process sees no CUDA device.
 std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                                       const TrainOptions& options, const std::string& plan_source,
-                                      GemmPrecision precision = GemmPrecision::tf32);
+                                      GemmPrecision precision = GemmPrecision::bf16);
 
 } // namespace parallax::cuda
