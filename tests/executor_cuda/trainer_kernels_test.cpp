@@ -84,12 +84,27 @@ TEST(EmbeddingCuda, ShardForwardAndBackwardMatchCpu) {
   const DeviceTensor dout_d = upload(alloc, dout);
   embedding_forward(tokens_d.get(), table_d, begin, out_d, false, stream);
   embedding_forward(tokens_d.get(), table_d, begin, added_d, true, stream);
-  embedding_backward(tokens_d.get(), dout_d, begin, dtable_d, stream);
+  const TokenGroups groups = TokenGroups::of(tokens);
+  const Ints order_d(alloc, groups.order), starts_d(alloc, groups.starts),
+      group_tokens_d(alloc, groups.tokens);
+  embedding_backward(order_d.get(), starts_d.get(), group_tokens_d.get(), groups.groups(), dout_d,
+                     begin, dtable_d, stream);
   stream.synchronize();
   expect_close(out_d.to_host(), out_ref, 0.0, 0.0, "embedding rows");
   expect_close(added_d.to_host(), added_ref, 0.0, 0.0, "embedding added to positions");
   // Same rows added in the same order as the CPU loop: equal to the bit.
   expect_close(dtable_d.to_host(), dtable_ref, 0.0, 0.0, "embedding gradient");
+}
+
+// Pure host code: runs without a device.
+TEST(TokenGroups, GroupRowsByTokenKeepingRowOrder) {
+  const std::vector<std::int32_t> tokens = {5, 2, 5, 9, 2, 5};
+  const TokenGroups g = TokenGroups::of(tokens);
+  EXPECT_EQ(g.tokens, (std::vector<std::int32_t>{2, 5, 9}));
+  EXPECT_EQ(g.starts, (std::vector<std::int32_t>{0, 2, 5, 6}));
+  EXPECT_EQ(g.order, (std::vector<std::int32_t>{1, 4, 0, 2, 5, 3}));
+  EXPECT_EQ(TokenGroups::of({}).groups(), 0);
+  EXPECT_EQ(TokenGroups::of({}).starts, (std::vector<std::int32_t>{0}));
 }
 
 TEST(RopeCuda, ForwardAndBackwardMatchCpu) {

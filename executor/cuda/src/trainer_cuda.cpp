@@ -62,10 +62,22 @@ private:
 
 // A micro-batch on the device. The host vectors stay here (their buffers do not move when the
 // batch does) until the step ends, so the asynchronous uploads always read live memory.
+// Rows grouped by token (TokenGroups) on the host and the device, for the embedding backward.
+struct DeviceGroups {
+  TokenGroups host;
+  DeviceInts order, starts, tokens;
+  DeviceGroups() = default;
+  DeviceGroups(DeviceAllocator& alloc, std::span<const std::int32_t> row_tokens,
+               cudaStream_t stream)
+      : host(TokenGroups::of(row_tokens)), order(alloc, host.order, stream),
+        starts(alloc, host.starts, stream), tokens(alloc, host.tokens, stream) {}
+};
+
 struct DeviceBatch {
   MicroBatch host;
   std::vector<std::int32_t> full_positions_host; // position of every row before any SP split
   DeviceInts inputs, targets, positions, full_positions;
+  DeviceGroups input_groups, position_groups;
 };
 
 struct DeviceCache {
@@ -429,11 +441,15 @@ DeviceTensor embed_forward(const Ctx& c, const ExecModel& m, const BlockBuffers&
 
 void embed_backward(const Ctx& c, const BlockBuffers& emb, const BlockBuffers* positions,
                         const TpContext& tp, const DeviceBatch& mb, const DeviceTensor& dx) {
-  if (positions != nullptr)
-    cuda::embedding_backward(mb.positions.get(), dx, 0, grad(*positions, "wpe"), c.stream);
+  if (positions != nullptr) {
+    const DeviceGroups& g = mb.position_groups;
+    cuda::embedding_backward(g.order.get(), g.starts.get(), g.tokens.get(), g.host.groups(), dx, 0,
+                             grad(*positions, "wpe"), c.stream);
+  }
   const DeviceTensor dfull = tp_gather(c, tp, c.copy(dx));
-  cuda::embedding_backward(mb.inputs.get(), dfull, emb.layout->param("wte").row0,
-                           grad(emb, "wte"), c.stream);
+  const DeviceGroups& g = mb.input_groups;
+  cuda::embedding_backward(g.order.get(), g.starts.get(), g.tokens.get(), g.host.groups(), dfull,
+                           emb.layout->param("wte").row0, grad(emb, "wte"), c.stream);
 }
 
 enum HeadSlot : std::size_t { kHX, kHMean, kHRstd, kHFull, kHLogits, kHMax, kHSum, kHNumSlots };
@@ -640,6 +656,8 @@ struct CudaBackend {
     b.targets = DeviceInts(s->alloc, b.host.targets, s->stream);
     b.positions = DeviceInts(s->alloc, b.host.positions, s->stream);
     b.full_positions = DeviceInts(s->alloc, b.full_positions_host, s->stream);
+    b.input_groups = DeviceGroups(s->alloc, b.host.inputs, s->stream);
+    b.position_groups = DeviceGroups(s->alloc, b.host.positions, s->stream);
     return b;
   }
   Act embedding_forward(const ExecModel& m, const BlockBuffers& emb, const BlockBuffers* pos,

@@ -4,6 +4,8 @@
 
 #include "kernel_utils.cuh"
 
+#include <algorithm>
+
 namespace parallax::cuda {
 
 namespace {
@@ -24,18 +26,22 @@ __global__ void embedding_forward_kernel(const std::int32_t* tokens, const float
   }
 }
 
-// One thread per column walks the rows in order: repeated tokens add up deterministically.
-__global__ void embedding_backward_kernel(const std::int32_t* tokens, const float* dout,
-                                          std::int64_t rows, std::int64_t cols,
-                                          std::int64_t vocab_begin, float* dtable,
-                                          std::int64_t table_rows) {
-  const std::int64_t c = detail::global_thread();
-  if (c >= cols)
+// Block g owns token group g: its threads stride over the columns, each adding the group's
+// rows in row order (the CPU op's order, so the same bits).
+__global__ void embedding_backward_kernel(const std::int32_t* order, const std::int32_t* starts,
+                                          const std::int32_t* tokens, const float* dout,
+                                          std::int64_t cols, std::int64_t vocab_begin,
+                                          float* dtable, std::int64_t table_rows) {
+  const std::int64_t local = static_cast<std::int64_t>(tokens[blockIdx.x]) - vocab_begin;
+  if (local < 0 || local >= table_rows)
     return;
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const std::int64_t local = static_cast<std::int64_t>(tokens[r]) - vocab_begin;
-    if (local >= 0 && local < table_rows)
-      dtable[local * cols + c] += dout[r * cols + c];
+  const std::int32_t first = starts[blockIdx.x];
+  const std::int32_t last = starts[blockIdx.x + 1];
+  for (std::int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float acc = dtable[local * cols + c];
+    for (std::int32_t i = first; i < last; ++i)
+      acc += dout[static_cast<std::int64_t>(order[i]) * cols + c];
+    dtable[local * cols + c] = acc;
   }
 }
 
@@ -169,15 +175,35 @@ void embedding_forward(const std::int32_t* tokens, DeviceView table, std::int64_
   detail::check_launch();
 }
 
-void embedding_backward(const std::int32_t* tokens, DeviceView dout, std::int64_t vocab_begin,
-                        DeviceView dtable, cudaStream_t stream) {
+TokenGroups TokenGroups::of(std::span<const std::int32_t> row_tokens) {
+  TokenGroups g;
+  g.order.resize(row_tokens.size());
+  for (std::size_t r = 0; r < row_tokens.size(); ++r)
+    g.order[r] = static_cast<std::int32_t>(r);
+  std::stable_sort(g.order.begin(), g.order.end(), [&](std::int32_t a, std::int32_t b) {
+    return row_tokens[static_cast<std::size_t>(a)] < row_tokens[static_cast<std::size_t>(b)];
+  });
+  for (std::size_t i = 0; i < g.order.size(); ++i) {
+    const std::int32_t t = row_tokens[static_cast<std::size_t>(g.order[i])];
+    if (g.tokens.empty() || g.tokens.back() != t) {
+      g.tokens.push_back(t);
+      g.starts.push_back(static_cast<std::int32_t>(i));
+    }
+  }
+  g.starts.push_back(static_cast<std::int32_t>(g.order.size()));
+  return g;
+}
+
+void embedding_backward(const std::int32_t* order, const std::int32_t* starts,
+                        const std::int32_t* tokens, std::int64_t groups, DeviceView dout,
+                        std::int64_t vocab_begin, DeviceView dtable, cudaStream_t stream) {
   PARALLAX_CHECK(dout.cols == dtable.cols && dout.dtype == DType::f32 &&
                      dtable.dtype == DType::f32,
                  "embedding gradient and table widths differ");
-  if (dout.size() == 0)
+  if (groups == 0 || dout.cols == 0)
     return;
-  embedding_backward_kernel<<<detail::grid_for(dout.cols, kBlock), kBlock, 0, stream>>>(
-      tokens, dout.f32(), dout.rows, dout.cols, vocab_begin, dtable.f32(), dtable.rows);
+  embedding_backward_kernel<<<static_cast<unsigned>(groups), kBlock, 0, stream>>>(
+      order, starts, tokens, dout.f32(), dout.cols, vocab_begin, dtable.f32(), dtable.rows);
   detail::check_launch();
 }
 

@@ -13,6 +13,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <span>
+#include <vector>
 
 namespace parallax::cuda {
 
@@ -90,10 +92,23 @@ void softmax_cross_entropy(DeviceView logits, const std::int32_t* targets, float
 // positions: tokens = positions, vocab_begin = 0).
 void embedding_forward(const std::int32_t* tokens, DeviceView table, std::int64_t vocab_begin,
                        DeviceView out, bool accumulate, cudaStream_t stream);
-// dtable[tokens[r] − vocab_begin, :] += dout[r, :] for the rows whose token is local. Each
-// column's rows are added in row order by one thread (deterministic, no atomics).
-void embedding_backward(const std::int32_t* tokens, DeviceView dout, std::int64_t vocab_begin,
-                        DeviceView dtable, cudaStream_t stream);
+// The rows of a micro-batch grouped by token, for a deterministic and parallel embedding
+// backward: `order` lists the rows sorted by token (stable: rows of one token stay in row
+// order), group g holds order[starts[g] .. starts[g + 1]) and its token is tokens[g]. Built on
+// the host (the tokens are there); device copies of the three arrays go to the kernel.
+struct TokenGroups {
+  std::vector<std::int32_t> order;
+  std::vector<std::int32_t> starts; // groups + 1 entries
+  std::vector<std::int32_t> tokens; // one per group
+  static TokenGroups of(std::span<const std::int32_t> row_tokens);
+  std::int64_t groups() const { return static_cast<std::int64_t>(tokens.size()); }
+};
+// dtable[t − vocab_begin, :] += dout[r, :] for every row r of token t, when t is local. One
+// block per token adds its rows in row order, as the CPU op does: the same bits, no atomics.
+// order, starts and tokens are device copies of a TokenGroups' arrays.
+void embedding_backward(const std::int32_t* order, const std::int32_t* starts,
+                        const std::int32_t* tokens, std::int64_t groups, DeviceView dout,
+                        std::int64_t vocab_begin, DeviceView dtable, cudaStream_t stream);
 
 // Rotary position embedding in place on x = [tokens, heads·head_dim]: pairs (i, i + d/2) of
 // each head rotated by positions[r]·theta^(−2i/d); direction −1 rotates back (the backward).
