@@ -60,8 +60,6 @@ private:
   std::int32_t* data_ = nullptr;
 };
 
-// A micro-batch on the device. The host vectors stay here (their buffers do not move when the
-// batch does) until the step ends, so the asynchronous uploads always read live memory.
 // Rows grouped by token (TokenGroups) on the host and the device, for the embedding backward.
 struct DeviceGroups {
   TokenGroups host;
@@ -73,6 +71,8 @@ struct DeviceGroups {
         starts(alloc, host.starts, stream), tokens(alloc, host.tokens, stream) {}
 };
 
+// A micro-batch on the device. The host vectors stay here (their buffers do not move when the
+// batch does) until the step ends, so the asynchronous uploads always read live memory.
 struct DeviceBatch {
   MicroBatch host;
   std::vector<std::int32_t> full_positions_host; // position of every row before any SP split
@@ -126,7 +126,7 @@ struct Ctx {
   }
   // A GEMM-only activation kept for the backward: replaced by its bf16 copy under bf16.
   DeviceTensor gemm_input(DeviceTensor x) const {
-    if (gemm_input_dtype(precision) == DType::f32)
+    if (x.dtype() == gemm_input_dtype(precision))
       return x;
     Operand o = operand(x);
     return std::move(o.copy);
@@ -137,10 +137,13 @@ struct Ctx {
     const Operand xo = operand(x), wo = operand(w);
     linear_forward(blas, xo.view, wo.view, b, y, precision, stream);
   }
+  // The bias gradient sums the fp32 dy (as the CPU op does), not its bf16 copy.
   void linear_grad(DeviceView x, DeviceView w, DeviceView dy, DeviceView dx, DeviceView dw,
                    DeviceView db, bool accumulate_dx = false) const {
+    if (db)
+      accumulate_column_sums(dy, db, stream);
     const Operand xo = operand(x), wo = operand(w), dyo = operand(dy);
-    linear_backward(blas, xo.view, wo.view, dyo.view, dx, dw, db, precision, stream,
+    linear_backward(blas, xo.view, wo.view, dyo.view, dx, dw, {}, precision, stream,
                     accumulate_dx);
   }
   // c = alpha·op(a)·op(b) + beta·c.
@@ -329,8 +332,8 @@ DeviceTensor layer_forward(const Ctx& c, const ExecModel& m, const BlockBuffers&
     gelu_forward(t[kU], t[kAct], c.stream);
   }
   DeviceTensor dn = c.make(n, h);
+  t[kAct] = c.gemm_input(std::move(t[kAct])); // only the w2 GEMM and its backward read it
   c.linear(t[kAct], param(b, "mlp.w2"), {}, dn);
-  t[kAct] = c.gemm_input(std::move(t[kAct])); // only the w2 GEMM's backward reads it again
   dn = tp_reduce(c, tp, std::move(dn));
   if (m.config.bias)
     add_bias(dn, param(b, "mlp.b2"), c.stream);
@@ -519,8 +522,9 @@ DeviceTensor head_backward(const Ctx& c, const ExecModel& m, const BlockBuffers&
   DeviceTensor dfull = c.make(t[kHFull].rows(), t[kHFull].cols());
   if (tied) {
     const DeviceView w = param(head, "wte");
-    c.gemm(dlogits, false, w, false, dfull, 0.0f);
-    c.gemm(dlogits, true, t[kHFull], false, grad(head, "wte"), 1.0f);
+    const Ctx::Operand dl = c.operand(dlogits); // one bf16 copy for both GEMMs
+    c.gemm(dl.view, false, w, false, dfull, 0.0f);
+    c.gemm(dl.view, true, t[kHFull], false, grad(head, "wte"), 1.0f);
   } else {
     c.linear_grad(t[kHFull], param(head, "w"), dlogits, dfull, grad(head, "w"), {});
   }
