@@ -103,7 +103,11 @@ struct CpuBackend {
     return parallax::head_backward(m, norm, head, tp, mb, loss_scale, cache);
   }
 
+  using Mark = double;
   void synchronize() {}
+  void begin_recording(double /*t0*/) {}
+  Mark mark() { return steady_seconds(); }
+  double seconds(Mark m) { return m; }
   void reset_peak() { MemoryTracker::reset_peak(); }
   std::int64_t peak_bytes() { return MemoryTracker::peak(); }
 

@@ -555,6 +555,12 @@ struct DeviceState {
   GemmPrecision precision;
   DeviceTensor norm_total;
   DeviceTensor norm_partials;
+  // The recorded step's marks: events on the compute stream, timed against `reference`,
+  // recorded when the step started (host steady time `host_t0`, the stream idle).
+  Event reference;
+  std::vector<Event> marks;
+  std::size_t marks_used = 0;
+  double host_t0 = 0;
   // Pipeline sends in flight: their host copies stay alive until the sends complete.
   std::vector<std::unique_ptr<std::vector<float>>> stash;
   std::vector<CommRequest> sends;
@@ -690,7 +696,24 @@ struct CudaBackend {
     return cuda::head_backward(ctx(), m, norm, head, tp, mb, loss_scale, cache);
   }
 
+  using Mark = std::int64_t; // index into DeviceState::marks
+
   void synchronize() { s->stream.synchronize(); }
+  void begin_recording(double t0) {
+    s->marks_used = 0;
+    s->reference.record(s->stream);
+    s->host_t0 = t0;
+  }
+  Mark mark() {
+    if (s->marks_used == s->marks.size())
+      s->marks.emplace_back();
+    s->marks[s->marks_used].record(s->stream);
+    return static_cast<Mark>(s->marks_used++);
+  }
+  double seconds(Mark m) {
+    return s->host_t0 +
+           1e-3 * Event::elapsed_ms(s->reference, s->marks[static_cast<std::size_t>(m)]);
+  }
   void reset_peak() { s->alloc.reset_peak(); }
   std::int64_t peak_bytes() { return s->alloc.peak_bytes_in_use(); }
 };

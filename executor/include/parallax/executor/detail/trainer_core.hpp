@@ -25,6 +25,10 @@
 //             parallax/executor/model.hpp with Act, Cache and Batch in place of Tensor,
 //             BlockCache and MicroBatch
 //   time      void synchronize() (all enqueued work done; no-op on the CPU);
+//             Mark (a point in the recorded step: a steady-clock time, or a device event);
+//             begin_recording(t0) (the step starts at steady time t0, nothing in flight);
+//             Mark mark(); double seconds(Mark) (steady-clock seconds of a mark, valid once the
+//             step's work is done);
 //             void reset_peak(); std::int64_t peak_bytes() (the backend's own accounting)
 #pragma once
 
@@ -67,6 +71,7 @@ public:
   using Act = typename B::Act;
   using Cache = typename B::Cache;
   using Batch = typename B::Batch;
+  using Mark = typename B::Mark;
 
   TrainerCore(B backend, const ExecModel& model, const Plan& plan, const TrainOptions& options,
               const std::string& plan_source);
@@ -121,17 +126,18 @@ private:
   }
   static Block& storage(Block& b) { return b.alias ? *b.alias : b; }
 
-  // Steady-clock seconds; while recording, after the backend's enqueued work is done, so a
-  // measured event covers the work and not only its launch.
-  double now() {
-    if (recording_)
-      be_.synchronize();
-    return steady_seconds();
-  }
+  // A point in the recorded step's time (nothing while not recording): the steady clock on
+  // the CPU, an event on the compute stream on a device; resolved to seconds when the step
+  // has finished, so recording does not stall a device.
+  Mark mark() { return recording_ ? be_.mark() : Mark{}; }
 
   TpContext tp();
-  void record(Stream stream, Category cat, std::string name, int layer, int mb, double s, double e,
+  void record(Stream stream, Category cat, std::string name, int layer, int mb, Mark s, Mark e,
               double flops = 0, double bytes = 0);
+  // An event timed on the host's steady clock (the tensor-parallel collectives report so).
+  void record_host(Stream stream, Category cat, std::string name, int layer, int mb, double s,
+                   double e, double bytes);
+  void resolve_marks();
   int chunk_rank(int chunk) const {
     return rank_of(plan_, {.dp = me_.dp, .pp = chunk_pp_rank(plan_, chunk), .tp = me_.tp});
   }
@@ -191,10 +197,15 @@ private:
   std::int64_t samples_consumed_ = 0; // global samples of the steps done (the data position)
   double flops_per_sequence_ = 0;
 
-  // Measured events of the recorded step.
+  // Measured events of the recorded step; those timed by marks until the step ends.
   bool recording_ = false;
   double t0_ = 0;
   std::vector<Event> events_;
+  struct Marked {
+    Event event;
+    Mark start, end;
+  };
+  std::vector<Marked> marked_;
 
   // Per micro-batch caches: [local chunk][micro-batch][block].
   std::vector<std::vector<std::vector<Cache>>> caches_;
@@ -284,7 +295,7 @@ template <class B> TpContext TrainerCore<B>::tp() {
   TpContext t{.comm = tp_comm_.get(), .sequence_parallel = plan_.sequence_parallel};
   if (recording_) {
     t.on_comm = [this](const char* what, double s, double e, double bytes) {
-      record(Stream::tp_comm, Category::tp_comm, what, -1, -1, s, e, 0, bytes);
+      record_host(Stream::tp_comm, Category::tp_comm, what, -1, -1, s, e, bytes);
     };
   }
   return t;
@@ -292,7 +303,24 @@ template <class B> TpContext TrainerCore<B>::tp() {
 
 template <class B>
 void TrainerCore<B>::record(Stream stream, Category cat, std::string name, int layer, int mb,
-                            double s, double e, double flops, double bytes) {
+                            Mark s, Mark e, double flops, double bytes) {
+  if (!recording_)
+    return;
+  marked_.push_back({.event = {.rank = rank_,
+                               .stream = stream,
+                               .category = cat,
+                               .name = std::move(name),
+                               .layer = layer,
+                               .micro_batch = mb,
+                               .flops = flops,
+                               .bytes = bytes},
+                     .start = s,
+                     .end = e});
+}
+
+template <class B>
+void TrainerCore<B>::record_host(Stream stream, Category cat, std::string name, int layer, int mb,
+                                 double s, double e, double bytes) {
   if (!recording_)
     return;
   events_.push_back({.rank = rank_,
@@ -303,8 +331,17 @@ void TrainerCore<B>::record(Stream stream, Category cat, std::string name, int l
                      .micro_batch = mb,
                      .start_s = s - t0_,
                      .end_s = e - t0_,
-                     .flops = flops,
                      .bytes = bytes});
+}
+
+// After the step's work is done: every marked event gets its times.
+template <class B> void TrainerCore<B>::resolve_marks() {
+  for (Marked& m : marked_) {
+    m.event.start_s = be_.seconds(m.start) - t0_;
+    m.event.end_s = be_.seconds(m.end) - t0_;
+    events_.push_back(std::move(m.event));
+  }
+  marked_.clear();
 }
 
 template <class B> MicroBatch TrainerCore<B>::micro_batch(std::int64_t k) const {
@@ -348,7 +385,7 @@ template <class B> void TrainerCore<B>::gather_params(Block& blk) {
   if (plan_.zero_stage != 3)
     return;
   Block& b = storage(blk);
-  const double s = now();
+  const Mark s = mark();
   b.params = be_.zeros(b.layout.padded);
   if (dp_comm_->size() == 1) {
     be_.copy(B::data(b.params), B::data(b.param_shard), B::size(b.param_shard));
@@ -356,17 +393,17 @@ template <class B> void TrainerCore<B>::gather_params(Block& blk) {
     dp_comm_->all_gather(span_of(b.param_shard), span_of(b.params));
   }
   record(Stream::dp_comm, Category::dp_comm, "zero3 gather " + b.layout.name, b.layout.unit, -1,
-         s, now(), 0, static_cast<double>(b.layout.padded) * sizeof(float));
+         s, mark(), 0, static_cast<double>(b.layout.padded) * sizeof(float));
 }
 
 template <class B> void TrainerCore<B>::finish_reduce_scatter(Block& b) {
   if (!b.rs_pending)
     return;
   scattering_.erase(std::find(scattering_.begin(), scattering_.end(), &b));
-  const double s = now();
+  const Mark s = mark();
   b.pending.wait();
   record(Stream::dp_comm, Category::dp_comm, "reduce-scatter wait " + b.layout.name,
-         b.layout.unit, -1, s, now());
+         b.layout.unit, -1, s, mark());
   be_.add(B::data(b.grad_shard), B::data(b.rs_out), B::size(b.grad_shard));
   b.rs_out = Flat();
   b.grads = Flat();
@@ -453,10 +490,10 @@ typename B::Act TrainerCore<B>::receive(int chunk_from, std::int64_t k, int dir,
     mailbox_.erase(it);
     return x;
   }
-  const double s = now();
+  const Mark s = mark();
   Act x = be_.recv_act(*world_, src, t, rows, model_.config.hidden_size);
   record(Stream::pp_comm, Category::pp_comm, dir == 0 ? "recv activation" : "recv gradient", -1,
-         static_cast<int>(k), s, now(), 0, static_cast<double>(B::act_size(x)) * sizeof(float));
+         static_cast<int>(k), s, mark(), 0, static_cast<double>(B::act_size(x)) * sizeof(float));
   return x;
 }
 
@@ -488,11 +525,11 @@ template <class B> void TrainerCore<B>::forward(int lc, std::int64_t k, const Ba
     gather_params(emb);
     if (pos)
       gather_params(*pos);
-    const double s = now();
+    const Mark s = mark();
     const BlockBuffers eb = emb.buffers();
     const BlockBuffers pb = pos ? pos->buffers() : BlockBuffers{};
     x = be_.embedding_forward(model_, eb, pos ? &pb : nullptr, tpc, mb);
-    record(Stream::compute, Category::forward, "embedding", 0, static_cast<int>(k), s, now());
+    record(Stream::compute, Category::forward, "embedding", 0, static_cast<int>(k), s, mark());
     release_params(emb);
     if (pos)
       release_params(*pos);
@@ -505,10 +542,10 @@ template <class B> void TrainerCore<B>::forward(int lc, std::int64_t k, const Ba
     if (b.layout.kind != BlockKind::layer)
       break;
     gather_params(b);
-    const double s = now();
+    const Mark s = mark();
     x = be_.layer_forward(model_, b.buffers(), tpc, mb, x, keep_mode(), cache[i]);
     record(Stream::compute, Category::forward, b.layout.name, b.layout.unit, static_cast<int>(k),
-           s, now());
+           s, mark());
     release_params(b);
   }
   if (ch.index == last_chunk) {
@@ -516,11 +553,11 @@ template <class B> void TrainerCore<B>::forward(int lc, std::int64_t k, const Ba
     Block& head = ch.blocks[i + 1];
     gather_params(norm);
     gather_params(head);
-    const double s = now();
+    const Mark s = mark();
     const double loss = be_.head_forward(model_, norm.buffers(), head.buffers(), tpc, mb, x,
                                          cache[i]);
     record(Stream::compute, Category::forward, "head", norm.layout.unit, static_cast<int>(k), s,
-           now());
+           mark());
     release_params(norm);
     release_params(head);
     if (me_.tp == 0)
@@ -545,11 +582,11 @@ void TrainerCore<B>::backward(int lc, std::int64_t k, const Batch& mb, float los
     gather_params(head);
     prepare_grads(norm);
     prepare_grads(head);
-    const double s = now();
+    const Mark s = mark();
     dy = be_.head_backward(model_, norm.buffers(), head.buffers(), tpc, mb, loss_scale,
                            cache[end - 2]);
     record(Stream::compute, Category::backward, "head", norm.layout.unit, static_cast<int>(k), s,
-           now());
+           mark());
     release_params(norm);
     release_params(head);
     after_backward(head, k);
@@ -563,11 +600,11 @@ void TrainerCore<B>::backward(int lc, std::int64_t k, const Batch& mb, float los
     Block& b = ch.blocks[i];
     gather_params(b);
     prepare_grads(b);
-    const double s = now();
+    const Mark s = mark();
     const bool full = plan_.recompute == Recompute::full;
     dy = be_.layer_backward(model_, b.buffers(), tpc, mb, dy, cache[i]);
     record(Stream::compute, full ? Category::recompute : Category::backward, b.layout.name,
-           b.layout.unit, static_cast<int>(k), s, now());
+           b.layout.unit, static_cast<int>(k), s, mark());
     release_params(b);
     after_backward(b, k);
   }
@@ -581,11 +618,11 @@ void TrainerCore<B>::backward(int lc, std::int64_t k, const Batch& mb, float los
       gather_params(*pos);
       prepare_grads(*pos);
     }
-    const double s = now();
+    const Mark s = mark();
     const BlockBuffers eb = emb.buffers();
     const BlockBuffers pb = pos ? pos->buffers() : BlockBuffers{};
     be_.embedding_backward(model_, eb, pos ? &pb : nullptr, tpc, mb, dy);
-    record(Stream::compute, Category::backward, "embedding", 0, static_cast<int>(k), s, now());
+    record(Stream::compute, Category::backward, "embedding", 0, static_cast<int>(k), s, mark());
     release_params(emb);
     if (pos) {
       release_params(*pos);
@@ -650,10 +687,10 @@ template <class B> void TrainerCore<B>::reduce_gradients() {
       if (plan_.zero_stage >= 2) {
         finish_reduce_scatter(b);
       } else if (b.pending.pending()) {
-        const double s = now();
+        const Mark s = mark();
         b.pending.wait();
         record(Stream::dp_comm, Category::dp_comm, "all-reduce wait " + b.layout.name,
-               b.layout.unit, -1, s, now(), 0,
+               b.layout.unit, -1, s, mark(), 0,
                static_cast<double>(B::size(b.grads)) * sizeof(float));
       }
     }
@@ -762,10 +799,10 @@ template <class B> void TrainerCore<B>::publish_params() {
       for (Block& b : c.blocks) {
         if (b.alias)
           continue;
-        const double s = now();
+        const Mark s = mark();
         dp_comm_->broadcast(span_of(b.params), 0);
         record(Stream::dp_comm, Category::dp_comm, "parameter broadcast " + b.layout.name,
-               b.layout.unit, -1, s, now(), 0,
+               b.layout.unit, -1, s, mark(), 0,
                static_cast<double>(B::size(b.params)) * sizeof(float));
       }
     }
@@ -777,13 +814,13 @@ template <class B> void TrainerCore<B>::publish_params() {
     for (Block& b : c.blocks) {
       if (b.alias)
         continue;
-      const double s = now();
+      const Mark s = mark();
       const std::span<float> all = span_of(b.params);
       dp_comm_->all_gather(
           all.subspan(static_cast<std::size_t>(b.own_begin), static_cast<std::size_t>(b.own_size)),
           all);
       record(Stream::dp_comm, Category::dp_comm, "param all-gather " + b.layout.name,
-             b.layout.unit, -1, s, now(), 0,
+             b.layout.unit, -1, s, mark(), 0,
              static_cast<double>(B::size(b.params)) * sizeof(float));
     }
   }
@@ -794,11 +831,14 @@ template <class B> void TrainerCore<B>::publish_params() {
 template <class B> StepStats TrainerCore<B>::step(bool record_step) {
   recording_ = record_step;
   events_.clear();
+  marked_.clear();
   be_.synchronize();
   be_.reset_peak();
   world_->barrier();
   const double start = steady_seconds();
   t0_ = start;
+  if (recording_)
+    be_.begin_recording(t0_);
 
   const int z = plan_.zero_stage;
   for (Chunk& c : chunks_) {
@@ -837,11 +877,12 @@ template <class B> StepStats TrainerCore<B>::step(bool record_step) {
   const double clip = opt_.clip_grad_norm > 0 && norm > opt_.clip_grad_norm
                           ? opt_.clip_grad_norm / (norm + 1e-6)
                           : 1.0;
-  const double opt_start = now();
+  const Mark opt_start = mark();
   adamw(lr, clip);
-  record(Stream::compute, Category::optimizer, "optimizer", -1, -1, opt_start, now());
+  record(Stream::compute, Category::optimizer, "optimizer", -1, -1, opt_start, mark());
   publish_params();
   be_.synchronize();
+  resolve_marks();
   step_count_ += 1;
   samples_consumed_ += plan_.global_batch_size;
 

@@ -16,8 +16,9 @@
 //     send/recv with tags, host → device copy), so any schedule's message order works;
 //   * the loss of each micro-batch is read back to the host (a small synchronisation per
 //     micro-batch on the last stage);
-//   * a recorded step synchronises the device around every event (steady-clock timestamps
-//     of completed work), so its timeline is exact but the step itself runs slower.
+//   * a recorded step times its events with CUDA events on the compute stream (resolved when
+//     the step ends, so recording does not stall the device); tensor-parallel collectives,
+//     which the host waits for anyway, are timed on the host clock around a synchronisation.
 // Checkpoints are the backend-independent Checkpoint of the CPU trainer: a run saved on one
 // backend resumes on the other.
 #pragma once
