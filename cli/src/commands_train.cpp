@@ -64,7 +64,7 @@ struct TrainFlags {
   std::string plan;
   std::string backend = "cpu";
   std::string precision; // empty: the backend's default (cpu fp32, cuda bf16)
-  std::string cluster = "cpu-local";
+  std::string cluster; // empty: cpu-local, or the zoo profile of this GPU with --backend cuda
   std::int64_t steps = 20;
   std::string data;
   std::uint64_t seed = 1;
@@ -100,6 +100,7 @@ struct Setup {
   std::optional<Checkpoint> resume_from;
   std::string resume_source;
   Precision gemm = Precision::fp32; // the GEMMs' precision (cuda: fp32, tf32 or bf16)
+  std::string cluster_name;         // the profile of the MFU denominator
 };
 
 std::unique_ptr<Trainer> make_trainer(const TrainFlags& f, const Setup& s) {
@@ -168,7 +169,21 @@ Setup prepare(const TrainFlags& f, int world_size) {
   // Every input error is found here, on every rank, before any communicator exists.
   trainer_check_plan(s.model, s.plan, world_size, f.plan);
   plan_validate(s.plan, loaded.graph, world_size, f.plan);
-  Cluster cluster = cluster_load(f.cluster).with_devices(world_size);
+  std::string cluster_name = f.cluster.empty() ? "cpu-local" : f.cluster;
+#ifdef PARALLAX_HAVE_CUDA_EXECUTOR
+  if (f.cluster.empty() && f.backend == "cuda") {
+    const std::string gpu = cuda::device_name(0);
+    const std::string_view zoo = cuda::zoo_profile_for(gpu);
+    if (zoo.empty()) {
+      throw InputError("command line", "--cluster",
+                       "a cluster profile for this GPU (the MFU denominator)",
+                       fmt::format("none given, and the zoo has no profile for \"{}\"", gpu));
+    }
+    cluster_name = zoo;
+  }
+#endif
+  Cluster cluster = cluster_load(cluster_name).with_devices(world_size);
+  s.cluster_name = cluster_name;
   if (s.plan.stages.empty()) {
     // The planner's balanced partition, costed in a precision the profile has.
     Plan costed = s.plan;
@@ -254,6 +269,14 @@ int run_train(const TrainFlags& f) {
   }
 
   const bool terminal = rank == 0 && isatty(fileno(stderr)) != 0;
+#ifdef PARALLAX_HAVE_CUDA_EXECUTOR
+  if (rank == 0 && f.backend == "cuda") {
+    std::cerr << fmt::format("parallax train: cuda backend on {} ({} ranks), {} GEMMs, MFU "
+                             "against the {} profile\n",
+                             cuda::device_name(0), world_size, precision_name(setup.gemm),
+                             setup.cluster_name);
+  }
+#endif
   const std::optional<Fault> fault = fault_from_environment();
   try {
     const std::unique_ptr<Trainer> trainer_ptr = make_trainer(f, setup);
@@ -344,7 +367,8 @@ Run register_train(CLI::App& app) {
                   "GEMM precision: fp32 (cpu, cuda), tf32 or bf16 (cuda; bf16 is its default: "
                   "bf16 GEMM inputs, fp32 master weights and accumulation)");
   cmd->add_option("--cluster", f->cluster,
-                  "Profile whose device peak is the MFU denominator (default cpu-local)");
+                  "Profile whose device peak is the MFU denominator (default: cpu-local, or with "
+                  "--backend cuda the zoo profile of this GPU)");
   cmd->add_option("--steps", f->steps, "Train until this many optimizer steps are done");
   cmd->add_option("--data", f->data,
                   "uint16 token file (nanoGPT .bin or llm.c); default synthetic");

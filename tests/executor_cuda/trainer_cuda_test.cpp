@@ -166,5 +166,16 @@ TEST(CudaTrainer, Bf16MixedPrecisionTracksFp32) {
   }
 }
 
+// Pure host code: runs without a device. The profile `train --backend cuda` divides by.
+TEST(CudaDevice, ZooProfileForKnownGpuNames) {
+  EXPECT_EQ(zoo_profile_for("NVIDIA H100 80GB HBM3"), "dgx-h100");
+  EXPECT_EQ(zoo_profile_for("NVIDIA H200"), "dgx-h200");
+  EXPECT_EQ(zoo_profile_for("NVIDIA A100-SXM4-80GB"), "dgx-a100-80g");
+  EXPECT_EQ(zoo_profile_for("NVIDIA A100-SXM4-40GB"), "dgx-a100-40g");
+  EXPECT_EQ(zoo_profile_for("Tesla V100-SXM3-32GB"), "dgx2-v100");
+  EXPECT_EQ(zoo_profile_for("NVIDIA GeForce RTX 4090"), "");
+  EXPECT_EQ(zoo_profile_for(""), "");
+}
+
 } // namespace
 } // namespace parallax::cuda

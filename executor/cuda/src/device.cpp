@@ -34,4 +34,25 @@ void device_synchronize() {
   PARALLAX_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+std::string device_name(int device) {
+  if (device < 0 || device >= device_count())
+    return {};
+  cudaDeviceProp prop{};
+  PARALLAX_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop.name;
+}
+
+std::string_view zoo_profile_for(std::string_view name) {
+  const auto has = [&](std::string_view s) { return name.find(s) != std::string_view::npos; };
+  if (has("H200"))
+    return "dgx-h200";
+  if (has("H100"))
+    return "dgx-h100";
+  if (has("A100"))
+    return has("80GB") ? "dgx-a100-80g" : "dgx-a100-40g";
+  if (has("V100"))
+    return "dgx2-v100";
+  return {};
+}
+
 } // namespace parallax::cuda

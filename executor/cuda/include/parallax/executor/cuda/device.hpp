@@ -14,6 +14,9 @@
 // Headers here include only plain C CUDA headers, so host C++ uses them without nvcc.
 #pragma once
 
+#include <string>
+#include <string_view>
+
 namespace parallax::cuda {
 
 // True when the CUDA runtime finds at least one device. Never aborts: a machine without a
@@ -26,5 +29,10 @@ void set_device(int device);
 int current_device();
 // Waits for all work on the current device.
 void device_synchronize();
+// The marketing name of device `device` (e.g. "NVIDIA H100 80GB HBM3"); empty without one.
+std::string device_name(int device = 0);
+// The zoo cluster profile whose device is this GPU model ("dgx-h100", "dgx-h200",
+// "dgx-a100-80g", "dgx-a100-40g", "dgx2-v100"), or empty for a device the zoo does not have.
+std::string_view zoo_profile_for(std::string_view device_name);
 
 } // namespace parallax::cuda
