@@ -63,7 +63,8 @@ struct TrainFlags {
   std::string model;
   std::string plan;
   std::string backend = "cpu";
-  std::string precision; // empty: the backend's default (cpu fp32, cuda bf16)
+  std::string precision;          // empty: the backend's default (cpu fp32, cuda bf16)
+  std::string attention = "gemm"; // cuda: gemm (tensor cores, seq² memory) or flash
   std::string cluster; // empty: cpu-local, or the zoo profile of this GPU with --backend cuda
   std::int64_t steps = 20;
   std::string data;
@@ -109,7 +110,10 @@ std::unique_ptr<Trainer> make_trainer(const TrainFlags& f, const Setup& s) {
     const cuda::GemmPrecision p = s.gemm == Precision::bf16   ? cuda::GemmPrecision::bf16
                                   : s.gemm == Precision::tf32 ? cuda::GemmPrecision::tf32
                                                               : cuda::GemmPrecision::f32;
-    return cuda::make_trainer(s.model, s.plan, s.options, f.plan, p);
+    return cuda::make_trainer(s.model, s.plan, s.options, f.plan,
+                              {.precision = p,
+                               .attention = f.attention == "flash" ? cuda::AttentionKernel::flash
+                                                                   : cuda::AttentionKernel::gemm});
   }
 #endif
   return std::make_unique<Trainer>(s.model, s.plan, s.options, f.plan);
@@ -130,8 +134,12 @@ Setup prepare(const TrainFlags& f, int world_size) {
                      "\"cuda\"");
 #endif
   }
-  const std::string precision = f.precision.empty() ? (f.backend == "cuda" ? "bf16" : "fp32")
-                                                    : f.precision;
+  const std::string precision =
+      f.precision.empty() ? (f.backend == "cuda" ? "bf16" : "fp32") : f.precision;
+  if (f.attention != "gemm" && f.attention != "flash") {
+    throw InputError("command line", "--attention", "\"gemm\" or \"flash\"",
+                     fmt::format("\"{}\"", f.attention));
+  }
   const bool cuda_precision = precision == "tf32" || precision == "bf16";
   if (precision != "fp32" && !(f.backend == "cuda" && cuda_precision)) {
     throw InputError("command line", "--precision",
@@ -366,6 +374,9 @@ Run register_train(CLI::App& app) {
   cmd->add_option("--precision", f->precision,
                   "GEMM precision: fp32 (cpu, cuda), tf32 or bf16 (cuda; bf16 is its default: "
                   "bf16 GEMM inputs, fp32 master weights and accumulation)");
+  cmd->add_option("--attention", f->attention,
+                  "cuda attention kernels: gemm (batched GEMMs on tensor cores, keeps the "
+                  "seq x seq probabilities) or flash (CUDA cores, keeps only their log-sum-exp)");
   cmd->add_option("--cluster", f->cluster,
                   "Profile whose device peak is the MFU denominator (default: cpu-local, or with "
                   "--backend cuda the zoo profile of this GPU)");

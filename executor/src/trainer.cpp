@@ -86,8 +86,8 @@ struct CpuBackend {
                           const TpContext& tp, const Batch& mb, const Act& dx) {
     parallax::embedding_backward(m, emb, pos, tp, mb, dx);
   }
-  Act layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
-                    const Batch& mb, const Act& x, KeepMode keep, Cache& cache) {
+  Act layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp, const Batch& mb,
+                    const Act& x, KeepMode keep, Cache& cache) {
     return parallax::layer_forward(m, b, tp, mb, x, keep, cache);
   }
   Act layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,

@@ -70,12 +70,15 @@ void expect_same_run(const std::vector<StepStats>& cuda, const std::vector<StepS
 TEST(CudaTrainer, MatchesTheCpuTrainerStepForStep) {
   SKIP_WITHOUT_GPU();
   for (const char* name : {"gpt-tiny", "llama-tiny"}) {
-    SCOPED_TRACE(name);
     const ExecModel m = tiny(name);
     Trainer cpu(m, one_rank(), options(), "plan");
     const auto want = run(cpu, 6);
-    const auto cuda = make_trainer(m, one_rank(), options(), "plan", GemmPrecision::f32);
-    expect_same_run(run(*cuda, 6), want);
+    for (const AttentionKernel kernel : {AttentionKernel::gemm, AttentionKernel::flash}) {
+      SCOPED_TRACE(std::string(name) + (kernel == AttentionKernel::gemm ? " gemm" : " flash"));
+      const auto cuda = make_trainer(m, one_rank(), options(), "plan",
+                                     {.precision = GemmPrecision::f32, .attention = kernel});
+      expect_same_run(run(*cuda, 6), want);
+    }
   }
 }
 
@@ -87,7 +90,8 @@ TEST(CudaTrainer, RecomputationAndZeroStagesMatchTheCpuTrainer) {
       SCOPED_TRACE(std::string(recompute_name(rc)) + " zero " + std::to_string(zero));
       Trainer cpu(m, one_rank(rc, zero), options(), "plan");
       const auto want = run(cpu, 3);
-      const auto cuda = make_trainer(m, one_rank(rc, zero), options(), "plan", GemmPrecision::f32);
+      const auto cuda =
+          make_trainer(m, one_rank(rc, zero), options(), "plan", {.precision = GemmPrecision::f32});
       expect_same_run(run(*cuda, 3), want);
     }
   }
@@ -96,8 +100,10 @@ TEST(CudaTrainer, RecomputationAndZeroStagesMatchTheCpuTrainer) {
 TEST(CudaTrainer, Tf32StaysCloseToFp32) {
   SKIP_WITHOUT_GPU();
   const ExecModel m = tiny("gpt-tiny");
-  const auto f32 = make_trainer(m, one_rank(), options(), "plan", GemmPrecision::f32);
-  const auto tf32 = make_trainer(m, one_rank(), options(), "plan", GemmPrecision::tf32);
+  const auto f32 =
+      make_trainer(m, one_rank(), options(), "plan", {.precision = GemmPrecision::f32});
+  const auto tf32 =
+      make_trainer(m, one_rank(), options(), "plan", {.precision = GemmPrecision::tf32});
   const auto a = run(*f32, 4);
   const auto b = run(*tf32, 4);
   for (std::size_t i = 0; i < a.size(); ++i)
@@ -112,7 +118,7 @@ TEST(CudaTrainer, CheckpointsMoveBetweenBackends) {
   run(cpu, 2);
   const Checkpoint after_cpu = cpu.checkpoint();
   const auto cuda = make_trainer(m, one_rank(Recompute::none, 3), options(), "plan",
-                                 GemmPrecision::f32);
+                                 {.precision = GemmPrecision::f32});
   cuda->restore(after_cpu, "checkpoint");
   EXPECT_EQ(cuda->steps_done(), 2);
   expect_same_run(run(*cuda, 2), run(cpu, 2));
@@ -126,9 +132,10 @@ TEST(CudaTrainer, CheckpointsMoveBetweenBackends) {
 TEST(CudaTrainer, AccountsDeviceMemoryAndRecordsEvents) {
   SKIP_WITHOUT_GPU();
   const ExecModel m = tiny("gpt-tiny");
-  const auto keep_all = make_trainer(m, one_rank(), options(), "plan", GemmPrecision::f32);
-  const auto recompute =
-      make_trainer(m, one_rank(Recompute::full), options(), "plan", GemmPrecision::f32);
+  const auto keep_all =
+      make_trainer(m, one_rank(), options(), "plan", {.precision = GemmPrecision::f32});
+  const auto recompute = make_trainer(m, one_rank(Recompute::full), options(), "plan",
+                                      {.precision = GemmPrecision::f32});
   const StepStats a = keep_all->step(true);
   const StepStats b = recompute->step();
   EXPECT_GT(a.peak_memory_bytes, 0);
@@ -151,9 +158,10 @@ TEST(CudaTrainer, Bf16MixedPrecisionTracksFp32) {
   for (const char* name : {"gpt-tiny", "llama-tiny"}) {
     SCOPED_TRACE(name);
     const ExecModel m = tiny(name);
-    const auto f32 = make_trainer(m, one_rank(), options(), "plan", GemmPrecision::f32);
+    const auto f32 =
+        make_trainer(m, one_rank(), options(), "plan", {.precision = GemmPrecision::f32});
     const auto bf16 = make_trainer(m, one_rank(Recompute::full, 3), options(), "plan",
-                                   GemmPrecision::bf16);
+                                   {.precision = GemmPrecision::bf16});
     const auto a = run(*f32, 6);
     const auto b = run(*bf16, 6);
     for (std::size_t i = 0; i < a.size(); ++i) {

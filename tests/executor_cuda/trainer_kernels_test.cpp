@@ -1,9 +1,11 @@
 // The device trainer's own kernels against the CPU ops of the same names: vocabulary-parallel
 // embedding forward/backward (repeated and foreign tokens), rotary forward and back, the
-// cross-entropy pieces with a vocabulary shard, elementwise sums and the deterministic sum of
-// squares. Every test skips itself, with a message, on a machine without a CUDA device.
+// cross-entropy pieces with a vocabulary shard, the batched-GEMM attention, elementwise sums and
+// the deterministic sum of squares. Every test skips itself, with a message, on a machine
+// without a CUDA device.
 #include "cuda_test_util.hpp"
 
+#include "parallax/executor/cuda/attention_gemm.hpp"
 #include "parallax/executor/cuda/check.hpp"
 #include "parallax/executor/cuda/device.hpp"
 #include "parallax/executor/cuda/ops.hpp"
@@ -34,8 +36,8 @@ class Ints {
 public:
   Ints(DeviceAllocator& alloc, const std::vector<std::int32_t>& host) : alloc_(alloc) {
     data_ = alloc.allocate(host.size() * sizeof(std::int32_t));
-    PARALLAX_CUDA_CHECK(cudaMemcpy(data_, host.data(), host.size() * sizeof(std::int32_t),
-                                   cudaMemcpyHostToDevice));
+    PARALLAX_CUDA_CHECK(
+        cudaMemcpy(data_, host.data(), host.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice));
     device_synchronize();
   }
   ~Ints() { alloc_.deallocate(data_); }
@@ -163,6 +165,64 @@ TEST(CrossEntropyPiecesCuda, VocabularyShardMatchesCpu) {
   expect_close(logits_d.to_host(), dlogits, 1e-4, 1e-8, "logits gradient (in place)");
 }
 
+// The batched-GEMM attention against the CPU ops: probabilities, output and the three input
+// gradients, in fp32 (tight) and bf16 (bf16 rounding of every GEMM input).
+void check_attention_gemm(const AttentionShape& shape, GemmPrecision precision, unsigned seed) {
+  std::mt19937 rng(seed);
+  const ops::AttentionShape cs{shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim};
+  const Index rows = shape.batch * shape.seq;
+  const Index qw = Index{shape.heads} * shape.head_dim;
+  const Index kw = Index{shape.kv_heads} * shape.head_dim;
+  const Tensor q = random_tensor(rng, rows, qw);
+  const Tensor k = random_tensor(rng, rows, kw);
+  const Tensor v = random_tensor(rng, rows, kw);
+  const Tensor dout = random_tensor(rng, rows, qw);
+  Tensor probs(shape.batch * shape.heads, shape.seq * shape.seq);
+  Tensor out_ref(rows, qw);
+  ops::attention_forward(q, k, v, cs, probs, out_ref);
+  Tensor dq_ref(rows, qw), dk_ref(rows, kw), dv_ref(rows, kw);
+  ops::attention_backward(q, k, v, probs, dout, cs, dq_ref, dk_ref, dv_ref);
+
+  DeviceAllocator alloc;
+  Stream stream;
+  Blas blas(alloc);
+  const DeviceTensor q_d = upload(alloc, q), k_d = upload(alloc, k), v_d = upload(alloc, v),
+                     dout_d = upload(alloc, dout);
+  DeviceTensor probs_d(alloc, probs.rows(), probs.cols());
+  DeviceTensor again_d(alloc, probs.rows(), probs.cols());
+  DeviceTensor out_d(alloc, rows, qw), dq_d(alloc, rows, qw), dk_d(alloc, rows, kw),
+      dv_d(alloc, rows, kw);
+  attention_gemm_forward(blas, precision, alloc, q_d, k_d, v_d, shape, probs_d, out_d, stream);
+  attention_gemm_probs(blas, precision, alloc, q_d, k_d, shape, again_d, stream);
+  attention_gemm_backward(blas, precision, alloc, q_d, k_d, v_d, probs_d, dout_d, shape, dq_d, dk_d,
+                          dv_d, stream);
+  stream.synchronize();
+  // bf16 keeps 8 significant bits of every GEMM input, tf32 11, fp32 24.
+  const double rel = precision == GemmPrecision::bf16   ? 3e-2
+                     : precision == GemmPrecision::tf32 ? 5e-3
+                                                        : 1e-4;
+  const double abs = precision == GemmPrecision::f32 ? 2e-5 : rel;
+  const std::string what = std::string("gemm attention ") + gemm_precision_name(precision) + " b" +
+                           std::to_string(shape.batch) + " s" + std::to_string(shape.seq) + " a" +
+                           std::to_string(shape.heads) + " g" + std::to_string(shape.kv_heads) +
+                           " d" + std::to_string(shape.head_dim);
+  expect_close(probs_d.to_host(), probs, rel, abs, what + " probs");
+  EXPECT_EQ(again_d.to_host(), probs_d.to_host()) << what << ": recomputed probabilities differ";
+  expect_close(out_d.to_host(), out_ref, rel, abs, what + " out");
+  expect_close(dq_d.to_host(), dq_ref, 10 * rel, 10 * abs, what + " dq");
+  expect_close(dk_d.to_host(), dk_ref, 10 * rel, 10 * abs, what + " dk");
+  expect_close(dv_d.to_host(), dv_ref, 10 * rel, 10 * abs, what + " dv");
+}
+
+TEST(AttentionGemmCuda, MatchesCpuWithGroupedQueriesAndOddSequences) {
+  SKIP_WITHOUT_GPU();
+  check_attention_gemm({2, 45, 4, 2, 32}, GemmPrecision::f32, 51);
+  check_attention_gemm({1, 70, 3, 3, 64}, GemmPrecision::f32, 52);
+  check_attention_gemm({3, 1, 2, 2, 16}, GemmPrecision::f32, 53); // one position: out = v
+  check_attention_gemm({2, 64, 4, 1, 64}, GemmPrecision::bf16, 54);
+  check_attention_gemm({1, 33, 2, 2, 24}, GemmPrecision::tf32, 55);
+}
+
 TEST(ElementwiseCuda, SumsAndSumOfSquares) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(14);
@@ -199,15 +259,15 @@ TEST(ElementwiseCuda, SumsAndSumOfSquares) {
   // The same sum again is the same bits (fixed grid, fixed order).
   total.zero(stream);
   accumulate_sum_squares(static_cast<const float*>(b_d.data()), n,
-                         static_cast<double*>(total.data()),
-                         static_cast<double*>(partials.data()), stream);
+                         static_cast<double*>(total.data()), static_cast<double*>(partials.data()),
+                         stream);
   stream.synchronize();
   double first = 0;
   PARALLAX_CUDA_CHECK(cudaMemcpy(&first, total.data(), sizeof(double), cudaMemcpyDeviceToHost));
   total.zero(stream);
   accumulate_sum_squares(static_cast<const float*>(b_d.data()), n,
-                         static_cast<double*>(total.data()),
-                         static_cast<double*>(partials.data()), stream);
+                         static_cast<double*>(total.data()), static_cast<double*>(partials.data()),
+                         stream);
   stream.synchronize();
   double second = 0;
   PARALLAX_CUDA_CHECK(cudaMemcpy(&second, total.data(), sizeof(double), cudaMemcpyDeviceToHost));

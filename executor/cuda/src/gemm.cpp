@@ -103,9 +103,41 @@ Blas::~Blas() {
   (void)cublasLtDestroy(handle_);
 }
 
+namespace {
+
+void set_batch(const Layout& layout, std::int64_t count, std::int64_t stride) {
+  const std::int32_t n = static_cast<std::int32_t>(count);
+  PARALLAX_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
+      layout.get(), CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &n, sizeof(n)));
+  PARALLAX_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
+      layout.get(), CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride, sizeof(stride)));
+}
+
+void matmul_impl(Blas& blas, GemmPrecision precision, DeviceView a, bool transpose_a, DeviceView b,
+                 bool transpose_b, DeviceView c, float alpha, float beta, DeviceView bias,
+                 const GemmBatch& batch, cudaStream_t stream);
+
+} // namespace
+
 void matmul(Blas& blas, GemmPrecision precision, DeviceView a, bool transpose_a, DeviceView b,
             bool transpose_b, DeviceView c, float alpha, float beta, DeviceView bias,
             cudaStream_t stream) {
+  matmul_impl(blas, precision, a, transpose_a, b, transpose_b, c, alpha, beta, bias, GemmBatch{},
+              stream);
+}
+
+void matmul_batched(Blas& blas, GemmPrecision precision, DeviceView a, bool transpose_a,
+                    DeviceView b, bool transpose_b, DeviceView c, float alpha, float beta,
+                    const GemmBatch& batch, cudaStream_t stream) {
+  PARALLAX_CHECK(batch.count >= 1 && batch.count <= INT32_MAX, "matmul batch count out of range");
+  matmul_impl(blas, precision, a, transpose_a, b, transpose_b, c, alpha, beta, {}, batch, stream);
+}
+
+namespace {
+
+void matmul_impl(Blas& blas, GemmPrecision precision, DeviceView a, bool transpose_a, DeviceView b,
+                 bool transpose_b, DeviceView c, float alpha, float beta, DeviceView bias,
+                 const GemmBatch& batch, cudaStream_t stream) {
   const DType in = gemm_input_dtype(precision);
   const std::int64_t m = transpose_a ? a.cols : a.rows;
   const std::int64_t k = transpose_a ? a.rows : a.cols;
@@ -130,6 +162,12 @@ void matmul(Blas& blas, GemmPrecision precision, DeviceView a, bool transpose_a,
   const Operand lt_a = make_operand(b, transpose_b, in_type);
   const Operand lt_b = make_operand(a, transpose_a, in_type);
   const Layout lt_c = make_layout(CUDA_R_32F, n, m, n);
+  if (batch.count > 1) {
+    // cuBLASLt's A is our B and its B our A (see above).
+    set_batch(lt_a.layout, batch.count, batch.stride_b);
+    set_batch(lt_b.layout, batch.count, batch.stride_a);
+    set_batch(lt_c, batch.count, batch.stride_c);
+  }
 
   cublasLtMatmulDesc_t raw_desc = nullptr;
   PARALLAX_CUBLAS_CHECK(cublasLtMatmulDescCreate(&raw_desc, compute, CUDA_R_32F));
@@ -178,6 +216,8 @@ void matmul(Blas& blas, GemmPrecision precision, DeviceView a, bool transpose_a,
   if (bias && !bias_fused)
     add_bias(c, bias, stream);
 }
+
+} // namespace
 
 void linear_forward(Blas& blas, DeviceView x, DeviceView w, DeviceView b, DeviceView y,
                     GemmPrecision precision, cudaStream_t stream) {

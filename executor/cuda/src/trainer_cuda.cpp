@@ -6,6 +6,7 @@
 
 #include "parallax/core/error.hpp"
 #include "parallax/executor/cuda/adamw.hpp"
+#include "parallax/executor/cuda/attention_gemm.hpp"
 #include "parallax/executor/cuda/check.hpp"
 #include "parallax/executor/cuda/device.hpp"
 #include "parallax/executor/cuda/device_allocator.hpp"
@@ -36,8 +37,8 @@ public:
       : allocator_(&allocator) {
     data_ = static_cast<std::int32_t*>(allocator.allocate(host.size_bytes()));
     if (!host.empty()) {
-      PARALLAX_CUDA_CHECK(cudaMemcpyAsync(data_, host.data(), host.size_bytes(),
-                                          cudaMemcpyHostToDevice, stream));
+      PARALLAX_CUDA_CHECK(
+          cudaMemcpyAsync(data_, host.data(), host.size_bytes(), cudaMemcpyHostToDevice, stream));
     }
   }
   ~DeviceInts() {
@@ -90,13 +91,14 @@ struct Ctx {
   Blas& blas;
   cudaStream_t stream;
   GemmPrecision precision;
+  AttentionKernel attention;
 
   DeviceTensor make(Index rows, Index cols) const { return DeviceTensor(alloc, rows, cols); }
   DeviceTensor copy(const DeviceTensor& x) const {
     DeviceTensor y = make(x.rows(), x.cols());
     if (x.size() > 0) {
-      PARALLAX_CUDA_CHECK(cudaMemcpyAsync(y.data(), x.data(), static_cast<std::size_t>(x.size()) *
-                                                                  sizeof(float),
+      PARALLAX_CUDA_CHECK(cudaMemcpyAsync(y.data(), x.data(),
+                                          static_cast<std::size_t>(x.size()) * sizeof(float),
                                           cudaMemcpyDeviceToDevice, stream));
     }
     return y;
@@ -143,8 +145,7 @@ struct Ctx {
     if (db)
       accumulate_column_sums(dy, db, stream);
     const Operand xo = operand(x), wo = operand(w), dyo = operand(dy);
-    linear_backward(blas, xo.view, wo.view, dyo.view, dx, dw, {}, precision, stream,
-                    accumulate_dx);
+    linear_backward(blas, xo.view, wo.view, dyo.view, dx, dw, {}, precision, stream, accumulate_dx);
   }
   // c = alpha·op(a)·op(b) + beta·c.
   void gemm(DeviceView a, bool ta, DeviceView b, bool tb, DeviceView out, float beta) const {
@@ -248,8 +249,8 @@ void norm_backward(const Ctx& c, const ExecModel& m, const BlockBuffers& b,
 
 // ---- transformer layer ----
 
-// Cache slots of a transformer layer (the attention keeps its log-sum-exp, never the
-// probabilities, so selective recomputation has nothing left to drop).
+// Cache slots of a transformer layer. The GEMM attention keeps the probabilities (selective
+// recomputation drops them), the flash attention only their log-sum-exp.
 enum Slot : std::size_t {
   kX,
   kLn1Mean,
@@ -258,6 +259,7 @@ enum Slot : std::size_t {
   kQ,
   kK,
   kV,
+  kProbs,
   kLse,
   kAtt,
   kX1,
@@ -303,8 +305,16 @@ DeviceTensor layer_forward(const Ctx& c, const ExecModel& m, const BlockBuffers&
     rope(t[kK], static_cast<int>(d), mb.full_positions.get(), m.rope_theta, 1.0f, c.stream);
   }
   t[kAtt] = c.make(n, shape.heads * d);
-  t[kLse] = c.make(shape.batch * shape.heads, shape.seq);
-  attention_forward(t[kQ], t[kK], t[kV], shape, t[kAtt], t[kLse], c.stream);
+  if (c.attention == AttentionKernel::gemm) {
+    t[kProbs] = c.make(shape.batch * shape.heads, shape.seq * shape.seq);
+    attention_gemm_forward(c.blas, c.precision, c.alloc, t[kQ], t[kK], t[kV], shape, t[kProbs],
+                           t[kAtt], c.stream);
+    if (keep != KeepMode::all)
+      t[kProbs].release();
+  } else {
+    t[kLse] = c.make(shape.batch * shape.heads, shape.seq);
+    attention_forward(t[kQ], t[kK], t[kV], shape, t[kAtt], t[kLse], c.stream);
+  }
   DeviceTensor o = c.make(n, h);
   c.linear(t[kAtt], param(b, "attn.wo"), {}, o);
   o = tp_reduce(c, tp, std::move(o));
@@ -379,15 +389,13 @@ DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers
     DeviceTensor dgate = c.make(n, t[kU].cols());
     DeviceTensor dup = c.make(n, t[kU].cols());
     swiglu_backward(t[kU], t[kUp], dact, dgate, dup, c.stream);
-    c.linear_grad(t[kLn2Full], param(b, "mlp.wg"), dgate, dln2_full, grad(b, "mlp.wg"),
-                    {});
-    c.linear_grad(t[kLn2Full], param(b, "mlp.wu"), dup, dln2_full, grad(b, "mlp.wu"),
-                    {}, true);
+    c.linear_grad(t[kLn2Full], param(b, "mlp.wg"), dgate, dln2_full, grad(b, "mlp.wg"), {});
+    c.linear_grad(t[kLn2Full], param(b, "mlp.wu"), dup, dln2_full, grad(b, "mlp.wu"), {}, true);
   } else {
     DeviceTensor du = c.make(n, t[kU].cols());
     gelu_backward(t[kU], dact, du, c.stream);
     c.linear_grad(t[kLn2Full], param(b, "mlp.w1"), du, dln2_full, grad(b, "mlp.w1"),
-                    opt_grad(m, b, "mlp.b1"));
+                  opt_grad(m, b, "mlp.b1"));
   }
   t[kU].release();
   t[kUp].release();
@@ -406,22 +414,34 @@ DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers
   DeviceTensor dq = c.make(n, t[kQ].cols());
   DeviceTensor dk = c.make(n, t[kK].cols());
   DeviceTensor dv = c.make(n, t[kV].cols());
-  DeviceTensor delta = c.make(t[kLse].rows(), t[kLse].cols());
-  attention_backward(t[kQ], t[kK], t[kV], t[kAtt], datt, t[kLse], shape, delta, dq, dk, dv,
-                     c.stream);
-  t[kAtt].release();
-  t[kLse].release();
+  if (c.attention == AttentionKernel::gemm) {
+    t[kAtt].release();
+    if (t[kProbs].empty()) {
+      // Selective recomputation: the probabilities come back from q and k.
+      t[kProbs] = c.make(shape.batch * shape.heads, shape.seq * shape.seq);
+      attention_gemm_probs(c.blas, c.precision, c.alloc, t[kQ], t[kK], shape, t[kProbs], c.stream);
+    }
+    attention_gemm_backward(c.blas, c.precision, c.alloc, t[kQ], t[kK], t[kV], t[kProbs], datt,
+                            shape, dq, dk, dv, c.stream);
+    t[kProbs].release();
+  } else {
+    DeviceTensor delta = c.make(t[kLse].rows(), t[kLse].cols());
+    attention_backward(t[kQ], t[kK], t[kV], t[kAtt], datt, t[kLse], shape, delta, dq, dk, dv,
+                       c.stream);
+    t[kAtt].release();
+    t[kLse].release();
+  }
   if (m.rope()) {
     rope(dq, shape.head_dim, mb.full_positions.get(), m.rope_theta, -1.0f, c.stream);
     rope(dk, shape.head_dim, mb.full_positions.get(), m.rope_theta, -1.0f, c.stream);
   }
   DeviceTensor dln1_full = c.make(n, h);
   c.linear_grad(t[kLn1Full], param(b, "attn.wq"), dq, dln1_full, grad(b, "attn.wq"),
-                  opt_grad(m, b, "attn.bq"));
+                opt_grad(m, b, "attn.bq"));
   c.linear_grad(t[kLn1Full], param(b, "attn.wk"), dk, dln1_full, grad(b, "attn.wk"),
-                  opt_grad(m, b, "attn.bk"), true);
+                opt_grad(m, b, "attn.bk"), true);
   c.linear_grad(t[kLn1Full], param(b, "attn.wv"), dv, dln1_full, grad(b, "attn.wv"),
-                  opt_grad(m, b, "attn.bv"), true);
+                opt_grad(m, b, "attn.bv"), true);
   const DeviceTensor dln1 = tp_reduce(c, tp, std::move(dln1_full));
   norm_backward(c, m, b, "ln1", t[kX], t[kLn1Mean], t[kLn1Rstd], dln1, dx1, true);
   cache.t.clear();
@@ -431,8 +451,8 @@ DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers
 // ---- embedding and head ----
 
 DeviceTensor embed_forward(const Ctx& c, const ExecModel& m, const BlockBuffers& emb,
-                               const BlockBuffers* positions, const TpContext& tp,
-                               const DeviceBatch& mb) {
+                           const BlockBuffers* positions, const TpContext& tp,
+                           const DeviceBatch& mb) {
   DeviceTensor e = c.make(mb.host.batch * mb.host.seq, m.config.hidden_size);
   cuda::embedding_forward(mb.inputs.get(), param(emb, "wte"), emb.layout->param("wte").row0, e,
                           false, c.stream);
@@ -443,7 +463,7 @@ DeviceTensor embed_forward(const Ctx& c, const ExecModel& m, const BlockBuffers&
 }
 
 void embed_backward(const Ctx& c, const BlockBuffers& emb, const BlockBuffers* positions,
-                        const TpContext& tp, const DeviceBatch& mb, const DeviceTensor& dx) {
+                    const TpContext& tp, const DeviceBatch& mb, const DeviceTensor& dx) {
   if (positions != nullptr) {
     const DeviceGroups& g = mb.position_groups;
     cuda::embedding_backward(g.order.get(), g.starts.get(), g.tokens.get(), g.host.groups(), dx, 0,
@@ -458,8 +478,7 @@ void embed_backward(const Ctx& c, const BlockBuffers& emb, const BlockBuffers* p
 enum HeadSlot : std::size_t { kHX, kHMean, kHRstd, kHFull, kHLogits, kHMax, kHSum, kHNumSlots };
 
 std::int64_t vocab_begin(const ExecModel& m, const BlockBuffers& head) {
-  return m.config.tied_embeddings ? head.layout->param("wte").row0
-                                  : head.layout->param("w").col0;
+  return m.config.tied_embeddings ? head.layout->param("wte").row0 : head.layout->param("w").col0;
 }
 
 double head_forward(const Ctx& c, const ExecModel& m, const BlockBuffers& norm,
@@ -540,9 +559,10 @@ DeviceTensor head_backward(const Ctx& c, const ExecModel& m, const BlockBuffers&
 
 // Device state shared by the backend's copies (TrainerCore keeps one; it moves in).
 struct DeviceState {
-  explicit DeviceState(GemmPrecision p) : precision(p) {
+  explicit DeviceState(const DeviceTrainOptions& o)
+      : precision(o.precision), attention(o.attention) {
     blas = std::make_unique<Blas>(alloc);
-    norm_total = DeviceTensor(alloc, 1, 2);                     // one double
+    norm_total = DeviceTensor(alloc, 1, 2);                        // one double
     norm_partials = DeviceTensor(alloc, 1, 2 * kSumSquaresBlocks); // kSumSquaresBlocks doubles
   }
   ~DeviceState() {
@@ -553,6 +573,7 @@ struct DeviceState {
   Stream stream;
   std::unique_ptr<Blas> blas;
   GemmPrecision precision;
+  AttentionKernel attention;
   DeviceTensor norm_total;
   DeviceTensor norm_partials;
   // The recorded step's marks: events on the compute stream, timed against `reference`,
@@ -574,7 +595,7 @@ struct CudaBackend {
 
   std::unique_ptr<DeviceState> s;
 
-  Ctx ctx() const { return {s->alloc, *s->blas, s->stream, s->precision}; }
+  Ctx ctx() const { return {s->alloc, *s->blas, s->stream, s->precision, s->attention}; }
 
   static float* data(const Flat& f) { return static_cast<float*>(f.data()); }
   static std::int64_t size(const Flat& f) { return f.size(); }
@@ -661,7 +682,8 @@ struct CudaBackend {
     const Index n = b.host.batch * b.host.seq;
     b.full_positions_host.resize(static_cast<std::size_t>(n));
     for (Index r = 0; r < n; ++r)
-      b.full_positions_host[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(r % b.host.seq);
+      b.full_positions_host[static_cast<std::size_t>(r)] =
+          static_cast<std::int32_t>(r % b.host.seq);
     b.inputs = DeviceInts(s->alloc, b.host.inputs, s->stream);
     b.targets = DeviceInts(s->alloc, b.host.targets, s->stream);
     b.positions = DeviceInts(s->alloc, b.host.positions, s->stream);
@@ -674,13 +696,12 @@ struct CudaBackend {
                         const TpContext& tp, const Batch& mb) {
     return embed_forward(ctx(), m, emb, pos, tp, mb);
   }
-  void embedding_backward(const ExecModel& /*m*/, const BlockBuffers& emb,
-                          const BlockBuffers* pos, const TpContext& tp, const Batch& mb,
-                          const Act& dx) {
+  void embedding_backward(const ExecModel& /*m*/, const BlockBuffers& emb, const BlockBuffers* pos,
+                          const TpContext& tp, const Batch& mb, const Act& dx) {
     embed_backward(ctx(), emb, pos, tp, mb, dx);
   }
-  Act layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
-                    const Batch& mb, const Act& x, KeepMode keep, Cache& cache) {
+  Act layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp, const Batch& mb,
+                    const Act& x, KeepMode keep, Cache& cache) {
     return cuda::layer_forward(ctx(), m, b, tp, mb, x, keep, cache);
   }
   Act layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
@@ -722,12 +743,12 @@ struct CudaBackend {
 
 std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                                       const TrainOptions& options, const std::string& plan_source,
-                                      GemmPrecision precision) {
+                                      const DeviceTrainOptions& device) {
   if (!gpu_available()) {
     throw std::runtime_error("the CUDA trainer needs a CUDA device, and this process sees none");
   }
   bind_local_device();
-  CudaBackend backend{std::make_unique<DeviceState>(precision)};
+  CudaBackend backend{std::make_unique<DeviceState>(device)};
   return std::make_unique<Trainer>(std::make_unique<detail::TrainerCore<CudaBackend>>(
       std::move(backend), model, plan, options, plan_source));
 }

@@ -103,10 +103,9 @@ __global__ void target_logits_kernel(const float* logits, std::int64_t rows, std
 }
 
 __global__ void cross_entropy_backward_kernel(const float* logits, std::int64_t rows,
-                                              std::int64_t cols, const float* max,
-                                              const float* sum, const std::int32_t* targets,
-                                              std::int64_t vocab_begin, float scale,
-                                              float* dlogits) {
+                                              std::int64_t cols, const float* max, const float* sum,
+                                              const std::int32_t* targets, std::int64_t vocab_begin,
+                                              float scale, float* dlogits) {
   const std::int64_t n = rows * cols;
   for (std::int64_t i = detail::global_thread(); i < n; i += detail::grid_threads()) {
     const std::int64_t r = i / cols;
@@ -197,8 +196,7 @@ TokenGroups TokenGroups::of(std::span<const std::int32_t> row_tokens) {
 void embedding_backward(const std::int32_t* order, const std::int32_t* starts,
                         const std::int32_t* tokens, std::int64_t groups, DeviceView dout,
                         std::int64_t vocab_begin, DeviceView dtable, cudaStream_t stream) {
-  PARALLAX_CHECK(dout.cols == dtable.cols && dout.dtype == DType::f32 &&
-                     dtable.dtype == DType::f32,
+  PARALLAX_CHECK(dout.cols == dtable.cols && dout.dtype == DType::f32 && dtable.dtype == DType::f32,
                  "embedding gradient and table widths differ");
   if (groups == 0 || dout.cols == 0)
     return;
@@ -207,15 +205,15 @@ void embedding_backward(const std::int32_t* order, const std::int32_t* starts,
   detail::check_launch();
 }
 
-void rope(DeviceView x, int head_dim, const std::int32_t* positions, float theta,
-          float direction, cudaStream_t stream) {
+void rope(DeviceView x, int head_dim, const std::int32_t* positions, float theta, float direction,
+          cudaStream_t stream) {
   PARALLAX_CHECK(head_dim > 0 && head_dim % 2 == 0 && x.cols % head_dim == 0,
                  "rotary input width is not a multiple of an even head_dim");
   const std::int64_t n = x.rows * (x.cols / head_dim) * (head_dim / 2);
   if (n == 0)
     return;
-  rope_kernel<<<detail::grid_for(n, kBlock), kBlock, 0, stream>>>(
-      x.f32(), x.rows, x.cols, head_dim, positions, theta, direction);
+  rope_kernel<<<detail::grid_for(n, kBlock), kBlock, 0, stream>>>(x.f32(), x.rows, x.cols, head_dim,
+                                                                  positions, theta, direction);
   detail::check_launch();
 }
 
@@ -223,8 +221,8 @@ void row_max(DeviceView logits, DeviceView max, cudaStream_t stream) {
   check_rows(max, logits.rows, "row max");
   if (logits.rows == 0)
     return;
-  row_max_kernel<<<static_cast<unsigned>(logits.rows), kBlock, 0, stream>>>(
-      logits.f32(), logits.cols, max.f32());
+  row_max_kernel<<<static_cast<unsigned>(logits.rows), kBlock, 0, stream>>>(logits.f32(),
+                                                                            logits.cols, max.f32());
   detail::check_launch();
 }
 
@@ -267,8 +265,8 @@ void add(DeviceView a, DeviceView b, DeviceView y, cudaStream_t stream) {
   detail::check_view(y, a.rows, a.cols, DType::f32, "sum");
   if (a.size() == 0)
     return;
-  add_kernel<<<detail::grid_for(a.size(), kBlock), kBlock, 0, stream>>>(a.f32(), b.f32(),
-                                                                         y.f32(), a.size());
+  add_kernel<<<detail::grid_for(a.size(), kBlock), kBlock, 0, stream>>>(a.f32(), b.f32(), y.f32(),
+                                                                        a.size());
   detail::check_launch();
 }
 

@@ -392,8 +392,8 @@ template <class B> void TrainerCore<B>::gather_params(Block& blk) {
   } else {
     dp_comm_->all_gather(span_of(b.param_shard), span_of(b.params));
   }
-  record(Stream::dp_comm, Category::dp_comm, "zero3 gather " + b.layout.name, b.layout.unit, -1,
-         s, mark(), 0, static_cast<double>(b.layout.padded) * sizeof(float));
+  record(Stream::dp_comm, Category::dp_comm, "zero3 gather " + b.layout.name, b.layout.unit, -1, s,
+         mark(), 0, static_cast<double>(b.layout.padded) * sizeof(float));
 }
 
 template <class B> void TrainerCore<B>::finish_reduce_scatter(Block& b) {
@@ -402,8 +402,8 @@ template <class B> void TrainerCore<B>::finish_reduce_scatter(Block& b) {
   scattering_.erase(std::find(scattering_.begin(), scattering_.end(), &b));
   const Mark s = mark();
   b.pending.wait();
-  record(Stream::dp_comm, Category::dp_comm, "reduce-scatter wait " + b.layout.name,
-         b.layout.unit, -1, s, mark());
+  record(Stream::dp_comm, Category::dp_comm, "reduce-scatter wait " + b.layout.name, b.layout.unit,
+         -1, s, mark());
   be_.add(B::data(b.grad_shard), B::data(b.rs_out), B::size(b.grad_shard));
   b.rs_out = Flat();
   b.grads = Flat();
@@ -544,8 +544,8 @@ template <class B> void TrainerCore<B>::forward(int lc, std::int64_t k, const Ba
     gather_params(b);
     const Mark s = mark();
     x = be_.layer_forward(model_, b.buffers(), tpc, mb, x, keep_mode(), cache[i]);
-    record(Stream::compute, Category::forward, b.layout.name, b.layout.unit, static_cast<int>(k),
-           s, mark());
+    record(Stream::compute, Category::forward, b.layout.name, b.layout.unit, static_cast<int>(k), s,
+           mark());
     release_params(b);
   }
   if (ch.index == last_chunk) {
@@ -554,8 +554,8 @@ template <class B> void TrainerCore<B>::forward(int lc, std::int64_t k, const Ba
     gather_params(norm);
     gather_params(head);
     const Mark s = mark();
-    const double loss = be_.head_forward(model_, norm.buffers(), head.buffers(), tpc, mb, x,
-                                         cache[i]);
+    const double loss =
+        be_.head_forward(model_, norm.buffers(), head.buffers(), tpc, mb, x, cache[i]);
     record(Stream::compute, Category::forward, "head", norm.layout.unit, static_cast<int>(k), s,
            mark());
     release_params(norm);
@@ -656,9 +656,7 @@ template <class B> double TrainerCore<B>::learning_rate(std::int64_t step) const
 
 // Calls f(param, begin, end) for the part [begin, end) of each parameter (flat offsets) that
 // lies in the block's owned slice.
-template <class B>
-template <class F>
-void TrainerCore<B>::for_owned(const Block& b, F&& f) {
+template <class B> template <class F> void TrainerCore<B>::for_owned(const Block& b, F&& f) {
   const std::int64_t lo = b.own_begin;
   const std::int64_t hi = b.own_begin + b.own_size;
   for (const ParamInfo& p : b.layout.params) {
@@ -819,9 +817,8 @@ template <class B> void TrainerCore<B>::publish_params() {
       dp_comm_->all_gather(
           all.subspan(static_cast<std::size_t>(b.own_begin), static_cast<std::size_t>(b.own_size)),
           all);
-      record(Stream::dp_comm, Category::dp_comm, "param all-gather " + b.layout.name,
-             b.layout.unit, -1, s, mark(), 0,
-             static_cast<double>(B::size(b.params)) * sizeof(float));
+      record(Stream::dp_comm, Category::dp_comm, "param all-gather " + b.layout.name, b.layout.unit,
+             -1, s, mark(), 0, static_cast<double>(B::size(b.params)) * sizeof(float));
     }
   }
 }

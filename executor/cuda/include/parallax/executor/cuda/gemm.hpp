@@ -54,6 +54,18 @@ void matmul(Blas& blas, GemmPrecision precision, DeviceView a, bool transpose_a,
             bool transpose_b, DeviceView c, float alpha, float beta, DeviceView bias,
             cudaStream_t stream);
 
+// `count` matmuls at once (no bias): the views describe the first of each operand's matrices,
+// the others follow at the given strides (in elements). Strides of 0 reuse one matrix.
+struct GemmBatch {
+  std::int64_t count = 1;
+  std::int64_t stride_a = 0;
+  std::int64_t stride_b = 0;
+  std::int64_t stride_c = 0;
+};
+void matmul_batched(Blas& blas, GemmPrecision precision, DeviceView a, bool transpose_a,
+                    DeviceView b, bool transpose_b, DeviceView c, float alpha, float beta,
+                    const GemmBatch& batch, cudaStream_t stream);
+
 // y = x·W (+ b). x [tokens, in], w [in, out] in the precision's input dtype; b [1, out] and
 // y [tokens, out] fp32.
 void linear_forward(Blas& blas, DeviceView x, DeviceView w, DeviceView b, DeviceView y,

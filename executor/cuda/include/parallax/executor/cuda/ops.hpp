@@ -112,8 +112,8 @@ void embedding_backward(const std::int32_t* order, const std::int32_t* starts,
 
 // Rotary position embedding in place on x = [tokens, heads·head_dim]: pairs (i, i + d/2) of
 // each head rotated by positions[r]·theta^(−2i/d); direction −1 rotates back (the backward).
-void rope(DeviceView x, int head_dim, const std::int32_t* positions, float theta,
-          float direction, cudaStream_t stream);
+void rope(DeviceView x, int head_dim, const std::int32_t* positions, float theta, float direction,
+          cudaStream_t stream);
 
 // Cross-entropy over a vocabulary shard, in pieces around the tensor-parallel all-reduces:
 // max[r] = max_v l[r, v]; sum[r] = Σ_v exp(l[r, v] − max[r]); out[r] = l[r, t_r − vocab_begin]

@@ -26,15 +26,26 @@
 #include "parallax/executor/cuda/gemm.hpp"
 #include "parallax/executor/trainer.hpp"
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
 namespace parallax::cuda {
 
+// Which attention kernels the layers run: batched GEMMs on tensor cores around a causal
+// softmax, keeping the seq × seq probabilities (attention_gemm.hpp; selective recomputation
+// drops them), or the flash-style kernels that keep only the log-sum-exp but run on CUDA cores.
+enum class AttentionKernel : std::uint8_t { gemm, flash };
+
+struct DeviceTrainOptions {
+  GemmPrecision precision = GemmPrecision::bf16;
+  AttentionKernel attention = AttentionKernel::gemm;
+};
+
 // Collective over MPI_COMM_WORLD (MpiRuntime::init first). Throws std::runtime_error naming the
 // cause when this process sees no CUDA device.
 std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                                       const TrainOptions& options, const std::string& plan_source,
-                                      GemmPrecision precision = GemmPrecision::bf16);
+                                      const DeviceTrainOptions& device = {});
 
 } // namespace parallax::cuda
