@@ -64,7 +64,7 @@ struct TrainFlags {
   std::string plan;
   std::string backend = "cpu";
   std::string precision;          // empty: the backend's default (cpu fp32, cuda bf16)
-  std::string attention = "gemm"; // cuda: gemm (tensor cores, seq² memory) or flash
+  std::string attention = "auto"; // cuda: auto, gemm (tensor cores, seq² memory) or flash
   std::string cluster; // empty: cpu-local, or the zoo profile of this GPU with --backend cuda
   std::int64_t steps = 20;
   std::string data;
@@ -110,10 +110,10 @@ std::unique_ptr<Trainer> make_trainer(const TrainFlags& f, const Setup& s) {
     const cuda::GemmPrecision p = s.gemm == Precision::bf16   ? cuda::GemmPrecision::bf16
                                   : s.gemm == Precision::tf32 ? cuda::GemmPrecision::tf32
                                                               : cuda::GemmPrecision::f32;
-    return cuda::make_trainer(s.model, s.plan, s.options, f.plan,
-                              {.precision = p,
-                               .attention = f.attention == "flash" ? cuda::AttentionKernel::flash
-                                                                   : cuda::AttentionKernel::gemm});
+    const cuda::AttentionKernel a = f.attention == "flash"  ? cuda::AttentionKernel::flash
+                                    : f.attention == "gemm" ? cuda::AttentionKernel::gemm
+                                                            : cuda::AttentionKernel::automatic;
+    return cuda::make_trainer(s.model, s.plan, s.options, f.plan, {.precision = p, .attention = a});
   }
 #endif
   return std::make_unique<Trainer>(s.model, s.plan, s.options, f.plan);
@@ -136,8 +136,8 @@ Setup prepare(const TrainFlags& f, int world_size) {
   }
   const std::string precision =
       f.precision.empty() ? (f.backend == "cuda" ? "bf16" : "fp32") : f.precision;
-  if (f.attention != "gemm" && f.attention != "flash") {
-    throw InputError("command line", "--attention", "\"gemm\" or \"flash\"",
+  if (f.attention != "auto" && f.attention != "gemm" && f.attention != "flash") {
+    throw InputError("command line", "--attention", "\"auto\", \"gemm\" or \"flash\"",
                      fmt::format("\"{}\"", f.attention));
   }
   const bool cuda_precision = precision == "tf32" || precision == "bf16";
@@ -279,10 +279,19 @@ int run_train(const TrainFlags& f) {
   const bool terminal = rank == 0 && isatty(fileno(stderr)) != 0;
 #ifdef PARALLAX_HAVE_CUDA_EXECUTOR
   if (rank == 0 && f.backend == "cuda") {
-    std::cerr << fmt::format("parallax train: cuda backend on {} ({} ranks), {} GEMMs, MFU "
-                             "against the {} profile\n",
-                             cuda::device_name(0), world_size, precision_name(setup.gemm),
-                             setup.cluster_name);
+    const cuda::AttentionKernel asked = f.attention == "flash"  ? cuda::AttentionKernel::flash
+                                        : f.attention == "gemm" ? cuda::AttentionKernel::gemm
+                                                                : cuda::AttentionKernel::automatic;
+    const double memory = cuda::device_memory_bytes();
+    const bool gemm = cuda::choose_attention(asked, setup.model, setup.plan, 0, memory) ==
+                      cuda::AttentionKernel::gemm;
+    std::cerr << fmt::format(
+        "parallax train: cuda backend on {} ({} ranks), {} GEMMs, {} attention ({:.1f} GiB of "
+        "probabilities kept on rank 0 under the GEMM attention, {:.0f} GiB device), MFU against "
+        "the {} profile\n",
+        cuda::device_name(0), world_size, precision_name(setup.gemm), gemm ? "gemm" : "flash",
+        cuda::attention_probability_bytes(setup.model, setup.plan, 0) / (1 << 30),
+        memory / (1 << 30), setup.cluster_name);
   }
 #endif
   const std::optional<Fault> fault = fault_from_environment();
@@ -376,7 +385,8 @@ Run register_train(CLI::App& app) {
                   "bf16 GEMM inputs, fp32 master weights and accumulation)");
   cmd->add_option("--attention", f->attention,
                   "cuda attention kernels: gemm (batched GEMMs on tensor cores, keeps the "
-                  "seq x seq probabilities) or flash (CUDA cores, keeps only their log-sum-exp)");
+                  "seq x seq probabilities), flash (CUDA cores, keeps only their log-sum-exp) or "
+                  "auto (gemm when the probabilities fit in a quarter of the device memory)");
   cmd->add_option("--cluster", f->cluster,
                   "Profile whose device peak is the MFU denominator (default: cpu-local, or with "
                   "--backend cuda the zoo profile of this GPU)");

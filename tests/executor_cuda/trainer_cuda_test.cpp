@@ -174,6 +174,52 @@ TEST(CudaTrainer, Bf16MixedPrecisionTracksFp32) {
   }
 }
 
+TEST(CudaTrainer, SelectiveRecomputationOnlyDropsTheProbabilities) {
+  SKIP_WITHOUT_GPU();
+  const ExecModel m = tiny("llama-tiny");
+  const DeviceTrainOptions gemm{.precision = GemmPrecision::f32,
+                                .attention = AttentionKernel::gemm};
+  const auto keep = make_trainer(m, one_rank(), options(), "plan", gemm);
+  const auto selective = make_trainer(m, one_rank(Recompute::selective), options(), "plan", gemm);
+  for (int i = 0; i < 3; ++i) {
+    const StepStats a = keep->step();
+    const StepStats b = selective->step();
+    // The recomputed probabilities are the same bits: the same GEMMs on the same inputs.
+    EXPECT_EQ(a.loss, b.loss) << "step " << i + 1;
+    EXPECT_EQ(a.grad_norm, b.grad_norm) << "step " << i + 1;
+    EXPECT_LT(b.peak_memory_bytes, a.peak_memory_bytes) << "step " << i + 1;
+  }
+}
+
+// Pure host code: runs without a device. What `--attention auto` picks.
+TEST(CudaTrainer, AutomaticAttentionKeepsProbabilitiesOnlyWhenTheyFit) {
+  MpiRuntime::init(nullptr, nullptr);
+  LoadedModel loaded = model_load("gpt2-124m");
+  const ExecModel m = ExecModel::from_config(*loaded.config, loaded.source);
+  Plan p = one_rank();
+  p.micro_batch_size = 16;
+  p.global_batch_size = 16;
+  p.stages = {{0, m.config.num_layers}};
+  // 16 sequences × 12 heads × 1024² fp32 probabilities per layer, 12 layers, one in flight.
+  const double per_layer = 4.0 * 16 * 12 * 1024.0 * 1024.0;
+  EXPECT_DOUBLE_EQ(attention_probability_bytes(m, p, 0), 12 * per_layer);
+  EXPECT_EQ(choose_attention(AttentionKernel::automatic, m, p, 0, 80e9), AttentionKernel::gemm);
+  EXPECT_EQ(choose_attention(AttentionKernel::automatic, m, p, 0, 24e9), AttentionKernel::flash);
+  EXPECT_EQ(choose_attention(AttentionKernel::gemm, m, p, 0, 1e9), AttentionKernel::gemm);
+  p.recompute = Recompute::selective; // one layer's at a time
+  EXPECT_DOUBLE_EQ(attention_probability_bytes(m, p, 0), 3 * per_layer);
+  EXPECT_EQ(choose_attention(AttentionKernel::automatic, m, p, 0, 24e9), AttentionKernel::gemm);
+  // GPipe over two stages keeps every micro-batch's: 6 layers × 4 micro-batches on rank 0.
+  p.recompute = Recompute::none;
+  p.pp = 2;
+  p.global_batch_size = 64;
+  p.schedule = Schedule::gpipe;
+  p.stages = {{0, 6}, {6, 12}};
+  EXPECT_DOUBLE_EQ(attention_probability_bytes(m, p, 0), 6 * 4 * per_layer);
+  p.schedule = Schedule::one_f_one_b; // at most the pipeline depth
+  EXPECT_DOUBLE_EQ(attention_probability_bytes(m, p, 0), 6 * 2 * per_layer);
+}
+
 // Pure host code: runs without a device. The profile `train --backend cuda` divides by.
 TEST(CudaDevice, ZooProfileForKnownGpuNames) {
   EXPECT_EQ(zoo_profile_for("NVIDIA H100 80GB HBM3"), "dgx-h100");

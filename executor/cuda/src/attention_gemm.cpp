@@ -21,6 +21,8 @@ struct Dims {
 Dims dims_of(const AttentionShape& s) {
   PARALLAX_CHECK(s.kv_heads > 0 && s.heads % s.kv_heads == 0,
                  "query heads must be a multiple of key/value heads");
+  PARALLAX_CHECK(s.batch > 0 && s.seq > 0 && s.head_dim > 0,
+                 "attention needs a positive batch, sequence and head dimension");
   return {s.batch, s.seq, s.head_dim, s.batch * s.heads, s.heads, s.kv_heads, s.heads / s.kv_heads};
 }
 

@@ -113,6 +113,7 @@ void split_heads(DeviceView x, std::int64_t batch, std::int64_t seq, int heads_o
 
 void merge_heads(DeviceView in, std::int64_t batch, std::int64_t seq, int heads_out, int group,
                  int head_dim, DeviceView out, cudaStream_t stream) {
+  PARALLAX_CHECK(group >= 1, "merge_heads: group must be at least 1");
   detail::check_view(in, batch * heads_out * group * seq, head_dim, DType::f32,
                      "merge_heads input");
   detail::check_view(out, batch * seq, static_cast<std::int64_t>(heads_out) * head_dim, DType::f32,
@@ -125,8 +126,9 @@ void merge_heads(DeviceView in, std::int64_t batch, std::int64_t seq, int heads_
 }
 
 void causal_softmax_forward(DeviceView scores, std::int64_t seq, cudaStream_t stream) {
-  PARALLAX_CHECK(scores.cols == seq && scores.dtype == DType::f32,
-                 "causal softmax scores are not [rows, seq] f32");
+  PARALLAX_CHECK(seq > 0 && scores.cols == seq && scores.rows % seq == 0 &&
+                     scores.dtype == DType::f32,
+                 "causal softmax scores are not [pairs·seq, seq] f32");
   if (scores.rows == 0)
     return;
   causal_softmax_forward_kernel<<<static_cast<unsigned>(scores.rows), kBlock, 0, stream>>>(
@@ -139,6 +141,7 @@ void causal_softmax_backward(DeviceView probs, DeviceView dprobs, float scale, D
   detail::check_view(dprobs, probs.rows, seq, DType::f32, "causal softmax dP");
   detail::check_view(dscores, probs.rows, seq, DType::f32, "causal softmax dS");
   detail::check_view(probs, probs.rows, seq, DType::f32, "causal softmax P");
+  PARALLAX_CHECK(seq > 0 && probs.rows % seq == 0, "causal softmax rows are not pairs·seq");
   if (probs.rows == 0)
     return;
   causal_softmax_backward_kernel<<<static_cast<unsigned>(probs.rows), kBlock, 0, stream>>>(

@@ -34,6 +34,15 @@ void device_synchronize() {
   PARALLAX_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+double device_memory_bytes() {
+  if (!gpu_available())
+    return 0;
+  std::size_t free_bytes = 0;
+  std::size_t total_bytes = 0;
+  PARALLAX_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return static_cast<double>(total_bytes);
+}
+
 std::string device_name(int device) {
   if (device < 0 || device >= device_count())
     return {};

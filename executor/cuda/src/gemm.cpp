@@ -130,6 +130,11 @@ void matmul_batched(Blas& blas, GemmPrecision precision, DeviceView a, bool tran
                     DeviceView b, bool transpose_b, DeviceView c, float alpha, float beta,
                     const GemmBatch& batch, cudaStream_t stream) {
   PARALLAX_CHECK(batch.count >= 1 && batch.count <= INT32_MAX, "matmul batch count out of range");
+  PARALLAX_CHECK(batch.count == 1 || (batch.stride_c >= c.rows * c.cols && batch.stride_a >= 0 &&
+                                      batch.stride_b >= 0),
+                 "matmul batch strides overlap the outputs (stride_c " +
+                     std::to_string(batch.stride_c) + " < " + std::to_string(c.rows * c.cols) +
+                     ") or are negative");
   matmul_impl(blas, precision, a, transpose_a, b, transpose_b, c, alpha, beta, {}, batch, stream);
 }
 

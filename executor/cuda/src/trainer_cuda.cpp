@@ -15,6 +15,7 @@
 #include "parallax/executor/cuda/stream.hpp"
 #include "parallax/executor/detail/trainer_core.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 
@@ -741,6 +742,39 @@ struct CudaBackend {
 
 } // namespace
 
+double attention_probability_bytes(const ExecModel& model, const Plan& plan, int rank) {
+  const ModelConfig& c = model.config;
+  const double per_layer = 4.0 * static_cast<double>(plan.micro_batch_size) *
+                           static_cast<double>(c.num_attention_heads / plan.tp) *
+                           static_cast<double>(c.seq_length) * static_cast<double>(c.seq_length);
+  if (plan.recompute != Recompute::none)
+    return 3.0 * per_layer;
+  const RankCoords me = rank_coords(plan, rank);
+  std::int64_t layers = 0;
+  for (int lc = 0; lc < plan.virtual_stages; ++lc) {
+    const std::size_t chunk = static_cast<std::size_t>(lc * plan.pp + me.pp);
+    if (chunk < plan.stages.size())
+      layers += plan.stages[chunk].second - plan.stages[chunk].first;
+  }
+  // GPipe holds every micro-batch's activations before the first backward; 1F1B at most the
+  // pipeline depth (interleaved: the depth times the chunks).
+  const std::int64_t m = plan.num_microbatches();
+  const std::int64_t in_flight =
+      plan.schedule == Schedule::gpipe
+          ? m
+          : std::min<std::int64_t>(m, std::int64_t{plan.pp} * plan.virtual_stages);
+  return per_layer * static_cast<double>(layers) * static_cast<double>(in_flight);
+}
+
+AttentionKernel choose_attention(AttentionKernel asked, const ExecModel& model, const Plan& plan,
+                                 int rank, double device_bytes) {
+  if (asked != AttentionKernel::automatic)
+    return asked;
+  return attention_probability_bytes(model, plan, rank) <= 0.25 * device_bytes
+             ? AttentionKernel::gemm
+             : AttentionKernel::flash;
+}
+
 std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                                       const TrainOptions& options, const std::string& plan_source,
                                       const DeviceTrainOptions& device) {
@@ -748,7 +782,10 @@ std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
     throw std::runtime_error("the CUDA trainer needs a CUDA device, and this process sees none");
   }
   bind_local_device();
-  CudaBackend backend{std::make_unique<DeviceState>(device)};
+  DeviceTrainOptions resolved = device;
+  resolved.attention = choose_attention(device.attention, model, plan, MpiRuntime::world_rank(),
+                                        device_memory_bytes());
+  CudaBackend backend{std::make_unique<DeviceState>(resolved)};
   return std::make_unique<Trainer>(std::make_unique<detail::TrainerCore<CudaBackend>>(
       std::move(backend), model, plan, options, plan_source));
 }

@@ -29,6 +29,8 @@ void set_device(int device);
 int current_device();
 // Waits for all work on the current device.
 void device_synchronize();
+// Total memory of the current device in bytes (0 without one).
+double device_memory_bytes();
 // The marketing name of device `device` (e.g. "NVIDIA H100 80GB HBM3"); empty without one.
 std::string device_name(int device = 0);
 // The zoo cluster profile whose device is this GPU model ("dgx-h100", "dgx-h200",

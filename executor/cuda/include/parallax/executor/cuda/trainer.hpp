@@ -35,12 +35,23 @@ namespace parallax::cuda {
 // Which attention kernels the layers run: batched GEMMs on tensor cores around a causal
 // softmax, keeping the seq × seq probabilities (attention_gemm.hpp; selective recomputation
 // drops them), or the flash-style kernels that keep only the log-sum-exp but run on CUDA cores.
-enum class AttentionKernel : std::uint8_t { gemm, flash };
+// `automatic` takes the GEMMs when the probabilities this rank keeps at once fit in a quarter
+// of the device's memory (attention_probability_bytes), else the flash kernels.
+enum class AttentionKernel : std::uint8_t { automatic, gemm, flash };
 
 struct DeviceTrainOptions {
   GemmPrecision precision = GemmPrecision::bf16;
-  AttentionKernel attention = AttentionKernel::gemm;
+  AttentionKernel attention = AttentionKernel::automatic;
 };
+
+// Bytes of fp32 attention probabilities world rank `rank` keeps at once under the GEMM
+// attention: every layer of its chunks for each micro-batch in flight without recomputation,
+// else about three layers' worth (one layer's probabilities, their gradient and a bf16 copy,
+// during that layer's backward). Pure arithmetic (testable without a device).
+double attention_probability_bytes(const ExecModel& model, const Plan& plan, int rank);
+// What `automatic` resolves to on a device of `device_bytes` (other choices pass through).
+AttentionKernel choose_attention(AttentionKernel asked, const ExecModel& model, const Plan& plan,
+                                 int rank, double device_bytes);
 
 // Collective over MPI_COMM_WORLD (MpiRuntime::init first). Throws std::runtime_error naming the
 // cause when this process sees no CUDA device.
