@@ -17,12 +17,15 @@ EventEngine::Id EventEngine::add_stream() {
   return static_cast<Id>(streams_.size() - 1);
 }
 
-EventEngine::Id EventEngine::add_link(double capacity_bytes_per_s, double flow_cap_bytes_per_s) {
-  PARALLAX_CHECK(capacity_bytes_per_s > 0 && flow_cap_bytes_per_s > 0,
-                 "link capacity and flow cap must be positive");
+EventEngine::Id EventEngine::add_link(double capacity_bytes_per_s, double flow_cap_bytes_per_s,
+                                      double group_capacity_bytes_per_s) {
+  PARALLAX_CHECK(capacity_bytes_per_s > 0 && flow_cap_bytes_per_s > 0 &&
+                     group_capacity_bytes_per_s > 0,
+                 "link capacity, flow cap and group capacity must be positive");
   Link l;
   l.capacity = capacity_bytes_per_s;
   l.flow_cap = flow_cap_bytes_per_s;
+  l.group_capacity = group_capacity_bytes_per_s;
   links_.push_back(l);
   return static_cast<Id>(links_.size() - 1);
 }
@@ -40,7 +43,7 @@ EventEngine::Id EventEngine::add_compute(Id stream, double duration_s, std::int3
 }
 
 EventEngine::Id EventEngine::add_flow(Id stream, Id link, double latency_s, double bytes,
-                                      std::int32_t tag, double weight) {
+                                      std::int32_t tag, double weight, std::int32_t group) {
   PARALLAX_CHECK(link >= 0 && link < static_cast<Id>(links_.size()), "unknown link");
   PARALLAX_CHECK(weight >= 1, "a flow stands for at least itself");
   const Id id = add_compute(stream, latency_s, tag);
@@ -48,6 +51,7 @@ EventEngine::Id EventEngine::add_flow(Id stream, Id link, double latency_s, doub
   t.link = link;
   t.bytes = std::max(0.0, bytes);
   t.weight = weight;
+  t.group = group;
   return id;
 }
 
@@ -131,12 +135,70 @@ void EventEngine::finish(Id id, double now) {
   }
 }
 
-void EventEngine::link_advance(Link& link, double now) {
-  if (!link.flows.empty()) {
-    const double moved = (now - link.last_update) * link_rate(link);
-    for (Flow& f : link.flows) {
-      f.remaining -= moved;
+// The rate of every flow on the link (see the header): one level, or two when the link groups
+// its flows.
+void EventEngine::link_set_rates(Link& link) {
+  if (link.flows.empty())
+    return;
+  if (link.group_capacity == std::numeric_limits<double>::infinity()) {
+    const double rate = std::min(link.flow_cap, link.capacity / link.weight);
+    for (Flow& f : link.flows)
+      f.rate = rate;
+    return;
+  }
+  // Each group's flows move alike: min(level, its own cap). Water-fill the link's capacity:
+  // groups whose cap lies below the level get their cap, the rest share what is left.
+  groups_.clear();
+  for (const Flow& f : link.flows) {
+    const Task& t = tasks_[static_cast<std::size_t>(f.task)];
+    auto it = t.group < 0 ? groups_.end()
+                          : std::find_if(groups_.begin(), groups_.end(),
+                                         [&](const GroupShare& g) { return g.group == t.group; });
+    if (it == groups_.end()) {
+      groups_.push_back({t.group, 0, 0, 0, 0});
+      it = groups_.end() - 1;
     }
+    it->flows += 1;
+    it->weight += t.weight;
+  }
+  for (GroupShare& g : groups_) {
+    const double own = g.group < 0 ? std::numeric_limits<double>::infinity()
+                                   : link.group_capacity / g.flows;
+    g.cap = std::min(link.flow_cap, own);
+  }
+  std::sort(groups_.begin(), groups_.end(),
+            [](const GroupShare& a, const GroupShare& b) { return a.cap < b.cap; });
+  double left = link.capacity;
+  double weight_left = link.weight;
+  double level = std::numeric_limits<double>::infinity();
+  for (GroupShare& g : groups_) {
+    if (level == std::numeric_limits<double>::infinity() && g.cap * weight_left > left) {
+      level = left / weight_left; // this group and every later one is held at the level
+    }
+    g.rate = std::min(g.cap, level);
+    left -= g.rate * g.weight;
+    weight_left -= g.weight;
+  }
+  for (Flow& f : link.flows) {
+    const Task& t = tasks_[static_cast<std::size_t>(f.task)];
+    if (t.group < 0) {
+      // A group of its own: find it by its cap and weight is ambiguous, so recompute.
+      f.rate = std::min(link.flow_cap, level);
+      continue;
+    }
+    for (const GroupShare& g : groups_) {
+      if (g.group == t.group) {
+        f.rate = g.rate;
+        break;
+      }
+    }
+  }
+}
+
+void EventEngine::link_advance(Link& link, double now) {
+  const double dt = now - link.last_update;
+  for (Flow& f : link.flows) {
+    f.remaining -= dt * f.rate;
   }
   link.last_update = now;
 }
@@ -147,11 +209,12 @@ void EventEngine::link_schedule(Id id, double now) {
   if (link.flows.empty()) {
     return;
   }
-  double least = link.flows.front().remaining;
+  link_set_rates(link);
+  double least = std::numeric_limits<double>::infinity();
   for (const Flow& f : link.flows) {
-    least = std::min(least, f.remaining);
+    least = std::min(least, std::max(0.0, f.remaining) / f.rate);
   }
-  push(now + std::max(0.0, least) / link_rate(link), Kind::link_check, id, link.version);
+  push(now + least, Kind::link_check, id, link.version);
 }
 
 double EventEngine::run() {
@@ -182,7 +245,7 @@ double EventEngine::run() {
       }
       Link& link = links_[static_cast<std::size_t>(t.link)];
       link_advance(link, now);
-      link.flows.push_back({ev.id, t.bytes});
+      link.flows.push_back({ev.id, t.bytes, 0.0});
       link.weight += t.weight;
       link_schedule(t.link, now);
       break;
@@ -195,11 +258,10 @@ double EventEngine::run() {
       link_advance(link, now);
       std::vector<Id>& done = done_; // finish() below never refills it: only link_check does
       done.clear();
-      const double rate = link_rate(link);
       auto keep = std::remove_if(link.flows.begin(), link.flows.end(), [&](const Flow& f) {
         const Task& t = tasks_[static_cast<std::size_t>(f.task)];
         // Done when (almost) nothing is left, or when what is left would not move the clock.
-        if (f.remaining <= kFlowEpsilon * t.bytes || now + f.remaining / rate <= now) {
+        if (f.remaining <= kFlowEpsilon * t.bytes || now + f.remaining / f.rate <= now) {
           done.push_back(f.task);
           link.weight -= t.weight;
           return true;

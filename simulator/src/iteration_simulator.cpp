@@ -137,9 +137,11 @@ Id IterationBuilder::add_comm(RankSim& r, Stream stream, Category cat, const Col
   if (stream == Stream::dp_comm && !device_overlaps_communication(cluster_.device)) {
     stream_id = r.compute; // the cores that compute also move the data (CPU ranks)
   }
-  const Id id = engine_.add_flow(stream_id, link, cost.latency_s, cost.transfer_s * capacity,
-                                 static_cast<std::int32_t>(info_.size()),
-                                 cost.network ? r.network_weight : 1.0);
+  // On the uplink a flow is grouped by the GPU it leaves from: that GPU's flows share its NIC.
+  const Id id = engine_.add_flow(
+      stream_id, link, cost.latency_s, cost.transfer_s * capacity,
+      static_cast<std::int32_t>(info_.size()), cost.network ? r.network_weight : 1.0,
+      cost.network ? rank_device(r.rank, cluster_.node.devices_per_node).device : -1);
   info_.push_back({r.rank, stream, cat, unit, mb, 0, bytes});
   return id;
 }
@@ -324,16 +326,18 @@ void IterationBuilder::finish_rank(RankSim& r) {
   }
 }
 
-// A node's uplink: its GPUs' NICs together, divided by the fabric's oversubscription, and no
-// flow faster than one NIC. Flows from every rank on the node share it, whatever their stage,
-// so one GPU sending alone is not slowed by an oversubscribed fabric while a node whose GPUs
-// all send at once is.
+// A node's uplink: its GPUs' NICs together, divided by the fabric's oversubscription, with the
+// flows grouped by GPU and each GPU's flows sharing one NIC. Flows from every rank on the node
+// share it, whatever their stage, so one GPU sending alone is not slowed by an oversubscribed
+// fabric while a node whose GPUs all send at once is, and two flows leaving one GPU together
+// (a pipeline send beside a gradient reduction) split its NIC.
 Id IterationBuilder::node_link(int node) {
   auto it = node_links_.find(node);
   if (it == node_links_.end()) {
     const double nic = network_link_bandwidth(cluster_); // per GPU, after oversubscription
     it = node_links_
              .emplace(node, engine_.add_link(cluster_.node.devices_per_node * nic,
+                                             nic * cluster_.network.oversubscription,
                                              nic * cluster_.network.oversubscription))
              .first;
   }

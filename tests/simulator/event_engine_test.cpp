@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
+
 namespace parallax {
 namespace {
 
@@ -115,6 +117,50 @@ TEST(EventEngine, FlowCapAndWeights) {
   EXPECT_NEAR(v.task(a).end_s, 5.4, 1e-12);
   EXPECT_THROW(v.add_flow(v.add_stream(), l2, 0.0, 1.0, -1, 0.5), CheckError);
   EXPECT_THROW(v.add_link(1.0, 0.0), CheckError);
+}
+
+TEST(EventEngine, GroupedLinkIsMaxMinFairOverGroupsAndTheLink) {
+  // Link 7, each group 4 (a node's uplink and its GPUs' NICs). Two flows leave through group
+  // 0 (at most 4 / 2 = 2 each), one through group 1 (at most 4). Water-filling: group 0 takes
+  // 2 + 2, group 1 the 3 left. Group 1's 20 bytes end at 20 / 3; group 0's flows then hold
+  // 20 − 2 · 20/3 each and stay at 2 (their NIC), ending at 10.
+  EventEngine e;
+  const auto link = e.add_link(7.0, std::numeric_limits<double>::infinity(), 4.0);
+  const auto a = e.add_flow(e.add_stream(), link, 0.0, 20.0, -1, 1.0, 0);
+  const auto b = e.add_flow(e.add_stream(), link, 0.0, 20.0, -1, 1.0, 0);
+  const auto c = e.add_flow(e.add_stream(), link, 0.0, 20.0, -1, 1.0, 1);
+  EXPECT_NEAR(e.run(), 10.0, 1e-12);
+  EXPECT_NEAR(e.task(c).end_s, 20.0 / 3.0, 1e-12);
+  EXPECT_NEAR(e.task(a).end_s, 10.0, 1e-12);
+  EXPECT_NEAR(e.task(b).end_s, 10.0, 1e-12);
+
+  // One flow alone on an idle link is held by its group (4), two of one group share it: the
+  // case a per-flow cap alone got wrong (each at the cap, 8 through one NIC).
+  for (int flows : {1, 2}) {
+    EventEngine g;
+    const auto l = g.add_link(100.0, 4.0, 4.0);
+    for (int i = 0; i < flows; ++i)
+      g.add_flow(g.add_stream(), l, 0.0, 20.0, -1, 1.0, 3);
+    EXPECT_NEAR(g.run(), 5.0 * flows, 1e-12) << flows;
+  }
+
+  // A weighted flow counts w times on the link but once in its group: weights 3 + 1 in one
+  // group on a link of 6 — the group allows 4 / 2 = 2 each, the link 6 / 4 = 1.5 each.
+  EventEngine w;
+  const auto lw = w.add_link(6.0, std::numeric_limits<double>::infinity(), 4.0);
+  const auto heavy = w.add_flow(w.add_stream(), lw, 0.0, 30.0, -1, 3.0, 0);
+  const auto light = w.add_flow(w.add_stream(), lw, 0.0, 30.0, -1, 1.0, 0);
+  EXPECT_NEAR(w.run(), 20.0, 1e-12);
+  EXPECT_NEAR(w.task(heavy).end_s, 20.0, 1e-12);
+  EXPECT_NEAR(w.task(light).end_s, 20.0, 1e-12);
+
+  // Ungrouped flows on a grouped link are groups of their own: as on a plain link.
+  EventEngine u;
+  const auto lu = u.add_link(10.0, 4.0, 4.0);
+  for (int i = 0; i < 3; ++i)
+    u.add_flow(u.add_stream(), lu, 0.0, 20.0);
+  EXPECT_NEAR(u.run(), 6.0, 1e-12);
+  EXPECT_THROW(u.add_link(1.0, 1.0, 0.0), CheckError);
 }
 
 TEST(EventEngine, BarrierWaitsForAllInputs) {
