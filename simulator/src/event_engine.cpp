@@ -182,8 +182,7 @@ void EventEngine::link_set_rates(Link& link) {
   for (Flow& f : link.flows) {
     const Task& t = tasks_[static_cast<std::size_t>(f.task)];
     if (t.group < 0) {
-      // A group of its own: find it by its cap and weight is ambiguous, so recompute.
-      f.rate = std::min(link.flow_cap, level);
+      f.rate = std::min(link.flow_cap, level); // a group of its own, capped by the flow cap
       continue;
     }
     for (const GroupShare& g : groups_) {
