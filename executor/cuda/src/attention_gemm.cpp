@@ -1,6 +1,10 @@
 // Causal attention as batched GEMMs (see attention_gemm.hpp): the heads are split into
-// contiguous [seq, d] matrices, the two products of each (batch, head) pair run as one strided
-// cuBLASLt call, and the causal softmax runs over the materialised scores.
+// contiguous [seq, d] matrices, and the products of each (batch, kv head) run as one strided
+// cuBLASLt call over the group of query heads that share it — a group's query heads are
+// adjacent, so stacked they form one [group·seq, d] matrix against the kv head's [seq, d], and
+// the probabilities of the group are one [group·seq, seq] block. No kv head is copied per query
+// head, and dK, dV sum over the group inside their GEMM. The causal softmax runs over the
+// materialised scores (row r's query position is r % seq, whatever the stacking).
 #include "parallax/executor/cuda/attention_gemm.hpp"
 
 #include "parallax/core/error.hpp"
@@ -16,6 +20,8 @@ namespace {
 struct Dims {
   std::int64_t batch, seq, d, pairs; // pairs = batch · heads
   int heads, kv_heads, group;
+  std::int64_t units() const { return batch * kv_heads; }         // one GEMM per (batch, kv head)
+  std::int64_t rows() const { return std::int64_t{group} * seq; } // query rows per unit
 };
 
 Dims dims_of(const AttentionShape& s) {
@@ -38,11 +44,11 @@ void check_operands(DeviceView q, DeviceView k, DeviceView v, const Dims& g) {
   }
 }
 
-// x's heads as contiguous [seq, d] matrices, (batch, query head) pairs in order.
-DeviceTensor split(DeviceAllocator& alloc, DeviceView x, const Dims& g, int group, DType dtype,
+// x's `heads` heads as contiguous [seq, d] matrices, (batch, head) pairs in order.
+DeviceTensor split(DeviceAllocator& alloc, DeviceView x, const Dims& g, int heads, DType dtype,
                    cudaStream_t stream) {
-  DeviceTensor out(alloc, g.pairs * g.seq, g.d, dtype);
-  split_heads(x, g.batch, g.seq, g.heads, group, static_cast<int>(g.d), out, stream);
+  DeviceTensor out(alloc, g.batch * heads * g.seq, g.d, dtype);
+  split_heads(x, g.batch, g.seq, heads, 1, static_cast<int>(g.d), out, stream);
   return out;
 }
 
@@ -78,12 +84,13 @@ void attention_gemm_probs(Blas& blas, GemmPrecision precision, DeviceAllocator& 
   PARALLAX_CHECK(probs.rows == g.pairs && probs.cols == g.seq * g.seq && probs.dtype == DType::f32,
                  "attention probabilities are not [batch·heads, seq·seq] f32");
   const DType in = gemm_input_dtype(precision);
-  const DeviceTensor qh = split(alloc, q, g, 1, in, stream);
-  const DeviceTensor kh = split(alloc, k, g, g.group, in, stream);
+  const DeviceTensor qh = split(alloc, q, g, g.heads, in, stream);
+  const DeviceTensor kh = split(alloc, k, g, g.kv_heads, in, stream);
   const std::int64_t td = g.seq * g.d;
-  const std::int64_t tt = g.seq * g.seq;
-  matmul_batched(blas, precision, first(qh, g.seq, g.d), false, first(kh, g.seq, g.d), true,
-                 first(probs, g.seq, g.seq), softmax_scale(g), 0.0f, {g.pairs, td, td, tt}, stream);
+  // S of a group = scale · [its query heads stacked] · Kᵀ.
+  matmul_batched(blas, precision, first(qh, g.rows(), g.d), false, first(kh, g.seq, g.d), true,
+                 first(probs, g.rows(), g.seq), softmax_scale(g), 0.0f,
+                 {g.units(), g.rows() * g.d, td, g.rows() * g.seq}, stream);
   causal_softmax_forward({probs.data, g.pairs * g.seq, g.seq, DType::f32}, g.seq, stream);
 }
 
@@ -96,15 +103,16 @@ void attention_gemm_forward(Blas& blas, GemmPrecision precision, DeviceAllocator
                  "attention output is not shaped like q");
   attention_gemm_probs(blas, precision, alloc, q, k, shape, probs, stream);
   const DType in = gemm_input_dtype(precision);
-  const DeviceTensor vh = split(alloc, v, g, g.group, in, stream);
+  const DeviceTensor vh = split(alloc, v, g, g.kv_heads, in, stream);
   const DeviceView p_flat{probs.data, g.pairs * g.seq, g.seq, DType::f32};
   const DeviceTensor p_copy = gemm_copy(alloc, precision, p_flat, stream);
   const DeviceView p = p_copy.empty() ? p_flat : p_copy.view();
   DeviceTensor oh(alloc, g.pairs * g.seq, g.d);
   const std::int64_t td = g.seq * g.d;
-  const std::int64_t tt = g.seq * g.seq;
-  matmul_batched(blas, precision, first(p, g.seq, g.seq), false, first(vh, g.seq, g.d), false,
-                 first(oh, g.seq, g.d), 1.0f, 0.0f, {g.pairs, tt, td, td}, stream);
+  // O of a group = P (its [group·seq, seq] block) · V.
+  matmul_batched(blas, precision, first(p, g.rows(), g.seq), false, first(vh, g.seq, g.d), false,
+                 first(oh, g.rows(), g.d), 1.0f, 0.0f,
+                 {g.units(), g.rows() * g.seq, td, g.rows() * g.d}, stream);
   merge_heads(oh, g.batch, g.seq, g.heads, 1, static_cast<int>(g.d), out, stream);
 }
 
@@ -121,38 +129,42 @@ void attention_gemm_backward(Blas& blas, GemmPrecision precision, DeviceAllocato
                  "attention probabilities are not [batch·heads, seq·seq] f32");
   const DType in = gemm_input_dtype(precision);
   const std::int64_t td = g.seq * g.d;
-  const std::int64_t tt = g.seq * g.seq;
+  const std::int64_t stacked_d = g.rows() * g.d;   // a group's stacked [group·seq, d]
+  const std::int64_t stacked_t = g.rows() * g.seq; // a group's [group·seq, seq] block
   const int d = static_cast<int>(g.d);
-  const DeviceTensor qh = split(alloc, q, g, 1, in, stream);
-  const DeviceTensor kh = split(alloc, k, g, g.group, in, stream);
-  const DeviceTensor vh = split(alloc, v, g, g.group, in, stream);
-  const DeviceTensor doh = split(alloc, dout, g, 1, in, stream);
+  const DeviceTensor qh = split(alloc, q, g, g.heads, in, stream);
+  const DeviceTensor kh = split(alloc, k, g, g.kv_heads, in, stream);
+  const DeviceTensor doh = split(alloc, dout, g, g.heads, in, stream);
   const DeviceView p_flat{probs.data, g.pairs * g.seq, g.seq, DType::f32};
 
-  // dP = dO·Vᵀ and dV = Pᵀ·dO per (batch, head).
+  // dP = dO·Vᵀ, and dV = Pᵀ·dO summed over the group inside the GEMM (inner size group·seq).
   DeviceTensor dp(alloc, g.pairs * g.seq, g.seq);
-  matmul_batched(blas, precision, first(doh, g.seq, g.d), false, first(vh, g.seq, g.d), true,
-                 first(dp, g.seq, g.seq), 1.0f, 0.0f, {g.pairs, td, td, tt}, stream);
-  DeviceTensor dvh(alloc, g.pairs * g.seq, g.d);
+  DeviceTensor dvh(alloc, g.units() * g.seq, g.d);
   {
+    const DeviceTensor vh = split(alloc, v, g, g.kv_heads, in, stream);
+    matmul_batched(blas, precision, first(doh, g.rows(), g.d), false, first(vh, g.seq, g.d), true,
+                   first(dp, g.rows(), g.seq), 1.0f, 0.0f, {g.units(), stacked_d, td, stacked_t},
+                   stream);
     const DeviceTensor p_copy = gemm_copy(alloc, precision, p_flat, stream);
     const DeviceView p = p_copy.empty() ? p_flat : p_copy.view();
-    matmul_batched(blas, precision, first(p, g.seq, g.seq), true, first(doh, g.seq, g.d), false,
-                   first(dvh, g.seq, g.d), 1.0f, 0.0f, {g.pairs, tt, td, td}, stream);
+    matmul_batched(blas, precision, first(p, g.rows(), g.seq), true, first(doh, g.rows(), g.d),
+                   false, first(dvh, g.seq, g.d), 1.0f, 0.0f, {g.units(), stacked_t, stacked_d, td},
+                   stream);
   }
-  // dS = scale · P ⊙ (dP − Σ P ⊙ dP), over dP; then dQ = dS·K and dK = dSᵀ·Q.
+  // dS = scale · P ⊙ (dP − Σ P ⊙ dP), over dP; then dQ = dS·K and dK = dSᵀ·Q (group-summed).
   causal_softmax_backward(p_flat, dp, softmax_scale(g), dp, g.seq, stream);
   const DeviceTensor ds_copy = gemm_copy(alloc, precision, dp, stream);
   const DeviceView ds = ds_copy.empty() ? dp.view() : ds_copy.view();
   DeviceTensor dqh(alloc, g.pairs * g.seq, g.d);
-  DeviceTensor dkh(alloc, g.pairs * g.seq, g.d);
-  matmul_batched(blas, precision, first(ds, g.seq, g.seq), false, first(kh, g.seq, g.d), false,
-                 first(dqh, g.seq, g.d), 1.0f, 0.0f, {g.pairs, tt, td, td}, stream);
-  matmul_batched(blas, precision, first(ds, g.seq, g.seq), true, first(qh, g.seq, g.d), false,
-                 first(dkh, g.seq, g.d), 1.0f, 0.0f, {g.pairs, tt, td, td}, stream);
+  DeviceTensor dkh(alloc, g.units() * g.seq, g.d);
+  matmul_batched(blas, precision, first(ds, g.rows(), g.seq), false, first(kh, g.seq, g.d), false,
+                 first(dqh, g.rows(), g.d), 1.0f, 0.0f, {g.units(), stacked_t, td, stacked_d},
+                 stream);
+  matmul_batched(blas, precision, first(ds, g.rows(), g.seq), true, first(qh, g.rows(), g.d), false,
+                 first(dkh, g.seq, g.d), 1.0f, 0.0f, {g.units(), stacked_t, stacked_d, td}, stream);
   merge_heads(dqh, g.batch, g.seq, g.heads, 1, d, dq, stream);
-  merge_heads(dkh, g.batch, g.seq, g.kv_heads, g.group, d, dk, stream);
-  merge_heads(dvh, g.batch, g.seq, g.kv_heads, g.group, d, dv, stream);
+  merge_heads(dkh, g.batch, g.seq, g.kv_heads, 1, d, dk, stream);
+  merge_heads(dvh, g.batch, g.seq, g.kv_heads, 1, d, dv, stream);
 }
 
 } // namespace parallax::cuda

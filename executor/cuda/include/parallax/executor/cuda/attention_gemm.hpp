@@ -8,8 +8,9 @@
 // Layouts: q [batch·seq, heads·d], k and v [batch·seq, kv_heads·d] (query head j reads kv head
 // j / (heads / kv_heads)), out and dq like q, dk and dv like k; probs [batch·heads, seq·seq]
 // fp32, row b·heads + h holding query i's row at i·seq (zero above the diagonal). The heads are
-// copied to a [batch·heads, seq, d] layout (in the GEMM input dtype) and back around the GEMMs;
-// temporaries come from `alloc`. All work is enqueued on `stream`.
+// copied to [batch·heads, seq, d] (q) and [batch·kv_heads, seq, d] (k, v) layouts in the GEMM
+// input dtype, and back; each kv head's query heads run as one stacked GEMM against it (no kv
+// copies per query head). Temporaries come from `alloc`. All work is enqueued on `stream`.
 #pragma once
 
 #include "parallax/executor/cuda/gemm.hpp"
@@ -28,7 +29,7 @@ void attention_gemm_forward(Blas& blas, GemmPrecision precision, DeviceAllocator
                             DeviceView q, DeviceView k, DeviceView v, const AttentionShape& shape,
                             DeviceView probs, DeviceView out, cudaStream_t stream);
 // dq, dk, dv overwritten from the saved (or recomputed) probs; a kv head's gradient sums its
-// query heads' in head order.
+// query heads' inside one GEMM.
 void attention_gemm_backward(Blas& blas, GemmPrecision precision, DeviceAllocator& alloc,
                              DeviceView q, DeviceView k, DeviceView v, DeviceView probs,
                              DeviceView dout, const AttentionShape& shape, DeviceView dq,
