@@ -274,14 +274,22 @@ void report(const TpContext& tp, const char* what, double start, const Tensor& t
   }
 }
 
-Tensor tp_gather(const TpContext& tp, Tensor x) {
+// x over the full sequence: x itself, or (sequence parallelism) its all-gather into `storage`.
+// The backward's gradients are gathered this way, without copying them first.
+ConstMatRef full_rows(const TpContext& tp, const Tensor& x, Tensor& storage) {
   if (tp.size() == 1 || !tp.sequence_parallel)
     return x;
   const double start = steady_seconds();
-  Tensor full(x.rows() * tp.size(), x.cols(), Tensor::uninitialized);
-  tp.comm->all_gather(x.span(), full.span());
-  report(tp, "tp all-gather", start, full);
-  return full;
+  storage = Tensor(x.rows() * tp.size(), x.cols(), Tensor::uninitialized);
+  tp.comm->all_gather(x.span(), storage.span());
+  report(tp, "tp all-gather", start, storage);
+  return storage;
+}
+
+Tensor tp_gather(const TpContext& tp, Tensor x) {
+  Tensor full;
+  full_rows(tp, x, full);
+  return full.empty() ? std::move(x) : std::move(full);
 }
 
 Tensor tp_reduce(const TpContext& tp, Tensor x) {
@@ -476,7 +484,8 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
   // MLP sub-layer.
   if (m.config.bias)
     b.g("mlp.b2").m().row(0) += dy.m().colwise().sum();
-  const Tensor dd_full = tp_gather(tp, copy_of(dy));
+  Tensor dd_storage;
+  const ConstMatRef dd_full = full_rows(tp, dy, dd_storage);
   Tensor dact(n, t[kAct].cols(), Tensor::uninitialized);
   ops::linear_backward(t[kAct], b.p("mlp.w2"), dd_full, dact, b.g("mlp.w2"), MatRef{});
   t[kAct].release();
@@ -504,7 +513,8 @@ Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext
   // Attention sub-layer.
   if (m.config.bias)
     b.g("attn.bo").m().row(0) += dx1.m().colwise().sum();
-  const Tensor do_full = tp_gather(tp, copy_of(dx1));
+  Tensor do_storage;
+  const ConstMatRef do_full = full_rows(tp, dx1, do_storage);
   Tensor datt(n, t[kAtt].cols(), Tensor::uninitialized);
   ops::linear_backward(t[kAtt], b.p("attn.wo"), do_full, datt, b.g("attn.wo"), MatRef{});
   t[kAtt].release();
@@ -560,7 +570,8 @@ void embedding_backward(const ExecModel& /*m*/, const BlockBuffers& emb,
     for (Index r = 0; r < dx.rows(); ++r)
       dwpe.row(mb.positions[static_cast<std::size_t>(r)]) += dm.row(r);
   }
-  const Tensor dfull = tp_gather(tp, copy_of(dx));
+  Tensor dfull_storage;
+  const ConstMatRef dfull = full_rows(tp, dx, dfull_storage);
   ops::embedding_backward(mb.inputs, dfull, emb.layout->param("wte").row0, emb.g("wte"));
 }
 

@@ -402,6 +402,19 @@ void cross_entropy_backward(ConstMatRef logits, ConstMatRef max, ConstMatRef sum
   }
 }
 
+AdamwStep adamw_step(const AdamwHyper& h) {
+  const double t = static_cast<double>(h.step);
+  const double bc1 = 1.0 - std::pow(h.beta1, t);
+  const double bc2 = 1.0 - std::pow(h.beta2, t);
+  return {.beta1 = static_cast<float>(h.beta1),
+          .beta2 = static_cast<float>(h.beta2),
+          .clip = static_cast<float>(h.clip_coef),
+          .keep = static_cast<float>(1.0 - h.lr * (h.decay ? h.weight_decay : 0.0)),
+          .step_size = static_cast<float>(h.lr / bc1),
+          .inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2)),
+          .eps = static_cast<float>(h.eps)};
+}
+
 void adamw_update(float* p, const float* g, float* m1, float* m2, std::int64_t n,
                   const AdamwStep& s) {
   const float one_minus_b1 = 1.0f - s.beta1;

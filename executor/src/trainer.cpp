@@ -42,19 +42,8 @@ struct CpuBackend {
     return sq;
   }
   void adamw(float* p, const float* g, float* m1, float* m2, std::int64_t n,
-             const detail::AdamwArgs& a) {
-    // fp32 arithmetic throughout so the loop vectorises (it is a memory-bound pass); the
-    // factors are rounded from double once.
-    const double bc1 = 1.0 - std::pow(a.beta1, static_cast<double>(a.t));
-    const double bc2 = 1.0 - std::pow(a.beta2, static_cast<double>(a.t));
-    ops::adamw_update(p, g, m1, m2, n,
-                      {.beta1 = static_cast<float>(a.beta1),
-                       .beta2 = static_cast<float>(a.beta2),
-                       .clip = static_cast<float>(a.clip),
-                       .keep = static_cast<float>(1.0 - a.lr * (a.decay ? a.weight_decay : 0.0)),
-                       .step_size = static_cast<float>(a.lr / bc1),
-                       .inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2)),
-                       .eps = static_cast<float>(a.eps)});
+             const ops::AdamwHyper& h) {
+    ops::adamw_update(p, g, m1, m2, n, ops::adamw_step(h));
   }
 
   std::unique_ptr<Communicator> group(const std::vector<int>& ranks, const std::string& name,

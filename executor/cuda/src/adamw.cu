@@ -59,19 +59,17 @@ void adamw_update(DeviceView params, DeviceView grads, DeviceView exp_avg, Devic
   PARALLAX_CHECK(hyper.step >= 1, "adamw step counts from 1");
   if (params.size() == 0)
     return;
-  const double t = static_cast<double>(hyper.step);
-  const double bc1 = 1.0 - std::pow(hyper.beta1, t);
-  const double bc2 = 1.0 - std::pow(hyper.beta2, t);
+  const ops::AdamwStep step = ops::adamw_step(hyper); // the CPU update's rounding
   AdamWFactors f{};
-  f.beta1 = static_cast<float>(hyper.beta1);
-  f.beta2 = static_cast<float>(hyper.beta2);
+  f.beta1 = step.beta1;
+  f.beta2 = step.beta2;
   f.one_minus_beta1 = 1.0f - f.beta1;
   f.one_minus_beta2 = 1.0f - f.beta2;
-  f.clip = static_cast<float>(hyper.clip_coef);
-  f.step_size = static_cast<float>(hyper.lr / bc1);
-  f.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
-  f.eps = static_cast<float>(hyper.eps);
-  f.keep = static_cast<float>(1.0 - hyper.lr * (hyper.decay ? hyper.weight_decay : 0.0));
+  f.clip = step.clip;
+  f.step_size = step.step_size;
+  f.inv_sqrt_bc2 = step.inv_sqrt_bc2;
+  f.eps = step.eps;
+  f.keep = step.keep;
   constexpr int kBlock = 256;
   adamw_kernel<<<detail::grid_for(params.size(), kBlock), kBlock, 0, stream>>>(
       params.f32(), grads.f32(), exp_avg.f32(), exp_avg_sq.f32(),

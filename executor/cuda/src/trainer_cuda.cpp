@@ -186,14 +186,23 @@ double start_time(const Ctx& c, const TpContext& tp) {
   return steady_seconds();
 }
 
-DeviceTensor tp_gather(const Ctx& c, const TpContext& tp, DeviceTensor x) {
+// x over the full sequence: x itself, or (sequence parallelism) its all-gather into `storage`.
+// The backward's gradients are gathered this way, without copying them first.
+DeviceView full_rows(const Ctx& c, const TpContext& tp, const DeviceTensor& x,
+                     DeviceTensor& storage) {
   if (tp.size() == 1 || !tp.sequence_parallel)
-    return x;
+    return x.view();
   const double start = start_time(c, tp);
-  DeviceTensor full = c.make(x.rows() * tp.size(), x.cols());
-  tp.comm->all_gather(span_of(x), span_of(full));
-  report(c, tp, "tp all-gather", start, full);
-  return full;
+  storage = c.make(x.rows() * tp.size(), x.cols());
+  tp.comm->all_gather(span_of(x), span_of(storage));
+  report(c, tp, "tp all-gather", start, storage);
+  return storage.view();
+}
+
+DeviceTensor tp_gather(const Ctx& c, const TpContext& tp, DeviceTensor x) {
+  DeviceTensor full;
+  full_rows(c, tp, x, full);
+  return full.empty() ? std::move(x) : std::move(full);
 }
 
 DeviceTensor tp_reduce(const Ctx& c, const TpContext& tp, DeviceTensor x) {
@@ -381,7 +390,8 @@ DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers
   // MLP sub-layer.
   if (m.config.bias)
     accumulate_column_sums(dy, grad(b, "mlp.b2"), c.stream);
-  const DeviceTensor dd_full = tp_gather(c, tp, c.copy(dy));
+  DeviceTensor dd_storage;
+  const DeviceView dd_full = full_rows(c, tp, dy, dd_storage);
   DeviceTensor dact = c.make(n, t[kAct].cols());
   c.linear_grad(t[kAct], param(b, "mlp.w2"), dd_full, dact, grad(b, "mlp.w2"), {});
   t[kAct].release();
@@ -409,7 +419,8 @@ DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers
   // Attention sub-layer.
   if (m.config.bias)
     accumulate_column_sums(dx1, grad(b, "attn.bo"), c.stream);
-  const DeviceTensor do_full = tp_gather(c, tp, c.copy(dx1));
+  DeviceTensor do_storage;
+  const DeviceView do_full = full_rows(c, tp, dx1, do_storage);
   DeviceTensor datt = c.make(n, t[kAtt].cols());
   c.linear_grad(t[kAtt], param(b, "attn.wo"), do_full, datt, grad(b, "attn.wo"), {});
   DeviceTensor dq = c.make(n, t[kQ].cols());
@@ -470,7 +481,8 @@ void embed_backward(const Ctx& c, const BlockBuffers& emb, const BlockBuffers* p
     cuda::embedding_backward(g.order.get(), g.starts.get(), g.tokens.get(), g.host.groups(), dx, 0,
                              grad(*positions, "wpe"), c.stream);
   }
-  const DeviceTensor dfull = tp_gather(c, tp, c.copy(dx));
+  DeviceTensor dfull_storage;
+  const DeviceView dfull = full_rows(c, tp, dx, dfull_storage);
   const DeviceGroups& g = mb.input_groups;
   cuda::embedding_backward(g.order.get(), g.starts.get(), g.tokens.get(), g.host.groups(), dfull,
                            emb.layout->param("wte").row0, grad(emb, "wte"), c.stream);
@@ -635,20 +647,11 @@ struct CudaBackend {
     return host;
   }
   void adamw(float* p, const float* g, float* m1, float* m2, std::int64_t n,
-             const detail::AdamwArgs& a) {
+             const ops::AdamwHyper& h) {
     const auto view = [n](const float* x) {
       return DeviceView{const_cast<float*>(x), 1, n, DType::f32};
     };
-    adamw_update(view(p), view(g), view(m1), view(m2), {},
-                 AdamWParams{.lr = a.lr,
-                             .beta1 = a.beta1,
-                             .beta2 = a.beta2,
-                             .eps = a.eps,
-                             .weight_decay = a.weight_decay,
-                             .step = a.t,
-                             .clip_coef = a.clip,
-                             .decay = a.decay},
-                 s->stream);
+    adamw_update(view(p), view(g), view(m1), view(m2), {}, h, s->stream);
   }
 
   std::unique_ptr<Communicator> group(const std::vector<int>& ranks, const std::string& name,

@@ -6,6 +6,7 @@
 // micro-batch gradient accumulation is just calling them again.
 #pragma once
 
+#include "parallax/executor/adamw.hpp"
 #include "parallax/executor/tensor.hpp"
 
 #include <cstdint>
@@ -83,13 +84,8 @@ void cross_entropy_backward(ConstMatRef logits, ConstMatRef max, ConstMatRef sum
                             std::span<const std::int32_t> targets, std::int64_t vocab_begin,
                             float scale, MatRef dlogits);
 
-// One AdamW update of n parameters in place (fp32 throughout, one pass over p, g, m1, m2):
-// g' = clip·g, m1 = β1·m1 + (1 − β1)·g', m2 = β2·m2 + (1 − β2)·g'²,
-// p = keep·p − step_size·m1 / (√m2 · inv_sqrt_bc2 + eps), with keep = 1 − lr·weight_decay
-// and the bias corrections folded into step_size = lr / (1 − β1ᵗ), inv_sqrt_bc2 = 1/√(1 − β2ᵗ).
-struct AdamwStep {
-  float beta1, beta2, clip, keep, step_size, inv_sqrt_bc2, eps;
-};
+// One AdamW update of n parameters in place (fp32 throughout, one pass over p, g, m1, m2), as
+// AdamwStep (parallax/executor/adamw.hpp) states it.
 void adamw_update(float* p, const float* g, float* m1, float* m2, std::int64_t n,
                   const AdamwStep& s);
 

@@ -17,7 +17,7 @@
 //             void download(const float* src, n, float* host); void set_zero(Flat&)
 //   math      add(dst, src, n) (dst += src); copy(dst, src, n);
 //             double sum_squares(ranges) (Σ x² over the ranges, in order, in double);
-//             adamw(p, g, m1, m2, n, AdamwArgs)
+//             adamw(p, g, m1, m2, n, ops::AdamwHyper)
 //   comm      std::unique_ptr<Communicator> group(ranks, name, timeout) (collectives over B's
 //             memory); Act recv_act(world, src, tag, rows, cols); void send_act(world, Act, dst,
 //             tag) (non-blocking, the backend keeps the data alive); void finish_sends()
@@ -35,6 +35,7 @@
 #include "parallax/core/error.hpp"
 #include "parallax/core/pipeline_schedule.hpp"
 #include "parallax/core/timeline_json.hpp"
+#include "parallax/executor/adamw.hpp"
 #include "parallax/executor/trainer.hpp"
 
 #include <fmt/format.h>
@@ -49,19 +50,6 @@
 #include <vector>
 
 namespace parallax::detail {
-
-// One AdamW update as the trainer states it (doubles); each backend rounds the factors to float
-// the same way (ops::AdamwStep on the CPU, cuda::AdamWParams on the device).
-struct AdamwArgs {
-  double lr = 0;
-  double beta1 = 0.9;
-  double beta2 = 0.95;
-  double eps = 1e-8;
-  double weight_decay = 0;
-  std::int64_t t = 1; // 1-based step of the bias corrections
-  double clip = 1.0;  // gradient multiplier from global-norm clipping
-  bool decay = false; // decoupled weight decay applies to this tensor
-};
 
 using Ranges = std::vector<std::pair<const float*, std::int64_t>>;
 
@@ -778,14 +766,14 @@ template <class B> void TrainerCore<B>::adamw(double lr, double clip_coef) {
       float* m2 = B::data(b.exp_avg_sq) - b.own_begin;
       for_owned(b, [&](const ParamInfo& info, std::int64_t s, std::int64_t e) {
         be_.adamw(p + s, g + s, m1 + s, m2 + s, e - s,
-                  AdamwArgs{.lr = lr,
-                            .beta1 = opt_.beta1,
-                            .beta2 = opt_.beta2,
-                            .eps = opt_.adam_eps,
-                            .weight_decay = opt_.weight_decay,
-                            .t = step_count_ + 1,
-                            .clip = clip_coef,
-                            .decay = info.decay});
+                  ops::AdamwHyper{.lr = lr,
+                                  .beta1 = opt_.beta1,
+                                  .beta2 = opt_.beta2,
+                                  .eps = opt_.adam_eps,
+                                  .weight_decay = opt_.weight_decay,
+                                  .step = step_count_ + 1,
+                                  .clip_coef = clip_coef,
+                                  .decay = info.decay});
       });
     }
   }

@@ -11,6 +11,7 @@
 // operation separately (no fused multiply-add), so the two backends agree to the bit.
 #pragma once
 
+#include "parallax/executor/adamw.hpp"
 #include "parallax/executor/cuda/device_tensor.hpp"
 
 #include <cuda_runtime_api.h>
@@ -19,16 +20,8 @@
 
 namespace parallax::cuda {
 
-struct AdamWParams {
-  double lr = 0.0;
-  double beta1 = 0.9;
-  double beta2 = 0.95;
-  double eps = 1e-8;
-  double weight_decay = 0.1;
-  std::int64_t step = 1;  // t of the bias corrections, 1-based
-  double clip_coef = 1.0; // gradient multiplier from global-norm clipping
-  bool decay = true;      // decoupled weight decay (matrices) or none (norms, biases)
-};
+// The step's hyper-parameters, the CPU update's (rounded by ops::adamw_step on both sides).
+using AdamWParams = ops::AdamwHyper;
 
 // params, grads, exp_avg, exp_avg_sq: fp32 of one shape; params_bf16: bf16 of that shape or
 // absent.
