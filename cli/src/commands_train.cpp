@@ -40,7 +40,7 @@ namespace {
 std::vector<char*> g_argv;
 
 // `parallax` itself does not link the CUDA libraries (loading cuBLASLt and NCCL costs every
-// command about a third of a second); `train --backend cuda` re-executes the process as its
+// command about 0.4 s, bench/RESULTS.md); `train --backend cuda` re-executes the process as its
 // CUDA-linked twin `parallax-cuda` from the same directory, same arguments, before MPI starts.
 // Returns only when there is no twin (this build has no CUDA backend).
 void exec_cuda_twin() {
