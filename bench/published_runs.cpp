@@ -1,0 +1,498 @@
+#include "published_runs.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+
+namespace parallax {
+
+namespace {
+
+// One row of the document, read with errors that name the row and the field.
+class Row {
+public:
+  Row(const Json& row, std::string file) : row_(row), file_(std::move(file)) {
+    if (!row_.is_object()) {
+      fail("", "an object", json_describe(row_));
+    }
+    id_ = string_or("", "id").value_or("");
+    if (id_.empty()) {
+      fail("/id", "a non-empty string", describe("", "id"));
+    }
+  }
+
+  const std::string& id() const { return id_; }
+
+  [[noreturn]] void fail(const std::string& field, const std::string& expected,
+                         const std::string& found, const std::string& hint = {}) const {
+    throw InputError(fmt::format("{} (row '{}')", file_, id_), field.empty() ? "/" : field,
+                     expected, found, hint);
+  }
+
+  // The value at /section/key, or nullptr when absent or null.
+  const Json* at(const char* section, const char* key) const {
+    const Json* base = &row_;
+    if (section[0] != '\0') {
+      if (!row_.contains(section) || !row_[section].is_object()) {
+        return nullptr;
+      }
+      base = &row_[section];
+    }
+    if (!base->contains(key) || (*base)[key].is_null()) {
+      return nullptr;
+    }
+    return &(*base)[key];
+  }
+
+  std::string describe(const char* section, const char* key) const {
+    const Json* v = at(section, key);
+    return v == nullptr ? "nothing" : json_describe(*v);
+  }
+
+  static std::string path(const char* section, const char* key) {
+    return section[0] == '\0' ? fmt::format("/{}", key) : fmt::format("/{}/{}", section, key);
+  }
+
+  std::optional<std::string> string_or(const char* section, const char* key) const {
+    const Json* v = at(section, key);
+    if (v == nullptr) {
+      return std::nullopt;
+    }
+    if (!v->is_string()) {
+      fail(path(section, key), "a string", json_describe(*v));
+    }
+    return v->get<std::string>();
+  }
+
+  std::string text(const char* section, const char* key) const {
+    return string_or(section, key).value_or("");
+  }
+
+  std::optional<double> number(const char* section, const char* key) const {
+    const Json* v = at(section, key);
+    if (v == nullptr) {
+      return std::nullopt;
+    }
+    if (!v->is_number() || !std::isfinite(v->get<double>()) || v->get<double>() < 0) {
+      fail(path(section, key), "a non-negative number or null", json_describe(*v));
+    }
+    return v->get<double>();
+  }
+
+  std::optional<std::int64_t> integer(const char* section, const char* key) const {
+    const std::optional<double> v = number(section, key);
+    if (!v) {
+      return std::nullopt;
+    }
+    if (*v != std::floor(*v) || *v < 1 || *v > 1e15) {
+      fail(path(section, key), "a positive integer or null", describe(section, key));
+    }
+    return static_cast<std::int64_t>(*v);
+  }
+
+  std::int64_t required_integer(const char* section, const char* key) const {
+    const std::optional<std::int64_t> v = integer(section, key);
+    if (!v) {
+      fail(path(section, key), "a positive integer", "nothing");
+    }
+    return *v;
+  }
+
+  std::optional<bool> boolean(const char* section, const char* key) const {
+    const Json* v = at(section, key);
+    if (v == nullptr) {
+      return std::nullopt;
+    }
+    if (!v->is_boolean()) {
+      fail(path(section, key), "true, false or null", json_describe(*v));
+    }
+    return v->get<bool>();
+  }
+
+private:
+  const Json& row_;
+  std::string file_;
+  std::string id_;
+};
+
+std::string lower(std::string text) {
+  std::ranges::transform(text, text.begin(),
+                         [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return text;
+}
+
+bool has(const std::string& text, const char* what) {
+  return text.find(what) != std::string::npos;
+}
+
+// Megatron-LM's model code before its 2023 releases materialised the attention scores (also
+// under DeepSpeed); later releases fuse attention.
+bool megatron_materialised_attention(const std::string& framework, std::optional<int> year) {
+  return has(lower(framework), "megatron") && year.value_or(2023) <= 2022;
+}
+
+// Megatron-LM's own data parallelism before 2023 (local DDP) all-reduced the gradient buffer
+// after the pipeline flush; later releases overlap it with the backward pass, as DeepSpeed, FSDP
+// and the other stacks do.
+bool megatron_reduces_after_flush(const std::string& framework, std::optional<int> year) {
+  return has(lower(framework), "megatron") && !has(lower(framework), "deepspeed") &&
+         year.value_or(2023) <= 2022;
+}
+
+ModelConfig model_of(const Row& r, std::optional<int> year) {
+  ModelConfig c;
+  c.name = r.text("model", "name");
+  const std::string family = lower(r.text("model", "family"));
+  const std::string activation = lower(r.text("model", "ffn_activation"));
+  const std::string position = lower(r.text("model", "position_embedding"));
+  const std::string framework = r.text("training", "framework");
+  const bool gated = has(activation, "glu") || has(activation, "silu");
+  const bool rope = has(position, "rope") || has(position, "rotary");
+  const bool llama = has(family, "llama") || has(family, "mistral") || has(family, "qwen") ||
+                     (gated && rope && !has(family, "gpt"));
+  c.family = llama ? ModelFamily::llama : ModelFamily::gpt;
+  c.num_layers = static_cast<int>(r.required_integer("model", "num_layers"));
+  c.hidden_size = r.required_integer("model", "hidden_size");
+  c.num_attention_heads = static_cast<int>(r.required_integer("model", "num_attention_heads"));
+  c.num_kv_heads =
+      static_cast<int>(r.integer("model", "num_kv_heads").value_or(c.num_attention_heads));
+  c.activation = gated ? "swiglu" : "gelu";
+  // Without a stated FFN width: 4h for GELU, Llama's 8h/3 rounded up to 256 for gated units.
+  const std::int64_t gated_ffn = (8 * c.hidden_size / 3 + 255) / 256 * 256;
+  c.ffn_hidden_size =
+      r.integer("model", "ffn_hidden_size").value_or(gated ? gated_ffn : 4 * c.hidden_size);
+  c.vocab_size = r.required_integer("model", "vocab_size");
+  const std::optional<std::int64_t> seq = r.integer("training", "seq_len");
+  c.seq_length = seq ? *seq : r.required_integer("model", "seq_len");
+  c.max_position_embeddings = c.seq_length;
+  const std::string norm = lower(r.text("model", "norm"));
+  c.norm = has(norm, "rms") || (norm.empty() && llama) ? "rmsnorm" : "layernorm";
+  c.position_embedding = has(position, "alibi") ? "alibi" : rope ? "rope" : "learned";
+  c.bias = r.boolean("model", "bias").value_or(!has(family, "no bias") && !llama);
+  c.tied_embeddings = r.boolean("model", "tied_embeddings").value_or(!llama);
+  c.dropout = has(lower(framework), "megatron");
+  const std::string attention = lower(r.text("model", "attention_impl"));
+  if (has(attention, "flash") || has(attention, "fused") || has(attention, "cudnn")) {
+    c.attention_impl = "flash";
+  } else if (has(attention, "standard") || has(attention, "materiali") || has(attention, "naive") ||
+             has(attention, "eager")) {
+    c.attention_impl = "standard";
+  } else {
+    c.attention_impl = megatron_materialised_attention(framework, year) ? "standard" : "flash";
+  }
+  if (c.num_kv_heads < 1 || c.num_attention_heads % c.num_kv_heads != 0) {
+    r.fail("/model/num_kv_heads", "a divisor of num_attention_heads",
+           r.describe("model", "num_kv_heads"));
+  }
+  return c;
+}
+
+// The zoo profile for the stated GPU, resized and re-wired to the node and network the row
+// states: GPUs per node, memory, and the per-GPU share of the node's network bandwidth.
+Cluster cluster_of(const Row& r) {
+  const std::string gpu = lower(r.text("hardware", "gpu_type"));
+  const std::optional<double> memory_gb = r.number("hardware", "gpu_memory_gb");
+  std::string profile;
+  if (has(gpu, "pcie") || (has(gpu, " nvl") && !has(gpu, "nvlink")) || has(gpu, "a800") ||
+      has(gpu, "h800")) {
+    // Lower power limits and clocks, and PCIe or reduced NVLink between GPUs: none of the zoo's
+    // SXM profiles describes them.
+  } else if (has(gpu, "v100")) {
+    profile = "dgx2-v100";
+  } else if (has(gpu, "h200")) {
+    profile = "dgx-h200";
+  } else if (has(gpu, "h100")) {
+    profile = "dgx-h100";
+  } else if (has(gpu, "a100")) {
+    const bool big = memory_gb ? *memory_gb > 60 : has(gpu, "80");
+    profile = big ? "dgx-a100-80g" : "dgx-a100-40g";
+  }
+  if (profile.empty()) {
+    r.fail("/hardware/gpu_type", "an SXM V100, A100 (40 or 80 GB), H100 or H200",
+           r.describe("hardware", "gpu_type"), "the hardware zoo has profiles for these only");
+  }
+  Cluster c = cluster_load(profile);
+  if (memory_gb && *memory_gb > 0 &&
+      std::abs(*memory_gb - c.device.memory_gib) > 0.05 * c.device.memory_gib) {
+    // Another memory size of the same GPU (a 16 GB V100). A nominal size close to the profile's
+    // (80 GB beside the 79.65 GiB an H100 reports) keeps the profile's measured figure.
+    c.device.memory_gib = *memory_gb;
+  }
+  if (const std::optional<std::int64_t> per_node = r.integer("hardware", "gpus_per_node")) {
+    if (*per_node > 64) {
+      r.fail("/hardware/gpus_per_node", "at most 64", r.describe("hardware", "gpus_per_node"));
+    }
+    c.node.devices_per_node = static_cast<int>(*per_node);
+  }
+  if (const std::optional<double> gbps = r.number("hardware", "inter_node_bw_per_node_gbps")) {
+    if (*gbps <= 0) {
+      r.fail("/hardware/inter_node_bw_per_node_gbps", "a positive number",
+             fmt::format("{}", *gbps));
+    }
+    c.network.inter_bandwidth_gbps = *gbps / 8.0 / c.node.devices_per_node;
+  }
+  return c;
+}
+
+std::optional<Precision> precision_of(const std::string& stated) {
+  const std::string p = lower(stated);
+  if (has(p, "fp8") || has(p, "float8")) {
+    return Precision::fp8;
+  }
+  if (has(p, "bf16") || has(p, "bfloat16")) {
+    return Precision::bf16;
+  }
+  if (has(p, "fp16") || has(p, "float16") || has(p, "half")) {
+    return Precision::fp16;
+  }
+  if (has(p, "tf32")) {
+    return Precision::tf32;
+  }
+  if (has(p, "fp32") || has(p, "float32")) {
+    return Precision::fp32;
+  }
+  return std::nullopt;
+}
+
+std::optional<Recompute> recompute_of(const std::string& stated) {
+  const std::string rc = lower(stated);
+  if (rc.starts_with("full") || rc.starts_with("activation checkpointing") ||
+      rc.starts_with("yes")) {
+    return Recompute::full;
+  }
+  if (rc.starts_with("selective")) {
+    return Recompute::selective;
+  }
+  if (rc.starts_with("none") || rc == "no" || rc.starts_with("no ") || rc.starts_with("off") ||
+      rc == "false") {
+    return Recompute::none;
+  }
+  return std::nullopt;
+}
+
+void pin_parallelism(const Row& r, PlanPins& pins, int gpus) {
+  for (const char* key : {"cp", "ep"}) {
+    if (r.integer("parallel", key).value_or(1) > 1) {
+      r.fail(Row::path("parallel", key), "1 or null", r.describe("parallel", key),
+             std::string(key) == "cp" ? "context parallelism is not modelled"
+                                      : "expert parallelism is not modelled");
+    }
+  }
+  auto dim = [&](const char* key) -> std::optional<int> {
+    const std::optional<std::int64_t> v = r.integer("parallel", key);
+    if (v && (*v > gpus || gpus % *v != 0)) {
+      r.fail(Row::path("parallel", key), fmt::format("a divisor of the {} GPUs", gpus),
+             r.describe("parallel", key));
+    }
+    return v ? std::optional<int>(static_cast<int>(*v)) : std::nullopt;
+  };
+  pins.tp = dim("tp");
+  pins.pp = dim("pp");
+  pins.dp = dim("dp");
+  if (pins.tp && pins.pp && pins.dp && *pins.tp * *pins.pp * *pins.dp != gpus) {
+    r.fail("/parallel", fmt::format("tp × pp × dp = {} GPUs", gpus),
+           fmt::format("{} × {} × {}", *pins.tp, *pins.pp, *pins.dp));
+  }
+  if (const std::optional<double> z = r.number("parallel", "zero_stage")) {
+    if (*z > 3 || *z != std::floor(*z)) {
+      r.fail("/parallel/zero_stage", "0, 1, 2, 3 or null", r.describe("parallel", "zero_stage"));
+    }
+    pins.zero_stage = static_cast<int>(*z);
+  }
+  const std::string framework = lower(r.text("training", "framework"));
+  if (!pins.zero_stage && has(framework, "distributed optimizer")) {
+    pins.zero_stage = 1; // Megatron-LM's distributed optimizer shards the optimizer state
+  }
+  if (r.boolean("parallel", "fsdp").value_or(false)) {
+    const std::string strategy = lower(r.text("parallel", "fsdp_sharding_strategy"));
+    if (has(strategy, "hybrid")) {
+      r.fail("/parallel/fsdp_sharding_strategy", "FULL_SHARD, SHARD_GRAD_OP or NO_SHARD",
+             r.describe("parallel", "fsdp_sharding_strategy"),
+             "hybrid sharding (sharded in a node, replicated across) is not modelled");
+    }
+    if (has(strategy, "shard_grad_op")) {
+      pins.zero_stage = 2;
+    } else if (has(strategy, "no_shard")) {
+      pins.zero_stage = 0;
+    } else if (!pins.zero_stage) {
+      pins.zero_stage = 3;
+    }
+  }
+  if (!pins.zero_stage) {
+    pins.zero_stage = 0; // every stack's default is replicated state (plain data parallelism)
+  }
+  if (const std::optional<std::int64_t> v = r.integer("parallel", "virtual_pipeline_stages")) {
+    pins.virtual_stages = static_cast<int>(*v);
+    if (*v > 1) {
+      pins.schedule = Schedule::interleaved;
+    }
+  }
+  const std::string schedule = lower(r.text("parallel", "pipeline_schedule"));
+  if (pins.pp.value_or(2) > 1 && !pins.schedule) {
+    if (schedule.starts_with("interleaved")) {
+      pins.schedule = Schedule::interleaved;
+    } else if (schedule.starts_with("gpipe")) {
+      pins.schedule = Schedule::gpipe;
+    } else if (schedule.starts_with("1f1b") && !has(schedule, "interleav")) {
+      pins.schedule = Schedule::one_f_one_b;
+    }
+  }
+  if (const std::optional<bool> sp = r.boolean("parallel", "sequence_parallel")) {
+    pins.sequence_parallel = *sp;
+  }
+}
+
+double measured_time(const Row& r, const PlanRequest& req, std::int64_t seq_length) {
+  if (const std::optional<double> t = r.number("measured", "iteration_time_s"); t && *t > 0) {
+    return *t;
+  }
+  const Json* derived = r.at("measured", "derived");
+  if (derived != nullptr && derived->is_object()) {
+    for (const auto& [key, value] : derived->items()) {
+      if (key.starts_with("iteration_time_s") && value.is_number() && value.get<double>() > 0) {
+        return value.get<double>();
+      }
+    }
+  }
+  if (const std::optional<double> tps = r.number("measured", "tokens_per_s"); tps && *tps > 0) {
+    const auto tokens = r.number("training", "global_batch_tokens")
+                            .value_or(static_cast<double>(req.global_batch_size * seq_length));
+    return tokens / *tps;
+  }
+  r.fail("/measured", "iteration_time_s, a derived iteration_time_s* or tokens_per_s", "none");
+}
+
+} // namespace
+
+std::optional<int> published_year(const Json& row) {
+  if (!row.is_object() || !row.contains("source") || !row["source"].is_object()) {
+    return std::nullopt;
+  }
+  for (const char* key : {"key", "title", "location"}) {
+    const Json& s = row["source"];
+    if (!s.contains(key) || !s[key].is_string()) {
+      continue;
+    }
+    const std::string text = s[key].get<std::string>();
+    for (std::size_t i = 0; i + 4 <= text.size(); ++i) {
+      const bool digits = std::all_of(text.begin() + static_cast<std::ptrdiff_t>(i),
+                                      text.begin() + static_cast<std::ptrdiff_t>(i + 4),
+                                      [](unsigned char ch) { return std::isdigit(ch) != 0; });
+      const bool alone =
+          (i == 0 || std::isdigit(static_cast<unsigned char>(text[i - 1])) == 0) &&
+          (i + 4 == text.size() || std::isdigit(static_cast<unsigned char>(text[i + 4])) == 0);
+      if (digits && alone) {
+        const int year = std::stoi(text.substr(i, 4));
+        if (year >= 2015 && year <= 2100) {
+          return year;
+        }
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+PublishedCase published_case(const Json& row, const std::string& file) {
+  const Row r(row, file);
+  const std::optional<int> year = published_year(row);
+  PublishedCase out;
+  out.id = r.id();
+  out.source = r.text("source", "key");
+  out.framework = r.text("training", "framework");
+  out.model = model_of(r, year);
+  out.cluster = cluster_of(r);
+
+  PlanRequest& req = out.request;
+  req.gpus = static_cast<int>(r.required_integer("hardware", "num_gpus"));
+  if (req.gpus % out.cluster.node.devices_per_node != 0 &&
+      req.gpus > out.cluster.node.devices_per_node) {
+    r.fail("/hardware/num_gpus",
+           fmt::format("a multiple of the {} GPUs per node", out.cluster.node.devices_per_node),
+           r.describe("hardware", "num_gpus"));
+  }
+  if (const std::optional<std::int64_t> batch = r.integer("training", "global_batch")) {
+    req.global_batch_size = *batch;
+  } else if (const std::optional<std::int64_t> tokens =
+                 r.integer("training", "global_batch_tokens")) {
+    req.global_batch_size = std::max<std::int64_t>(1, *tokens / out.model.seq_length);
+  } else {
+    r.fail("/training/global_batch", "a positive integer (or global_batch_tokens)", "nothing");
+  }
+
+  PlanPins& pins = req.pins;
+  pin_parallelism(r, pins, req.gpus);
+  if (!pins.sequence_parallel && year && *year <= 2021) {
+    // Sequence parallelism was published in 2022 (Korthikanti et al.): earlier runs lack it.
+    pins.sequence_parallel = false;
+  }
+  pins.micro_batch_size = r.integer("training", "micro_batch");
+  const std::optional<std::int64_t> accum = r.integer("training", "grad_accum_steps");
+  if (!pins.micro_batch_size && accum && pins.dp) {
+    // A stated accumulation count fixes the micro-batch: B = global batch / (dp × steps).
+    const std::int64_t per_step = *pins.dp * *accum;
+    if (req.global_batch_size % per_step == 0) {
+      pins.micro_batch_size = req.global_batch_size / per_step;
+    }
+  }
+  pins.recompute = recompute_of(r.text("training", "recompute"));
+  const std::string stated_precision = r.text("training", "precision");
+  pins.precision = precision_of(stated_precision);
+  if (!pins.precision) {
+    const std::string p = lower(stated_precision);
+    if (!stated_precision.empty() && !has(p, "mixed") && !has(p, "amp")) {
+      r.fail("/training/precision", "fp8, bf16, fp16, tf32 or fp32 in the text",
+             r.describe("training", "precision"));
+    }
+    pins.precision = Precision::fp16;
+  }
+  if (!out.cluster.supports(*pins.precision)) {
+    r.fail("/training/precision", fmt::format("a precision the {} profile has", out.cluster.name),
+           stated_precision);
+  }
+  if (r.boolean("training", "activation_cpu_offload").value_or(false)) {
+    r.fail("/training/activation_cpu_offload", "false or null", "true",
+           "activation offload to host memory is not modelled");
+  }
+  if (const std::optional<bool> overlap = r.boolean("training", "overlap_grad_reduce")) {
+    pins.overlap_grad_reduce = *overlap;
+  } else if (megatron_reduces_after_flush(out.framework, year)) {
+    pins.overlap_grad_reduce = false;
+  }
+  out.measured_s = measured_time(r, req, out.model.seq_length);
+  return out;
+}
+
+std::optional<Recompute> published_recompute_from_flops(const Json& row, const LayerGraph& graph) {
+  const auto number = [&](const char* section, const char* key) -> std::optional<double> {
+    if (!row.contains(section) || !row[section].is_object() || !row[section].contains(key) ||
+        !row[section][key].is_number()) {
+      return std::nullopt;
+    }
+    return row[section][key].get<double>();
+  };
+  const std::optional<double> tflops = number("measured", "tflops_per_gpu");
+  const std::optional<double> time = number("measured", "iteration_time_s");
+  const std::optional<double> gpus = number("hardware", "num_gpus");
+  const std::optional<double> batch = number("training", "global_batch");
+  if (!tflops || !time || !gpus || !batch) {
+    return std::nullopt;
+  }
+  const double reported = *tflops * 1e12 * *gpus * *time;
+  double fwd = 0;
+  double fwd_blocks = 0;
+  for (std::size_t v = 0; v < graph.num_layers(); ++v) {
+    fwd += graph.layer(v).fwd_flops;
+    fwd_blocks += graph.layer(v).block >= 0 ? graph.layer(v).fwd_flops : 0.0;
+  }
+  const double without = *batch * 3 * fwd;
+  const double with_full = without + *batch * fwd_blocks;
+  return std::abs(reported - with_full) < std::abs(reported - without) ? Recompute::full
+                                                                       : Recompute::none;
+}
+
+} // namespace parallax

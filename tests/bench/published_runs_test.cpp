@@ -1,0 +1,267 @@
+// The published-run adapter: rows of ../shared/validation/published_runs.json and rows of the same
+// schema that it does not hold yet (other GPUs, networks, frameworks, partial rows), each turned
+// into a model, a cluster and a pinned request, or refused with the row and field named.
+#include "published_runs.hpp"
+
+#include "parallax/core/error.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+
+namespace parallax {
+namespace {
+
+// A complete row in the schema of published_runs.json (a GPT on 16 DGX A100 80GB).
+Json base_row() {
+  return Json::parse(R"({
+    "id": "test-gpt-13b",
+    "source": {"key": "example2024", "title": "t", "location": "l"},
+    "quality": "full",
+    "model": {"name": "GPT 13B", "family": "GPT", "num_layers": 40, "hidden_size": 5120,
+              "num_attention_heads": 40, "num_kv_heads": 40, "ffn_hidden_size": 20480,
+              "ffn_activation": "gelu", "seq_len": 2048, "vocab_size": 50304,
+              "tied_embeddings": true, "position_embedding": "learned absolute"},
+    "hardware": {"gpu_type": "NVIDIA A100-SXM4-80GB", "gpu_memory_gb": 80, "gpus_per_node": 8,
+                 "inter_node_bw_per_node_gbps": 1600, "num_gpus": 128},
+    "parallel": {"tp": 2, "pp": 1, "dp": 64, "cp": 1, "ep": 1, "zero_stage": 1,
+                 "virtual_pipeline_stages": null, "pipeline_schedule": null,
+                 "sequence_parallel": true},
+    "training": {"global_batch": 1024, "micro_batch": 4, "seq_len": 2048,
+                 "precision": "bf16", "recompute": "selective", "framework": "Megatron-LM"},
+    "measured": {"iteration_time_s": 10.0}
+  })");
+}
+
+// The field an InputError names for `row`, or "" when the row is accepted; the error's file
+// names the document and the row.
+std::string refused_field(const Json& row) {
+  try {
+    (void)published_case(row, "runs.json");
+  } catch (const InputError& e) {
+    const std::string id = row.is_object() && row.contains("id") && row["id"].is_string()
+                               ? row["id"].get<std::string>()
+                               : "";
+    EXPECT_EQ(e.file(), "runs.json (row '" + id + "')");
+    return e.field();
+  }
+  return "";
+}
+
+TEST(PublishedRuns, CompleteRowPinsWhatItStates) {
+  const PublishedCase c = published_case(base_row(), "runs.json");
+  EXPECT_EQ(c.id, "test-gpt-13b");
+  EXPECT_EQ(c.source, "example2024");
+  EXPECT_DOUBLE_EQ(c.measured_s, 10.0);
+  EXPECT_EQ(c.request.gpus, 128);
+  EXPECT_EQ(c.request.global_batch_size, 1024);
+  const PlanPins& p = c.request.pins;
+  EXPECT_EQ(p.tp, 2);
+  EXPECT_EQ(p.pp, 1);
+  EXPECT_EQ(p.dp, 64);
+  EXPECT_EQ(p.zero_stage, 1);
+  EXPECT_EQ(p.micro_batch_size, 4);
+  EXPECT_EQ(p.recompute, Recompute::selective);
+  EXPECT_EQ(p.precision, Precision::bf16);
+  EXPECT_EQ(p.sequence_parallel, true);
+  EXPECT_FALSE(p.schedule.has_value());            // one stage: nothing to pin
+  EXPECT_FALSE(p.overlap_grad_reduce.has_value()); // a 2024 Megatron-LM overlaps
+  EXPECT_EQ(c.model.attention_impl, "flash");
+  EXPECT_EQ(c.model.ffn_hidden_size, 20480);
+  // Everything the row states about the machine matches the zoo profile: the same cluster.
+  EXPECT_EQ(c.cluster, cluster_load("dgx-a100-80g"));
+}
+
+TEST(PublishedRuns, NodeNetworkAndMemoryComeFromTheRow) {
+  Json row = base_row();
+  row["hardware"]["gpu_type"] = "NVIDIA A100 SXM";
+  row["hardware"]["gpu_memory_gb"] = 40;
+  row["hardware"]["gpus_per_node"] = 4;
+  row["hardware"]["inter_node_bw_per_node_gbps"] = 800; // 4 × 200 Gb/s HDR
+  const PublishedCase c = published_case(row, "runs.json");
+  EXPECT_EQ(c.cluster.name, "dgx-a100-40g");
+  EXPECT_EQ(c.cluster.node.devices_per_node, 4);
+  EXPECT_DOUBLE_EQ(c.cluster.network.inter_bandwidth_gbps, 25.0); // 800 Gb/s / 8 / 4 GPUs
+  EXPECT_DOUBLE_EQ(c.cluster.device.memory_gib, 40.0);
+
+  row["hardware"]["inter_node_bw_per_node_gbps"] = 400; // 4 × 100 Gb/s
+  EXPECT_DOUBLE_EQ(published_case(row, "runs.json").cluster.network.inter_bandwidth_gbps, 12.5);
+
+  row["hardware"]["gpu_type"] = "NVIDIA H100 80GB HBM3";
+  row["hardware"]["gpu_memory_gb"] = 80;
+  EXPECT_EQ(published_case(row, "runs.json").cluster.name, "dgx-h100");
+  row["hardware"]["gpu_type"] = "Tesla V100-SXM2-16GB";
+  row["hardware"]["gpu_memory_gb"] = 16;
+  row["hardware"]["gpus_per_node"] = 8; // a DGX-1, not the zoo's 16-GPU DGX-2
+  row["training"]["precision"] = "mixed fp16";
+  const PublishedCase v100 = published_case(row, "runs.json");
+  EXPECT_EQ(v100.cluster.name, "dgx2-v100");
+  EXPECT_EQ(v100.cluster.node.devices_per_node, 8);
+  EXPECT_DOUBLE_EQ(v100.cluster.device.memory_gib, 16.0);
+}
+
+TEST(PublishedRuns, LlamaRowsWithRopeGqaAndDefaults) {
+  Json row = base_row();
+  row["model"] = Json::parse(R"({"name": "Llama 2 70B", "family": "Llama 2", "num_layers": 80,
+      "hidden_size": 8192, "num_attention_heads": 64, "num_kv_heads": 8,
+      "ffn_activation": "SwiGLU", "vocab_size": 32000, "position_embedding": "RoPE"})");
+  const PublishedCase c = published_case(row, "runs.json");
+  EXPECT_EQ(c.model.family, ModelFamily::llama);
+  EXPECT_EQ(c.model.position_embedding, "rope");
+  EXPECT_EQ(c.model.activation, "swiglu");
+  EXPECT_EQ(c.model.norm, "rmsnorm");
+  EXPECT_FALSE(c.model.bias);
+  EXPECT_FALSE(c.model.tied_embeddings);
+  EXPECT_EQ(c.model.num_kv_heads, 8);
+  EXPECT_EQ(c.model.ffn_hidden_size, 22016); // 8h/3 = 21845.3, rounded up to a multiple of 256
+  EXPECT_EQ(c.model.seq_length, 2048);       // from training.seq_len
+}
+
+TEST(PublishedRuns, UnstatedDimensionsAreLeftToThePlanner) {
+  Json row = base_row();
+  for (const char* key : {"tp", "pp", "dp", "sequence_parallel"}) {
+    row["parallel"][key] = nullptr;
+  }
+  row["parallel"]["zero_stage"] = nullptr;
+  row["training"]["micro_batch"] = nullptr;
+  row["training"]["recompute"] = nullptr;
+  const PlanPins p = published_case(row, "runs.json").request.pins;
+  EXPECT_FALSE(p.tp || p.pp || p.dp || p.micro_batch_size || p.recompute || p.sequence_parallel);
+  EXPECT_EQ(p.zero_stage, 0); // no sharding unless a row says so
+
+  // A stated accumulation count fixes the micro-batch: 1024 / (64 × 4) = 4.
+  row["parallel"]["dp"] = 64;
+  row["training"]["grad_accum_steps"] = 4;
+  EXPECT_EQ(published_case(row, "runs.json").request.pins.micro_batch_size, 4);
+}
+
+TEST(PublishedRuns, FrameworkAndYearRules) {
+  Json row = base_row();
+  row["source"]["key"] = "narayanan2021";
+  row["parallel"]["sequence_parallel"] = nullptr;
+  row["training"]["framework"] = "Megatron-LM (2021)";
+  PublishedCase c = published_case(row, "runs.json");
+  EXPECT_EQ(c.request.pins.overlap_grad_reduce, false); // local DDP: after the flush
+  EXPECT_EQ(c.request.pins.sequence_parallel, false);   // published in 2022
+  EXPECT_EQ(c.model.attention_impl, "standard");
+  EXPECT_TRUE(c.model.dropout);
+
+  row["training"]["framework"] = "Megatron-LM + DeepSpeed ZeRO-3";
+  c = published_case(row, "runs.json");
+  EXPECT_FALSE(c.request.pins.overlap_grad_reduce.has_value()); // DeepSpeed overlaps
+  EXPECT_EQ(c.model.attention_impl, "standard");                // Megatron's model code
+
+  row["training"]["overlap_grad_reduce"] = true; // stated beats the rule
+  EXPECT_EQ(published_case(row, "runs.json").request.pins.overlap_grad_reduce, true);
+
+  row["training"]["framework"] = "PyTorch FSDP";
+  row["model"]["attention_impl"] = "eager (materialised scores)";
+  EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "standard");
+
+  EXPECT_EQ(published_year(row), 2021);
+  row["source"] =
+      Json::parse(R"({"key": "mpt", "location": "README of 2024-04-22, commit 4952183"})");
+  EXPECT_EQ(published_year(row), 2024);
+  row["source"] = Json::parse(R"({"key": "llmc", "title": "run 12345"})");
+  EXPECT_FALSE(published_year(row).has_value());
+}
+
+TEST(PublishedRuns, SchedulesShardingAndPrecision) {
+  Json row = base_row();
+  row["parallel"]["tp"] = 8;
+  row["parallel"]["pp"] = 4;
+  row["parallel"]["dp"] = 4;
+  row["parallel"]["pipeline_schedule"] = "interleaved 1F1B";
+  EXPECT_EQ(published_case(row, "runs.json").request.pins.schedule, Schedule::interleaved);
+  row["parallel"]["pipeline_schedule"] = "1F1B (interleaving not stated)";
+  EXPECT_FALSE(published_case(row, "runs.json").request.pins.schedule.has_value());
+  row["parallel"]["virtual_pipeline_stages"] = 3;
+  PlanPins p = published_case(row, "runs.json").request.pins;
+  EXPECT_EQ(p.schedule, Schedule::interleaved);
+  EXPECT_EQ(p.virtual_stages, 3);
+
+  row = base_row();
+  row["parallel"]["fsdp"] = true;
+  row["parallel"]["zero_stage"] = nullptr;
+  row["parallel"]["fsdp_sharding_strategy"] = "SHARD_GRAD_OP";
+  EXPECT_EQ(published_case(row, "runs.json").request.pins.zero_stage, 2);
+  row["parallel"]["fsdp_sharding_strategy"] = "FULL_SHARD";
+  EXPECT_EQ(published_case(row, "runs.json").request.pins.zero_stage, 3);
+
+  row = base_row();
+  row["hardware"]["gpu_type"] = "NVIDIA H100 SXM5";
+  row["training"]["precision"] = "FP8 (Transformer Engine, bf16 master weights)";
+  EXPECT_EQ(published_case(row, "runs.json").request.pins.precision, Precision::fp8);
+  row["training"]["precision"] = "mixed precision";
+  EXPECT_EQ(published_case(row, "runs.json").request.pins.precision, Precision::fp16);
+}
+
+TEST(PublishedRuns, MeasuredTimeFromThroughputWhenNoStepTime) {
+  Json row = base_row();
+  row["measured"] = Json::parse(R"({"iteration_time_s": null, "tokens_per_s": 200000,
+                                    "derived": {"note": "none"}})");
+  EXPECT_DOUBLE_EQ(published_case(row, "runs.json").measured_s, 1024.0 * 2048 / 200000);
+  row["measured"]["derived"] = Json::parse(R"({"iteration_time_s_from_eq3": 12.5})");
+  EXPECT_DOUBLE_EQ(published_case(row, "runs.json").measured_s, 12.5);
+}
+
+TEST(PublishedRuns, RowsThatCannotBeModelledNameTheirField) {
+  Json row = base_row();
+  row["parallel"]["cp"] = 2;
+  EXPECT_EQ(refused_field(row), "/parallel/cp");
+  row = base_row();
+  row["parallel"]["ep"] = 8;
+  EXPECT_EQ(refused_field(row), "/parallel/ep");
+  row = base_row();
+  row["parallel"]["fsdp"] = true;
+  row["parallel"]["fsdp_sharding_strategy"] = "HYBRID_SHARD";
+  EXPECT_EQ(refused_field(row), "/parallel/fsdp_sharding_strategy");
+  row = base_row();
+  row["parallel"]["dp"] = 32; // 2 × 1 × 32 ≠ 128
+  EXPECT_EQ(refused_field(row), "/parallel");
+  row = base_row();
+  row["parallel"]["tp"] = "eight";
+  EXPECT_EQ(refused_field(row), "/parallel/tp");
+  for (const char* gpu : {"AMD MI250X", "NVIDIA A100 PCIe 40GB", "NVIDIA H100 NVL"}) {
+    row = base_row();
+    row["hardware"]["gpu_type"] = gpu;
+    EXPECT_EQ(refused_field(row), "/hardware/gpu_type") << gpu;
+  }
+  row = base_row();
+  row["training"]["precision"] = "fp8"; // A100s have no FP8 tensor cores
+  EXPECT_EQ(refused_field(row), "/training/precision");
+  row = base_row();
+  row["measured"] = Json::parse(R"({"tflops_per_gpu": 150})");
+  EXPECT_EQ(refused_field(row), "/measured");
+  row = base_row();
+  row["model"].erase("hidden_size");
+  EXPECT_EQ(refused_field(row), "/model/hidden_size");
+  row = base_row();
+  row["model"]["num_kv_heads"] = 7;
+  EXPECT_EQ(refused_field(row), "/model/num_kv_heads");
+  row = base_row();
+  row["training"]["activation_cpu_offload"] = true;
+  EXPECT_EQ(refused_field(row), "/training/activation_cpu_offload");
+  EXPECT_EQ(refused_field(Json::array()), "/");
+  EXPECT_EQ(refused_field(Json::parse(R"({"id": 3})")), "/id");
+}
+
+TEST(PublishedRuns, EveryPublishedRowIsModelled) {
+  const std::filesystem::path file = PARALLAX_VALIDATION_FILE;
+  if (!std::filesystem::exists(file)) {
+    GTEST_SKIP() << "no published runs at " << file;
+  }
+  const Json rows = json_load_file(file);
+  ASSERT_TRUE(rows.is_array());
+  for (const Json& row : rows) {
+    const PublishedCase c = published_case(row, file.string());
+    EXPECT_GT(c.measured_s, 0) << c.id;
+    // The rows state the zoo's machines: resizing to the row's nodes changes nothing else.
+    EXPECT_EQ(c.cluster.device, cluster_load(c.cluster.name).device) << c.id;
+  }
+}
+
+} // namespace
+} // namespace parallax
