@@ -59,7 +59,15 @@ double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm
   if (flops <= 0) {
     return 0;
   }
-  const double eff = gemm_efficiency(cluster.device, flops) * (fused ? kFusedAttentionFactor : 1.0);
+  double curve_flops = flops;
+  if (precision == Precision::fp8) {
+    const Precision sixteen = cluster.supports(Precision::bf16) ? Precision::bf16 : Precision::fp16;
+    if (cluster.supports(sixteen)) {
+      curve_flops = flops * cluster.peak_flops(sixteen) / cluster.peak_flops(Precision::fp8);
+    }
+  }
+  const double eff =
+      gemm_efficiency(cluster.device, curve_flops) * (fused ? kFusedAttentionFactor : 1.0);
   const double compute_s = flops / (cluster.peak_flops(precision) * eff);
   if (fused) {
     return compute_s;
@@ -72,6 +80,22 @@ double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm
   const auto k = static_cast<double>(gemm.k);
   const double bytes = b * (m * k + k * n + m * n) * elem_bytes;
   return std::max(compute_s, memory_time_s(cluster, bytes));
+}
+
+Precision gemm_precision(const Layer& layer, Precision precision) {
+  if (precision != Precision::fp8) {
+    return precision;
+  }
+  return layer.kind == LayerKind::linear && layer.block >= 0 ? Precision::fp8 : Precision::bf16;
+}
+
+std::pair<double, double> fp8_cast_bytes(const Gemm& gemm) {
+  const auto b = static_cast<double>(gemm.batch);
+  const auto m = static_cast<double>(gemm.m);
+  const auto n = static_cast<double>(gemm.n);
+  const auto k = static_cast<double>(gemm.k);
+  constexpr double kCastTranspose = 2.0 + 1.0 + 1.0; // read 16-bit, write FP8 and its transpose
+  return {kCastTranspose * b * m * k, kCastTranspose * b * m * n};
 }
 
 double memory_time_s(const Cluster& cluster, double bytes) {

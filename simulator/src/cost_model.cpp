@@ -145,6 +145,12 @@ MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
   if (p.dp > 1 && p.zero_stage == 3) {
     buffers += 2 * r.max_layer_params * w_bytes; // gathered layer in use + the one prefetched
   }
+  if (p.precision == Precision::fp8) {
+    // FP8 training keeps each weight's FP8 copy and its transpose between micro-batches
+    // (Transformer Engine's weight workspaces): 2 bytes per parameter, an upper bound since the
+    // embeddings and norms have none.
+    buffers += 2.0 * r.params;
+  }
   m.buffers = buffers;
   return m;
 }
@@ -226,8 +232,13 @@ double CostModel::memory_capacity_bytes() const {
 
 double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
   const double local_params = r.params / (plan.zero_stage >= 1 ? plan.dp : 1);
-  const double bytes =
+  double bytes =
       local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
+  if (plan.precision == Precision::fp8) {
+    // The updated weights are cast to FP8 (and transposed) once per step for the next forward:
+    // every weight the rank computes with, an upper bound since embeddings and norms have none.
+    bytes += r.params * kFp8WeightCastBytes;
+  }
   const Device& d = cluster_->device;
   const double efficiency =
       d.optimizer_efficiency > 0 ? d.optimizer_efficiency : elementwise_efficiency(d);

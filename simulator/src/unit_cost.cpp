@@ -34,10 +34,18 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
   const double elem_bytes = precision_storage_bytes(key.precision);
   double gemm_fwd = 0;
   double gemm_flops = 0;
+  double cast_fwd_bytes = 0;
+  double cast_bwd_bytes = 0;
+  const Precision gemm_in = gemm_precision(layer, key.precision);
   for (const Gemm& g : layer.gemms) {
     Gemm local = gemm_on_rank(layer, g, key.tp, key.micro_batch_size);
-    gemm_fwd += gemm_time_s(cluster, key.precision, local, layer.fused);
+    gemm_fwd += gemm_time_s(cluster, gemm_in, local, layer.fused);
     gemm_flops += g.flops();
+    if (gemm_in == Precision::fp8) {
+      const auto [fwd_bytes, bwd_bytes] = fp8_cast_bytes(local);
+      cast_fwd_bytes += fwd_bytes;
+      cast_bwd_bytes += bwd_bytes;
+    }
   }
   // Non-GEMM work: memory-bound traffic, or vector FLOPs at the fp32 rate, whichever is longer.
   const double other_flops = std::max(0.0, layer.fwd_flops - gemm_flops) * B / div;
@@ -46,9 +54,10 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
   const double mem_bytes = layer.fwd_mem_elems * elem_bytes * B / div;
   const double other_fwd = std::max(memory_time_s(cluster, mem_bytes), other_flops / vector_peak);
   const double overhead = kernel_overhead_s(cluster.device);
-  double fwd = gemm_fwd + other_fwd + overhead;
+  double fwd = gemm_fwd + other_fwd + overhead + memory_time_s(cluster, cast_fwd_bytes);
   // Backward: two GEMMs per forward GEMM (input and weight gradients), twice the traffic.
-  double bwd = 2.0 * gemm_fwd + 2.0 * other_fwd + 2.0 * overhead;
+  double bwd = 2.0 * gemm_fwd + 2.0 * other_fwd + 2.0 * overhead +
+               memory_time_s(cluster, cast_bwd_bytes);
   if (layer.bwd_extra_flops > 0 && gemm_flops > 0) {
     bwd += gemm_fwd * layer.bwd_extra_flops / gemm_flops;
   }

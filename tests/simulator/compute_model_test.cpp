@@ -185,6 +185,44 @@ TEST(GemmTime, BiggerGemmNeverFaster) {
   }
 }
 
+TEST(GemmTime, Fp8SitsOnTheCurveWhereA16BitGemmOfTheSameDurationWould) {
+  const Cluster c = hand_cluster();
+  // 1000³: 2 GFLOP, compute-bound in both precisions (6 MB / 3 MB of operands at 500 GB/s).
+  const Gemm g{1, 1000, 1000, 1000};
+  // bf16: η(2e9) = 0.1 + 0.7·log10(2000)/6 = 0.485120.
+  const double eta16 = 0.1 + 0.7 * std::log10(2000.0) / 6.0;
+  EXPECT_NEAR(gemm_time_s(c, Precision::bf16, g, false), 2e9 / (100e12 * eta16), 1e-15);
+  // fp8: twice the peak, so the 2 GFLOP take as long as a 1 GFLOP 16-bit GEMM: η(1e9) = 0.45.
+  EXPECT_NEAR(gemm_time_s(c, Precision::fp8, g, false), 2e9 / (200e12 * 0.45), 1e-15);
+  // Less than twice as fast: the fixed costs do not shrink with the arithmetic.
+  EXPECT_GT(gemm_time_s(c, Precision::fp8, g, false),
+            0.5 * gemm_time_s(c, Precision::bf16, g, false));
+}
+
+TEST(Fp8Recipe, OnlyTransformerBlockLinearsRunInFp8) {
+  Layer block_linear;
+  block_linear.kind = LayerKind::linear;
+  block_linear.block = 3;
+  Layer head = block_linear;
+  head.block = -1; // the output (logit) layer
+  Layer core;
+  core.kind = LayerKind::attention;
+  core.block = 3;
+  core.fused = true;
+  EXPECT_EQ(gemm_precision(block_linear, Precision::fp8), Precision::fp8);
+  EXPECT_EQ(gemm_precision(head, Precision::fp8), Precision::bf16);
+  EXPECT_EQ(gemm_precision(core, Precision::fp8), Precision::bf16);
+  for (Precision p : {Precision::fp32, Precision::tf32, Precision::fp16, Precision::bf16}) {
+    EXPECT_EQ(gemm_precision(block_linear, p), p);
+    EXPECT_EQ(gemm_precision(core, p), p);
+  }
+  // Forward: the activation (2·8×2) read in 16 bits and written as FP8 and FP8 transposed, 4
+  // bytes per element; backward: the output gradient (2·8×4) likewise. Weights: once per step.
+  const auto [fwd, bwd] = fp8_cast_bytes(Gemm{2, 8, 4, 2});
+  EXPECT_DOUBLE_EQ(fwd, 4.0 * 32);
+  EXPECT_DOUBLE_EQ(bwd, 4.0 * 64);
+}
+
 TEST(GemmTime, EmptyGemmIsFreeAndUnsupportedPrecisionThrows) {
   Cluster c = hand_cluster();
   EXPECT_EQ(gemm_time_s(c, Precision::bf16, Gemm{1, 0, 16, 16}, false), 0.0);

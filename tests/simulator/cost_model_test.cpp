@@ -125,6 +125,39 @@ TEST(CostModelOneLayer, ComputeIsForwardPlusTwiceForwardPerMicroBatch) {
               1e-12 * e2.breakdown.compute);
 }
 
+TEST(CostModelOneLayer, Fp8BlockLinearPaysItsCastsAndKeepsFp8Weights) {
+  // The chain's layer inside transformer block 0, on the hand device with an FP8 peak.
+  Json doc = layer_graph_to_json(linear_chain(1));
+  doc["layers"][0]["block"] = 0;
+  const LayerGraph g = layer_graph_from_json(doc, "fp8-block.json");
+  Cluster c = hand_cluster(1);
+  c.device.peak_tflops[Precision::fp8] = 200.0;
+  CostModel model(g, c);
+  Plan p = make_plan(1, 1, 1, 1);
+  p.precision = Precision::fp8;
+  const Gemm gemm{1, kSeq, kHidden, kHidden};
+  // Casts: forward 4 bytes per element of the (s, h) input, backward 4 per element of the (s, h)
+  // output gradient, at the attained 500 GB/s; the weight once per step, with the optimizer.
+  const double cast_fwd = 4.0 * (kSeq * kHidden) / 500e9;
+  const double cast_bwd = 4.0 * (kSeq * kHidden) / 500e9;
+  const double gemm8 = gemm_time_s(c, Precision::fp8, gemm, false);
+  const double launch = kernel_overhead_s(c.device);
+  const PlanEstimate e = model.estimate(p);
+  EXPECT_NEAR(e.breakdown.compute, 3 * (gemm8 + launch) + cast_fwd + cast_bwd,
+              1e-12 * e.breakdown.compute);
+  p.precision = Precision::bf16;
+  const PlanEstimate e16 = model.estimate(p);
+  EXPECT_NEAR(e.breakdown.optimizer - e16.breakdown.optimizer, 4.0 * kParams / 500e9, 1e-15);
+  // Larger micro-batches (m = 8·128) are where FP8 pays: faster than bf16 despite the casts.
+  p = make_plan(1, 1, 1, 8, 8);
+  p.precision = Precision::fp8;
+  const double fp8_compute = model.estimate(p).breakdown.compute;
+  p.precision = Precision::bf16;
+  EXPECT_LT(fp8_compute, model.estimate(p).breakdown.compute);
+  // The FP8 weight and its transpose stay resident: 2 bytes per parameter more than bf16.
+  EXPECT_NEAR(e.memory.buffers - e16.memory.buffers, 2.0 * kParams, 1e-6);
+}
+
 TEST(CostModelOneLayer, GradientAccumulationIsAMemoryPassOverLocalGradients) {
   const LayerGraph g = linear_chain(1);
   const Cluster c = hand_cluster(2);

@@ -9,6 +9,8 @@
 #include "parallax/core/cluster.hpp"
 #include "parallax/core/layer_graph.hpp"
 
+#include <utility>
+
 namespace parallax {
 
 // The curve used when a profile gives none: cuBLAS-class GEMMs on data-centre GPUs sustain ~78%
@@ -29,8 +31,24 @@ double kernel_overhead_s(const Device& device);
 bool device_overlaps_communication(const Device& device);
 
 // Time of one GEMM in `precision`. `fused` GEMMs (flash attention) never write their m×n output
-// to memory, so only their compute term counts, at the fused-kernel efficiency.
+// to memory, so only their compute term counts, at the fused-kernel efficiency. An FP8 GEMM sits
+// on the efficiency curve (defined for 16-bit GEMMs) where a 16-bit GEMM of the same duration
+// would: launch, prologue and the last partial wave cost time, not FLOPs.
 double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused);
+
+// The precision a layer's GEMMs run in under a training `precision`. FP8 training (Transformer
+// Engine's recipe, as Megatron-LM and NeMo use it) runs only the linear layers of transformer
+// blocks in FP8; the attention core, the output (logit) layer and everything outside the blocks
+// stay in BF16.
+Precision gemm_precision(const Layer& layer, Precision precision);
+
+// Bytes an FP8 GEMM moves per micro-batch to quantize its operands, (forward, backward): the
+// forward casts its 16-bit activation (m×k) and writes the transposed FP8 copy the weight
+// gradient needs (read 2, write 1 + 1 bytes per element); the backward casts and transposes the
+// output gradient (m×n) the same way. Weights are cast once per step, after the optimizer
+// (kFp8WeightCastBytes per parameter).
+std::pair<double, double> fp8_cast_bytes(const Gemm& gemm);
+inline constexpr double kFp8WeightCastBytes = 4.0;
 
 // Time to move `bytes` through device memory at the attained element-wise bandwidth.
 double memory_time_s(const Cluster& cluster, double bytes);
