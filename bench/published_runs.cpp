@@ -177,8 +177,11 @@ ModelConfig model_of(const Row& r, std::optional<int> year) {
   c.tied_embeddings = r.boolean("model", "tied_embeddings").value_or(!llama);
   c.dropout = has(lower(framework), "megatron");
   const std::string attention = lower(r.text("model", "attention_impl"));
-  if (has(attention, "flash") || has(attention, "fused") || has(attention, "cudnn")) {
-    c.attention_impl = "flash";
+  if (has(attention, "cudnn") || has(attention, "flash3") || has(attention, "flashattention-3") ||
+      has(attention, "fa3") || has(attention, "transformer engine") || has(attention, "fused")) {
+    c.attention_impl = "flash"; // the device's native fused kernel
+  } else if (has(attention, "flash") || has(attention, "triton")) {
+    c.attention_impl = "flash2"; // FlashAttention(-2) or Triton kernels: Ampere instructions
   } else if (has(attention, "standard") || has(attention, "materiali") || has(attention, "naive") ||
              has(attention, "eager")) {
     c.attention_impl = "standard";

@@ -15,7 +15,8 @@ constexpr std::array<std::string_view, 2> kDeviceKinds = {"gpu", "cpu"};
 
 Device device_from_json(const JsonReader& r) {
   r.reject_unknown({"name", "kind", "peak_tflops", "memory_gib", "memory_bandwidth_gbps",
-                    "gemm_efficiency", "elementwise_efficiency", "optimizer_efficiency"});
+                    "gemm_efficiency", "elementwise_efficiency", "optimizer_efficiency",
+                    "flash2_attention_efficiency"});
   Device d;
   d.name = r.string("name");
   d.kind = r.choice_or("kind", kDeviceKinds, "gpu");
@@ -59,6 +60,11 @@ Device device_from_json(const JsonReader& r) {
   if (d.optimizer_efficiency > 1.0) {
     r.fail("optimizer_efficiency", "a fraction in (0, 1]",
            fmt::format("{}", d.optimizer_efficiency));
+  }
+  d.flash2_attention_efficiency = r.non_negative_or("flash2_attention_efficiency", 0.0);
+  if (d.flash2_attention_efficiency > 1.0) {
+    r.fail("flash2_attention_efficiency", "a fraction of peak in (0, 1]",
+           fmt::format("{}", d.flash2_attention_efficiency));
   }
   return d;
 }
@@ -145,6 +151,9 @@ Json cluster_to_json(const Cluster& c) {
   }
   if (c.device.elementwise_efficiency > 0) {
     device["elementwise_efficiency"] = c.device.elementwise_efficiency;
+  }
+  if (c.device.flash2_attention_efficiency > 0) {
+    device["flash2_attention_efficiency"] = c.device.flash2_attention_efficiency;
   }
   if (c.device.optimizer_efficiency > 0) {
     device["optimizer_efficiency"] = c.device.optimizer_efficiency;

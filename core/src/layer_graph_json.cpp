@@ -11,13 +11,15 @@ namespace parallax {
 
 namespace {
 
+constexpr std::array<std::string_view, 2> kLayerKernelNames = {"native", "flash2"};
+
 double non_negative(const JsonReader& r, std::string_view key) {
   return r.non_negative_or(key, 0.0);
 }
 
 Layer layer_from_json(const JsonReader& r) {
   r.reject_unknown({"name", "kind", "tp_split", "unit", "block", "output_shape", "params", "gemms",
-                    "fwd_flops", "bwd_flops", "bwd_extra_flops", "fused", "fwd_mem_elems",
+                    "fwd_flops", "bwd_flops", "bwd_extra_flops", "fused", "kernel", "fwd_mem_elems",
                     "saved_act_elems", "saved_mask_bytes", "selective_saved_elems",
                     "selective_recompute", "tp_fwd_comm_elems",
                     "tp_bwd_comm_elems"});
@@ -57,6 +59,7 @@ Layer layer_from_json(const JsonReader& r) {
   l.bwd_flops = r.has("bwd_flops") ? non_negative(r, "bwd_flops") : 2.0 * l.fwd_flops;
   l.bwd_extra_flops = non_negative(r, "bwd_extra_flops");
   l.fused = r.boolean_or("fused", false);
+  l.kernel = r.choice_or("kernel", kLayerKernelNames, "native");
   l.fwd_mem_elems = non_negative(r, "fwd_mem_elems");
   l.saved_act_elems = non_negative(r, "saved_act_elems");
   l.saved_mask_bytes = non_negative(r, "saved_mask_bytes");
@@ -88,6 +91,7 @@ Json layer_to_json(const Layer& l) {
           {"bwd_flops", l.bwd_flops},
           {"bwd_extra_flops", l.bwd_extra_flops},
           {"fused", l.fused},
+          {"kernel", l.kernel},
           {"fwd_mem_elems", l.fwd_mem_elems},
           {"saved_act_elems", l.saved_act_elems},
           {"saved_mask_bytes", l.saved_mask_bytes},

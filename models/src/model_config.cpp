@@ -14,7 +14,7 @@ constexpr std::array<std::string_view, 3> kFamilies = {"gpt", "llama", "bert"};
 constexpr std::array<std::string_view, 2> kActivations = {"gelu", "swiglu"};
 constexpr std::array<std::string_view, 2> kNorms = {"layernorm", "rmsnorm"};
 constexpr std::array<std::string_view, 3> kPositions = {"learned", "rope", "alibi"};
-constexpr std::array<std::string_view, 2> kAttentionImpls = {"flash", "standard"};
+constexpr std::array<std::string_view, 3> kAttentionImpls = {"flash", "flash2", "standard"};
 
 constexpr std::int64_t kMaxDim = std::int64_t{1} << 24;
 

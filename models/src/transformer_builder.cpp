@@ -149,10 +149,11 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
     const double softmax_flops = kSoftmaxFlopsPerElem * as2;
     const double rope_flops =
         c.position_embedding == "rope" ? kRopeFlopsPerElem * s * static_cast<double>(H + KV) : 0.0;
-    if (c.attention_impl == "flash") {
+    if (c.attention_impl == "flash" || c.attention_impl == "flash2") {
       // Fused: the s×s scores never reach memory; the backward recomputes QKᵀ and the softmax
       // from Q, K, V and the per-row log-sum-exp (fp32: two 16-bit elements per head and token).
       core.fused = true;
+      core.kernel = c.attention_impl == "flash2" ? "flash2" : "native";
       core.fwd_flops = softmax_flops + rope_flops;
       core.bwd_flops = 2.0 * core.fwd_flops;
       core.bwd_extra_flops = core.gemms[0].flops() + softmax_flops;

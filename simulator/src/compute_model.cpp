@@ -54,7 +54,8 @@ bool device_overlaps_communication(const Device& device) {
   return device.kind != "cpu";
 }
 
-double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused) {
+double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused,
+                   bool flash2) {
   const double flops = gemm.flops();
   if (flops <= 0) {
     return 0;
@@ -66,8 +67,11 @@ double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm
       curve_flops = flops * cluster.peak_flops(sixteen) / cluster.peak_flops(Precision::fp8);
     }
   }
-  const double eff =
+  double eff =
       gemm_efficiency(cluster.device, curve_flops) * (fused ? kFusedAttentionFactor : 1.0);
+  if (fused && flash2 && cluster.device.flash2_attention_efficiency > 0) {
+    eff = std::min(eff, cluster.device.flash2_attention_efficiency);
+  }
   const double compute_s = flops / (cluster.peak_flops(precision) * eff);
   if (fused) {
     return compute_s;

@@ -148,8 +148,9 @@ MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
   if (p.precision == Precision::fp8) {
     // FP8 training keeps each weight's FP8 copy and its transpose between micro-batches
     // (Transformer Engine's weight workspaces): 2 bytes per parameter, an upper bound since the
-    // embeddings and norms have none.
-    buffers += 2.0 * r.params;
+    // embeddings and norms have none. Under ZeRO-3 only the gathered layers have them.
+    const bool sharded = p.dp > 1 && p.zero_stage == 3;
+    buffers += 2.0 * (sharded ? 2 * r.max_layer_params : r.params);
   }
   m.buffers = buffers;
   return m;

@@ -159,6 +159,14 @@ TEST(PublishedRuns, FrameworkAndYearRules) {
   row["training"]["framework"] = "PyTorch FSDP";
   row["model"]["attention_impl"] = "eager (materialised scores)";
   EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "standard");
+  // FlashAttention(-2) and Triton kernels are the Ampere-instruction family; cuDNN and
+  // FlashAttention-3 the device's native fused attention.
+  row["model"]["attention_impl"] = "flash (llm-foundry attn_impl: flash)";
+  EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "flash2");
+  row["model"]["attention_impl"] = "triton";
+  EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "flash2");
+  row["model"]["attention_impl"] = "cuDNN fused attention (Transformer Engine)";
+  EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "flash");
 
   EXPECT_EQ(published_year(row), 2021);
   row["source"] =

@@ -80,6 +80,8 @@ TEST(ClusterJson, MalformedInputsNameTheField) {
        "/device/gemm_efficiency/0/efficiency"},
       {"optimizer efficiency above 1", R"({"device": {"optimizer_efficiency": 1.2}})",
        "/device/optimizer_efficiency"},
+      {"flash2 efficiency above 1", R"({"device": {"flash2_attention_efficiency": 1.5}})",
+       "/device/flash2_attention_efficiency"},
       {"measured group larger than a node",
        R"({"node": {"measured_collectives": [{"group_size": 16, "bus_bandwidth_gbps": 5}]}})",
        "/node/measured_collectives/0/group_size"},

@@ -7,6 +7,28 @@
 namespace parallax {
 namespace {
 
+TEST(LayerGraphJson, KernelFamilyIsReadAndChecked) {
+  Json doc = layer_graph_to_json(model_load("gpt-tiny").graph);
+  for (Json& layer : doc["layers"]) {
+    if (layer["kind"] == "attention") {
+      layer["kernel"] = "flash2";
+    }
+  }
+  const LayerGraph g = layer_graph_from_json(doc, "graph.json");
+  int flash2 = 0;
+  for (std::size_t v = 0; v < g.num_layers(); ++v) {
+    flash2 += g.layer(v).kernel == "flash2" ? 1 : 0;
+  }
+  EXPECT_EQ(flash2, g.info().num_layers);
+  doc["layers"][0]["kernel"] = "flash9";
+  try {
+    (void)layer_graph_from_json(doc, "graph.json");
+    ADD_FAILURE() << "accepted";
+  } catch (const InputError& e) {
+    EXPECT_EQ(e.field(), "/layers/0/kernel");
+  }
+}
+
 TEST(LayerGraphJson, BuiltGraphsRoundTripExactly) {
   for (const char* name : {"gpt-tiny", "llama-tiny", "bert-large", "llama3-8b"}) {
     SCOPED_TRACE(name);

@@ -148,6 +148,28 @@ TEST(TransformerBuilder, FlashAttentionKeepsNoScores) {
   EXPECT_GT(extra, 2 * a * s * s * (h / a)); // the backward recomputes QKᵀ
 }
 
+TEST(TransformerBuilder, Flash2AttentionIsFusedAndMarkedAsSuch) {
+  ModelConfig config = *model_load("gpt3-175b").config;
+  const auto core_of = [](const LayerGraph& g) {
+    for (std::size_t v = 0; v < g.num_layers(); ++v) {
+      if (g.layer(v).kind == LayerKind::attention) {
+        return g.layer(v);
+      }
+    }
+    return Layer{};
+  };
+  const Layer native = core_of(transformer_build_graph(config));
+  config.attention_impl = "flash2";
+  const Layer flash2 = core_of(transformer_build_graph(config));
+  EXPECT_EQ(native.kernel, "native");
+  EXPECT_EQ(flash2.kernel, "flash2");
+  // The same arithmetic and memory: only the kernel family differs.
+  Layer renamed = flash2;
+  renamed.kernel = "native";
+  EXPECT_EQ(renamed, native);
+  EXPECT_TRUE(flash2.fused);
+}
+
 TEST(TransformerBuilder, UnitsAndSplits) {
   LayerGraph g = model_load("llama-tiny").graph;
   EXPECT_EQ(g.num_units(), 2);

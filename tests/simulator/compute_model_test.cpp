@@ -199,6 +199,23 @@ TEST(GemmTime, Fp8SitsOnTheCurveWhereA16BitGemmOfTheSameDurationWould) {
             0.5 * gemm_time_s(c, Precision::bf16, g, false));
 }
 
+TEST(GemmTime, Flash2AttentionIsCappedByTheDevicesCeiling) {
+  Cluster c = hand_cluster();
+  // 1e12 FLOPs: η = 0.8, fused attention 0.85·0.8 = 0.68 of the 100 TFLOP/s peak.
+  const Gemm g{1000, 1000, 1000, 500};
+  ASSERT_DOUBLE_EQ(g.flops(), 1e12);
+  const double native = 1e12 / (100e12 * 0.68);
+  EXPECT_NEAR(gemm_time_s(c, Precision::bf16, g, true), native, 1e-12);
+  // Without a ceiling in the profile, FlashAttention-2 kernels are the native ones.
+  EXPECT_NEAR(gemm_time_s(c, Precision::bf16, g, true, true), native, 1e-12);
+  c.device.flash2_attention_efficiency = 0.35; // e.g. FlashAttention-2 on an H100
+  EXPECT_NEAR(gemm_time_s(c, Precision::bf16, g, true, true), 1e12 / (100e12 * 0.35), 1e-12);
+  EXPECT_NEAR(gemm_time_s(c, Precision::bf16, g, true), native, 1e-12);
+  // A ceiling above what the curve gives changes nothing.
+  c.device.flash2_attention_efficiency = 0.9;
+  EXPECT_NEAR(gemm_time_s(c, Precision::bf16, g, true, true), native, 1e-12);
+}
+
 TEST(Fp8Recipe, OnlyTransformerBlockLinearsRunInFp8) {
   Layer block_linear;
   block_linear.kind = LayerKind::linear;

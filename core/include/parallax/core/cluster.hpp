@@ -35,6 +35,9 @@ struct Device {
   // Fraction of memory bandwidth the optimizer's update pass reaches (its traffic in the cost
   // model's terms, e.g. 28 bytes per fp32 AdamW parameter); 0: the element-wise figure.
   double optimizer_efficiency = 0;
+  // Fraction of peak FlashAttention-2-class kernels reach (fused attention built on Ampere
+  // tensor-core instructions); 0: no lower ceiling than the device's native fused attention.
+  double flash2_attention_efficiency = 0;
   bool operator==(const Device&) const = default;
 };
 

@@ -74,6 +74,11 @@ struct Layer {
   // recomputes QKᵀ and the softmax instead of reading them from memory.
   double bwd_extra_flops = 0;
   bool fused = false; // GEMMs fused in one kernel (flash attention): no intermediate traffic
+  // The fused kernel's family where it changes its speed: "native" (the best kernel for the
+  // device: FlashAttention-2 on Ampere, FlashAttention-3 or cuDNN on Hopper) or "flash2"
+  // (FlashAttention-2-class kernels built on Ampere tensor-core instructions, which run far below
+  // peak on Hopper).
+  std::string kernel = "native";
   double fwd_mem_elems = 0; // activation elements read + written in forward per sequence
   // Activation elements this layer keeps for backward per sequence (16-bit elements in mixed
   // precision), and 1-byte masks (dropout) kept — Korthikanti et al. 2022, Sec. 4.

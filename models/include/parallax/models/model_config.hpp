@@ -27,7 +27,9 @@ struct ModelConfig {
   bool bias = true;
   bool tied_embeddings = true;
   bool dropout = true; // dropout layers present (their masks are kept for backward)
-  // "flash": fused attention that never stores the s×s scores (FlashAttention, cuDNN);
+  // "flash": fused attention that never stores the s×s scores, the best such kernel for the
+  // device (FlashAttention-2 on Ampere, FlashAttention-3 or cuDNN on Hopper); "flash2": the same
+  // with FlashAttention-2-class kernels everywhere (Ampere instructions, slow on Hopper);
   // "standard": scores, softmax and dropout materialised (Megatron-LM before 2022).
   std::string attention_impl = "flash";
   std::string notes;

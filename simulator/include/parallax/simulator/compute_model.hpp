@@ -34,7 +34,10 @@ bool device_overlaps_communication(const Device& device);
 // to memory, so only their compute term counts, at the fused-kernel efficiency. An FP8 GEMM sits
 // on the efficiency curve (defined for 16-bit GEMMs) where a 16-bit GEMM of the same duration
 // would: launch, prologue and the last partial wave cost time, not FLOPs.
-double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused);
+// `flash2` marks a fused GEMM of a FlashAttention-2-class kernel: it runs no faster than the
+// device's flash2_attention_efficiency of peak where the profile gives one.
+double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused,
+                   bool flash2 = false);
 
 // The precision a layer's GEMMs run in under a training `precision`. FP8 training (Transformer
 // Engine's recipe, as Megatron-LM and NeMo use it) runs only the linear layers of transformer
