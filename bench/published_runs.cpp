@@ -188,6 +188,14 @@ ModelConfig model_of(const Row& r, std::optional<int> year) {
   } else {
     c.attention_impl = megatron_materialised_attention(framework, year) ? "standard" : "flash";
   }
+  // Megatron-LM and llm.c fuse the cross-entropy; eager PyTorch stacks (FSDP, Composer, the
+  // Hugging Face trainer) run it as separate fp32 passes over the logits.
+  const std::string stack = lower(framework);
+  const std::string loss = lower(r.text("model", "loss_impl"));
+  const bool eager = (has(stack, "fsdp") || has(stack, "composer") || has(stack, "hugging") ||
+                      has(stack, "pytorch")) &&
+                     !has(stack, "megatron") && !has(stack, "llm.c");
+  c.loss_impl = has(loss, "unfused") || (loss.empty() && eager) ? "unfused" : "fused";
   if (c.num_kv_heads < 1 || c.num_attention_heads % c.num_kv_heads != 0) {
     r.fail("/model/num_kv_heads", "a divisor of num_attention_heads",
            r.describe("model", "num_kv_heads"));

@@ -18,15 +18,32 @@ double non_negative(const JsonReader& r, std::string_view key) {
 }
 
 Layer layer_from_json(const JsonReader& r) {
-  r.reject_unknown({"name", "kind", "tp_split", "unit", "block", "output_shape", "params", "gemms",
-                    "fwd_flops", "bwd_flops", "bwd_extra_flops", "fused", "kernel", "fwd_mem_elems",
-                    "saved_act_elems", "saved_mask_bytes", "selective_saved_elems",
-                    "selective_recompute", "tp_fwd_comm_elems",
+  r.reject_unknown({"name",
+                    "kind",
+                    "tp_split",
+                    "unit",
+                    "block",
+                    "output_shape",
+                    "params",
+                    "gemms",
+                    "fwd_flops",
+                    "bwd_flops",
+                    "bwd_extra_flops",
+                    "fused",
+                    "kernel",
+                    "fwd_mem_elems",
+                    "saved_act_elems",
+                    "saved_mask_bytes",
+                    "selective_saved_elems",
+                    "selective_recompute",
+                    "tp_fwd_comm_elems",
                     "tp_bwd_comm_elems"});
   Layer l;
   l.name = r.string("name");
-  l.kind = *enum_from_name<LayerKind>(kLayerKindNames, r.choice_or("kind", kLayerKindNames, "generic"));
-  l.tp_split = *enum_from_name<TpSplit>(kTpSplitNames, r.choice_or("tp_split", kTpSplitNames, "replicated"));
+  l.kind =
+      *enum_from_name<LayerKind>(kLayerKindNames, r.choice_or("kind", kLayerKindNames, "generic"));
+  l.tp_split =
+      *enum_from_name<TpSplit>(kTpSplitNames, r.choice_or("tp_split", kTpSplitNames, "replicated"));
   l.unit = static_cast<int>(r.integer("unit", 0, 1 << 20));
   l.block = static_cast<int>(r.integer_or("block", -1, -1, 1 << 20));
   if (r.has("output_shape")) {
@@ -147,18 +164,18 @@ LayerGraph layer_graph_from_json(const Json& doc, const std::string& source) {
   // Units must be non-decreasing along every edge so pipeline stages only send forward.
   for (const auto& [from, to] : g.edges()) {
     if (g.layer(to).unit < g.layer(from).unit) {
-      throw InputError(source, fmt::format("/layers/{}/unit", to),
-                       fmt::format("a unit >= {} (the unit of its input layer {})",
-                                   g.layer(from).unit, from),
-                       std::to_string(g.layer(to).unit),
-                       "pipeline stages must follow the data flow");
+      throw InputError(
+          source, fmt::format("/layers/{}/unit", to),
+          fmt::format("a unit >= {} (the unit of its input layer {})", g.layer(from).unit, from),
+          std::to_string(g.layer(to).unit), "pipeline stages must follow the data flow");
     }
   }
   int max_block = -1;
   for (std::size_t v = 0; v < g.num_layers(); ++v) {
     max_block = std::max(max_block, g.layer(v).block);
   }
-  g.info().num_layers = static_cast<int>(r.integer_or("num_layers", std::max(max_block + 1, g.num_units()), 1, 1 << 20));
+  g.info().num_layers = static_cast<int>(
+      r.integer_or("num_layers", std::max(max_block + 1, g.num_units()), 1, 1 << 20));
   return g;
 }
 

@@ -15,6 +15,7 @@ constexpr std::array<std::string_view, 2> kActivations = {"gelu", "swiglu"};
 constexpr std::array<std::string_view, 2> kNorms = {"layernorm", "rmsnorm"};
 constexpr std::array<std::string_view, 3> kPositions = {"learned", "rope", "alibi"};
 constexpr std::array<std::string_view, 3> kAttentionImpls = {"flash", "flash2", "standard"};
+constexpr std::array<std::string_view, 2> kLossImpls = {"fused", "unfused"};
 
 constexpr std::int64_t kMaxDim = std::int64_t{1} << 24;
 
@@ -41,8 +42,7 @@ void apply_family_defaults(ModelConfig& c) {
 
 void check_shape(const ModelConfig& c, const JsonReader& r) {
   if (c.hidden_size % c.num_attention_heads != 0) {
-    r.fail("num_attention_heads",
-           fmt::format("a divisor of hidden_size {}", c.hidden_size),
+    r.fail("num_attention_heads", fmt::format("a divisor of hidden_size {}", c.hidden_size),
            std::to_string(c.num_attention_heads));
   }
   if (c.num_attention_heads % c.num_kv_heads != 0) {
@@ -60,14 +60,16 @@ void check_shape(const ModelConfig& c, const JsonReader& r) {
 
 } // namespace
 
-std::string_view model_family_name(ModelFamily f) { return kFamilies.at(static_cast<int>(f)); }
+std::string_view model_family_name(ModelFamily f) {
+  return kFamilies.at(static_cast<int>(f));
+}
 
 ModelConfig model_config_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
   r.reject_unknown({"name", "family", "num_layers", "hidden_size", "num_attention_heads",
                     "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_length",
                     "max_position_embeddings", "activation", "norm", "position_embedding", "bias",
-                    "tied_embeddings", "dropout", "attention_impl", "notes"});
+                    "tied_embeddings", "dropout", "attention_impl", "loss_impl", "notes"});
   ModelConfig c;
   c.name = r.string("name");
   c.family = family_parse(r.choice("family", kFamilies));
@@ -75,7 +77,8 @@ ModelConfig model_config_from_json(const Json& doc, const std::string& source) {
   c.num_layers = static_cast<int>(r.integer("num_layers", 1, 1 << 16));
   c.hidden_size = r.integer("hidden_size", 1, kMaxDim);
   c.num_attention_heads = static_cast<int>(r.integer("num_attention_heads", 1, 1 << 16));
-  c.num_kv_heads = static_cast<int>(r.integer_or("num_kv_heads", c.num_attention_heads, 1, 1 << 16));
+  c.num_kv_heads =
+      static_cast<int>(r.integer_or("num_kv_heads", c.num_attention_heads, 1, 1 << 16));
   if (c.family == ModelFamily::llama) {
     c.ffn_hidden_size = r.integer("ffn_hidden_size", 1, kMaxDim);
   } else {
@@ -91,6 +94,7 @@ ModelConfig model_config_from_json(const Json& doc, const std::string& source) {
   c.tied_embeddings = r.boolean_or("tied_embeddings", c.tied_embeddings);
   c.dropout = r.boolean_or("dropout", c.dropout);
   c.attention_impl = r.choice_or("attention_impl", kAttentionImpls, c.attention_impl);
+  c.loss_impl = r.choice_or("loss_impl", kLossImpls, c.loss_impl);
   c.notes = r.string_or("notes", "");
   check_shape(c, r);
   return c;
@@ -113,7 +117,8 @@ Json model_config_to_json(const ModelConfig& c) {
               {"bias", c.bias},
               {"tied_embeddings", c.tied_embeddings},
               {"dropout", c.dropout},
-              {"attention_impl", c.attention_impl}};
+              {"attention_impl", c.attention_impl},
+              {"loss_impl", c.loss_impl}};
   if (!c.notes.empty()) {
     doc["notes"] = c.notes;
   }
@@ -126,7 +131,7 @@ bool is_hf_config(const Json& doc) {
 
 ModelConfig model_config_from_hf(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
-  constexpr std::array<std::string_view, 6> kTypes = {"llama", "mistral", "qwen2",
+  constexpr std::array<std::string_view, 6> kTypes = {"llama", "mistral",  "qwen2",
                                                       "gpt2",  "gpt_neox", "bert"};
   const std::string type = r.choice("model_type", kTypes);
   ModelConfig c;
@@ -144,7 +149,8 @@ ModelConfig model_config_from_hf(const Json& doc, const std::string& source) {
     c.tied_embeddings = r.boolean_or("tie_word_embeddings", true);
   } else {
     const bool llama_like = type == "llama" || type == "mistral" || type == "qwen2";
-    c.family = llama_like ? ModelFamily::llama : (type == "bert" ? ModelFamily::bert : ModelFamily::gpt);
+    c.family =
+        llama_like ? ModelFamily::llama : (type == "bert" ? ModelFamily::bert : ModelFamily::gpt);
     apply_family_defaults(c);
     c.num_layers = static_cast<int>(r.integer("num_hidden_layers", 1, 1 << 16));
     c.hidden_size = r.integer("hidden_size", 1, kMaxDim);

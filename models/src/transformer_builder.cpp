@@ -187,7 +187,8 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
     Layer up = layer_make(p + "mlp.up", LayerKind::linear, TpSplit::column, i, i);
     up.output_shape = {S, swiglu ? 2 * F : F};
     up.params = (swiglu ? 2 : 1) * H * F + (c.bias ? (swiglu ? 2 : 1) * F : 0);
-    up.gemms = swiglu ? std::vector<Gemm>{{1, S, F, H}, {1, S, F, H}} : std::vector<Gemm>{{1, S, F, H}};
+    up.gemms =
+        swiglu ? std::vector<Gemm>{{1, S, F, H}, {1, S, F, H}} : std::vector<Gemm>{{1, S, F, H}};
     up.saved_act_elems = sh;
     up.tp_bwd_comm_elems = sh;
     auto vup = b.add(std::move(up), {n2});
@@ -217,8 +218,7 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
     pooler.params = H * H + H + 2 * H + 2;
     pooler.gemms = {{1, 1, H, H}};
     b.add(std::move(pooler), {x});
-    Layer transform =
-        layer_make("mlm.transform", LayerKind::linear, TpSplit::replicated, last, -1);
+    Layer transform = layer_make("mlm.transform", LayerKind::linear, TpSplit::replicated, last, -1);
     transform.output_shape = {S, H};
     transform.params = H * H + H + 2 * H;
     transform.gemms = {{1, S, H, H}};
@@ -247,7 +247,11 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
   loss.output_shape = {1};
   loss.fwd_flops = kCrossEntropyFlopsPerElem * s * static_cast<double>(V);
   loss.bwd_flops = 2.0 * s * static_cast<double>(V);
-  loss.fwd_mem_elems = s * static_cast<double>(V);
+  // Unfused (eager) cross-entropy moves ~36 bytes per logit over forward and backward: the fp32
+  // copy (read 2, write 4), log-softmax (read 4, write 4), its backward (read 4 + 4, write 4)
+  // and the cast of the gradient back (read 4, write 2): 6 16-bit elements forward, with the
+  // backward's usual twice that.
+  loss.fwd_mem_elems = (c.loss_impl == "unfused" ? 6.0 : 1.0) * s * static_cast<double>(V);
   loss.saved_act_elems = 2.0 * s * static_cast<double>(V);
   loss.tp_fwd_comm_elems = 6.0 * s;
   b.add(std::move(loss), {x});

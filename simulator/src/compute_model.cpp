@@ -67,8 +67,7 @@ double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm
       curve_flops = flops * cluster.peak_flops(sixteen) / cluster.peak_flops(Precision::fp8);
     }
   }
-  double eff =
-      gemm_efficiency(cluster.device, curve_flops) * (fused ? kFusedAttentionFactor : 1.0);
+  double eff = gemm_efficiency(cluster.device, curve_flops) * (fused ? kFusedAttentionFactor : 1.0);
   if (fused && flash2 && cluster.device.flash2_attention_efficiency > 0) {
     eff = std::min(eff, cluster.device.flash2_attention_efficiency);
   }

@@ -326,8 +326,7 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
     const double buckets =
         std::max(1.0, std::ceil(r.params * precision_storage_bytes(plan.precision) /
                                 MemoryModelConstants::kGradBucketBytes));
-    const double own_backward =
-        plan.overlap_grad_reduce && plan.zero_stage <= 1 ? r.bwd_s : 0.0;
+    const double own_backward = plan.overlap_grad_reduce && plan.zero_stage <= 1 ? r.bwd_s : 0.0;
     const double window = overlap ? own_backward + slack : 0.0;
     const double exposed = std::max(t_dp / buckets, t_dp - window);
     dp_exposed = std::max(dp_exposed, exposed + kOverlapInterference * (t_dp - exposed));

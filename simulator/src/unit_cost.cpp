@@ -56,8 +56,8 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
   const double overhead = kernel_overhead_s(cluster.device);
   double fwd = gemm_fwd + other_fwd + overhead + memory_time_s(cluster, cast_fwd_bytes);
   // Backward: two GEMMs per forward GEMM (input and weight gradients), twice the traffic.
-  double bwd = 2.0 * gemm_fwd + 2.0 * other_fwd + 2.0 * overhead +
-               memory_time_s(cluster, cast_bwd_bytes);
+  double bwd =
+      2.0 * gemm_fwd + 2.0 * other_fwd + 2.0 * overhead + memory_time_s(cluster, cast_bwd_bytes);
   if (layer.bwd_extra_flops > 0 && gemm_flops > 0) {
     bwd += gemm_fwd * layer.bwd_extra_flops / gemm_flops;
   }

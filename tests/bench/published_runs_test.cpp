@@ -156,7 +156,9 @@ TEST(PublishedRuns, FrameworkAndYearRules) {
   row["training"]["overlap_grad_reduce"] = true; // stated beats the rule
   EXPECT_EQ(published_case(row, "runs.json").request.pins.overlap_grad_reduce, true);
 
+  EXPECT_EQ(published_case(row, "runs.json").model.loss_impl, "fused"); // Megatron's kernel
   row["training"]["framework"] = "PyTorch FSDP";
+  EXPECT_EQ(published_case(row, "runs.json").model.loss_impl, "unfused");
   row["model"]["attention_impl"] = "eager (materialised scores)";
   EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "standard");
   // FlashAttention(-2) and Triton kernels are the Ampere-instruction family; cuDNN and

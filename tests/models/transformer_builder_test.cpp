@@ -61,8 +61,9 @@ TEST(ZooParams, MegatronFamilyMatchesTheirClosedForm) {
     const GraphInfo& i = m.graph.info();
     double l = i.num_layers;
     double h = static_cast<double>(i.hidden_size);
-    double closed = 12 * l * h * h *
-                    (1 + 13 / (12 * h) + static_cast<double>(i.vocab_size + i.seq_length) / (12 * l * h));
+    double closed =
+        12 * l * h * h *
+        (1 + 13 / (12 * h) + static_cast<double>(i.vocab_size + i.seq_length) / (12 * l * h));
     EXPECT_NEAR(static_cast<double>(m.graph.total_params()) / closed, 1.0, 0.001);
   }
 }

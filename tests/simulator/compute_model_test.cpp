@@ -16,7 +16,8 @@ Cluster hand_cluster() {
   Cluster c;
   c.name = "hand";
   c.device.name = "hand-gpu";
-  c.device.peak_tflops = {{Precision::bf16, 100.0}, {Precision::fp32, 50.0}, {Precision::fp8, 200.0}};
+  c.device.peak_tflops = {
+      {Precision::bf16, 100.0}, {Precision::fp32, 50.0}, {Precision::fp8, 200.0}};
   c.device.memory_gib = 16;
   c.device.memory_bandwidth_gbps = 1000;
   c.device.elementwise_efficiency = 0.5;
@@ -104,7 +105,8 @@ TEST(MemoryTime, BytesOverAttainedBandwidth) {
 TEST(GemmTime, NeverFasterThanPeak) {
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int> dim_log(0, 14);
-  for (const Cluster& c : {hand_cluster(), cluster_load("dgx-a100-80g"), cluster_load("dgx-h100")}) {
+  for (const Cluster& c :
+       {hand_cluster(), cluster_load("dgx-a100-80g"), cluster_load("dgx-h100")}) {
     for (int i = 0; i < 300; ++i) {
       Gemm g{std::int64_t{1} << (dim_log(rng) / 3), std::int64_t{1} << dim_log(rng),
              std::int64_t{1} << dim_log(rng), std::int64_t{1} << dim_log(rng)};

@@ -60,8 +60,11 @@ LayerGraph linear_chain(int n) {
       edges.push_back({i - 1, i});
     }
   }
-  Json doc = {{"name", "linear-chain"}, {"seq_length", kSeq}, {"hidden_size", kHidden},
-              {"layers", layers},       {"edges", edges}};
+  Json doc = {{"name", "linear-chain"},
+              {"seq_length", kSeq},
+              {"hidden_size", kHidden},
+              {"layers", layers},
+              {"edges", edges}};
   return layer_graph_from_json(doc, "linear-chain.json");
 }
 
@@ -78,7 +81,9 @@ Plan make_plan(int dp, int tp, int pp, std::int64_t global, std::int64_t micro =
   return p;
 }
 
-double rel_diff(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+double rel_diff(double a, double b) {
+  return std::abs(a - b) / std::max(std::abs(b), 1e-300);
+}
 
 // One stage's time per micro-batch on the critical path, from the estimate's own fields (dp = 1
 // and no ZeRO-3, so no exposed per-micro-batch data-parallel part).
@@ -298,7 +303,8 @@ TEST(CostModelPipeline, OneFOneBBubbleIsPMinusOneStageTimes) {
       EXPECT_GT(t, 0.0);
       EXPECT_NEAR(e.breakdown.bubble, (2 - 1) * t, 1e-9 * t);
       // The bubble is (p − 1)/m of the steady-state pipeline time.
-      EXPECT_NEAR(e.breakdown.bubble / (static_cast<double>(m) * t), (2.0 - 1.0) / static_cast<double>(m), 1e-9);
+      EXPECT_NEAR(e.breakdown.bubble / (static_cast<double>(m) * t),
+                  (2.0 - 1.0) / static_cast<double>(m), 1e-9);
     }
   }
 }

@@ -32,6 +32,10 @@ struct ModelConfig {
   // with FlashAttention-2-class kernels everywhere (Ampere instructions, slow on Hopper);
   // "standard": scores, softmax and dropout materialised (Megatron-LM before 2022).
   std::string attention_impl = "flash";
+  // "fused": one cross-entropy kernel over the logits (Megatron-LM's vocabulary-parallel loss,
+  // llm.c); "unfused": eager framework ops (PyTorch's cross_entropy under autocast: an fp32 copy
+  // of the logits, log-softmax, and their backward), several passes over the logits.
+  std::string loss_impl = "fused";
   std::string notes;
 
   std::int64_t head_dim() const { return hidden_size / num_attention_heads; }
