@@ -209,25 +209,30 @@ Cluster cluster_of(const Row& r) {
   const std::string gpu = lower(r.text("hardware", "gpu_type"));
   const std::optional<double> memory_gb = r.number("hardware", "gpu_memory_gb");
   std::string profile;
-  if (has(gpu, "pcie") || (has(gpu, " nvl") && !has(gpu, "nvlink")) || has(gpu, "a800") ||
-      has(gpu, "h800")) {
-    // Lower power limits and clocks, and PCIe or reduced NVLink between GPUs: none of the zoo's
-    // SXM profiles describes them.
+  // The export parts: an A800 or H800 is an A100 or H100 with NVLink cut to 400 GB/s both ways
+  // (NVIDIA A800 / H800 SXM datasheets), 200 GB/s per direction.
+  const bool export_part = has(gpu, "a800") || has(gpu, "h800");
+  if (has(gpu, "pcie") || (has(gpu, " nvl") && !has(gpu, "nvlink"))) {
+    // Lower power limits and clocks, and PCIe or NVLink bridges between pairs of GPUs: none of
+    // the zoo's SXM profiles describes them.
   } else if (has(gpu, "v100")) {
     profile = "dgx2-v100";
   } else if (has(gpu, "h200")) {
     profile = "dgx-h200";
-  } else if (has(gpu, "h100")) {
+  } else if (has(gpu, "h100") || has(gpu, "h800")) {
     profile = "dgx-h100";
-  } else if (has(gpu, "a100")) {
+  } else if (has(gpu, "a100") || has(gpu, "a800")) {
     const bool big = memory_gb ? *memory_gb > 60 : has(gpu, "80");
     profile = big ? "dgx-a100-80g" : "dgx-a100-40g";
   }
   if (profile.empty()) {
-    r.fail("/hardware/gpu_type", "an SXM V100, A100 (40 or 80 GB), H100 or H200",
+    r.fail("/hardware/gpu_type", "an SXM V100, A100 / A800 (40 or 80 GB), H100 / H800 or H200",
            r.describe("hardware", "gpu_type"), "the hardware zoo has profiles for these only");
   }
   Cluster c = cluster_load(profile);
+  if (export_part) {
+    c.node.intra_bandwidth_gbps = std::min(c.node.intra_bandwidth_gbps, 200.0);
+  }
   if (memory_gb && *memory_gb > 0 &&
       std::abs(*memory_gb - c.device.memory_gib) > 0.05 * c.device.memory_gib) {
     // Another memory size of the same GPU (a 16 GB V100). A nominal size close to the profile's

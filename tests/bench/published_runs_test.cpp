@@ -92,6 +92,11 @@ TEST(PublishedRuns, NodeNetworkAndMemoryComeFromTheRow) {
   row["hardware"]["gpu_type"] = "NVIDIA H100 80GB HBM3";
   row["hardware"]["gpu_memory_gb"] = 80;
   EXPECT_EQ(published_case(row, "runs.json").cluster.name, "dgx-h100");
+  row["hardware"]["gpu_type"] = "NVIDIA H800 80GB HBM3"; // an H100 with 200 GB/s NVLink
+  const PublishedCase h800 = published_case(row, "runs.json");
+  EXPECT_EQ(h800.cluster.name, "dgx-h100");
+  EXPECT_DOUBLE_EQ(h800.cluster.node.intra_bandwidth_gbps, 200.0);
+  EXPECT_EQ(h800.cluster.device, cluster_load("dgx-h100").device);
   row["hardware"]["gpu_type"] = "Tesla V100-SXM2-16GB";
   row["hardware"]["gpu_memory_gb"] = 16;
   row["hardware"]["gpus_per_node"] = 8; // a DGX-1, not the zoo's 16-GPU DGX-2
