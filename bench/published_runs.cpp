@@ -151,6 +151,7 @@ ModelConfig model_of(const Row& r, std::optional<int> year) {
   const std::string activation = lower(r.text("model", "ffn_activation"));
   const std::string position = lower(r.text("model", "position_embedding"));
   const std::string framework = r.text("training", "framework");
+  const std::string stack = lower(framework);
   const bool gated = has(activation, "glu") || has(activation, "silu");
   const bool rope = has(position, "rope") || has(position, "rotary");
   const bool llama = has(family, "llama") || has(family, "mistral") || has(family, "qwen") ||
@@ -175,7 +176,7 @@ ModelConfig model_of(const Row& r, std::optional<int> year) {
   c.position_embedding = has(position, "alibi") ? "alibi" : rope ? "rope" : "learned";
   c.bias = r.boolean("model", "bias").value_or(!has(family, "no bias") && !llama);
   c.tied_embeddings = r.boolean("model", "tied_embeddings").value_or(!llama);
-  c.dropout = has(lower(framework), "megatron");
+  c.dropout = has(stack, "megatron");
   const std::string attention = lower(r.text("model", "attention_impl"));
   if (has(attention, "cudnn") || has(attention, "flash3") || has(attention, "flashattention-3") ||
       has(attention, "fa3") || has(attention, "transformer engine") || has(attention, "fused")) {
@@ -190,7 +191,6 @@ ModelConfig model_of(const Row& r, std::optional<int> year) {
   }
   // Megatron-LM and llm.c fuse the cross-entropy; eager PyTorch stacks (FSDP, Composer, the
   // Hugging Face trainer) run it as separate fp32 passes over the logits.
-  const std::string stack = lower(framework);
   const std::string loss = lower(r.text("model", "loss_impl"));
   const bool eager = (has(stack, "fsdp") || has(stack, "composer") || has(stack, "hugging") ||
                       has(stack, "pytorch")) &&

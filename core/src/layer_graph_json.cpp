@@ -11,8 +11,6 @@ namespace parallax {
 
 namespace {
 
-constexpr std::array<std::string_view, 2> kLayerKernelNames = {"native", "flash2"};
-
 double non_negative(const JsonReader& r, std::string_view key) {
   return r.non_negative_or(key, 0.0);
 }
@@ -76,7 +74,8 @@ Layer layer_from_json(const JsonReader& r) {
   l.bwd_flops = r.has("bwd_flops") ? non_negative(r, "bwd_flops") : 2.0 * l.fwd_flops;
   l.bwd_extra_flops = non_negative(r, "bwd_extra_flops");
   l.fused = r.boolean_or("fused", false);
-  l.kernel = r.choice_or("kernel", kLayerKernelNames, "native");
+  l.kernel = *enum_from_name<FusedKernel>(kFusedKernelNames,
+                                          r.choice_or("kernel", kFusedKernelNames, "native"));
   l.fwd_mem_elems = non_negative(r, "fwd_mem_elems");
   l.saved_act_elems = non_negative(r, "saved_act_elems");
   l.saved_mask_bytes = non_negative(r, "saved_mask_bytes");
@@ -108,7 +107,7 @@ Json layer_to_json(const Layer& l) {
           {"bwd_flops", l.bwd_flops},
           {"bwd_extra_flops", l.bwd_extra_flops},
           {"fused", l.fused},
-          {"kernel", l.kernel},
+          {"kernel", std::string(enum_name(kFusedKernelNames, l.kernel))},
           {"fwd_mem_elems", l.fwd_mem_elems},
           {"saved_act_elems", l.saved_act_elems},
           {"saved_mask_bytes", l.saved_mask_bytes},

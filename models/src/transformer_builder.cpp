@@ -153,7 +153,7 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
       // Fused: the s×s scores never reach memory; the backward recomputes QKᵀ and the softmax
       // from Q, K, V and the per-row log-sum-exp (fp32: two 16-bit elements per head and token).
       core.fused = true;
-      core.kernel = c.attention_impl == "flash2" ? "flash2" : "native";
+      core.kernel = c.attention_impl == "flash2" ? FusedKernel::flash2 : FusedKernel::native;
       core.fwd_flops = softmax_flops + rope_flops;
       core.bwd_flops = 2.0 * core.fwd_flops;
       core.bwd_extra_flops = core.gemms[0].flops() + softmax_flops;

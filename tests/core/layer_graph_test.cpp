@@ -17,7 +17,7 @@ TEST(LayerGraphJson, KernelFamilyIsReadAndChecked) {
   const LayerGraph g = layer_graph_from_json(doc, "graph.json");
   int flash2 = 0;
   for (std::size_t v = 0; v < g.num_layers(); ++v) {
-    flash2 += g.layer(v).kernel == "flash2" ? 1 : 0;
+    flash2 += g.layer(v).kernel == FusedKernel::flash2 ? 1 : 0;
   }
   EXPECT_EQ(flash2, g.info().num_layers);
   doc["layers"][0]["kernel"] = "flash9";

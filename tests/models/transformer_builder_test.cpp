@@ -162,11 +162,11 @@ TEST(TransformerBuilder, Flash2AttentionIsFusedAndMarkedAsSuch) {
   const Layer native = core_of(transformer_build_graph(config));
   config.attention_impl = "flash2";
   const Layer flash2 = core_of(transformer_build_graph(config));
-  EXPECT_EQ(native.kernel, "native");
-  EXPECT_EQ(flash2.kernel, "flash2");
+  EXPECT_EQ(native.kernel, FusedKernel::native);
+  EXPECT_EQ(flash2.kernel, FusedKernel::flash2);
   // The same arithmetic and memory: only the kernel family differs.
   Layer renamed = flash2;
-  renamed.kernel = "native";
+  renamed.kernel = FusedKernel::native;
   EXPECT_EQ(renamed, native);
   EXPECT_TRUE(flash2.fused);
 }

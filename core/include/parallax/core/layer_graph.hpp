@@ -20,14 +20,14 @@
 namespace parallax {
 
 enum class LayerKind {
-  embedding,      // token (and position) lookup
-  norm,           // LayerNorm / RMSNorm
-  linear,         // a GEMM with weights
-  attention,      // attention core: QK^T, softmax, dropout, context (batched GEMMs)
-  activation,     // GELU, SwiGLU gate
-  elementwise,    // residual add, dropout, rotary embedding
-  loss,           // softmax + cross-entropy
-  generic,        // anything described only by its figures (generic JSON graphs)
+  embedding,   // token (and position) lookup
+  norm,        // LayerNorm / RMSNorm
+  linear,      // a GEMM with weights
+  attention,   // attention core: QK^T, softmax, dropout, context (batched GEMMs)
+  activation,  // GELU, SwiGLU gate
+  elementwise, // residual add, dropout, rotary embedding
+  loss,        // softmax + cross-entropy
+  generic,     // anything described only by its figures (generic JSON graphs)
 };
 
 // How a layer is divided among t tensor-parallel ranks (Megatron-LM).
@@ -40,10 +40,16 @@ enum class TpSplit {
   sequence,   // norms, dropout, residuals: replicated, or split along s with sequence parallel
 };
 
+// The family of a fused kernel where it changes its speed: the device's best kernel
+// (FlashAttention-2 on Ampere, FlashAttention-3 or cuDNN on Hopper), or FlashAttention-2-class
+// kernels built on Ampere tensor-core instructions, which run far below peak on Hopper.
+enum class FusedKernel { native, flash2 };
+
 inline constexpr std::array<std::string_view, 8> kLayerKindNames = {
     "embedding", "norm", "linear", "attention", "activation", "elementwise", "loss", "generic"};
 inline constexpr std::array<std::string_view, 6> kTpSplitNames = {
     "replicated", "column", "row", "heads", "vocab", "sequence"};
+inline constexpr std::array<std::string_view, 2> kFusedKernelNames = {"native", "flash2"};
 
 std::string_view layer_kind_name(LayerKind k);
 std::string_view tp_split_name(TpSplit s);
@@ -62,8 +68,8 @@ struct Layer {
   std::string name; // e.g. "block3.mlp.up"
   LayerKind kind = LayerKind::generic;
   TpSplit tp_split = TpSplit::replicated;
-  int unit = 0;    // pipeline partition unit
-  int block = -1;  // transformer block index, -1 outside blocks (embedding, head)
+  int unit = 0;   // pipeline partition unit
+  int block = -1; // transformer block index, -1 outside blocks (embedding, head)
 
   std::vector<std::int64_t> output_shape; // per sequence, e.g. {s, h}
   std::int64_t params = 0;                // parameter count (weights + biases)
@@ -74,11 +80,7 @@ struct Layer {
   // recomputes QKᵀ and the softmax instead of reading them from memory.
   double bwd_extra_flops = 0;
   bool fused = false; // GEMMs fused in one kernel (flash attention): no intermediate traffic
-  // The fused kernel's family where it changes its speed: "native" (the best kernel for the
-  // device: FlashAttention-2 on Ampere, FlashAttention-3 or cuDNN on Hopper) or "flash2"
-  // (FlashAttention-2-class kernels built on Ampere tensor-core instructions, which run far below
-  // peak on Hopper).
-  std::string kernel = "native";
+  FusedKernel kernel = FusedKernel::native; // which family the fused kernel belongs to
   double fwd_mem_elems = 0; // activation elements read + written in forward per sequence
   // Activation elements this layer keeps for backward per sequence (16-bit elements in mixed
   // precision), and 1-byte masks (dropout) kept — Korthikanti et al. 2022, Sec. 4.
