@@ -223,42 +223,36 @@ TEST(PublishedRuns, MeasuredTimeFromThroughputWhenNoStepTime) {
 }
 
 TEST(PublishedRuns, RowsThatCannotBeModelledNameTheirField) {
-  Json row = base_row();
-  row["parallel"]["cp"] = 2;
-  EXPECT_EQ(refused_field(row), "/parallel/cp");
-  row = base_row();
-  row["parallel"]["ep"] = 8;
-  EXPECT_EQ(refused_field(row), "/parallel/ep");
-  row = base_row();
-  row["parallel"]["fsdp"] = true;
-  row["parallel"]["fsdp_sharding_strategy"] = "HYBRID_SHARD";
-  EXPECT_EQ(refused_field(row), "/parallel/fsdp_sharding_strategy");
-  row = base_row();
-  row["parallel"]["dp"] = 32; // 2 × 1 × 32 ≠ 128
-  EXPECT_EQ(refused_field(row), "/parallel");
-  row = base_row();
-  row["parallel"]["tp"] = "eight";
-  EXPECT_EQ(refused_field(row), "/parallel/tp");
-  for (const char* gpu : {"AMD MI250X", "NVIDIA A100 PCIe 40GB", "NVIDIA H100 NVL"}) {
-    row = base_row();
-    row["hardware"]["gpu_type"] = gpu;
-    EXPECT_EQ(refused_field(row), "/hardware/gpu_type") << gpu;
+  struct Refused {
+    const char* what;
+    const char* patch; // JSON merge patch on the complete row (null removes a field)
+    const char* field;
+  };
+  const Refused cases[] = {
+      {"context parallelism", R"({"parallel": {"cp": 2}})", "/parallel/cp"},
+      {"expert parallelism", R"({"parallel": {"ep": 8}})", "/parallel/ep"},
+      {"hybrid sharding",
+       R"({"parallel": {"fsdp": true, "fsdp_sharding_strategy": "HYBRID_SHARD"}})",
+       "/parallel/fsdp_sharding_strategy"},
+      {"2 x 1 x 32 is not 128", R"({"parallel": {"dp": 32}})", "/parallel"},
+      {"malformed dimension", R"({"parallel": {"tp": "eight"}})", "/parallel/tp"},
+      {"no profile", R"({"hardware": {"gpu_type": "AMD MI250X"}})", "/hardware/gpu_type"},
+      {"PCIe card", R"({"hardware": {"gpu_type": "NVIDIA A100 PCIe 40GB"}})", "/hardware/gpu_type"},
+      {"NVL card", R"({"hardware": {"gpu_type": "NVIDIA H100 NVL"}})", "/hardware/gpu_type"},
+      {"FP8 on an A100", R"({"training": {"precision": "fp8"}})", "/training/precision"},
+      {"no step time", R"({"measured": {"iteration_time_s": null, "tflops_per_gpu": 150}})",
+       "/measured"},
+      {"no hidden size", R"({"model": {"hidden_size": null}})", "/model/hidden_size"},
+      {"kv heads not dividing", R"({"model": {"num_kv_heads": 7}})", "/model/num_kv_heads"},
+      {"activation offload", R"({"training": {"activation_cpu_offload": true}})",
+       "/training/activation_cpu_offload"},
+  };
+  for (const Refused& c : cases) {
+    SCOPED_TRACE(c.what);
+    Json row = base_row();
+    row.merge_patch(Json::parse(c.patch));
+    EXPECT_EQ(refused_field(row), c.field);
   }
-  row = base_row();
-  row["training"]["precision"] = "fp8"; // A100s have no FP8 tensor cores
-  EXPECT_EQ(refused_field(row), "/training/precision");
-  row = base_row();
-  row["measured"] = Json::parse(R"({"tflops_per_gpu": 150})");
-  EXPECT_EQ(refused_field(row), "/measured");
-  row = base_row();
-  row["model"].erase("hidden_size");
-  EXPECT_EQ(refused_field(row), "/model/hidden_size");
-  row = base_row();
-  row["model"]["num_kv_heads"] = 7;
-  EXPECT_EQ(refused_field(row), "/model/num_kv_heads");
-  row = base_row();
-  row["training"]["activation_cpu_offload"] = true;
-  EXPECT_EQ(refused_field(row), "/training/activation_cpu_offload");
   EXPECT_EQ(refused_field(Json::array()), "/");
   EXPECT_EQ(refused_field(Json::parse(R"({"id": 3})")), "/id");
 }
