@@ -5,6 +5,8 @@
 #include "parallax/core/cluster.hpp"
 #include "parallax/core/layer_graph.hpp"
 #include "parallax/core/plan.hpp"
+#include "parallax/core/stack.hpp"
+#include "parallax/models/model_loader.hpp"
 
 #include <CLI/CLI.hpp>
 
@@ -29,6 +31,22 @@ void set_command_line(int argc, char** argv);
 
 // --model, --cluster (required) and --gpus, as plan, simulate and export take them.
 void add_model_cluster(CLI::App* cmd, std::string& model, std::string& cluster, int& gpus);
+
+// --stack NAME|file.json, as plan, simulate, export and compare take it.
+void add_stack(CLI::App* cmd, std::string& stack);
+
+// The stack a command assumes: --stack when given, else the one the plan recorded, else the
+// default for the cluster (`parallax` on CPU profiles, `megatron-core` on GPU profiles).
+Stack stack_for(const std::string& flag, const Cluster& cluster, const std::string& recorded = "");
+
+// Puts a loaded plan on `stack`: the model takes the stack's kernels where its file names none,
+// the plan the stack's gradient-reduction timing unless `plan_file` states overlap_grad_reduce,
+// and the plan records the stack's name.
+void plan_apply_stack(Plan& plan, const std::string& plan_file, LoadedModel& model,
+                      const Stack& stack);
+
+// "stack megatron-core (hardware_profiles/stacks/megatron-core.json)": what a command assumed.
+std::string stack_line(const Stack& stack);
 
 // Reads and validates a plan file for `graph`; `cluster` is resized to the plan's world size
 // unless --gpus (`gpus` > 0) fixed it, and must support the plan's precision.

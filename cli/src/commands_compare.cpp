@@ -80,6 +80,7 @@ struct CompareFlags {
   bool json = false;
   std::string work_dir;
   std::string report;
+  std::string stack;
 };
 
 // One compared plan, with what the report needs besides the figures.
@@ -187,11 +188,12 @@ std::string quote(const std::string& s) {
 }
 
 void write_report(const CompareFlags& f, const LoadedModel& model, const Cluster& cluster,
-                  const std::vector<Row>& rows, double mape, double tau) {
+                  const Stack& stack, const std::vector<Row>& rows, double mape, double tau) {
   viz::ReportInput in;
   in.title = fmt::format("Simulated vs measured: {}", model.graph.info().name);
-  in.context = fmt::format("{} on {} ({}), {} plans, profile {}", model.graph.info().name,
-                           cluster.name, cluster.device.name, rows.size(), f.cluster);
+  in.context = fmt::format("{} on {} ({}), {}, {} plans, profile {}", model.graph.info().name,
+                           cluster.name, cluster.device.name, stack_line(stack), rows.size(),
+                           f.cluster);
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const Row& r = rows[i];
     in.compared.push_back(r);
@@ -209,7 +211,7 @@ void write_report(const CompareFlags& f, const LoadedModel& model, const Cluster
   // The first plan in detail: memory, both timelines, layer graph and mesh.
   const Row& first = rows.front();
   const Cluster sized = cluster.with_devices(first.plan.world_size());
-  CostModel cost(model.graph, sized);
+  CostModel cost(model.graph, sized, stack);
   in.memory_capacity_bytes = cost.memory_capacity_bytes();
   in.chosen = first.estimate;
   const SimulationResult sim = simulate_iteration(cost, first.plan, {.symmetric = true});
@@ -226,13 +228,13 @@ void write_report(const CompareFlags& f, const LoadedModel& model, const Cluster
 }
 
 Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const Cluster& cluster,
-                         Plan plan, const fs::path& dir, int index) {
+                         const Stack& stack, Plan plan, const fs::path& dir, int index) {
   const fs::path plan_file = dir / fmt::format("plan-{}.json", index);
   const fs::path log = dir / fmt::format("steps-{}.jsonl", index);
   const fs::path trace = dir / fmt::format("trace-{}.json", index);
   fs::remove(log);
   Cluster sized = cluster.with_devices(plan.world_size());
-  CostModel cost(model.graph, sized);
+  CostModel cost(model.graph, sized, stack);
   if (plan.stages.empty())
     plan_assign_stages(cost, plan);
   json_write_file(plan_file, plan_to_json(plan));
@@ -274,7 +276,7 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
       simulate_iteration(cost, plan, {.symmetric = true, .record_timeline = false});
   r.simulated_step_s = sim.estimate.iteration_time_s;
   r.simulated = sim.estimate.breakdown;
-  r.simulated_peak_memory_bytes = sim.estimate.memory.total();
+  r.simulated_peak_memory_bytes = sim.estimate.memory.reserved();
   r.trace = trace;
   r.estimate = sim.estimate;
   return r;
@@ -287,8 +289,10 @@ int run_compare(const CompareFlags& f) {
       throw InputError("command line", "--report", "a file in an existing directory", f.report);
     }
   }
-  const LoadedModel model = model_load(f.model);
+  LoadedModel model = model_load(f.model);
   const Cluster cluster = cluster_load(f.cluster);
+  const Stack stack = stack_for(f.stack, cluster);
+  model_apply_stack(model, stack);
   std::vector<Plan> plans;
   if (!f.plans.empty()) {
     const Json doc = json_load_file(f.plans);
@@ -303,6 +307,10 @@ int run_compare(const CompareFlags& f) {
           list[i].is_object() && list[i].contains("plan") ? list[i].at("plan") : list[i];
       Plan p = plan_from_json(item, source);
       plan_validate(p, model.graph, p.world_size(), source);
+      if (!item.contains("overlap_grad_reduce")) {
+        p.overlap_grad_reduce = stack.data_parallel.overlap_grad_reduce;
+      }
+      p.stack = stack.name;
       plans.push_back(p);
     }
   } else {
@@ -322,7 +330,8 @@ int run_compare(const CompareFlags& f) {
     if (!f.json) {
       std::cerr << fmt::format("[{}/{}] {}\n", i + 1, plans.size(), plan_label(plans[i]));
     }
-    rows.push_back(measure_and_simulate(f, model, cluster, plans[i], dir, static_cast<int>(i)));
+    rows.push_back(
+        measure_and_simulate(f, model, cluster, stack, plans[i], dir, static_cast<int>(i)));
   }
   std::vector<double> measured, simulated;
   for (const Row& r : rows) {
@@ -332,7 +341,7 @@ int run_compare(const CompareFlags& f) {
   const double mape = mean_absolute_percentage_error(measured, simulated);
   const double tau = rows.size() >= 2 ? kendall_tau(measured, simulated) : 1.0;
   if (!f.report.empty()) {
-    write_report(f, model, cluster, rows, mape, tau);
+    write_report(f, model, cluster, stack, rows, mape, tau);
   }
   if (f.json) {
     Json out = {{"plans", Json::array()}, {"mape", mape}, {"kendall_tau", tau}};
@@ -412,6 +421,7 @@ Run register_compare(CLI::App& app) {
   cmd->add_option("--work-dir", f->work_dir, "Where plans, step logs and measured traces go");
   cmd->add_option("--report", f->report, "Write a self-contained HTML report to this file");
   cmd->add_flag("--json", f->json, "Print the comparison as JSON");
+  add_stack(cmd, f->stack);
   return [f]() { return run_compare(*f); };
 }
 

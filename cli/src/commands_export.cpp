@@ -25,7 +25,7 @@ namespace parallax::cli {
 namespace {
 
 struct ExportFlags {
-  std::string model, cluster, plan, format, out;
+  std::string model, cluster, plan, format, out, stack;
   std::string view = "graph";
   int gpus = 0;
   std::int64_t global_batch = 0;
@@ -34,9 +34,11 @@ struct ExportFlags {
 };
 
 // The search behind the report's table and scatter.
-PlanSearchResult search_for_report(const LoadedModel& model, const Cluster& cluster, int gpus,
-                                   std::int64_t global_batch, int top) {
+PlanSearchResult search_for_report(const LoadedModel& model, const Cluster& cluster,
+                                   const Stack& stack, int gpus, std::int64_t global_batch,
+                                   int top) {
   PlanRequest req;
+  req.stack = stack;
   req.gpus = gpus;
   req.global_batch_size = global_batch;
   req.top_k = top;
@@ -64,8 +66,9 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
   viz::ReportInput in;
   in.title = fmt::format("Parallax plan for {}", model.graph.info().name);
   in.context =
-      fmt::format("{} on {} × {} ({}), global batch {}", model.graph.info().name,
-                  cluster.num_devices(), cluster.device.name, cluster.name, plan.global_batch_size);
+      fmt::format("{} on {} × {} ({}), {}, global batch {}", model.graph.info().name,
+                  cluster.num_devices(), cluster.device.name, cluster.name,
+                  stack_line(cost.stack()), plan.global_batch_size);
   in.memory_capacity_bytes = cost.memory_capacity_bytes();
   bool listed = false;
   for (const RankedPlan& p : search.plans) {
@@ -103,18 +106,23 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
 }
 
 int run_export(const ExportFlags& f) {
-  const LoadedModel model = model_load(f.model);
+  LoadedModel model = model_load(f.model);
   Cluster cluster = cluster_load(f.cluster);
   if (f.gpus > 0) {
     cluster = cluster.with_devices(f.gpus);
   }
   Plan plan;
+  Stack stack;
   std::optional<PlanSearchResult> search;
   if (!f.plan.empty()) {
     plan = plan_load_for(f.plan, model.graph, cluster, f.gpus);
+    stack = stack_for(f.stack, cluster, plan.stack);
+    plan_apply_stack(plan, f.plan, model, stack);
   } else {
+    stack = stack_for(f.stack, cluster);
+    model_apply_stack(model, stack);
     const std::int64_t batch = f.global_batch > 0 ? f.global_batch : 512;
-    search = search_for_report(model, cluster, cluster.num_devices(), batch, f.top);
+    search = search_for_report(model, cluster, stack, cluster.num_devices(), batch, f.top);
     if (search->plans.empty()) {
       std::cerr << "parallax export: " << search->no_fit_reason << "\n";
       return 4;
@@ -122,7 +130,7 @@ int run_export(const ExportFlags& f) {
     plan = search->plans.front().estimate.plan;
     cluster = cluster.with_devices(search->plans.front().gpus);
   }
-  CostModel cost(model.graph, cluster);
+  CostModel cost(model.graph, cluster, stack);
   if (plan.stages.empty()) {
     plan_assign_stages(cost, plan);
   }
@@ -144,8 +152,8 @@ int run_export(const ExportFlags& f) {
     }
   } else {
     if (!search) {
-      search =
-          search_for_report(model, cluster, cluster.num_devices(), plan.global_batch_size, f.top);
+      search = search_for_report(model, cluster, stack, cluster.num_devices(),
+                                 plan.global_batch_size, f.top);
     }
     text_write_file(out, html_report(f, model, cluster, cost, plan, std::move(*search)));
   }
@@ -177,6 +185,7 @@ Run register_export(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--top", f->top, "Plans in the report's table (default 10)")
       ->check(CLI::PositiveNumber);
+  add_stack(cmd, f->stack);
   return [f]() { return run_export(*f); };
 }
 

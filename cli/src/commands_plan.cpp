@@ -6,6 +6,7 @@
 #include "parallax/core/plan_json.hpp"
 #include "parallax/core/timeline_json.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/hardware_profiles/stack_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
 #include "parallax/simulator/cost_model.hpp"
@@ -50,6 +51,7 @@ struct PlanFlags {
   std::int64_t micro_batch = 0;
   std::string schedule, recompute, sequence_parallel, precision, grad_sync, overlap_grad_reduce;
   std::string objective = "throughput";
+  std::string stack;
   double train_tokens = 0;
   bool allow_fewer = false;
   int simulate_top = 20;
@@ -115,6 +117,8 @@ int run_plan(const PlanFlags& f) {
   req.allow_fewer_gpus = f.allow_fewer;
   req.top_k = std::max(f.top, 2);
   req.simulate_top = f.simulate_top;
+  req.stack = stack_for(f.stack, cluster);
+  model_apply_stack(model, req.stack);
   PlanSearchResult r = plan_search(model.graph, cluster, req);
   if (r.plans.empty()) {
     std::cerr << "parallax plan: " << r.no_fit_reason << "\n";
@@ -143,6 +147,7 @@ int run_plan(const PlanFlags& f) {
       plans.push_back(entry);
     }
     std::cout << Json{{"plans", plans},
+                      {"stack", req.stack.name},
                       {"candidates", r.candidates},
                       {"pruned_memory", r.pruned_memory},
                       {"evaluated", r.evaluated}}
@@ -150,10 +155,11 @@ int run_plan(const PlanFlags& f) {
               << "\n";
     return 0;
   }
-  std::cout << fmt::format("{} on {} × {} ({}), global batch {}: {} candidates, {} pruned by "
-                           "memory, {} timed\n",
+  std::cout << fmt::format("{} on {} × {} ({}), {}, global batch {}: {} candidates, {} pruned "
+                           "by memory, {} timed\n",
                            model.graph.info().name, req.gpus, cluster.device.name, cluster.name,
-                           req.global_batch_size, r.candidates, r.pruned_memory, r.evaluated);
+                           stack_line(req.stack), req.global_batch_size, r.candidates,
+                           r.pruned_memory, r.evaluated);
   print_table(r, std::cout);
   if (f.explain) {
     std::cout << "\nwhy:\n";
@@ -167,7 +173,7 @@ int run_plan(const PlanFlags& f) {
 }
 
 struct SimulateFlags {
-  std::string model, cluster, plan, trace;
+  std::string model, cluster, plan, trace, stack;
   int gpus = 0;
   bool json = false;
   bool analytic = false;
@@ -180,7 +186,9 @@ int run_simulate(const SimulateFlags& f) {
     cluster = cluster.with_devices(f.gpus);
   }
   Plan plan = plan_load_for(f.plan, model.graph, cluster, f.gpus);
-  CostModel cost(model.graph, cluster);
+  const Stack stack = stack_for(f.stack, cluster, plan.stack);
+  plan_apply_stack(plan, f.plan, model, stack);
+  CostModel cost(model.graph, cluster, stack);
   if (plan.stages.empty()) {
     plan_assign_stages(cost, plan);
   }
@@ -203,11 +211,14 @@ int run_simulate(const SimulateFlags& f) {
     std::cout << estimate_to_json(e).dump(2) << "\n";
     return 0;
   }
-  std::cout << fmt::format("{} on {} × {}: {}\n", model.graph.info().name, cluster.num_devices(),
-                           cluster.device.name, plan_label(plan));
+  std::cout << fmt::format("{} on {} × {}, {}: {}\n", model.graph.info().name,
+                           cluster.num_devices(), cluster.device.name, stack_line(stack),
+                           plan_label(plan));
   std::cout << fmt::format("  iteration {:.4f} s, {:.0f} tokens/s, {:.1f} TFLOP/s per GPU, MFU "
-                           "{:.1f}%, memory {} GiB of {} GiB{}\n",
+                           "{:.1f}%, memory {} GiB allocated, {} GiB reserved, {} GiB on the "
+                           "device of {} GiB{}\n",
                            e.iteration_time_s, e.tokens_per_s, e.tflops_per_gpu, 100 * e.mfu,
+                           gib(e.memory.allocated()), gib(e.memory.reserved()),
                            gib(e.memory.total()), gib(e.memory_capacity_bytes),
                            e.fits ? "" : " (DOES NOT FIT)");
   std::cout << plan_explain(RankedPlan{.estimate = e, .gpus = cluster.num_devices()}, nullptr);
@@ -222,6 +233,38 @@ void add_model_cluster(CLI::App* cmd, std::string& model, std::string& cluster, 
   cmd->add_option("--cluster", cluster, "Zoo cluster name or cluster profile JSON")->required();
   cmd->add_option("--gpus", gpus, "Number of GPUs (num_nodes = N / devices_per_node)")
       ->check(CLI::PositiveNumber);
+}
+
+void add_stack(CLI::App* cmd, std::string& stack) {
+  cmd->add_option("--stack", stack,
+                  "Software stack: zoo name (megatron-core, megatron-lm-legacy, "
+                  "megatron-deepspeed, deepspeed, pytorch-fsdp, torchtitan, llm.c, parallax) or "
+                  "stack JSON; default: the plan's, else parallax on CPU and megatron-core on GPU "
+                  "profiles");
+}
+
+Stack stack_for(const std::string& flag, const Cluster& cluster, const std::string& recorded) {
+  if (!flag.empty()) {
+    return stack_load(flag);
+  }
+  if (!recorded.empty()) {
+    return stack_load(recorded);
+  }
+  return stack_load(stack_default_name(cluster));
+}
+
+void plan_apply_stack(Plan& plan, const std::string& plan_file, LoadedModel& model,
+                      const Stack& stack) {
+  model_apply_stack(model, stack);
+  const Json doc = json_load_file(plan_file);
+  if (!doc.contains("overlap_grad_reduce")) {
+    plan.overlap_grad_reduce = stack.data_parallel.overlap_grad_reduce;
+  }
+  plan.stack = stack.name;
+}
+
+std::string stack_line(const Stack& stack) {
+  return fmt::format("stack {}", stack.name);
 }
 
 Plan plan_load_for(const std::string& file, const LayerGraph& graph, Cluster& cluster, int gpus) {
@@ -265,6 +308,7 @@ Run register_plan(CLI::App& app) {
   cmd->add_option("--objective", f->objective, "throughput (default), time_to_train, cost");
   cmd->add_option("--train-tokens", f->train_tokens, "Tokens to train, for time_to_train");
   cmd->add_flag("--allow-fewer-gpus", f->allow_fewer, "Also consider using fewer GPUs");
+  add_stack(cmd, f->stack);
   cmd->add_option("--simulate-top", f->simulate_top,
                   "Re-rank this many best plans with the discrete-event simulator (default 20)")
       ->check(CLI::NonNegativeNumber);
@@ -280,6 +324,7 @@ Run register_simulate(CLI::App& app) {
   cmd->add_flag("--json", f->json, "Print the figures as JSON");
   cmd->add_flag("--analytic", f->analytic,
                 "Use the analytic cost model instead of the discrete-event simulation");
+  add_stack(cmd, f->stack);
   return [f]() { return run_simulate(*f); };
 }
 

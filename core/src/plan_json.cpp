@@ -44,7 +44,7 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
   r.reject_unknown({"dp", "tp", "pp", "zero_stage", "micro_batch_size", "global_batch_size",
                     "schedule", "virtual_stages", "recompute", "sequence_parallel", "precision",
-                    "grad_sync", "overlap_grad_reduce", "stages"});
+                    "grad_sync", "overlap_grad_reduce", "stages", "stack"});
   constexpr std::int64_t kMaxDegree = 1 << 20;
   Plan p;
   p.dp = static_cast<int>(r.integer("dp", 1, kMaxDegree));
@@ -62,6 +62,7 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   p.precision = *precision_parse(precision);
   p.grad_sync = *enum_from_name<GradSync>(kGradSyncNames, r.choice_or("grad_sync", kGradSyncNames, "allreduce"));
   p.overlap_grad_reduce = r.boolean_or("overlap_grad_reduce", true);
+  p.stack = r.string_or("stack", "");
 
   if (static_cast<std::int64_t>(p.dp) * p.tp * p.pp > kMaxDegree) {
     r.fail("dp", "dp·tp·pp <= 1048576", fmt::format("{}·{}·{}", p.dp, p.tp, p.pp));
@@ -111,6 +112,9 @@ Json plan_to_json(const Plan& p) {
               {"grad_sync", std::string(grad_sync_name(p.grad_sync))}};
   if (!p.overlap_grad_reduce) { // written only when it departs from the default
     doc["overlap_grad_reduce"] = false;
+  }
+  if (!p.stack.empty()) {
+    doc["stack"] = p.stack;
   }
   if (!p.stages.empty()) {
     Json stages = Json::array();

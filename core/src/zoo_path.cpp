@@ -12,8 +12,15 @@ namespace parallax {
 namespace {
 
 std::filesystem::path sub_dir(ZooKind kind) {
-  return kind == ZooKind::models ? std::filesystem::path("models") / "zoo"
-                                 : std::filesystem::path("hardware_profiles") / "zoo";
+  switch (kind) {
+  case ZooKind::models:
+    return std::filesystem::path("models") / "zoo";
+  case ZooKind::clusters:
+    return std::filesystem::path("hardware_profiles") / "zoo";
+  case ZooKind::stacks:
+    break;
+  }
+  return std::filesystem::path("hardware_profiles") / "stacks";
 }
 
 std::vector<std::filesystem::path> roots() {
@@ -55,7 +62,9 @@ std::vector<std::string> zoo_list(ZooKind kind) {
 }
 
 std::filesystem::path zoo_resolve(ZooKind kind, const std::string& name_or_path) {
-  const char* what = kind == ZooKind::models ? "--model" : "--cluster";
+  const char* what = kind == ZooKind::models     ? "--model"
+                     : kind == ZooKind::clusters ? "--cluster"
+                                                 : "--stack";
   if (name_or_path.empty()) {
     throw InputError("command line", what, "a zoo name or a path", "an empty string");
   }
@@ -77,8 +86,9 @@ std::filesystem::path zoo_resolve(ZooKind kind, const std::string& name_or_path)
   }
   throw InputError("command line", what, "a zoo name (" + names + ") or a path to a JSON file",
                    fmt::format("\"{}\"", name_or_path),
-                   kind == ZooKind::models ? "`parallax models` lists the model zoo"
-                                           : "`parallax clusters` lists the cluster zoo");
+                   kind == ZooKind::models     ? "`parallax models` lists the model zoo"
+                   : kind == ZooKind::clusters ? "`parallax clusters` lists the cluster zoo"
+                                               : "`parallax stacks` lists the stack zoo");
 }
 
 } // namespace parallax

@@ -93,6 +93,8 @@ ModelConfig model_config_from_json(const Json& doc, const std::string& source) {
   c.bias = r.boolean_or("bias", c.bias);
   c.tied_embeddings = r.boolean_or("tied_embeddings", c.tied_embeddings);
   c.dropout = r.boolean_or("dropout", c.dropout);
+  c.attention_impl_stated = r.has("attention_impl");
+  c.loss_impl_stated = r.has("loss_impl");
   c.attention_impl = r.choice_or("attention_impl", kAttentionImpls, c.attention_impl);
   c.loss_impl = r.choice_or("loss_impl", kLossImpls, c.loss_impl);
   c.notes = r.string_or("notes", "");
@@ -119,6 +121,14 @@ Json model_config_to_json(const ModelConfig& c) {
               {"dropout", c.dropout},
               {"attention_impl", c.attention_impl},
               {"loss_impl", c.loss_impl}};
+  // Written when stated (or changed in code): an absent field leaves the choice to the stack.
+  const ModelConfig defaults;
+  if (!c.attention_impl_stated && c.attention_impl == defaults.attention_impl) {
+    doc.erase("attention_impl");
+  }
+  if (!c.loss_impl_stated && c.loss_impl == defaults.loss_impl) {
+    doc.erase("loss_impl");
+  }
   if (!c.notes.empty()) {
     doc["notes"] = c.notes;
   }

@@ -20,6 +20,23 @@ LoadedModel model_from_json(const Json& doc, const std::string& source) {
   return {transformer_build_graph(config), config, source};
 }
 
+void model_apply_stack(LoadedModel& model, const Stack& stack) {
+  if (!model.config) {
+    return;
+  }
+  ModelConfig& c = *model.config;
+  const ModelConfig before = c;
+  if (!c.attention_impl_stated) {
+    c.attention_impl = std::string(attention_kernel_name(stack.attention));
+  }
+  if (!c.loss_impl_stated) {
+    c.loss_impl = std::string(loss_kernel_name(stack.loss));
+  }
+  if (!(c == before)) {
+    model.graph = transformer_build_graph(c);
+  }
+}
+
 LoadedModel model_load(const std::string& name_or_path) {
   auto path = zoo_resolve(ZooKind::models, name_or_path);
   return model_from_json(json_load_file(path), path.string());

@@ -163,7 +163,7 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
   const PlanRequest& req = st.req;
   const PlanPins& pins = req.pins;
   const Cluster sized = cluster.with_devices(gpus);
-  CostModel model(graph, sized);
+  CostModel model(graph, sized, req.stack);
   StageCache stages;
   const GraphInfo& info = graph.info();
   const int units = graph.num_units();
@@ -217,7 +217,9 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                        .sequence_parallel = sp,
                        .precision = precision,
                        .grad_sync = pins.grad_sync.value_or(GradSync::allreduce),
-                       .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(true)};
+                       .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(
+                           req.stack.data_parallel.overlap_grad_reduce),
+                       .stack = req.stack.name};
                 consider(st, model, stages, std::move(p), gpus);
               }
             }
@@ -275,7 +277,7 @@ PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
     for (std::size_t i = 0; i < n; ++i) {
       RankedPlan& p = plans[i];
       const Cluster sized = cluster.with_devices(p.gpus);
-      CostModel model(graph, sized); // keeps a pointer: the cluster must outlive it
+      CostModel model(graph, sized, req.stack); // keeps a pointer: the cluster must outlive it
       SimulationResult sim =
           simulate_iteration(model, p.estimate.plan, {.symmetric = true, .record_timeline = false});
       p.analytic = p.estimate;

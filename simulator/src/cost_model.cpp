@@ -16,9 +16,6 @@ namespace {
 // the fp32 master weight and both moments and writes them back plus the 16-bit weight copy.
 constexpr double kAdamBytesMixed = 30.0;
 constexpr double kAdamBytesFp32 = 28.0;
-// Communication overlapped with compute is not free: NCCL kernels occupy SMs and memory
-// bandwidth, slowing the concurrent compute by about this fraction of the overlapped time.
-constexpr double kOverlapInterference = 0.10;
 // Gradient accumulation across micro-batches: each backward adds its weight gradients into the
 // accumulation buffer (fp32 main gradients under mixed precision: read 4 + read 2 + write 4
 // bytes per parameter; fp32 training: 4 + 4 + 4), a memory-bound pass per micro-batch.
@@ -58,35 +55,41 @@ struct ZeroMicrobatchComm {
   double gather_s = 0; // parameter all-gathers (ZeRO-3)
 };
 
-ZeroMicrobatchComm zero_per_microbatch(const Plan& p, const Cluster& c, const RankLoad& r) {
+ZeroMicrobatchComm zero_per_microbatch(const Plan& p, const Cluster& c, const Stack& stack,
+                                       const RankLoad& r) {
   if (p.dp <= 1 || p.zero_stage < 2) {
     return {};
   }
-  const double w_bytes = precision_storage_bytes(p.precision);
-  const double shard_bytes = r.params * w_bytes;
   const GroupSpan span = dp_span(p, c);
   ZeroMicrobatchComm comm;
-  comm.reduce_s = collective_time_s(c, Collective::reduce_scatter, shard_bytes, span);
+  comm.reduce_s = collective_time_s(c, Collective::reduce_scatter,
+                                    r.params * grad_element_bytes(p, stack), span);
   if (p.zero_stage == 3) {
-    // Gathered once for the forward and once for the backward; a recomputed forward runs inside
-    // the backward of its unit and reuses that gather (as PyTorch FSDP does).
-    comm.gather_s = 2 * collective_time_s(c, Collective::all_gather, shard_bytes, span);
+    // Gathered for the forward and, when the stack frees them after the forward, again for the
+    // backward; a recomputed forward runs inside the backward of its unit and reuses that
+    // gather (as PyTorch FSDP does).
+    const double gathers = stack.sharding.reshard_after_forward ? 2.0 : 1.0;
+    comm.gather_s = gathers * collective_time_s(c, Collective::all_gather,
+                                                r.params * precision_storage_bytes(p.precision),
+                                                span);
   }
   return comm;
 }
 
 // Data-parallel communication once per iteration: (time, bytes per rank).
-double dp_iteration_comm_s(const Plan& p, const Cluster& c, const RankLoad& r) {
+double dp_iteration_comm_s(const Plan& p, const Cluster& c, const Stack& stack,
+                           const RankLoad& r) {
   if (p.dp <= 1) {
     return 0;
   }
   const double bytes = r.params * precision_storage_bytes(p.precision);
+  const double grad_bytes = r.params * grad_element_bytes(p, stack);
   const GroupSpan span = dp_span(p, c);
   switch (p.zero_stage) {
   case 0:
-    return collective_time_s(c, Collective::all_reduce, bytes, span, p.grad_sync);
+    return collective_time_s(c, Collective::all_reduce, grad_bytes, span, p.grad_sync);
   case 1: // reduce-scatter gradients, all-gather updated weights (distributed optimizer)
-    return collective_time_s(c, Collective::reduce_scatter, bytes, span) +
+    return collective_time_s(c, Collective::reduce_scatter, grad_bytes, span) +
            collective_time_s(c, Collective::all_gather, bytes, span);
   case 2: // gradients were reduce-scattered per micro-batch; gather the updated weights
     return collective_time_s(c, Collective::all_gather, bytes, span);
@@ -120,20 +123,24 @@ double pipeline_time_s(const Plan& p, const std::vector<RankLoad>& ranks, double
 
 } // namespace
 
-ParamStateBytes param_state_bytes(const Plan& p) {
+double grad_element_bytes(const Plan& p, const Stack& stack) {
+  const bool fp32_main = stack.data_parallel.fp32_grad_reduce &&
+                         (p.precision == Precision::bf16 || p.precision == Precision::fp8);
+  return fp32_main ? 4.0 : precision_storage_bytes(p.precision);
+}
+
+ParamStateBytes param_state_bytes(const Plan& p, const Stack& stack) {
   const double d = p.dp;
   const double w_bytes = precision_storage_bytes(p.precision);
   return {.params = w_bytes / (p.zero_stage >= 3 ? d : 1),
-          .grads = w_bytes / (p.zero_stage >= 2 ? d : 1),
+          .grads = grad_element_bytes(p, stack) / (p.zero_stage >= 2 ? d : 1),
           .optimizer =
               (precision_is_mixed(p.precision) ? 12.0 : 8.0) / (p.zero_stage >= 1 ? d : 1)};
 }
 
-namespace {
-
-MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
+MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_rank) const {
   const double w_bytes = precision_storage_bytes(p.precision);
-  const ParamStateBytes per_param = param_state_bytes(p);
+  const ParamStateBytes per_param = param_state_bytes(p, stack_);
   MemoryBreakdown m;
   m.params = r.params * per_param.params;
   m.grads = r.params * per_param.grads;
@@ -141,20 +148,45 @@ MemoryBreakdown rank_memory(const Plan& p, const RankLoad& r, int pp_rank) {
   m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.recompute_working_bytes();
   // Gradient buckets are views of the flat gradient buffer, reduced in place (Megatron-LM's
   // contiguous buffer, Parallax's executor): no extra bucket memory.
-  double buffers = MemoryModelConstants::kFragmentation * m.activations;
-  if (p.dp > 1 && p.zero_stage == 3) {
-    buffers += 2 * r.max_layer_params * w_bytes; // gathered layer in use + the one prefetched
+  double buffers = 0;
+  const bool sharded = p.dp > 1 && p.zero_stage == 3;
+  // Under ZeRO-3 the gathered layers: the one in use, those prefetched and those the stack's
+  // allocator has not reused yet; or, when the forward keeps them for the backward, all of the
+  // rank's layers.
+  const double gathered_layers = 1.0 + stack_.sharding.prefetch_layers +
+                                 stack_.sharding.retained_layers;
+  const double gathered_params = stack_.sharding.reshard_after_forward
+                                     ? gathered_layers * r.max_layer_params
+                                     : r.params;
+  if (sharded) {
+    buffers += gathered_params * w_bytes;
   }
   if (p.precision == Precision::fp8) {
     // FP8 training keeps each weight's FP8 copy and its transpose between micro-batches
     // (Transformer Engine's weight workspaces): 2 bytes per parameter, an upper bound since the
     // embeddings and norms have none. Under ZeRO-3 only the gathered layers have them.
-    const bool sharded = p.dp > 1 && p.zero_stage == 3;
-    buffers += 2.0 * (sharded ? 2 * r.max_layer_params : r.params);
+    buffers += 2.0 * (sharded ? gathered_params : r.params);
   }
   m.buffers = buffers;
+  m.allocator = allocator_slack_bytes(m.params + m.grads + m.optimizer + m.buffers, m.activations);
+  if (cluster_->device.kind == "gpu") {
+    // Communicators a rank joins: its TP, DP and pipeline groups, and the tied-embedding group
+    // between the first and last stages.
+    const int communicators = (p.tp > 1 ? 1 : 0) + (p.dp > 1 ? 1 : 0) + (p.pp > 1 ? 1 : 0) +
+                              (p.pp > 1 && graph_->info().tied_embeddings ? 1 : 0);
+    m.runtime = stack_.memory.context_bytes + communicators * stack_.memory.communicator_bytes;
+  }
   return m;
 }
+
+double CostModel::allocator_slack_bytes(double static_bytes, double activations) const {
+  // Long-lived buffers are a few large allocations: their rounding is the segment granularity's
+  // remainder. Activations are allocated and freed every micro-batch in varying sizes: slack.
+  return allocator_round_bytes(stack_, static_bytes) - static_bytes +
+         stack_.memory.fragmentation * activations;
+}
+
+namespace {
 
 std::string largest_share(const TimeBreakdown& b) {
   const std::array<std::pair<double, const char*>, 6> parts = {{{b.compute, "compute"},
@@ -192,14 +224,14 @@ double activations_in_flight(const Plan& p, int pp_rank) {
   return m;
 }
 
-CostModel::CostModel(const LayerGraph& graph, const Cluster& cluster)
-    : graph_(&graph), cluster_(&cluster),
+CostModel::CostModel(const LayerGraph& graph, const Cluster& cluster, Stack stack)
+    : graph_(&graph), cluster_(&cluster), stack_(std::move(stack)),
       model_flops_per_sequence_(graph.total_fwd_flops() + graph.total_bwd_flops()) {}
 
 const std::vector<UnitCost>& CostModel::units(const UnitCostKey& key) {
   auto it = cache_.find(key);
   if (it == cache_.end()) {
-    it = cache_.emplace(key, unit_costs(*graph_, *cluster_, key)).first;
+    it = cache_.emplace(key, unit_costs(*graph_, *cluster_, key, stack_)).first;
   }
   return it->second;
 }
@@ -226,9 +258,7 @@ std::vector<RankLoad> CostModel::rank_loads(const Plan& plan,
 }
 
 double CostModel::memory_capacity_bytes() const {
-  const double reserved =
-      cluster_->device.kind == "gpu" ? MemoryModelConstants::kGpuReservedBytes : 0.0;
-  return cluster_->memory_bytes() - reserved;
+  return cluster_->memory_bytes();
 }
 
 double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
@@ -297,10 +327,11 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
     r.p2p_s = plan.pp > 1 ? 2.0 * plan.virtual_stages * p2p : 0.0;
     // Gathers are prefetched whatever the stack does with gradients; reductions overlap only
     // when the plan's stack overlaps them.
-    const ZeroMicrobatchComm zc = zero_per_microbatch(plan, c, r);
+    const ZeroMicrobatchComm zc = zero_per_microbatch(plan, c, stack_, r);
     const double overlappable = zc.gather_s + (plan.overlap_grad_reduce ? zc.reduce_s : 0.0);
     const double hidden = overlap ? std::min(overlappable, r.compute_s) : 0.0;
-    r.zero3_exposed_s = zc.reduce_s + zc.gather_s - hidden + kOverlapInterference * hidden;
+    r.zero3_exposed_s =
+        zc.reduce_s + zc.gather_s - hidden + stack_.overlap_compute_slowdown * hidden;
   }
 
   double t_max = 0;
@@ -322,14 +353,15 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
   double slack = 0;
   for (std::size_t i = 0; i < ranks.size(); ++i) {
     const RankLoad& r = ranks[i];
-    const double t_dp = dp_iteration_comm_s(plan, c, r);
+    const double t_dp = dp_iteration_comm_s(plan, c, stack_, r);
     const double buckets =
         std::max(1.0, std::ceil(r.params * precision_storage_bytes(plan.precision) /
                                 MemoryModelConstants::kGradBucketBytes));
     const double own_backward = plan.overlap_grad_reduce && plan.zero_stage <= 1 ? r.bwd_s : 0.0;
     const double window = overlap ? own_backward + slack : 0.0;
     const double exposed = std::max(t_dp / buckets, t_dp - window);
-    dp_exposed = std::max(dp_exposed, exposed + kOverlapInterference * (t_dp - exposed));
+    dp_exposed =
+        std::max(dp_exposed, exposed + stack_.overlap_compute_slowdown * (t_dp - exposed));
     slack += r.bwd_s + r.p2p_s / 2;
     optimizer = std::max(optimizer, optimizer_time_s(plan, r));
   }
@@ -346,6 +378,7 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
   e.breakdown.bubble = pipe - m * t_max;
   e.breakdown.optimizer = optimizer;
   e.bottleneck = largest_share(e.breakdown);
+  e.stack = stack_.name;
 
   const double tokens = static_cast<double>(plan.global_batch_size * graph_->info().seq_length);
   e.tokens_per_s = tokens / e.iteration_time_s;

@@ -213,7 +213,9 @@ void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
 
 void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
   const auto [first, last] = stages_[static_cast<std::size_t>(op.chunk)];
-  const bool zero3 = plan_.zero_stage == 3 && plan_.dp > 1;
+  // A stack that keeps the forward's gathered layers for the backward does not gather again.
+  const bool zero3 = plan_.zero_stage == 3 && plan_.dp > 1 &&
+                     model_.stack().sharding.reshard_after_forward;
   const bool last_mb = op.micro_batch == plan_.num_microbatches() - 1;
   const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
   for (int u = last - 1; u >= first; --u) {
@@ -280,7 +282,8 @@ void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
 }
 
 Id IterationBuilder::grad_reduction(RankSim& r, int unit, int mb) {
-  const double bytes = units_[static_cast<std::size_t>(unit)].params * w_bytes_;
+  const double bytes =
+      units_[static_cast<std::size_t>(unit)].params * grad_element_bytes(plan_, model_.stack());
   const Collective kind =
       plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
   const CollectiveCost cc =
@@ -490,9 +493,34 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
       critical = i;
     }
   }
+  // Compute overlapped by data-parallel collectives runs slower (NCCL kernels take SMs and
+  // memory bandwidth): each rank's step grows by the stack's slowdown times its overlapped
+  // compute time, and the slowest rank sets the iteration. The engine's task times stay those
+  // without interference, so the recorded timeline shows the schedule, not the slowdown.
+  double interference = 0;
+  if (device_overlaps_communication(cluster_.device)) {
+    const double slowdown = model_.stack().overlap_compute_slowdown;
+    double latest = makespan;
+    for (int i = 0; i < n_ranks; ++i) {
+      const auto& busy = compute[static_cast<std::size_t>(i)];
+      const auto& dp = comm[static_cast<std::size_t>(i)][2];
+      double end = 0;
+      for (const auto& span : busy) {
+        end = std::max(end, span.second);
+      }
+      for (const auto& span : optimizer[static_cast<std::size_t>(i)]) {
+        end = std::max(end, span.second);
+      }
+      latest = std::max(latest, end + slowdown * spans_overlap_s(busy, dp));
+    }
+    interference = latest - makespan;
+    makespan = latest;
+    e.iteration_time_s = makespan;
+  }
   e.breakdown = sweep_breakdown(compute[static_cast<std::size_t>(critical)],
                                 optimizer[static_cast<std::size_t>(critical)],
-                                comm[static_cast<std::size_t>(critical)], makespan);
+                                comm[static_cast<std::size_t>(critical)], makespan - interference);
+  e.breakdown.dp_comm += interference;
   std::array<std::pair<double, const char*>, 6> parts = {{{e.breakdown.compute, "compute"},
                                                           {e.breakdown.tp_comm, "tp_comm"},
                                                           {e.breakdown.pp_comm, "pp_comm"},
@@ -541,8 +569,8 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
     const MemoryBreakdown& a = analytic[static_cast<std::size_t>(r.pp_rank)];
     MemoryBreakdown m = a;
     m.activations = peak + loads[static_cast<std::size_t>(r.pp_rank)].recompute_working_bytes();
-    m.buffers = a.buffers - MemoryModelConstants::kFragmentation * a.activations +
-                MemoryModelConstants::kFragmentation * m.activations;
+    m.allocator = model_.allocator_slack_bytes(a.params + a.grads + a.optimizer + a.buffers,
+                                               m.activations);
     double& stage = stage_peaks[static_cast<std::size_t>(r.pp_rank)];
     stage = std::max(stage, m.total());
     if (m.total() > e.memory.total()) {

@@ -8,6 +8,20 @@
 
 namespace parallax {
 
+double spans_overlap_s(const Spans& a, const Spans& b) {
+  double total = 0;
+  std::size_t j = 0;
+  for (const auto& [a0, a1] : a) {
+    while (j < b.size() && b[j].second <= a0) {
+      ++j;
+    }
+    for (std::size_t k = j; k < b.size() && b[k].first < a1; ++k) {
+      total += std::max(0.0, std::min(a1, b[k].second) - std::max(a0, b[k].first));
+    }
+  }
+  return total;
+}
+
 TimeBreakdown sweep_breakdown(const Spans& compute, const Spans& optimizer,
                               const std::array<Spans, 3>& comm, double end) {
   struct Edge {

@@ -28,7 +28,7 @@ Gemm gemm_on_rank(const Layer& layer, const Gemm& g, int tp, std::int64_t B) {
 
 // Forward and backward compute time of one layer on one rank for one micro-batch.
 std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& cluster,
-                                          const UnitCostKey& key) {
+                                          const UnitCostKey& key, const Stack& stack) {
   const double div = layer_flop_divisor(layer, key.tp, key.sequence_parallel);
   const auto B = static_cast<double>(key.micro_batch_size);
   const double elem_bytes = precision_storage_bytes(key.precision);
@@ -55,19 +55,24 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
   const double mem_bytes = layer.fwd_mem_elems * elem_bytes * B / div;
   const double other_fwd = std::max(memory_time_s(cluster, mem_bytes), other_flops / vector_peak);
   const double overhead = kernel_overhead_s(cluster.device);
-  double fwd = gemm_fwd + other_fwd + overhead + memory_time_s(cluster, cast_fwd_bytes);
+  const double cast = fp8_cast_traffic_factor(stack.fp8_recipe);
+  double fwd = gemm_fwd + other_fwd + overhead + memory_time_s(cluster, cast * cast_fwd_bytes);
   // Backward: two GEMMs per forward GEMM (input and weight gradients), twice the traffic.
-  double bwd =
-      2.0 * gemm_fwd + 2.0 * other_fwd + 2.0 * overhead + memory_time_s(cluster, cast_bwd_bytes);
+  double bwd = 2.0 * gemm_fwd + 2.0 * other_fwd + 2.0 * overhead +
+               memory_time_s(cluster, cast * cast_bwd_bytes);
   if (layer.bwd_extra_flops > 0 && gemm_flops > 0) {
     bwd += gemm_fwd * layer.bwd_extra_flops / gemm_flops;
   }
-  return {fwd, bwd};
+  // The host dispatches the layer's kernels (its GEMMs and one for the rest) while the device
+  // runs them: when they run shorter than their dispatch, the device waits for the host.
+  const double kernels = static_cast<double>(layer.gemms.size()) + 1.0;
+  const double host_s = stack.host_dispatch_us * 1e-6 * kernels;
+  return {std::max(fwd, host_s), std::max(bwd, 2.0 * host_s)};
 }
 
 // Tensor-parallel collective time of one layer for one micro-batch: (forward, backward).
 std::pair<double, double> layer_tp_comm_s(const Layer& layer, const Cluster& cluster,
-                                          const UnitCostKey& key) {
+                                          const UnitCostKey& key, const Stack& stack) {
   if (key.tp <= 1) {
     return {0.0, 0.0};
   }
@@ -76,8 +81,12 @@ std::pair<double, double> layer_tp_comm_s(const Layer& layer, const Cluster& clu
   const auto B = static_cast<double>(key.micro_batch_size);
   const double fwd_bytes = layer.tp_fwd_comm_elems * B * bytes_per_elem;
   const double bwd_bytes = layer.tp_bwd_comm_elems * B * bytes_per_elem;
+  // The share the stack overlaps with GEMMs (async TP, userbuffers) leaves the critical path but
+  // slows the GEMMs it hides behind.
+  const double hidden = stack.tp_comm_overlap;
+  const double exposed = 1.0 - hidden + hidden * stack.overlap_compute_slowdown;
   auto time = [&](Collective kind, double bytes) {
-    return collective_time_s(cluster, kind, bytes, span);
+    return exposed * collective_time_s(cluster, kind, bytes, span);
   };
   if (key.sequence_parallel && layer.kind != LayerKind::loss) {
     // Each all-reduce becomes a reduce-scatter after row-parallel layers and an all-gather
@@ -118,7 +127,7 @@ double layer_param_divisor(const Layer& layer, int tp) {
 }
 
 std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster,
-                                 const UnitCostKey& key) {
+                                 const UnitCostKey& key, const Stack& stack) {
   std::vector<UnitCost> units(static_cast<std::size_t>(graph.num_units()));
   std::vector<bool> has_input(units.size(), false);
   // Units holding transformer blocks recompute only the blocks; in graphs without blocks
@@ -134,8 +143,8 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
   for (std::size_t v = 0; v < graph.num_layers(); ++v) {
     const Layer& layer = graph.layer(v);
     UnitCost& u = units[static_cast<std::size_t>(layer.unit)];
-    auto [fwd, bwd] = layer_compute_s(layer, cluster, key);
-    auto [tp_fwd, tp_bwd] = layer_tp_comm_s(layer, cluster, key);
+    auto [fwd, bwd] = layer_compute_s(layer, cluster, key, stack);
+    auto [tp_fwd, tp_bwd] = layer_tp_comm_s(layer, cluster, key, stack);
     u.fwd_s += fwd;
     u.bwd_s += bwd;
     u.tp_fwd_s += tp_fwd;

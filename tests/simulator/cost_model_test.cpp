@@ -278,14 +278,15 @@ TEST(CostModelOneLayer, CapacityAndFits) {
   const PlanEstimate e = model.estimate(make_plan(1, 1, 1, 8));
   EXPECT_TRUE(e.fits);
   EXPECT_EQ(e.memory_capacity_bytes, model.memory_capacity_bytes());
-  // A device with 8 MB left after the reserved memory: too small for 16 bytes per parameter.
+  // A device with 8 MB left after the runtime's context: too small for 16 bytes per parameter.
   Cluster tiny = c;
-  tiny.device.memory_gib = (MemoryModelConstants::kGpuReservedBytes + 8e6) / (1 << 30);
+  tiny.device.memory_gib = (Stack{}.memory.context_bytes + 8e6) / (1 << 30);
   CostModel small(g, tiny);
   const PlanEstimate s = small.estimate(make_plan(1, 1, 1, 8));
   EXPECT_EQ(s.fits, s.memory.total() <= s.memory_capacity_bytes);
   EXPECT_FALSE(s.fits);
-  EXPECT_NEAR(s.memory_capacity_bytes, 8e6, 1.0);
+  EXPECT_NEAR(s.memory_capacity_bytes, tiny.memory_bytes(), 1.0);
+  EXPECT_NEAR(s.memory.runtime, Stack{}.memory.context_bytes, 1.0); // one GPU: no communicators
 }
 
 // ---------------------------------------------------------------- pipelines

@@ -154,8 +154,13 @@ TEST(SimulateIteration, DataParallelReductionHiddenOrExposed) {
                                                dp_span(plan, c));
     ASSERT_GT(allreduce, 10 * (t.f + t.b));
     SimulationResult r = simulate_iteration(model, plan, {.record_timeline = false});
-    const double backward = std::string(kind) == "gpu" ? t.b / 4 : t.b;
-    const double expected = t.f + backward + 4 * allreduce + r.estimate.breakdown.optimizer;
+    const bool gpu = std::string(kind) == "gpu";
+    const double backward = gpu ? t.b / 4 : t.b;
+    // On a GPU the last three quarters of the backward run beside the all-reduces, slowed by
+    // the stack's interference.
+    const double interference = gpu ? Stack{}.overlap_compute_slowdown * 0.75 * t.b : 0.0;
+    const double expected =
+        t.f + backward + 4 * allreduce + r.estimate.breakdown.optimizer + interference;
     EXPECT_NEAR(r.estimate.iteration_time_s, expected, 1e-9) << kind;
     // The analytic model exposes the same communication.
     const PlanEstimate analytic = model.estimate(plan);

@@ -55,6 +55,9 @@ struct Plan {
   // pp × virtual_stages ranges in model order; chunk c runs on pipeline rank c % pp. Empty: the
   // planner's balanced partition.
   std::vector<StageRange> stages;
+  // The software stack (zoo name or the name in a stack file) the plan was made for; empty when
+  // none was recorded. Tools that take --stack use it when the flag is absent.
+  std::string stack;
 
   int world_size() const { return dp * tp * pp; }
   // Micro-batches per data-parallel replica per iteration (m).

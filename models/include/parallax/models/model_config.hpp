@@ -36,6 +36,10 @@ struct ModelConfig {
   // llm.c); "unfused": eager framework ops (PyTorch's cross_entropy under autocast: an fp32 copy
   // of the logits, log-softmax, and their backward), several passes over the logits.
   std::string loss_impl = "fused";
+  // Whether the model file stated attention_impl / loss_impl. These are properties of the
+  // software stack; a file that states them overrides the stack's choice (model_apply_stack).
+  bool attention_impl_stated = false;
+  bool loss_impl_stated = false;
   std::string notes;
 
   std::int64_t head_dim() const { return hidden_size / num_attention_heads; }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "parallax/core/layer_graph.hpp"
+#include "parallax/core/stack.hpp"
 #include "parallax/models/model_config.hpp"
 
 #include <optional>
@@ -20,5 +21,9 @@ struct LoadedModel {
 LoadedModel model_load(const std::string& name_or_path);
 // The same from a document already in memory.
 LoadedModel model_from_json(const Json& doc, const std::string& source);
+
+// Gives the model the stack's attention and cross-entropy kernels where its file states none,
+// and rebuilds its layer graph. Generic layer graphs name their kernels per layer: unchanged.
+void model_apply_stack(LoadedModel& model, const Stack& stack);
 
 } // namespace parallax

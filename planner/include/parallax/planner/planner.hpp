@@ -10,6 +10,7 @@
 #include "parallax/core/cluster.hpp"
 #include "parallax/core/layer_graph.hpp"
 #include "parallax/core/plan.hpp"
+#include "parallax/core/stack.hpp"
 #include "parallax/simulator/cost_model.hpp"
 #include "parallax/simulator/estimate.hpp"
 
@@ -33,13 +34,16 @@ struct PlanPins {
   std::optional<bool> sequence_parallel;
   std::optional<Precision> precision;
   std::optional<GradSync> grad_sync;
-  std::optional<bool> overlap_grad_reduce; // a property of the training stack, never searched
+  // A property of the training stack, never searched: overrides the stack's own.
+  std::optional<bool> overlap_grad_reduce;
 };
 
 struct PlanRequest {
   int gpus = 1;                       // devices offered
   std::int64_t global_batch_size = 1; // sequences per iteration
   PlanPins pins;
+  // The software stack the plans run on (its kernels, communication and memory behaviour).
+  Stack stack;
   Objective objective = Objective::throughput;
   double train_tokens = 0;            // for Objective::time_to_train (reported in hours)
   bool allow_fewer_gpus = false;      // also try 1/2, 1/4, ... of the devices offered

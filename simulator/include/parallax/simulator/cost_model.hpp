@@ -14,6 +14,7 @@
 #include "parallax/core/cluster.hpp"
 #include "parallax/core/layer_graph.hpp"
 #include "parallax/core/plan.hpp"
+#include "parallax/core/stack.hpp"
 #include "parallax/simulator/estimate.hpp"
 #include "parallax/simulator/unit_cost.hpp"
 
@@ -22,20 +23,19 @@
 
 namespace parallax {
 
-// Documented constants of the memory model.
+// Documented constants of the memory model. Allocator slack, the CUDA context and communicator
+// buffers are properties of the software stack (core/stack.hpp).
 struct MemoryModelConstants {
   static constexpr double kGradBucketBytes = 50e6; // DP gradient bucket (overlap granularity)
-  static constexpr double kFragmentation = 0.08;   // allocator slack over activations
-  static constexpr double kGpuReservedBytes = 1.0 * (1 << 30); // CUDA context, workspaces, NCCL
 };
 
 class CostModel {
 public:
-  // Keeps references: `graph` and `cluster` must outlive the model.
-  CostModel(const LayerGraph& graph, const Cluster& cluster);
-  CostModel(const LayerGraph&, Cluster&&) = delete;
-  CostModel(LayerGraph&&, const Cluster&) = delete;
-  CostModel(LayerGraph&&, Cluster&&) = delete;
+  // Keeps references: `graph` and `cluster` must outlive the model; the stack is copied.
+  CostModel(const LayerGraph& graph, const Cluster& cluster, Stack stack = {});
+  CostModel(const LayerGraph&, Cluster&&, Stack = {}) = delete;
+  CostModel(LayerGraph&&, const Cluster&, Stack = {}) = delete;
+  CostModel(LayerGraph&&, Cluster&&, Stack = {}) = delete;
 
   // Estimates `plan` on the cluster. The plan's stages are used when given, else an even split.
   // The plan must be valid for the model and the cluster's device count (plan_validate).
@@ -47,6 +47,7 @@ public:
   const std::vector<UnitCost>& units(const UnitCostKey& key);
   const LayerGraph& graph() const { return *graph_; }
   const Cluster& cluster() const { return *cluster_; }
+  const Stack& stack() const { return stack_; }
   // Model FLOPs (forward + backward, no recomputation) of one sequence through the whole graph.
   double model_flops_per_sequence() const { return model_flops_per_sequence_; }
 
@@ -77,10 +78,16 @@ public:
   double optimizer_time_s(const Plan& plan, const RankLoad& load) const;
   // Gradient-accumulation pass per micro-batch over `params` local parameters (0 when m = 1).
   double grad_accumulation_s(const Plan& plan, double params) const;
+  // Memory of pipeline rank `pp_rank` carrying `load`, at the three levels of MemoryBreakdown.
+  MemoryBreakdown rank_memory(const Plan& plan, const RankLoad& load, int pp_rank) const;
+  // The allocator's slack over `activations` bytes of live activations on top of `static_bytes`
+  // of long-lived buffers (weights, gradients, optimizer state, gathered layers).
+  double allocator_slack_bytes(double static_bytes, double activations) const;
 
 private:
   const LayerGraph* graph_;
   const Cluster* cluster_;
+  Stack stack_;
   double model_flops_per_sequence_ = 0;
   std::map<UnitCostKey, std::vector<UnitCost>> cache_;
 };
@@ -94,7 +101,10 @@ struct ParamStateBytes {
   double optimizer = 0;
   double total() const { return params + grads + optimizer; }
 };
-ParamStateBytes param_state_bytes(const Plan& plan);
+ParamStateBytes param_state_bytes(const Plan& plan, const Stack& stack = {});
+// Bytes per gradient element the stack keeps and reduces: 4 when it accumulates fp32 main
+// gradients under bf16 / FP8 mixed precision, else the plan's storage precision.
+double grad_element_bytes(const Plan& plan, const Stack& stack);
 
 // Bytes one pipeline hop sends per micro-batch (activations forward, their gradient backward).
 double p2p_bytes(const Plan& plan, const LayerGraph& graph);

@@ -8,14 +8,21 @@
 
 namespace parallax {
 
-// Memory of the most loaded rank, in bytes.
+// Memory of the most loaded rank, in bytes, at three levels: what the training code allocates
+// (torch.cuda.max_memory_allocated), what the stack's caching allocator reserves for it
+// (max_memory_reserved), and what the device holds in all (nvidia-smi: plus the CUDA context and
+// the communicators' buffers). The planner prunes by the last.
 struct MemoryBreakdown {
   double params = 0;      // working weights
   double grads = 0;
   double optimizer = 0;   // fp32 master weights (mixed precision) and Adam's two moments
   double activations = 0; // kept for backward, times the micro-batches in flight
-  double buffers = 0;     // communication buckets, ZeRO-3 prefetch, allocator fragmentation
-  double total() const { return params + grads + optimizer + activations + buffers; }
+  double buffers = 0;     // ZeRO-3 gathered layers, FP8 weight workspaces
+  double allocator = 0;   // the caching allocator's rounding and fragmentation
+  double runtime = 0;     // CUDA context and communicator buffers, outside the allocator
+  double allocated() const { return params + grads + optimizer + activations + buffers; }
+  double reserved() const { return allocated() + allocator; }
+  double total() const { return reserved() + runtime; } // the device's view
   bool operator==(const MemoryBreakdown&) const = default;
 };
 
@@ -38,10 +45,11 @@ struct PlanEstimate {
   double tflops_per_gpu = 0; // model FLOPs (recomputation not counted) per GPU per second
   double mfu = 0;            // tflops_per_gpu over the device's peak for the plan's precision
   MemoryBreakdown memory;
-  double memory_capacity_bytes = 0;
+  double memory_capacity_bytes = 0; // the device's memory; fits when memory.total() is within it
   bool fits = false;
   TimeBreakdown breakdown;
   std::string bottleneck; // the largest share of the iteration ("compute", "dp_comm", ...)
+  std::string stack;      // the software stack the figures assume
   bool operator==(const PlanEstimate&) const = default;
 };
 

@@ -18,6 +18,10 @@ using Spans = std::vector<std::pair<double, double>>;
 // collective (it blocks the compute that issued it), else compute (forward, backward,
 // recomputation), else the optimizer, else the communication keeping it waiting (PP, then DP),
 // else bubble.
+// Time during which a span of `a` and a span of `b` both run; each list is in time order and
+// its spans do not overlap one another (one stream's tasks).
+double spans_overlap_s(const Spans& a, const Spans& b);
+
 TimeBreakdown sweep_breakdown(const Spans& compute, const Spans& optimizer,
                               const std::array<Spans, 3>& comm, double end);
 

@@ -5,6 +5,7 @@
 
 #include "parallax/core/cluster.hpp"
 #include "parallax/core/layer_graph.hpp"
+#include "parallax/core/stack.hpp"
 
 #include <vector>
 
@@ -40,9 +41,10 @@ struct UnitCostKey {
   auto operator<=>(const UnitCostKey&) const = default;
 };
 
-// Costs of every unit of `graph` (index = unit).
+// Costs of every unit of `graph` (index = unit) under the software stack `stack` (its host
+// dispatch time, FP8 recipe and tensor-parallel overlap).
 std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster,
-                                 const UnitCostKey& key);
+                                 const UnitCostKey& key, const Stack& stack = {});
 
 // How many ways a layer's saved activations / its FLOPs are divided among t ranks.
 double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel);
