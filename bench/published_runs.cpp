@@ -2,12 +2,14 @@
 
 #include "parallax/core/error.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/hardware_profiles/stack_loader.hpp"
 
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <vector>
 
 namespace parallax {
 
@@ -130,28 +132,69 @@ bool has(const std::string& text, const char* what) {
   return text.find(what) != std::string::npos;
 }
 
-// Megatron-LM's model code before its 2023 releases materialised the attention scores (also
-// under DeepSpeed); later releases fuse attention.
-bool megatron_materialised_attention(const std::string& framework, std::optional<int> year) {
-  return has(lower(framework), "megatron") && year.value_or(2023) <= 2022;
+// The framework text of a row → the zoo stack that ran it; the first entry whose words all occur
+// in the lowered text wins. Megatron-LM before its 2023 releases (materialised attention, local
+// DDP reducing after the pipeline flush) is `megatron-lm-legacy`; eager PyTorch trainers
+// (FSDP1, Composer, Hugging Face, Lightning, nanotron, InternLM) share `pytorch-fsdp`'s kernels
+// and allocator, their sharding and reduction pinned by the row's own fields.
+struct FrameworkStack {
+  std::vector<const char*> words;
+  const char* stack;
+  int until_year = 0; // the entry applies to publications of this year or earlier; 0: any
+};
+
+const std::vector<FrameworkStack>& framework_stacks() {
+  static const std::vector<FrameworkStack> table = {
+      {{"parallax"}, "parallax"},
+      {{"torchtitan"}, "torchtitan"},
+      {{"llm.c"}, "llm.c"},
+      {{"megatron", "deepspeed"}, "megatron-deepspeed"},
+      {{"deepspeed"}, "deepspeed"},
+      {{"megatron"}, "megatron-lm-legacy", 2022},
+      {{"megatron"}, "megatron-core"},
+      {{"nemo"}, "megatron-core"},
+      {{"fsdp"}, "pytorch-fsdp"},
+      {{"composer"}, "pytorch-fsdp"},
+      {{"hugging"}, "pytorch-fsdp"},
+      {{"lightning"}, "pytorch-fsdp"},
+      {{"nanotron"}, "pytorch-fsdp"},
+      {{"internlm"}, "pytorch-fsdp"},
+      {{"pytorch"}, "pytorch-fsdp"},
+  };
+  return table;
 }
 
-// Megatron-LM's own data parallelism before 2023 (local DDP) all-reduced the gradient buffer
-// after the pipeline flush; later releases overlap it with the backward pass, as DeepSpeed, FSDP
-// and the other stacks do.
-bool megatron_reduces_after_flush(const std::string& framework, std::optional<int> year) {
-  return has(lower(framework), "megatron") && !has(lower(framework), "deepspeed") &&
-         year.value_or(2023) <= 2022;
+// The year a framework text names ("Megatron-LM (2021)"), else the source's.
+std::optional<int> framework_year(const std::string& framework, std::optional<int> source_year) {
+  const std::optional<int> stated = published_year(
+      Json{{"source", {{"key", framework}}}});
+  return stated ? stated : source_year;
 }
 
-ModelConfig model_of(const Row& r, std::optional<int> year) {
+} // namespace
+
+std::optional<std::string> published_stack_name(const std::string& framework,
+                                                std::optional<int> year) {
+  const std::string text = lower(framework);
+  for (const FrameworkStack& entry : framework_stacks()) {
+    const bool words = std::ranges::all_of(entry.words, [&](const char* w) { return has(text, w); });
+    const bool in_years = entry.until_year == 0 || (year && *year <= entry.until_year);
+    if (words && in_years) {
+      return entry.stack;
+    }
+  }
+  return std::nullopt;
+}
+
+namespace {
+
+ModelConfig model_of(const Row& r, const Stack& stack_kernels) {
   ModelConfig c;
   c.name = r.text("model", "name");
   const std::string family = lower(r.text("model", "family"));
   const std::string activation = lower(r.text("model", "ffn_activation"));
   const std::string position = lower(r.text("model", "position_embedding"));
-  const std::string framework = r.text("training", "framework");
-  const std::string stack = lower(framework);
+  const std::string stack = lower(r.text("training", "framework"));
   const bool gated = has(activation, "glu") || has(activation, "silu");
   const bool rope = has(position, "rope") || has(position, "rotary");
   const bool llama = has(family, "llama") || has(family, "mistral") || has(family, "qwen") ||
@@ -177,25 +220,27 @@ ModelConfig model_of(const Row& r, std::optional<int> year) {
   c.bias = r.boolean("model", "bias").value_or(!has(family, "no bias") && !llama);
   c.tied_embeddings = r.boolean("model", "tied_embeddings").value_or(!llama);
   c.dropout = has(stack, "megatron");
+  // The stack's attention and cross-entropy kernels, unless the row names the ones it ran.
+  c.attention_impl = std::string(attention_kernel_name(stack_kernels.attention));
+  c.loss_impl = std::string(loss_kernel_name(stack_kernels.loss));
   const std::string attention = lower(r.text("model", "attention_impl"));
   if (has(attention, "cudnn") || has(attention, "flash3") || has(attention, "flashattention-3") ||
       has(attention, "fa3") || has(attention, "transformer engine") || has(attention, "fused")) {
     c.attention_impl = "flash"; // the device's native fused kernel
+    c.attention_impl_stated = true;
   } else if (has(attention, "flash") || has(attention, "triton")) {
     c.attention_impl = "flash2"; // FlashAttention(-2) or Triton kernels: Ampere instructions
+    c.attention_impl_stated = true;
   } else if (has(attention, "standard") || has(attention, "materiali") || has(attention, "naive") ||
              has(attention, "eager")) {
     c.attention_impl = "standard";
-  } else {
-    c.attention_impl = megatron_materialised_attention(framework, year) ? "standard" : "flash";
+    c.attention_impl_stated = true;
   }
-  // Megatron-LM and llm.c fuse the cross-entropy; eager PyTorch stacks (FSDP, Composer, the
-  // Hugging Face trainer) run it as separate fp32 passes over the logits.
   const std::string loss = lower(r.text("model", "loss_impl"));
-  const bool eager = (has(stack, "fsdp") || has(stack, "composer") || has(stack, "hugging") ||
-                      has(stack, "pytorch")) &&
-                     !has(stack, "megatron") && !has(stack, "llm.c");
-  c.loss_impl = has(loss, "unfused") || (loss.empty() && eager) ? "unfused" : "fused";
+  if (!loss.empty()) {
+    c.loss_impl = has(loss, "unfused") || has(loss, "eager") ? "unfused" : "fused";
+    c.loss_impl_stated = true;
+  }
   if (c.num_kv_heads < 1 || c.num_attention_heads % c.num_kv_heads != 0) {
     r.fail("/model/num_kv_heads", "a divisor of num_attention_heads",
            r.describe("model", "num_kv_heads"));
@@ -205,7 +250,7 @@ ModelConfig model_of(const Row& r, std::optional<int> year) {
 
 // The zoo profile for the stated GPU, resized and re-wired to the node and network the row
 // states: GPUs per node, memory, and the per-GPU share of the node's network bandwidth.
-Cluster cluster_of(const Row& r) {
+Cluster cluster_of(const Row& r, std::optional<int> year) {
   const std::string gpu = lower(r.text("hardware", "gpu_type"));
   const std::optional<double> memory_gb = r.number("hardware", "gpu_memory_gb");
   std::string profile;
@@ -222,7 +267,10 @@ Cluster cluster_of(const Row& r) {
   } else if (has(gpu, "h100") || has(gpu, "h800")) {
     profile = "dgx-h100";
   } else if (has(gpu, "a100") || has(gpu, "a800")) {
-    const bool big = memory_gb ? *memory_gb > 60 : has(gpu, "80");
+    // Unstated size: the 80 GB part for sources from 2022 on (it shipped at the end of 2020 and
+    // is the one the later clusters were built from), the 40 GB part before.
+    const bool big = memory_gb ? *memory_gb > 60
+                               : has(gpu, "80") || (!has(gpu, "40") && year.value_or(0) >= 2022);
     profile = big ? "dgx-a100-80g" : "dgx-a100-40g";
   }
   if (profile.empty()) {
@@ -363,6 +411,41 @@ void pin_parallelism(const Row& r, PlanPins& pins, int gpus) {
   }
 }
 
+Stack stack_from_zoo(const Row& r, const char* field, const std::string& name) {
+  try {
+    return stack_load(name);
+  } catch (const InputError& e) {
+    r.fail(field, "a zoo stack name", fmt::format("'{}'", name), e.what());
+  }
+}
+
+// The peak memory one rank reports, when the row states it and what it measured.
+std::optional<MeasuredMemory> measured_memory(const Row& r) {
+  double bytes = 0;
+  if (const std::optional<double> gib = r.number("measured", "peak_memory_gib"); gib && *gib > 0) {
+    bytes = *gib * (1 << 30);
+  } else if (const std::optional<double> gb = r.number("measured", "peak_memory_gb");
+             gb && *gb > 0) {
+    bytes = *gb * 1e9;
+  } else {
+    return std::nullopt;
+  }
+  MeasuredMemory m;
+  m.bytes = bytes;
+  m.definition = r.text("measured", "memory_definition");
+  const std::string what = lower(m.definition);
+  if (has(what, "max_memory_reserved") || has(what, "memory_reserved")) {
+    m.level = MemoryLevel::reserved;
+  } else if (has(what, "max_memory_allocated") || has(what, "memory_allocated")) {
+    m.level = MemoryLevel::allocated;
+  } else if (has(what, "nvidia-smi") || has(what, "nvml")) {
+    m.level = MemoryLevel::device;
+  } else {
+    m.level = std::nullopt; // a figure without its measuring call: reported, not scored
+  }
+  return m;
+}
+
 double measured_time(const Row& r, const PlanRequest& req, std::int64_t seq_length) {
   if (const std::optional<double> t = r.number("measured", "iteration_time_s"); t && *t > 0) {
     return *t;
@@ -420,8 +503,19 @@ PublishedCase published_case(const Json& row, const std::string& file) {
   out.id = r.id();
   out.source = r.text("source", "key");
   out.framework = r.text("training", "framework");
-  out.model = model_of(r, year);
-  out.cluster = cluster_of(r);
+  if (const std::optional<std::string> named = r.string_or("training", "stack")) {
+    out.stack = stack_from_zoo(r, "/training/stack", *named);
+  } else if (const std::optional<std::string> name =
+                 published_stack_name(out.framework, framework_year(out.framework, year))) {
+    out.stack = stack_load(*name);
+  } else {
+    r.fail("/training/framework", "a framework the adapter's stack table names",
+           r.describe("training", "framework"),
+           "or name a zoo stack in training.stack (`parallax stacks` lists them)");
+  }
+  out.model = model_of(r, out.stack);
+  out.cluster = cluster_of(r, year);
+  out.memory = measured_memory(r);
 
   PlanRequest& req = out.request;
   req.gpus = static_cast<int>(r.required_integer("hardware", "num_gpus"));
@@ -466,6 +560,10 @@ PublishedCase published_case(const Json& row, const std::string& file) {
     }
     pins.precision = Precision::fp16;
   }
+  if (has(lower(stated_precision), "fp32 gradient") || has(lower(stated_precision), "fp32 grad")) {
+    // The row states the stack accumulates (and so reduces) gradients in fp32.
+    out.stack.data_parallel.fp32_grad_reduce = true;
+  }
   if (!out.cluster.supports(*pins.precision)) {
     r.fail("/training/precision", fmt::format("a precision the {} profile has", out.cluster.name),
            stated_precision);
@@ -474,11 +572,9 @@ PublishedCase published_case(const Json& row, const std::string& file) {
     r.fail("/training/activation_cpu_offload", "false or null", "true",
            "activation offload to host memory is not modelled");
   }
-  if (const std::optional<bool> overlap = r.boolean("training", "overlap_grad_reduce")) {
-    pins.overlap_grad_reduce = *overlap;
-  } else if (megatron_reduces_after_flush(out.framework, year)) {
-    pins.overlap_grad_reduce = false;
-  }
+  // Unstated: the planner takes the stack's (PlanRequest::stack).
+  pins.overlap_grad_reduce = r.boolean("training", "overlap_grad_reduce");
+  req.stack = out.stack;
   out.measured_s = measured_time(r, req, out.model.seq_length);
   return out;
 }

@@ -10,6 +10,7 @@
 #include "parallax/core/cluster.hpp"
 #include "parallax/core/json_reader.hpp"
 #include "parallax/core/layer_graph.hpp"
+#include "parallax/core/stack.hpp"
 #include "parallax/models/model_config.hpp"
 #include "parallax/planner/planner.hpp"
 
@@ -18,11 +19,23 @@
 
 namespace parallax {
 
+// What a row's memory figure measured: torch.cuda.max_memory_allocated, max_memory_reserved, or
+// the whole device (nvidia-smi).
+enum class MemoryLevel { allocated, reserved, device };
+
+struct MeasuredMemory {
+  double bytes = 0;                 // of the rank the source reports (rank 0: the first stage)
+  std::optional<MemoryLevel> level; // nullopt: the source does not say how it measured
+  std::string definition;           // the row's own words
+};
+
 struct PublishedCase {
   std::string id;
   std::string source;    // source.key
   std::string framework; // training.framework
   double measured_s = 0; // measured (or derived from measured throughput) iteration time
+  Stack stack;           // the zoo stack the framework text maps to (published_stack_name)
+  std::optional<MeasuredMemory> memory;
   ModelConfig model;
   Cluster cluster;
   PlanRequest request; // gpus, global batch, pins; top_k and simulate_top left at defaults
@@ -35,6 +48,11 @@ PublishedCase published_case(const Json& row, const std::string& file);
 // GPUs × time is the FLOP count the source used, which includes a recomputed forward (4 forward
 // passes' worth) only if the run recomputed. nullopt when the row lacks those figures.
 std::optional<Recompute> published_recompute_from_flops(const Json& row, const LayerGraph& graph);
+
+// The zoo stack that ran a row, from its framework text and publication year (one table in
+// published_runs.cpp); nullopt when no entry names the framework.
+std::optional<std::string> published_stack_name(const std::string& framework,
+                                                std::optional<int> year);
 
 // The publication year from source.key ("narayanan2021"), source.title or source.location;
 // nullopt when none names one.

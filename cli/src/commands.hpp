@@ -18,6 +18,7 @@ using Run = std::function<int()>;
 
 Run register_models(CLI::App& app);
 Run register_clusters(CLI::App& app);
+Run register_stacks(CLI::App& app);
 Run register_plan(CLI::App& app);
 Run register_simulate(CLI::App& app);
 Run register_train(CLI::App& app);

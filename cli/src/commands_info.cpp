@@ -1,8 +1,9 @@
-// `parallax models` and `parallax clusters`: the zoos with their key figures.
+// `parallax models`, `parallax clusters` and `parallax stacks`: the zoos with their key figures.
 #include "commands.hpp"
 
 #include "parallax/core/zoo_path.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/hardware_profiles/stack_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 
 #include <fmt/format.h>
@@ -64,6 +65,29 @@ Run register_clusters(CLI::App& app) {
                                name, c.device.name, c.num_devices(), peak(Precision::bf16),
                                peak(Precision::fp32), c.device.memory_gib,
                                c.node.intra_bandwidth_gbps, c.network.inter_bandwidth_gbps);
+    }
+    return 0;
+  };
+}
+
+Run register_stacks(CLI::App& app) {
+  auto* cmd = app.add_subcommand(
+      "stacks", "List the software-stack zoo: kernels, gradient reduction, sharding, memory");
+  return [cmd]() {
+    (void)cmd;
+    std::cout << fmt::format("{:<20} {:<9} {:<8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8}\n",
+                             "name", "attention", "loss", "dp ovlp", "fp32 red", "prefetch",
+                             "host us", "slowdown", "ctx GiB", "segment");
+    for (const auto& name : zoo_list(ZooKind::stacks)) {
+      const Stack s = stack_load(name);
+      std::cout << fmt::format(
+          "{:<20} {:<9} {:<8} {:>8} {:>9} {:>8} {:>8.1f} {:>8.2f} {:>9.2f} {:>8}\n", name,
+          attention_kernel_name(s.attention), loss_kernel_name(s.loss),
+          s.data_parallel.overlap_grad_reduce ? "yes" : "no",
+          s.data_parallel.fp32_grad_reduce ? "yes" : "no", s.sharding.prefetch_layers,
+          s.host_dispatch_us, s.overlap_compute_slowdown, s.memory.context_bytes / (1 << 30),
+          s.memory.segment_bytes > 0 ? fmt::format("{:.0f} MiB", s.memory.segment_bytes / (1 << 20))
+                                     : "-");
     }
     return 0;
   };

@@ -258,7 +258,7 @@ void plan_apply_stack(Plan& plan, const std::string& plan_file, LoadedModel& mod
   model_apply_stack(model, stack);
   const Json doc = json_load_file(plan_file);
   if (!doc.contains("overlap_grad_reduce")) {
-    plan.overlap_grad_reduce = stack.data_parallel.overlap_grad_reduce;
+    plan.overlap_grad_reduce = stack.overlaps_grad_reduce(plan.zero_stage);
   }
   plan.stack = stack.name;
 }

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   auto add = [&](parallax::cli::Run run) { runs[app.get_subcommands({}).back()] = std::move(run); };
   add(parallax::cli::register_models(app));
   add(parallax::cli::register_clusters(app));
+  add(parallax::cli::register_stacks(app));
   add(parallax::cli::register_plan(app));
   add(parallax::cli::register_simulate(app));
   add(parallax::cli::register_train(app));

@@ -60,13 +60,15 @@ Stack stack_from_json(const Json& doc, const std::string& source) {
   }
   if (root.has("sharding")) {
     JsonReader r = root.child("sharding");
-    r.reject_unknown({"prefetch_layers", "reshard_after_forward", "retained_layers"});
+    r.reject_unknown(
+        {"prefetch_layers", "reshard_after_forward", "retained_layers", "overlap_reduce"});
     s.sharding.prefetch_layers =
         static_cast<int>(r.integer_or("prefetch_layers", d.sharding.prefetch_layers, 0, 16));
     s.sharding.reshard_after_forward =
         r.boolean_or("reshard_after_forward", d.sharding.reshard_after_forward);
     s.sharding.retained_layers =
         static_cast<int>(r.integer_or("retained_layers", d.sharding.retained_layers, 0, 16));
+    s.sharding.overlap_reduce = r.boolean_or("overlap_reduce", d.sharding.overlap_reduce);
   }
   s.tp_comm_overlap = fraction_or(root, "tp_comm_overlap", d.tp_comm_overlap);
   s.fp8_recipe = enum_or(root, "fp8_recipe", kFp8RecipeNames, d.fp8_recipe);
@@ -102,7 +104,8 @@ Json stack_to_json(const Stack& s) {
       {"sharding",
        {{"prefetch_layers", s.sharding.prefetch_layers},
         {"reshard_after_forward", s.sharding.reshard_after_forward},
-        {"retained_layers", s.sharding.retained_layers}}},
+        {"retained_layers", s.sharding.retained_layers},
+        {"overlap_reduce", s.sharding.overlap_reduce}}},
       {"tp_comm_overlap", s.tp_comm_overlap},
       {"fp8_recipe", std::string(fp8_recipe_name(s.fp8_recipe))},
       {"host_dispatch_us", s.host_dispatch_us},

@@ -218,7 +218,7 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                        .precision = precision,
                        .grad_sync = pins.grad_sync.value_or(GradSync::allreduce),
                        .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(
-                           req.stack.data_parallel.overlap_grad_reduce),
+                           req.stack.overlaps_grad_reduce(zero)),
                        .stack = req.stack.name};
                 consider(st, model, stages, std::move(p), gpus);
               }

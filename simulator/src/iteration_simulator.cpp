@@ -443,6 +443,7 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
                                              std::vector<double>& stage_peaks) const {
   PlanEstimate e;
   e.plan = plan_;
+  e.stack = model_.stack().name;
   e.plan.stages = stages_;
   double makespan = 0;
   for (std::size_t i = 0; i < engine_.num_tasks(); ++i) {

@@ -51,6 +51,10 @@ struct StackSharding { // ZeRO-3 / FSDP FULL_SHARD
   // Layers whose gathered buffers stay allocated after use until the next synchronisation
   // (FSDP1's recordStream on the all-gather stream).
   int retained_layers = 0;
+  // The sharded gradients are reduce-scattered from backward hooks as each layer finishes
+  // (FSDP, DeepSpeed ZeRO-3 with its default overlap_comm), whatever data_parallel says of the
+  // replicated case.
+  bool overlap_reduce = true;
   bool operator==(const StackSharding&) const = default;
 };
 
@@ -81,6 +85,11 @@ struct Stack {
   // and memory bandwidth).
   double overlap_compute_slowdown = 0.10;
   StackMemory memory;
+
+  // Whether gradient reduction overlaps the backward pass under ZeRO stage `zero_stage`.
+  bool overlaps_grad_reduce(int zero_stage) const {
+    return zero_stage == 3 ? sharding.overlap_reduce : data_parallel.overlap_grad_reduce;
+  }
 
   bool operator==(const Stack&) const = default;
 };
