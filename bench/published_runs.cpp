@@ -176,6 +176,7 @@ std::optional<int> framework_year(const std::string& framework, std::optional<in
 std::optional<std::string> published_stack_name(const std::string& framework,
                                                 std::optional<int> year) {
   const std::string text = lower(framework);
+  year = framework_year(framework, year);
   for (const FrameworkStack& entry : framework_stacks()) {
     const bool words = std::ranges::all_of(entry.words, [&](const char* w) { return has(text, w); });
     const bool in_years = entry.until_year == 0 || (year && *year <= entry.until_year);
@@ -506,7 +507,7 @@ PublishedCase published_case(const Json& row, const std::string& file) {
   if (const std::optional<std::string> named = r.string_or("training", "stack")) {
     out.stack = stack_from_zoo(r, "/training/stack", *named);
   } else if (const std::optional<std::string> name =
-                 published_stack_name(out.framework, framework_year(out.framework, year))) {
+                 published_stack_name(out.framework, year)) {
     out.stack = stack_load(*name);
   } else {
     r.fail("/training/framework", "a framework the adapter's stack table names",

@@ -49,8 +49,8 @@ PublishedCase published_case(const Json& row, const std::string& file);
 // passes' worth) only if the run recomputed. nullopt when the row lacks those figures.
 std::optional<Recompute> published_recompute_from_flops(const Json& row, const LayerGraph& graph);
 
-// The zoo stack that ran a row, from its framework text and publication year (one table in
-// published_runs.cpp); nullopt when no entry names the framework.
+// The zoo stack that ran a row, from its framework text and the year it names (else the
+// publication year; one table in published_runs.cpp); nullopt when no entry names the framework.
 std::optional<std::string> published_stack_name(const std::string& framework,
                                                 std::optional<int> year);
 

@@ -4,6 +4,7 @@
 #include "parallax/core/error.hpp"
 #include "parallax/core/layer_graph_json.hpp"
 #include "parallax/core/plan_json.hpp"
+#include "parallax/core/stack_json.hpp"
 #include "parallax/core/timeline_json.hpp"
 #include "parallax/models/model_loader.hpp"
 
@@ -18,7 +19,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::string_view text(reinterpret_cast<const char*>(data + 1), size - 1);
   try {
     parallax::Json doc = parallax::json_parse_text(text, "fuzz.json");
-    switch (data[0] % 5) {
+    switch (data[0] % 6) {
     case 0:
       parallax::cluster_from_json(doc, "fuzz.json");
       break;
@@ -31,8 +32,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     case 3:
       parallax::layer_graph_from_json(doc, "fuzz.json");
       break;
-    default:
+    case 4:
       parallax::timeline_from_chrome_trace(doc, "fuzz.json");
+      break;
+    default:
+      parallax::stack_from_json(doc, "fuzz.json");
       break;
     }
   } catch (const parallax::InputError&) {

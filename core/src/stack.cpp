@@ -30,11 +30,22 @@ double allocator_round_bytes(const Stack& stack, double bytes) {
   }
   constexpr double kMinBlock = 512; // PyTorch's caching allocator rounds every request to 512 B
   double rounded = std::ceil(bytes / kMinBlock) * kMinBlock;
+  // Requests of 1 MiB and more come from the large pool in whole segments; smaller ones share
+  // segments (PyTorch's kSmallSize), so they cost only their 512-byte rounding.
+  constexpr double kSmallSize = 1 << 20;
   const double segment = stack.memory.segment_bytes;
-  if (segment > 0) {
+  if (segment > 0 && rounded >= kSmallSize) {
     rounded = std::ceil(rounded / segment) * segment;
   }
   return rounded;
+}
+
+double allocator_reserved_bytes(const Stack& stack, std::span<const double> allocations) {
+  double total = 0;
+  for (const double bytes : allocations) {
+    total += allocator_round_bytes(stack, bytes);
+  }
+  return total;
 }
 
 } // namespace parallax

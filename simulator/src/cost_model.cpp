@@ -168,7 +168,7 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
     buffers += 2.0 * (sharded ? gathered_params : r.params);
   }
   m.buffers = buffers;
-  m.allocator = allocator_slack_bytes(m.params + m.grads + m.optimizer + m.buffers, m.activations);
+  m.allocator = allocator_slack_bytes({m.params, m.grads, m.optimizer, m.buffers}, m.activations);
   if (cluster_->device.kind == "gpu") {
     // Communicators a rank joins: its TP, DP and pipeline groups, and the tied-embedding group
     // between the first and last stages.
@@ -179,10 +179,17 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
   return m;
 }
 
-double CostModel::allocator_slack_bytes(double static_bytes, double activations) const {
-  // Long-lived buffers are a few large allocations: their rounding is the segment granularity's
-  // remainder. Activations are allocated and freed every micro-batch in varying sizes: slack.
-  return allocator_round_bytes(stack_, static_bytes) - static_bytes +
+double CostModel::allocator_slack_bytes(std::initializer_list<double> static_buffers,
+                                        double activations) const {
+  // Long-lived buffers are a few large allocations (the contiguous weight, gradient and
+  // optimizer buffers): their rounding is each one's remainder to the segment granularity.
+  // Activations are allocated and freed every micro-batch in varying sizes: slack.
+  const std::span<const double> buffers(static_buffers.begin(), static_buffers.size());
+  double live = 0;
+  for (const double b : buffers) {
+    live += b;
+  }
+  return allocator_reserved_bytes(stack_, buffers) - live +
          stack_.memory.fragmentation * activations;
 }
 

@@ -570,7 +570,7 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
     const MemoryBreakdown& a = analytic[static_cast<std::size_t>(r.pp_rank)];
     MemoryBreakdown m = a;
     m.activations = peak + loads[static_cast<std::size_t>(r.pp_rank)].recompute_working_bytes();
-    m.allocator = model_.allocator_slack_bytes(a.params + a.grads + a.optimizer + a.buffers,
+    m.allocator = model_.allocator_slack_bytes({a.params, a.grads, a.optimizer, a.buffers},
                                                m.activations);
     double& stage = stage_peaks[static_cast<std::size_t>(r.pp_rank)];
     stage = std::max(stage, m.total());

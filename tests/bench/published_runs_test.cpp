@@ -142,30 +142,58 @@ TEST(PublishedRuns, UnstatedDimensionsAreLeftToThePlanner) {
   EXPECT_EQ(published_case(row, "runs.json").request.pins.micro_batch_size, 4);
 }
 
-TEST(PublishedRuns, FrameworkAndYearRules) {
+TEST(PublishedRuns, FrameworkTextMapsToAZooStack) {
+  // One table: the framework text (and, for Megatron-LM, the publication year) names the stack.
+  EXPECT_EQ(published_stack_name("Megatron-LM (2021)", std::nullopt), "megatron-lm-legacy");
+  EXPECT_EQ(published_stack_name("Megatron-LM (PTD-P)", 2021), "megatron-lm-legacy");
+  EXPECT_EQ(published_stack_name("Megatron-LM", 2024), "megatron-core");
+  EXPECT_EQ(published_stack_name("NVIDIA NeMo", 2024), "megatron-core");
+  EXPECT_EQ(published_stack_name("Megatron-DeepSpeed (vTrain measurements, 2024)", 2024),
+            "megatron-deepspeed");
+  EXPECT_EQ(published_stack_name("Megatron-LM + DeepSpeed ZeRO-3", 2021), "megatron-deepspeed");
+  EXPECT_EQ(published_stack_name("DeepSpeed ZeRO-3", 2023), "deepspeed");
+  EXPECT_EQ(published_stack_name("MosaicML Composer + llm-foundry (PyTorch FSDP)", 2024),
+            "pytorch-fsdp");
+  EXPECT_EQ(published_stack_name("nanotron (PyTorch)", 2025), "pytorch-fsdp");
+  EXPECT_EQ(published_stack_name("torchtitan (FSDP2, DTensor)", 2024), "torchtitan");
+  EXPECT_EQ(published_stack_name("llm.c train_gpt2cu", 2024), "llm.c");
+  EXPECT_FALSE(published_stack_name("JAX / MaxText", 2024).has_value());
+
   Json row = base_row();
   row["source"]["key"] = "narayanan2021";
   row["parallel"]["sequence_parallel"] = nullptr;
   row["training"]["framework"] = "Megatron-LM (2021)";
   PublishedCase c = published_case(row, "runs.json");
-  EXPECT_EQ(c.request.pins.overlap_grad_reduce, false); // local DDP: after the flush
-  EXPECT_EQ(c.request.pins.sequence_parallel, false);   // published in 2022
-  EXPECT_EQ(c.model.attention_impl, "standard");
+  EXPECT_EQ(c.stack.name, "megatron-lm-legacy");
+  EXPECT_EQ(c.request.stack.name, "megatron-lm-legacy");
+  EXPECT_FALSE(c.request.pins.overlap_grad_reduce.has_value()); // the stack's: after the flush
+  EXPECT_FALSE(c.request.stack.overlaps_grad_reduce(1));
+  EXPECT_EQ(c.request.pins.sequence_parallel, false); // published in 2022
+  EXPECT_EQ(c.model.attention_impl, "standard");      // the stack's kernel
+  EXPECT_FALSE(c.model.attention_impl_stated);
   EXPECT_TRUE(c.model.dropout);
 
   row["training"]["framework"] = "Megatron-LM + DeepSpeed ZeRO-3";
   c = published_case(row, "runs.json");
-  EXPECT_FALSE(c.request.pins.overlap_grad_reduce.has_value()); // DeepSpeed overlaps
-  EXPECT_EQ(c.model.attention_impl, "standard");                // Megatron's model code
+  EXPECT_EQ(c.stack.name, "megatron-deepspeed");
+  EXPECT_TRUE(c.request.stack.overlaps_grad_reduce(3)); // ZeRO-3 reduces from backward hooks
+  EXPECT_EQ(c.model.attention_impl, "standard");        // Megatron's model code
 
-  row["training"]["overlap_grad_reduce"] = true; // stated beats the rule
+  row["training"]["overlap_grad_reduce"] = true; // stated beats the stack
   EXPECT_EQ(published_case(row, "runs.json").request.pins.overlap_grad_reduce, true);
 
   EXPECT_EQ(published_case(row, "runs.json").model.loss_impl, "fused"); // Megatron's kernel
   row["training"]["framework"] = "PyTorch FSDP";
-  EXPECT_EQ(published_case(row, "runs.json").model.loss_impl, "unfused");
+  c = published_case(row, "runs.json");
+  EXPECT_EQ(c.stack.name, "pytorch-fsdp");
+  EXPECT_EQ(c.model.loss_impl, "unfused");
+  EXPECT_EQ(c.model.attention_impl, "flash2");
+  row["model"]["loss_impl"] = "fused (Liger kernel)"; // a stated kernel overrides the stack's
+  EXPECT_EQ(published_case(row, "runs.json").model.loss_impl, "fused");
   row["model"]["attention_impl"] = "eager (materialised scores)";
-  EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "standard");
+  c = published_case(row, "runs.json");
+  EXPECT_EQ(c.model.attention_impl, "standard");
+  EXPECT_TRUE(c.model.attention_impl_stated);
   // FlashAttention(-2) and Triton kernels are the Ampere-instruction family; cuDNN and
   // FlashAttention-3 the device's native fused attention.
   row["model"]["attention_impl"] = "flash (llm-foundry attn_impl: flash)";
@@ -174,6 +202,17 @@ TEST(PublishedRuns, FrameworkAndYearRules) {
   EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "flash2");
   row["model"]["attention_impl"] = "cuDNN fused attention (Transformer Engine)";
   EXPECT_EQ(published_case(row, "runs.json").model.attention_impl, "flash");
+  // A precision text that states fp32 gradient accumulation widens the stack's reduction.
+  row["training"]["precision"] = "bf16 mixed (fp32 gradient accumulation)";
+  EXPECT_TRUE(published_case(row, "runs.json").request.stack.data_parallel.fp32_grad_reduce);
+  // A row may name its zoo stack outright; an unknown one is refused naming the field.
+  row["training"]["stack"] = "torchtitan";
+  EXPECT_EQ(published_case(row, "runs.json").stack.name, "torchtitan");
+  row["training"]["stack"] = "no-such-stack";
+  EXPECT_EQ(refused_field(row), "/training/stack");
+  row["training"].erase("stack");
+  row["training"]["framework"] = "JAX / MaxText";
+  EXPECT_EQ(refused_field(row), "/training/framework");
 
   EXPECT_EQ(published_year(row), 2021);
   row["source"] =
@@ -181,6 +220,37 @@ TEST(PublishedRuns, FrameworkAndYearRules) {
   EXPECT_EQ(published_year(row), 2024);
   row["source"] = Json::parse(R"({"key": "llmc", "title": "run 12345"})");
   EXPECT_FALSE(published_year(row).has_value());
+}
+
+TEST(PublishedRuns, MeasuredMemoryKeepsWhatTheSourceMeasured) {
+  Json row = base_row();
+  EXPECT_FALSE(published_case(row, "runs.json").memory.has_value());
+  row["measured"]["peak_memory_gib"] = 50.0;
+  row["measured"]["memory_definition"] = "torch.cuda.max_memory_reserved() / 2^30 on rank 0";
+  PublishedCase c = published_case(row, "runs.json");
+  ASSERT_TRUE(c.memory.has_value());
+  EXPECT_DOUBLE_EQ(c.memory->bytes, 50.0 * (1 << 30));
+  EXPECT_EQ(c.memory->level, MemoryLevel::reserved);
+  row["measured"]["memory_definition"] = "torch.cuda.max_memory_allocated()";
+  EXPECT_EQ(published_case(row, "runs.json").memory->level, MemoryLevel::allocated);
+  row["measured"].erase("peak_memory_gib");
+  row["measured"]["peak_memory_gb"] = 70.0;
+  row["measured"]["memory_definition"] = "nvidia-smi memory.used";
+  c = published_case(row, "runs.json");
+  EXPECT_DOUBLE_EQ(c.memory->bytes, 70e9);
+  EXPECT_EQ(c.memory->level, MemoryLevel::device);
+  row["measured"]["memory_definition"] = "as printed in the paper";
+  EXPECT_FALSE(published_case(row, "runs.json").memory->level.has_value()); // not scored
+}
+
+TEST(PublishedRuns, UnstatedA100MemoryFollowsThePublicationYear) {
+  Json row = base_row();
+  row["hardware"]["gpu_type"] = "NVIDIA A100 SXM4 (memory size not stated)";
+  row["hardware"]["gpu_memory_gb"] = nullptr;
+  row["source"]["key"] = "vtrain2024";
+  EXPECT_EQ(published_case(row, "runs.json").cluster.name, cluster_load("dgx-a100-80g").name);
+  row["source"]["key"] = "readme2020";
+  EXPECT_EQ(published_case(row, "runs.json").cluster.name, cluster_load("dgx-a100-40g").name);
 }
 
 TEST(PublishedRuns, SchedulesShardingAndPrecision) {

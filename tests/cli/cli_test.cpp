@@ -135,6 +135,56 @@ TEST(Cli, BadInputsExitTwoNamingTheField) {
   EXPECT_EQ(fp8.code, 2) << fp8.out;
 }
 
+// The software stack: listed, chosen with --stack, recorded in the plan and reused from it,
+// printed by plan and simulate; unknown names and malformed files exit 2 naming what is wrong.
+TEST(Cli, StackIsChosenRecordedAndPrinted) {
+  Result list = run("stacks");
+  ASSERT_EQ(list.code, 0) << list.out;
+  for (const char* name : {"megatron-core", "megatron-lm-legacy", "megatron-deepspeed", "deepspeed",
+                           "pytorch-fsdp", "torchtitan", "llm.c", "parallax"}) {
+    EXPECT_NE(list.out.find(name), std::string::npos) << name;
+  }
+  const std::string plan = temp_path("parallax_cli_stack_plan.json");
+  Result fsdp = run("plan --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --global-batch 64 "
+                    "--stack pytorch-fsdp --top 3 --out " + plan);
+  ASSERT_EQ(fsdp.code, 0) << fsdp.out;
+  EXPECT_NE(fsdp.out.find("stack pytorch-fsdp"), std::string::npos) << fsdp.out;
+  std::ifstream in(plan);
+  const parallax::Json doc = parallax::Json::parse(in);
+  EXPECT_EQ(doc.at("stack"), "pytorch-fsdp");
+  // simulate reuses the plan's stack and prints the three memory levels.
+  Result sim = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --plan " + plan);
+  ASSERT_EQ(sim.code, 0) << sim.out;
+  EXPECT_NE(sim.out.find("stack pytorch-fsdp"), std::string::npos) << sim.out;
+  EXPECT_NE(sim.out.find("reserved"), std::string::npos) << sim.out;
+  Result json = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --json --plan " +
+                    plan);
+  ASSERT_EQ(json.code, 0) << json.out;
+  const parallax::Json est = parallax::Json::parse(json.out);
+  EXPECT_EQ(est.at("stack"), "pytorch-fsdp");
+  EXPECT_GE(est.at("peak_reserved_bytes").get<double>(), est.at("peak_memory_bytes").get<double>());
+  EXPECT_GT(est.at("peak_device_bytes").get<double>(), est.at("peak_reserved_bytes").get<double>());
+  // The default on a GPU profile is megatron-core, on a CPU profile our own executor.
+  Result gpu = run("plan --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --global-batch 64");
+  EXPECT_NE(gpu.out.find("stack megatron-core"), std::string::npos) << gpu.out;
+  Result cpu = run("plan --model gpt-tiny --cluster cpu-local --gpus 2 --global-batch 8 "
+                   "--precision fp32");
+  EXPECT_NE(cpu.out.find("stack parallax"), std::string::npos) << cpu.out;
+
+  Result unknown = run("plan --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --stack nope");
+  EXPECT_EQ(unknown.code, 2) << unknown.out;
+  EXPECT_NE(unknown.out.find("--stack"), std::string::npos) << unknown.out;
+  EXPECT_NE(unknown.out.find("torchtitan"), std::string::npos) << unknown.out;
+  const std::string bad = temp_path("parallax_cli_bad_stack.json");
+  std::ofstream(bad) << R"({"name": "mine", "attention": "xformers"})";
+  Result malformed = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --plan " +
+                         plan + " --stack " + bad);
+  EXPECT_EQ(malformed.code, 2) << malformed.out;
+  EXPECT_NE(malformed.out.find(bad), std::string::npos) << malformed.out;
+  EXPECT_NE(malformed.out.find("/attention"), std::string::npos) << malformed.out;
+  EXPECT_NE(malformed.out.find("flash2"), std::string::npos) << malformed.out;
+}
+
 // `train --backend cuda` hands over to the CUDA-linked parallax-cuda when the build has one; on
 // a machine without a GPU (or a build without nvcc) it is a clean input error either way, and
 // a precision the chosen backend does not run is one too.

@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <vector>
 
 namespace parallax {
 namespace {
@@ -707,6 +708,134 @@ TEST(CostModel, RandomValidPlansAreConsistent) {
     ++checked;
   }
   EXPECT_EQ(checked, 200);
+}
+
+// ---------------------------------------------------------------- stack terms, by hand
+
+TEST(StackTerms, FsdpGatherScheduleOfTwoLayers) {
+  // Two equal layers, ZeRO-3 over two ranks: each rank holds half of every layer and gathers
+  // whole layers. Gathered buffers live for the layer in use plus the stack's prefetched and
+  // retained ones, or for the whole rank when the forward keeps them for the backward.
+  const LayerGraph g = linear_chain(2);
+  const Cluster c = hand_cluster(2);
+  Plan p = make_plan(2, 1, 1, 8);
+  p.zero_stage = 3;
+  const double layer_bytes = 2.0 * kParams; // bf16
+  auto gathered = [&](Stack stack) { return CostModel(g, c, stack).memory(p).buffers; };
+  Stack fsdp2;
+  fsdp2.sharding.prefetch_layers = 0;
+  fsdp2.sharding.retained_layers = 0;
+  EXPECT_DOUBLE_EQ(gathered(fsdp2), 1 * layer_bytes);
+  Stack prefetch = fsdp2;
+  prefetch.sharding.prefetch_layers = 1;
+  EXPECT_DOUBLE_EQ(gathered(prefetch), 2 * layer_bytes);
+  Stack fsdp1 = prefetch;
+  fsdp1.sharding.retained_layers = 1; // recordStream keeps one more unit reserved
+  EXPECT_DOUBLE_EQ(gathered(fsdp1), 3 * layer_bytes);
+  Stack keep = fsdp2;
+  keep.sharding.reshard_after_forward = false; // both layers stay gathered until the backward
+  EXPECT_DOUBLE_EQ(gathered(keep), 2 * layer_bytes);
+  // Resharding after the forward gathers every layer twice per micro-batch, keeping them once:
+  // with nothing else to hide them, the exposed gathers halve.
+  Cluster slow = c;
+  slow.node.intra_bandwidth_gbps = 0.01; // gathers dwarf compute
+  const double twice = CostModel(g, slow, fsdp2).estimate(p).iteration_time_s;
+  const double once = CostModel(g, slow, keep).estimate(p).iteration_time_s;
+  EXPECT_LT(once, twice);
+  EXPECT_GT(once, 0.4 * twice);
+}
+
+TEST(StackTerms, ReservedMemoryRoundsAKnownAllocationSequence) {
+  Stack s;
+  s.memory.segment_bytes = 2 << 20;
+  const double mib = 1 << 20;
+  const std::vector<double> sequence = {3 * mib, 1000, 5 * mib + 1, 2 * mib};
+  // 3 MiB → 4 MiB, 1000 B → 1024 B (small pool), 5 MiB + 1 → 6 MiB, 2 MiB stays.
+  EXPECT_DOUBLE_EQ(allocator_reserved_bytes(s, sequence), 4 * mib + 1024 + 6 * mib + 2 * mib);
+
+  // In the cost model: one layer of 2^20 parameters on one rank holds 2 MiB of weights, 2 MiB
+  // of gradients and 12 MiB of optimizer state. With 3 MiB segments the first two reserve
+  // 3 MiB each and the optimizer 12 MiB; activations add the fragmentation share.
+  const LayerGraph g = linear_chain(1);
+  const Cluster c = hand_cluster(1);
+  Stack seg3;
+  seg3.memory.segment_bytes = 3 * mib;
+  seg3.memory.fragmentation = 0.25;
+  const MemoryBreakdown m = CostModel(g, c, seg3).memory(make_plan(1, 1, 1, 8));
+  EXPECT_DOUBLE_EQ(m.params, 2 * mib);
+  EXPECT_NEAR(m.allocator, 1 * mib + 1 * mib + 0 + 0.25 * m.activations, 1.0);
+  EXPECT_DOUBLE_EQ(m.reserved(), m.allocated() + m.allocator);
+  EXPECT_DOUBLE_EQ(m.total(), m.reserved() + seg3.memory.context_bytes); // one GPU
+}
+
+TEST(StackTerms, RuntimeMemoryIsContextPlusOneBufferSetPerCommunicator) {
+  const LayerGraph g = linear_chain(2);
+  const Cluster c = hand_cluster(8);
+  Stack s;
+  s.memory.context_bytes = 100;
+  s.memory.communicator_bytes = 10;
+  // dp2 tp2 pp2: a DP, a TP and a pipeline communicator (the chain has no tied embedding).
+  EXPECT_DOUBLE_EQ(CostModel(g, c, s).memory(make_plan(2, 2, 2, 8)).runtime, 130);
+  EXPECT_DOUBLE_EQ(CostModel(g, c, s).memory(make_plan(8, 1, 1, 8)).runtime, 110);
+  // A CPU profile has neither.
+  Cluster cpu = c;
+  cpu.device.kind = "cpu";
+  EXPECT_DOUBLE_EQ(CostModel(g, cpu, s).memory(make_plan(8, 1, 1, 8)).runtime, 0);
+}
+
+TEST(StackTerms, Fp32GradientReductionDoublesGradientBytes) {
+  Plan p = make_plan(2, 1, 1, 8);
+  Stack bf16_reduce;
+  Stack fp32_reduce;
+  fp32_reduce.data_parallel.fp32_grad_reduce = true;
+  EXPECT_EQ(grad_element_bytes(p, bf16_reduce), 2.0);
+  EXPECT_EQ(grad_element_bytes(p, fp32_reduce), 4.0);
+  EXPECT_EQ(param_state_bytes(p, fp32_reduce).grads, 4.0);
+  p.precision = Precision::fp32; // nothing to widen
+  EXPECT_EQ(grad_element_bytes(p, fp32_reduce), 4.0);
+  // On the wire: a data-parallel step that cannot hide its all-reduce takes about twice as
+  // long in it.
+  const LayerGraph g = linear_chain(1);
+  Cluster slow = hand_cluster(2);
+  slow.node.intra_bandwidth_gbps = 0.01;
+  Plan q = make_plan(2, 1, 1, 2);
+  q.overlap_grad_reduce = false;
+  const double two = CostModel(g, slow, bf16_reduce).estimate(q).breakdown.dp_comm;
+  const double four = CostModel(g, slow, fp32_reduce).estimate(q).breakdown.dp_comm;
+  EXPECT_GT(two, 0);
+  EXPECT_NEAR(four / two, 2.0, 0.01);
+}
+
+TEST(StackTerms, HostDispatchBoundsShortLayers) {
+  // One GEMM and one other kernel per layer; 1 s of host time each makes the layer host-bound:
+  // 2 s forward, 4 s backward.
+  const LayerGraph g = linear_chain(1);
+  const Cluster c = hand_cluster(1);
+  Stack eager;
+  eager.host_dispatch_us = 1e6;
+  const PlanEstimate e = CostModel(g, c, eager).estimate(make_plan(1, 1, 1, 1));
+  EXPECT_NEAR(e.breakdown.compute, 6.0, 1e-9);
+  // Without dispatch cost the device's own time stands.
+  EXPECT_LT(CostModel(g, c).estimate(make_plan(1, 1, 1, 1)).breakdown.compute, 1e-3);
+}
+
+TEST(StackTerms, AsyncTensorParallelHidesItsShareAtTheSlowdown) {
+  Json doc = layer_graph_to_json(linear_chain(1));
+  doc["layers"][0]["tp_fwd_comm_elems"] = kSeq * kHidden;
+  doc["layers"][0]["tp_bwd_comm_elems"] = kSeq * kHidden;
+  const LayerGraph g = layer_graph_from_json(doc, "tp.json");
+  const Cluster c = hand_cluster(2);
+  Stack none;
+  none.tp_comm_overlap = 0;
+  Stack async = none;
+  async.tp_comm_overlap = 0.5;
+  async.overlap_compute_slowdown = 0.2;
+  const Plan p = make_plan(1, 2, 1, 4);
+  const double exposed = CostModel(g, c, none).estimate(p).breakdown.tp_comm;
+  const double hidden = CostModel(g, c, async).estimate(p).breakdown.tp_comm;
+  ASSERT_GT(exposed, 0);
+  // Half stays exposed; the hidden half costs its 20% slowdown: 0.5 + 0.5 × 0.2.
+  EXPECT_NEAR(hidden / exposed, 0.6, 1e-9);
 }
 
 } // namespace

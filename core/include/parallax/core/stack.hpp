@@ -10,6 +10,7 @@
 #pragma once
 
 #include <array>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -103,7 +104,10 @@ std::string_view fp8_recipe_name(Fp8Recipe r);
 double fp8_cast_traffic_factor(Fp8Recipe r);
 
 // Bytes the caching allocator reserves for one allocation of `bytes`: rounded up to 512 bytes,
-// then to the stack's segment granularity when it has one.
+// then, for requests of 1 MiB or more, to the stack's segment granularity when it has one.
 double allocator_round_bytes(const Stack& stack, double bytes);
+
+// Bytes reserved for a sequence of live allocations: each rounded on its own.
+double allocator_reserved_bytes(const Stack& stack, std::span<const double> allocations);
 
 } // namespace parallax

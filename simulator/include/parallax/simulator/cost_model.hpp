@@ -18,6 +18,7 @@
 #include "parallax/simulator/estimate.hpp"
 #include "parallax/simulator/unit_cost.hpp"
 
+#include <initializer_list>
 #include <map>
 #include <vector>
 
@@ -80,9 +81,10 @@ public:
   double grad_accumulation_s(const Plan& plan, double params) const;
   // Memory of pipeline rank `pp_rank` carrying `load`, at the three levels of MemoryBreakdown.
   MemoryBreakdown rank_memory(const Plan& plan, const RankLoad& load, int pp_rank) const;
-  // The allocator's slack over `activations` bytes of live activations on top of `static_bytes`
-  // of long-lived buffers (weights, gradients, optimizer state, gathered layers).
-  double allocator_slack_bytes(double static_bytes, double activations) const;
+  // The allocator's slack over `activations` bytes of live activations on top of the long-lived
+  // buffers (weights, gradients, optimizer state, gathered layers), each one allocation.
+  double allocator_slack_bytes(std::initializer_list<double> static_buffers,
+                               double activations) const;
 
 private:
   const LayerGraph* graph_;
