@@ -137,10 +137,17 @@ bool has(const std::string& text, const char* what) {
 // DDP reducing after the pipeline flush) is `megatron-lm-legacy`; eager PyTorch trainers
 // (FSDP1, Composer, Hugging Face, Lightning, nanotron, InternLM) share `pytorch-fsdp`'s kernels
 // and allocator, their sharding and reduction pinned by the row's own fields.
+//
+// Where a trainer's model code brings its own cross-entropy kernel, the entry names it: the
+// fused flash-attn cross-entropy is the default loss of llm-foundry's MPT (loss_fn
+// 'fused_crossentropy'), of InternLM (internlm/model/loss.py, FlashCrossEntropyLoss with
+// parallel_output), of TinyLlama's pretraining script (lit_gpt FusedCrossEntropyLoss) and of the
+// flash-attention repository's training configs (flash_attn.losses.cross_entropy).
 struct FrameworkStack {
   std::vector<const char*> words;
   const char* stack;
-  int until_year = 0; // the entry applies to publications of this year or earlier; 0: any
+  int until_year = 0;              // applies to publications of this year or earlier; 0: any
+  std::optional<LossKernel> loss;  // the model code's own loss kernel, when not the stack's
 };
 
 const std::vector<FrameworkStack>& framework_stacks() {
@@ -153,16 +160,21 @@ const std::vector<FrameworkStack>& framework_stacks() {
       {{"megatron"}, "megatron-lm-legacy", 2022},
       {{"megatron"}, "megatron-core"},
       {{"nemo"}, "megatron-core"},
+      {{"llm-foundry"}, "pytorch-fsdp", 0, LossKernel::fused},
+      {{"composer"}, "pytorch-fsdp", 0, LossKernel::fused},
+      {{"internlm"}, "pytorch-fsdp", 0, LossKernel::fused},
+      {{"lit-gpt"}, "pytorch-fsdp", 0, LossKernel::fused},
+      {{"flash-attn"}, "pytorch-fsdp", 0, LossKernel::fused},
       {{"fsdp"}, "pytorch-fsdp"},
-      {{"composer"}, "pytorch-fsdp"},
       {{"hugging"}, "pytorch-fsdp"},
       {{"lightning"}, "pytorch-fsdp"},
       {{"nanotron"}, "pytorch-fsdp"},
-      {{"internlm"}, "pytorch-fsdp"},
       {{"pytorch"}, "pytorch-fsdp"},
   };
   return table;
 }
+
+const FrameworkStack* framework_entry(const std::string& framework, std::optional<int> year);
 
 // The year a framework text names ("Megatron-LM (2021)"), else the source's.
 std::optional<int> framework_year(const std::string& framework, std::optional<int> source_year) {
@@ -171,20 +183,25 @@ std::optional<int> framework_year(const std::string& framework, std::optional<in
   return stated ? stated : source_year;
 }
 
-} // namespace
-
-std::optional<std::string> published_stack_name(const std::string& framework,
-                                                std::optional<int> year) {
+const FrameworkStack* framework_entry(const std::string& framework, std::optional<int> year) {
   const std::string text = lower(framework);
   year = framework_year(framework, year);
   for (const FrameworkStack& entry : framework_stacks()) {
     const bool words = std::ranges::all_of(entry.words, [&](const char* w) { return has(text, w); });
     const bool in_years = entry.until_year == 0 || (year && *year <= entry.until_year);
     if (words && in_years) {
-      return entry.stack;
+      return &entry;
     }
   }
-  return std::nullopt;
+  return nullptr;
+}
+
+} // namespace
+
+std::optional<std::string> published_stack_name(const std::string& framework,
+                                                std::optional<int> year) {
+  const FrameworkStack* entry = framework_entry(framework, year);
+  return entry != nullptr ? std::optional<std::string>(entry->stack) : std::nullopt;
 }
 
 namespace {
@@ -506,9 +523,11 @@ PublishedCase published_case(const Json& row, const std::string& file) {
   out.framework = r.text("training", "framework");
   if (const std::optional<std::string> named = r.string_or("training", "stack")) {
     out.stack = stack_from_zoo(r, "/training/stack", *named);
-  } else if (const std::optional<std::string> name =
-                 published_stack_name(out.framework, year)) {
-    out.stack = stack_load(*name);
+  } else if (const FrameworkStack* entry = framework_entry(out.framework, year)) {
+    out.stack = stack_load(entry->stack);
+    if (entry->loss) {
+      out.stack.loss = *entry->loss; // the model code's loss kernel (see the table)
+    }
   } else {
     r.fail("/training/framework", "a framework the adapter's stack table names",
            r.describe("training", "framework"),

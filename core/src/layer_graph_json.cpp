@@ -32,6 +32,7 @@ Layer layer_from_json(const JsonReader& r) {
                     "fwd_mem_elems",
                     "saved_act_elems",
                     "saved_mask_bytes",
+                    "working_act_elems",
                     "selective_saved_elems",
                     "selective_recompute",
                     "tp_fwd_comm_elems",
@@ -79,6 +80,7 @@ Layer layer_from_json(const JsonReader& r) {
   l.fwd_mem_elems = non_negative(r, "fwd_mem_elems");
   l.saved_act_elems = non_negative(r, "saved_act_elems");
   l.saved_mask_bytes = non_negative(r, "saved_mask_bytes");
+  l.working_act_elems = non_negative(r, "working_act_elems");
   l.selective_saved_elems = non_negative(r, "selective_saved_elems");
   if (l.selective_saved_elems > l.saved_act_elems) {
     r.fail("selective_saved_elems", "at most saved_act_elems",
@@ -111,6 +113,7 @@ Json layer_to_json(const Layer& l) {
           {"fwd_mem_elems", l.fwd_mem_elems},
           {"saved_act_elems", l.saved_act_elems},
           {"saved_mask_bytes", l.saved_mask_bytes},
+          {"working_act_elems", l.working_act_elems},
           {"selective_saved_elems", l.selective_saved_elems},
           {"selective_recompute", l.selective_recompute},
           {"tp_fwd_comm_elems", l.tp_fwd_comm_elems},

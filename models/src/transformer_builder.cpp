@@ -253,6 +253,11 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
   // backward's usual twice that.
   loss.fwd_mem_elems = (c.loss_impl == "unfused" ? 6.0 : 1.0) * s * static_cast<double>(V);
   loss.saved_act_elems = 2.0 * s * static_cast<double>(V);
+  // Eager cross-entropy holds working copies beside the softmax it keeps while it forms it: the
+  // 16-bit logits and an fp32 copy, three 16-bit elements per logit (the Hugging Face models
+  // keep logits.float() beside log_softmax's output; nanotron's vocab-parallel loss casts the
+  // logits to fp32 and subtracts the maximum into a new tensor). A fused kernel works in place.
+  loss.working_act_elems = c.loss_impl == "unfused" ? 3.0 * s * static_cast<double>(V) : 0.0;
   loss.tp_fwd_comm_elems = 6.0 * s;
   b.add(std::move(loss), {x});
   return g;

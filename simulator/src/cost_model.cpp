@@ -45,6 +45,7 @@ void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
     break;
   }
   r.bwd_s += u.bwd_s + u.tp_bwd_s;
+  r.act_transient = std::max(r.act_transient, u.act_transient_bytes);
   r.params += u.params;
   r.max_layer_params = std::max(r.max_layer_params, u.max_layer_params);
 }
@@ -145,7 +146,10 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
   m.params = r.params * per_param.params;
   m.grads = r.params * per_param.grads;
   m.optimizer = r.params * per_param.optimizer;
-  m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.recompute_working_bytes();
+  // The transient (the loss's working copies) runs while the rank holds its activations in
+  // flight: on top of them.
+  m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.recompute_working_bytes() +
+                  r.act_transient;
   // Gradient buckets are views of the flat gradient buffer, reduced in place (Megatron-LM's
   // contiguous buffer, Parallax's executor): no extra bucket memory.
   double buffers = 0;

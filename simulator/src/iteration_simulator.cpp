@@ -569,7 +569,8 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
     }
     const MemoryBreakdown& a = analytic[static_cast<std::size_t>(r.pp_rank)];
     MemoryBreakdown m = a;
-    m.activations = peak + loads[static_cast<std::size_t>(r.pp_rank)].recompute_working_bytes();
+    const CostModel::RankLoad& load = loads[static_cast<std::size_t>(r.pp_rank)];
+    m.activations = peak + load.recompute_working_bytes() + load.act_transient;
     m.allocator = model_.allocator_slack_bytes({a.params, a.grads, a.optimizer, a.buffers},
                                                m.activations);
     double& stage = stage_peaks[static_cast<std::size_t>(r.pp_rank)];

@@ -168,6 +168,8 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
             : 0.0;
     u.act_bytes += act;
     u.act_selective_bytes += act - dropped;
+    u.act_transient_bytes =
+        std::max(u.act_transient_bytes, layer.working_act_elems * elem_bytes * B / adiv);
     if (layer.block < 0 && has_block[static_cast<std::size_t>(layer.unit)]) {
       u.act_outside_blocks_bytes += act;
     }

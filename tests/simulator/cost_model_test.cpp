@@ -819,6 +819,31 @@ TEST(StackTerms, HostDispatchBoundsShortLayers) {
   EXPECT_LT(CostModel(g, c).estimate(make_plan(1, 1, 1, 1)).breakdown.compute, 1e-3);
 }
 
+TEST(StackTerms, TransientWorkingMemorySitsOnTopOfTheActivationsInFlight) {
+  // The chain's layer with a working set of half its saved activations (a loss forming its
+  // softmax beside the logits): the peak is the saved activations in flight plus one working set.
+  Json doc = layer_graph_to_json(linear_chain(1));
+  doc["layers"][0]["working_act_elems"] = kSeq * kHidden / 2;
+  const LayerGraph g = layer_graph_from_json(doc, "working.json");
+  const Cluster c = hand_cluster(1);
+  const Plan p = make_plan(1, 1, 1, 8, 2);
+  const LayerGraph plain = linear_chain(1);
+  const double saved = CostModel(plain, c).memory(p).activations;
+  const double with_working = CostModel(g, c).memory(p).activations;
+  EXPECT_NEAR(with_working - saved, 2.0 * (kSeq * kHidden / 2) * 2 /* bytes */, 1.0);
+  // Built models: eager cross-entropy has three working elements per logit, a fused kernel none.
+  ModelConfig m = model_load("gpt2-124m").config.value();
+  m.loss_impl = "unfused";
+  const LayerGraph eager = transformer_build_graph(m);
+  m.loss_impl = "fused";
+  const LayerGraph fused = transformer_build_graph(m);
+  const auto loss_working = [](const LayerGraph& graph) {
+    return graph.layer(graph.num_layers() - 1).working_act_elems;
+  };
+  EXPECT_DOUBLE_EQ(loss_working(eager), 3.0 * static_cast<double>(m.seq_length * m.vocab_size));
+  EXPECT_DOUBLE_EQ(loss_working(fused), 0.0);
+}
+
 TEST(StackTerms, AsyncTensorParallelHidesItsShareAtTheSlowdown) {
   Json doc = layer_graph_to_json(linear_chain(1));
   doc["layers"][0]["tp_fwd_comm_elems"] = kSeq * kHidden;

@@ -89,6 +89,9 @@ struct Layer {
   // keep a tensor-parallel shard.
   double saved_act_elems = 0;
   double saved_mask_bytes = 0;
+  // Elements live only while the layer runs, beyond those it keeps (sharded like the saved
+  // ones): the loss's 16-bit logits and working copies beside the softmax it saves.
+  double working_act_elems = 0;
   // Of saved_act_elems, the elements selective recomputation drops (the s² attention tensors);
   // it also drops saved_mask_bytes of such layers and recomputes their forward.
   double selective_saved_elems = 0;

@@ -29,6 +29,7 @@ struct UnitCost {
   // transformer blocks (embedding, final norm, LM head, loss), which are not recomputed.
   double act_full_bytes = 0;
   double act_outside_blocks_bytes = 0; // that second part alone
+  double act_transient_bytes = 0;      // the largest working_act_elems of its layers, in bytes
   double model_flops = 0;         // forward + backward model FLOPs on this rank
   bool operator==(const UnitCost&) const = default;
 };
