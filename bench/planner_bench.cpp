@@ -2,6 +2,7 @@
 // v, recomputation, sequence parallel) for the two reference cases. Counters report
 // candidates generated and evaluated per second; the target is under 1 s per search.
 #include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/hardware_profiles/stack_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
 
@@ -17,6 +18,8 @@ void run_search(benchmark::State& state, const char* model_name, int gpus, std::
   req.gpus = gpus;
   req.global_batch_size = batch;
   req.simulate_top = simulate_top;
+  // The stack `parallax plan` assumes on this cluster (megatron-core on a GPU profile).
+  req.stack = parallax::stack_load(parallax::stack_default_name(cluster));
   std::int64_t candidates = 0;
   std::int64_t evaluated = 0;
   for (auto _ : state) {

@@ -8,7 +8,10 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <exception>
 #include <map>
+#include <thread>
 #include <tuple>
 
 namespace parallax {
@@ -274,7 +277,9 @@ PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
   if (req.simulate_top > 0 && !st.result.plans.empty()) {
     auto& plans = st.result.plans;
     const std::size_t n = std::min(plans.size(), static_cast<std::size_t>(req.simulate_top));
-    for (std::size_t i = 0; i < n; ++i) {
+    // Each plan's simulation is independent (its own cost model and engine, its own slot of
+    // `plans`): the cores share them out, and the result does not depend on their number.
+    auto simulate = [&](std::size_t i) {
       RankedPlan& p = plans[i];
       const Cluster sized = cluster.with_devices(p.gpus);
       CostModel model(graph, sized, req.stack); // keeps a pointer: the cluster must outlive it
@@ -283,6 +288,33 @@ PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
       p.analytic = p.estimate;
       p.estimate = sim.estimate;
       p.objective_value = objective_value(req, model.cluster(), p.estimate, p.gpus);
+    };
+    const std::size_t workers =
+        std::min<std::size_t>(n, std::max(1U, std::thread::hardware_concurrency()));
+    std::atomic<std::size_t> next{0};
+    std::vector<std::exception_ptr> failures(workers);
+    auto work = [&](std::size_t w) {
+      try {
+        for (std::size_t i = next++; i < n; i = next++) {
+          simulate(i);
+        }
+      } catch (...) {
+        failures[w] = std::current_exception();
+        next = n; // the others stop at their next plan
+      }
+    };
+    std::vector<std::thread> threads;
+    for (std::size_t w = 1; w < workers; ++w) {
+      threads.emplace_back(work, w);
+    }
+    work(0);
+    for (std::thread& t : threads) {
+      t.join();
+    }
+    for (const std::exception_ptr& f : failures) {
+      if (f) {
+        std::rethrow_exception(f);
+      }
     }
     // Simulated plans first, by their simulated objective; the rest keep the analytic order.
     std::stable_sort(plans.begin(), plans.begin() + static_cast<std::ptrdiff_t>(n),
