@@ -32,7 +32,8 @@ void run_search(benchmark::State& state, const char* model_name, int gpus, std::
       benchmark::Counter(static_cast<double>(candidates), benchmark::Counter::kIsRate);
   state.counters["timed_per_s"] =
       benchmark::Counter(static_cast<double>(evaluated), benchmark::Counter::kIsRate);
-  state.counters["candidates"] = static_cast<double>(candidates) / static_cast<double>(state.iterations());
+  state.counters["candidates"] =
+      static_cast<double>(candidates) / static_cast<double>(state.iterations());
 }
 
 // Argument: how many of the analytic ranking's best plans the simulator re-ranks (0: none;
@@ -45,7 +46,11 @@ void BM_PlanMegatron1T_3072xA100(benchmark::State& state) {
 }
 
 BENCHMARK(BM_PlanGpt3_175B_1024xA100)->Arg(0)->Arg(20)->Unit(benchmark::kMillisecond)->MinTime(2.0);
-BENCHMARK(BM_PlanMegatron1T_3072xA100)->Arg(0)->Arg(20)->Unit(benchmark::kMillisecond)->MinTime(2.0);
+BENCHMARK(BM_PlanMegatron1T_3072xA100)
+    ->Arg(0)
+    ->Arg(20)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(2.0);
 
 } // namespace
 

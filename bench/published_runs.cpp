@@ -146,8 +146,8 @@ bool has(const std::string& text, const char* what) {
 struct FrameworkStack {
   std::vector<const char*> words;
   const char* stack;
-  int until_year = 0;              // applies to publications of this year or earlier; 0: any
-  std::optional<LossKernel> loss;  // the model code's own loss kernel, when not the stack's
+  int until_year = 0;             // applies to publications of this year or earlier; 0: any
+  std::optional<LossKernel> loss; // the model code's own loss kernel, when not the stack's
 };
 
 const std::vector<FrameworkStack>& framework_stacks() {
@@ -178,8 +178,7 @@ const FrameworkStack* framework_entry(const std::string& framework, std::optiona
 
 // The year a framework text names ("Megatron-LM (2021)"), else the source's.
 std::optional<int> framework_year(const std::string& framework, std::optional<int> source_year) {
-  const std::optional<int> stated = published_year(
-      Json{{"source", {{"key", framework}}}});
+  const std::optional<int> stated = published_year(Json{{"source", {{"key", framework}}}});
   return stated ? stated : source_year;
 }
 
@@ -187,7 +186,8 @@ const FrameworkStack* framework_entry(const std::string& framework, std::optiona
   const std::string text = lower(framework);
   year = framework_year(framework, year);
   for (const FrameworkStack& entry : framework_stacks()) {
-    const bool words = std::ranges::all_of(entry.words, [&](const char* w) { return has(text, w); });
+    const bool words =
+        std::ranges::all_of(entry.words, [&](const char* w) { return has(text, w); });
     const bool in_years = entry.until_year == 0 || (year && *year <= entry.until_year);
     if (words && in_years) {
       return &entry;

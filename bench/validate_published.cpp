@@ -246,8 +246,8 @@ int main(int argc, char** argv) {
           }
         }
         if (!quiet) {
-          fmt::print("{:<52} {:<18} {:>9.3f} {:>9.3f} {:>+6.1f}% {:>9.3f} {:>+6.1f}% {}{}\n", run.id,
-                     run.stack.name, run.measured_s, a.iteration_time_s, 100 * analytic_err,
+          fmt::print("{:<52} {:<18} {:>9.3f} {:>9.3f} {:>+6.1f}% {:>9.3f} {:>+6.1f}% {}{}\n",
+                     run.id, run.stack.name, run.measured_s, a.iteration_time_s, 100 * analytic_err,
                      e.iteration_time_s, 100 * err, memory_text, free_text);
         }
         report.push_back(std::move(row_report));
@@ -302,11 +302,13 @@ int main(int argc, char** argv) {
     if (!json_out.empty()) {
       Json sources = Json::object();
       for (const auto& [name, t] : by_source) {
-        sources[name] = {{"runs", t.n}, {"mape", t.mape() / 100}, {"mean_signed", t.mean_signed() / 100}};
+        sources[name] = {
+            {"runs", t.n}, {"mape", t.mape() / 100}, {"mean_signed", t.mean_signed() / 100}};
       }
       Json stacks = Json::object();
       for (const auto& [name, t] : by_stack) {
-        stacks[name] = {{"runs", t.n}, {"mape", t.mape() / 100}, {"mean_signed", t.mean_signed() / 100}};
+        stacks[name] = {
+            {"runs", t.n}, {"mape", t.mape() / 100}, {"mean_signed", t.mean_signed() / 100}};
       }
       json_write_file(json_out, {{"runs", report},
                                  {"mape", all.mape() / 100},

@@ -38,12 +38,11 @@ Run register_models(CLI::App& app) {
     for (const auto& name : zoo_list(ZooKind::models)) {
       LoadedModel m = model_load(name);
       const GraphInfo& i = m.graph.info();
-      std::cout << fmt::format("{:<18} {:>6} {:>9} {:>8} {:>4} {:>4} {:>7} {:>7} {:>6}\n", name,
-                               i.family, params_text(static_cast<double>(m.graph.total_params())),
-                               i.num_layers,
-                               fmt::format("{}/{}", i.hidden_size, i.num_attention_heads),
-                               i.num_kv_heads, m.config ? m.config->ffn_hidden_size : 0,
-                               i.vocab_size, i.seq_length);
+      std::cout << fmt::format(
+          "{:<18} {:>6} {:>9} {:>8} {:>4} {:>4} {:>7} {:>7} {:>6}\n", name, i.family,
+          params_text(static_cast<double>(m.graph.total_params())), i.num_layers,
+          fmt::format("{}/{}", i.hidden_size, i.num_attention_heads), i.num_kv_heads,
+          m.config ? m.config->ffn_hidden_size : 0, i.vocab_size, i.seq_length);
     }
     return 0;
   };
@@ -54,8 +53,8 @@ Run register_clusters(CLI::App& app) {
   return [cmd]() {
     (void)cmd;
     std::cout << fmt::format("{:<14} {:<16} {:>7} {:>10} {:>10} {:>8} {:>10} {:>10}\n", "name",
-                             "device", "devices", "bf16 TF/s", "fp32 TF/s", "mem GiB",
-                             "intra GB/s", "inter GB/s");
+                             "device", "devices", "bf16 TF/s", "fp32 TF/s", "mem GiB", "intra GB/s",
+                             "inter GB/s");
     for (const auto& name : zoo_list(ZooKind::clusters)) {
       Cluster c = cluster_load(name);
       auto peak = [&](Precision p) {

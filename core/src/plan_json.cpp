@@ -18,16 +18,15 @@ std::vector<StageRange> stages_from_json(const JsonReader& root) {
   for (std::size_t i = 0; i < list.array_size(); ++i) {
     JsonReader item = list.element(i);
     const Json& v = item.value();
-    if (!v.is_array() || v.size() != 2 || !v[0].is_number_integer() ||
-        !v[1].is_number_integer()) {
+    if (!v.is_array() || v.size() != 2 || !v[0].is_number_integer() || !v[1].is_number_integer()) {
       item.fail_here("a [first, last) pair of integers", json_describe(v));
     }
     auto first = v[0].get<std::int64_t>();
     auto last = v[1].get<std::int64_t>();
     if (first != expected_first) {
-      item.fail_here(fmt::format("a range starting at {} (ranges are contiguous from 0)",
-                                 expected_first),
-                     json_describe(v));
+      item.fail_here(
+          fmt::format("a range starting at {} (ranges are contiguous from 0)", expected_first),
+          json_describe(v));
     }
     if (last <= first || last > (1 << 24)) {
       item.fail_here("a non-empty range (last > first)", json_describe(v));
@@ -53,14 +52,17 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   p.zero_stage = static_cast<int>(r.integer_or("zero_stage", 0, 0, 3));
   p.micro_batch_size = r.integer_or("micro_batch_size", 1, 1, 1 << 20);
   p.global_batch_size = r.integer("global_batch_size", 1, std::int64_t{1} << 40);
-  p.schedule = *enum_from_name<Schedule>(kScheduleNames, r.choice_or("schedule", kScheduleNames, "1f1b"));
+  p.schedule =
+      *enum_from_name<Schedule>(kScheduleNames, r.choice_or("schedule", kScheduleNames, "1f1b"));
   p.virtual_stages = static_cast<int>(r.integer_or("virtual_stages", 1, 1, 1024));
-  p.recompute = *enum_from_name<Recompute>(kRecomputeNames, r.choice_or("recompute", kRecomputeNames, "none"));
+  p.recompute = *enum_from_name<Recompute>(kRecomputeNames,
+                                           r.choice_or("recompute", kRecomputeNames, "none"));
   p.sequence_parallel = r.boolean_or("sequence_parallel", false);
   std::string precision =
       r.choice_or("precision", std::span<const std::string_view>(kPrecisionNames), "bf16");
   p.precision = *precision_parse(precision);
-  p.grad_sync = *enum_from_name<GradSync>(kGradSyncNames, r.choice_or("grad_sync", kGradSyncNames, "allreduce"));
+  p.grad_sync = *enum_from_name<GradSync>(kGradSyncNames,
+                                          r.choice_or("grad_sync", kGradSyncNames, "allreduce"));
   p.overlap_grad_reduce = r.boolean_or("overlap_grad_reduce", true);
   p.stack = r.string_or("stack", "");
 
@@ -88,7 +90,8 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   }
   if (r.has("stages")) {
     p.stages = stages_from_json(r);
-    std::size_t chunks = static_cast<std::size_t>(p.pp) * static_cast<std::size_t>(p.virtual_stages);
+    std::size_t chunks =
+        static_cast<std::size_t>(p.pp) * static_cast<std::size_t>(p.virtual_stages);
     if (p.stages.size() != chunks) {
       r.fail("stages", fmt::format("pp × virtual_stages = {} ranges", chunks),
              fmt::format("{} ranges", p.stages.size()));
@@ -135,10 +138,10 @@ void plan_validate(const Plan& p, const LayerGraph& graph, int world_size,
                      "change dp, tp or pp, or --gpus");
   }
   if (info.num_attention_heads % p.tp != 0) {
-    throw InputError(source, "/tp",
-                     fmt::format("a divisor of the model's {} attention heads",
-                                 info.num_attention_heads),
-                     std::to_string(p.tp));
+    throw InputError(
+        source, "/tp",
+        fmt::format("a divisor of the model's {} attention heads", info.num_attention_heads),
+        std::to_string(p.tp));
   }
   if (info.num_kv_heads % p.tp != 0) {
     throw InputError(source, "/tp",

@@ -29,9 +29,8 @@ double bytes_or(const JsonReader& r, std::string_view key, double fallback) {
 template <class Enum, std::size_t N>
 Enum enum_or(const JsonReader& r, std::string_view key,
              const std::array<std::string_view, N>& names, Enum fallback) {
-  return *enum_from_name<Enum>(
-      names, r.choice_or(key, std::span<const std::string_view>(names),
-                         std::string(enum_name(names, fallback))));
+  return *enum_from_name<Enum>(names, r.choice_or(key, std::span<const std::string_view>(names),
+                                                  std::string(enum_name(names, fallback))));
 }
 
 } // namespace
@@ -94,27 +93,26 @@ Stack stack_from_json(const Json& doc, const std::string& source) {
 }
 
 Json stack_to_json(const Stack& s) {
-  Json doc = {
-      {"name", s.name},
-      {"attention", std::string(attention_kernel_name(s.attention))},
-      {"loss", std::string(loss_kernel_name(s.loss))},
-      {"data_parallel",
-       {{"overlap_grad_reduce", s.data_parallel.overlap_grad_reduce},
-        {"fp32_grad_reduce", s.data_parallel.fp32_grad_reduce}}},
-      {"sharding",
-       {{"prefetch_layers", s.sharding.prefetch_layers},
-        {"reshard_after_forward", s.sharding.reshard_after_forward},
-        {"retained_layers", s.sharding.retained_layers},
-        {"overlap_reduce", s.sharding.overlap_reduce}}},
-      {"tp_comm_overlap", s.tp_comm_overlap},
-      {"fp8_recipe", std::string(fp8_recipe_name(s.fp8_recipe))},
-      {"host_dispatch_us", s.host_dispatch_us},
-      {"overlap_compute_slowdown", s.overlap_compute_slowdown},
-      {"memory",
-       {{"context_bytes", s.memory.context_bytes},
-        {"communicator_bytes", s.memory.communicator_bytes},
-        {"fragmentation", s.memory.fragmentation},
-        {"segment_bytes", s.memory.segment_bytes}}}};
+  Json doc = {{"name", s.name},
+              {"attention", std::string(attention_kernel_name(s.attention))},
+              {"loss", std::string(loss_kernel_name(s.loss))},
+              {"data_parallel",
+               {{"overlap_grad_reduce", s.data_parallel.overlap_grad_reduce},
+                {"fp32_grad_reduce", s.data_parallel.fp32_grad_reduce}}},
+              {"sharding",
+               {{"prefetch_layers", s.sharding.prefetch_layers},
+                {"reshard_after_forward", s.sharding.reshard_after_forward},
+                {"retained_layers", s.sharding.retained_layers},
+                {"overlap_reduce", s.sharding.overlap_reduce}}},
+              {"tp_comm_overlap", s.tp_comm_overlap},
+              {"fp8_recipe", std::string(fp8_recipe_name(s.fp8_recipe))},
+              {"host_dispatch_us", s.host_dispatch_us},
+              {"overlap_compute_slowdown", s.overlap_compute_slowdown},
+              {"memory",
+               {{"context_bytes", s.memory.context_bytes},
+                {"communicator_bytes", s.memory.communicator_bytes},
+                {"fragmentation", s.memory.fragmentation},
+                {"segment_bytes", s.memory.segment_bytes}}}};
   if (!s.notes.empty()) {
     doc["notes"] = s.notes;
   }

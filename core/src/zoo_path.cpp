@@ -68,8 +68,8 @@ std::filesystem::path zoo_resolve(ZooKind kind, const std::string& name_or_path)
   if (name_or_path.empty()) {
     throw InputError("command line", what, "a zoo name or a path", "an empty string");
   }
-  const bool looks_like_path = name_or_path.find('/') != std::string::npos ||
-                               name_or_path.ends_with(".json");
+  const bool looks_like_path =
+      name_or_path.find('/') != std::string::npos || name_or_path.ends_with(".json");
   std::error_code ec;
   if (looks_like_path || std::filesystem::exists(name_or_path, ec)) {
     return name_or_path;

@@ -15,8 +15,8 @@ LoadedModel model_from_json(const Json& doc, const std::string& source) {
   if (doc.contains("layers")) {
     return {layer_graph_from_json(doc, source), std::nullopt, source};
   }
-  ModelConfig config = is_hf_config(doc) ? model_config_from_hf(doc, source)
-                                         : model_config_from_json(doc, source);
+  ModelConfig config =
+      is_hf_config(doc) ? model_config_from_hf(doc, source) : model_config_from_json(doc, source);
   return {transformer_build_graph(config), config, source};
 }
 

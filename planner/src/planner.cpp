@@ -220,8 +220,8 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                        .sequence_parallel = sp,
                        .precision = precision,
                        .grad_sync = pins.grad_sync.value_or(GradSync::allreduce),
-                       .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(
-                           req.stack.overlaps_grad_reduce(zero)),
+                       .overlap_grad_reduce =
+                           pins.overlap_grad_reduce.value_or(req.stack.overlaps_grad_reduce(zero)),
                        .stack = req.stack.name};
                 consider(st, model, stages, std::move(p), gpus);
               }
@@ -352,11 +352,11 @@ std::string plan_explain(const RankedPlan& best, const RankedPlan* other) {
   std::string out = fmt::format(
       "  step {:.3f} s: compute {:.1f}%, tp comm {:.1f}%, pp comm {:.1f}%, dp comm {:.1f}%, "
       "bubble {:.1f}%, optimizer {:.1f}%; memory {:.1f} GiB (params {:.1f}, grads {:.1f}, "
-      "optimizer {:.1f}, activations {:.1f}, buffers {:.1f})\n",
+      "optimizer {:.1f}, activations {:.1f}, buffers {:.1f}, allocator {:.1f}, runtime {:.1f})\n",
       t, pct(b.compute), pct(b.tp_comm), pct(b.pp_comm), pct(b.dp_comm), pct(b.bubble),
       pct(b.optimizer), e.memory.total() / (1 << 30), e.memory.params / (1 << 30),
       e.memory.grads / (1 << 30), e.memory.optimizer / (1 << 30), e.memory.activations / (1 << 30),
-      e.memory.buffers / (1 << 30));
+      e.memory.buffers / (1 << 30), e.memory.allocator / (1 << 30), e.memory.runtime / (1 << 30));
   if (other == nullptr) {
     return out;
   }

@@ -70,16 +70,15 @@ ZeroMicrobatchComm zero_per_microbatch(const Plan& p, const Cluster& c, const St
     // backward; a recomputed forward runs inside the backward of its unit and reuses that
     // gather (as PyTorch FSDP does).
     const double gathers = stack.sharding.reshard_after_forward ? 2.0 : 1.0;
-    comm.gather_s = gathers * collective_time_s(c, Collective::all_gather,
-                                                r.params * precision_storage_bytes(p.precision),
-                                                span);
+    comm.gather_s =
+        gathers * collective_time_s(c, Collective::all_gather,
+                                    r.params * precision_storage_bytes(p.precision), span);
   }
   return comm;
 }
 
 // Data-parallel communication once per iteration: (time, bytes per rank).
-double dp_iteration_comm_s(const Plan& p, const Cluster& c, const Stack& stack,
-                           const RankLoad& r) {
+double dp_iteration_comm_s(const Plan& p, const Cluster& c, const Stack& stack, const RankLoad& r) {
   if (p.dp <= 1) {
     return 0;
   }
@@ -157,11 +156,10 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
   // Under ZeRO-3 the gathered layers: the one in use, those prefetched and those the stack's
   // allocator has not reused yet; or, when the forward keeps them for the backward, all of the
   // rank's layers.
-  const double gathered_layers = 1.0 + stack_.sharding.prefetch_layers +
-                                 stack_.sharding.retained_layers;
-  const double gathered_params = stack_.sharding.reshard_after_forward
-                                     ? gathered_layers * r.max_layer_params
-                                     : r.params;
+  const double gathered_layers =
+      1.0 + stack_.sharding.prefetch_layers + stack_.sharding.retained_layers;
+  const double gathered_params =
+      stack_.sharding.reshard_after_forward ? gathered_layers * r.max_layer_params : r.params;
   if (sharded) {
     buffers += gathered_params * w_bytes;
   }
@@ -371,8 +369,7 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
     const double own_backward = plan.overlap_grad_reduce && plan.zero_stage <= 1 ? r.bwd_s : 0.0;
     const double window = overlap ? own_backward + slack : 0.0;
     const double exposed = std::max(t_dp / buckets, t_dp - window);
-    dp_exposed =
-        std::max(dp_exposed, exposed + stack_.overlap_compute_slowdown * (t_dp - exposed));
+    dp_exposed = std::max(dp_exposed, exposed + stack_.overlap_compute_slowdown * (t_dp - exposed));
     slack += r.bwd_s + r.p2p_s / 2;
     optimizer = std::max(optimizer, optimizer_time_s(plan, r));
   }

@@ -40,10 +40,11 @@ struct RankSim {
   Id compute = 0, tp_stream = 0, pp_stream = 0, dp_stream = 0;
   Id gather_stream = 0; // ZeRO-3 parameter all-gathers (FSDP runs them beside reductions)
   Id nvlink = 0;
-  Id network = 0;             // the uplink of this rank's node, shared with the node's other ranks
-  double network_weight = 1;  // ranks on the node this rank's network flows stand for
-  std::vector<Id> dp_tasks;                 // gradient synchronisation the optimizer waits for
-  std::vector<std::pair<int, int>> deferred_reductions; // (unit, micro-batch), stacks without overlap
+  Id network = 0;            // the uplink of this rank's node, shared with the node's other ranks
+  double network_weight = 1; // ranks on the node this rank's network flows stand for
+  std::vector<Id> dp_tasks;  // gradient synchronisation the optimizer waits for
+  std::vector<std::pair<int, int>>
+      deferred_reductions;                  // (unit, micro-batch), stacks without overlap
   std::vector<std::pair<Id, bool>> op_ends; // last task of each schedule op, forward?
   std::vector<int> op_chunks;
 };
@@ -214,8 +215,8 @@ void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
 void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
   const auto [first, last] = stages_[static_cast<std::size_t>(op.chunk)];
   // A stack that keeps the forward's gathered layers for the backward does not gather again.
-  const bool zero3 = plan_.zero_stage == 3 && plan_.dp > 1 &&
-                     model_.stack().sharding.reshard_after_forward;
+  const bool zero3 =
+      plan_.zero_stage == 3 && plan_.dp > 1 && model_.stack().sharding.reshard_after_forward;
   const bool last_mb = op.micro_batch == plan_.num_microbatches() - 1;
   const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
   for (int u = last - 1; u >= first; --u) {
@@ -354,8 +355,8 @@ double IterationBuilder::replicas_on_node(const RankSim& r) const {
   const int stage_size = plan_.tp * plan_.dp;
   const int stage_first = r.pp_rank * stage_size;
   const int node_first = (r.rank / per_node) * per_node;
-  const int overlap = std::min(stage_first + stage_size, node_first + per_node) -
-                      std::max(stage_first, node_first);
+  const int overlap =
+      std::min(stage_first + stage_size, node_first + per_node) - std::max(stage_first, node_first);
   return std::max(1, overlap);
 }
 
@@ -428,9 +429,8 @@ SimulationResult IterationBuilder::run() {
     // Replicas of a stage (data- and tensor-parallel peers) hold the same memory.
     result.timeline.peak_memory_bytes.resize(static_cast<std::size_t>(plan_.world_size()));
     for (int rank = 0; rank < plan_.world_size(); ++rank) {
-      result.timeline.peak_memory_bytes[static_cast<std::size_t>(rank)] =
-          static_cast<std::int64_t>(
-              result.stage_peak_bytes[static_cast<std::size_t>(rank_coords(plan_, rank).pp)]);
+      result.timeline.peak_memory_bytes[static_cast<std::size_t>(rank)] = static_cast<std::int64_t>(
+          result.stage_peak_bytes[static_cast<std::size_t>(rank_coords(plan_, rank).pp)]);
     }
   }
   result.events = engine_.events_processed();
@@ -571,8 +571,8 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
     MemoryBreakdown m = a;
     const CostModel::RankLoad& load = loads[static_cast<std::size_t>(r.pp_rank)];
     m.activations = peak + load.recompute_working_bytes() + load.act_transient;
-    m.allocator = model_.allocator_slack_bytes({a.params, a.grads, a.optimizer, a.buffers},
-                                               m.activations);
+    m.allocator =
+        model_.allocator_slack_bytes({a.params, a.grads, a.optimizer, a.buffers}, m.activations);
     double& stage = stage_peaks[static_cast<std::size_t>(r.pp_rank)];
     stage = std::max(stage, m.total());
     if (m.total() > e.memory.total()) {

@@ -6,10 +6,10 @@
 
 #include <array>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <set>
-#include <cstdio>
 #include <string>
 
 namespace {
@@ -59,7 +59,8 @@ std::string temp_path(const char* name) {
 TEST(Cli, PlanPrintsRankedTableAndWritesBestPlan) {
   const std::string out = temp_path("parallax_cli_best_plan.json");
   Result r = run("plan --model gpt3-175b --cluster dgx-a100-80g --gpus 1024 --global-batch 1536 "
-                 "--top 5 --explain --out " + out);
+                 "--top 5 --explain --out " +
+                 out);
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("tokens/s"), std::string::npos);
   EXPECT_NE(r.out.find("the next plan is"), std::string::npos);
@@ -68,7 +69,8 @@ TEST(Cli, PlanPrintsRankedTableAndWritesBestPlan) {
   parallax::Json plan = parallax::Json::parse(in);
   EXPECT_EQ(plan["dp"].get<int>() * plan["tp"].get<int>() * plan["pp"].get<int>(), 1024);
   // simulate reads the written plan and agrees with the planner's figures.
-  Result sim = run("simulate --model gpt3-175b --cluster dgx-a100-80g --gpus 1024 --json --plan " + out);
+  Result sim =
+      run("simulate --model gpt3-175b --cluster dgx-a100-80g --gpus 1024 --json --plan " + out);
   ASSERT_EQ(sim.code, 0) << sim.out;
   parallax::Json figures = parallax::Json::parse(sim.out);
   for (const char* key : {"iteration_time_s", "tokens_per_s", "tflops_per_gpu", "mfu",
@@ -146,7 +148,8 @@ TEST(Cli, StackIsChosenRecordedAndPrinted) {
   }
   const std::string plan = temp_path("parallax_cli_stack_plan.json");
   Result fsdp = run("plan --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --global-batch 64 "
-                    "--stack pytorch-fsdp --top 3 --out " + plan);
+                    "--stack pytorch-fsdp --top 3 --out " +
+                    plan);
   ASSERT_EQ(fsdp.code, 0) << fsdp.out;
   EXPECT_NE(fsdp.out.find("stack pytorch-fsdp"), std::string::npos) << fsdp.out;
   std::ifstream in(plan);
@@ -157,8 +160,8 @@ TEST(Cli, StackIsChosenRecordedAndPrinted) {
   ASSERT_EQ(sim.code, 0) << sim.out;
   EXPECT_NE(sim.out.find("stack pytorch-fsdp"), std::string::npos) << sim.out;
   EXPECT_NE(sim.out.find("reserved"), std::string::npos) << sim.out;
-  Result json = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --json --plan " +
-                    plan);
+  Result json =
+      run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --json --plan " + plan);
   ASSERT_EQ(json.code, 0) << json.out;
   const parallax::Json est = parallax::Json::parse(json.out);
   EXPECT_EQ(est.at("stack"), "pytorch-fsdp");
@@ -216,8 +219,8 @@ TEST(Cli, SimulateWritesChromeTrace) {
   const std::string trace = temp_path("parallax_cli_trace.json");
   std::ofstream(plan) << R"({"dp": 2, "tp": 2, "pp": 2, "micro_batch_size": 1,
     "global_batch_size": 8, "schedule": "1f1b", "zero_stage": 1})";
-  Result r = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --json --plan " + plan +
-                 " --trace " + trace);
+  Result r = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --json --plan " +
+                 plan + " --trace " + trace);
   ASSERT_EQ(r.code, 0) << r.out;
   std::ifstream in(trace);
   ASSERT_TRUE(in.good());
@@ -231,7 +234,8 @@ TEST(Cli, SimulateWritesChromeTrace) {
   // Two simulated ranks (one per stage), each with compute, TP, PP and DP streams in use.
   EXPECT_EQ(tracks.size(), 8U);
   Result analytic = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --analytic "
-                        "--json --plan " + plan);
+                        "--json --plan " +
+                        plan);
   ASSERT_EQ(analytic.code, 0) << analytic.out;
   const double sim = parallax::Json::parse(r.out)["iteration_time_s"].get<double>();
   const double ana = parallax::Json::parse(analytic.out)["iteration_time_s"].get<double>();
@@ -329,7 +333,8 @@ TEST(Cli, ExportWritesDotSvgAndHtml) {
   // Without --plan the planner chooses; the report carries the search.
   const std::string html = temp_path("parallax_cli_export_report.html");
   r = run("export --model gpt3-175b --cluster dgx-a100-80g --gpus 64 --global-batch 256 "
-          "--format html --out " + html);
+          "--format html --out " +
+          html);
   ASSERT_EQ(r.code, 0) << r.out;
   std::ifstream h(html);
   const std::string page((std::istreambuf_iterator<char>(h)), std::istreambuf_iterator<char>());

@@ -44,9 +44,12 @@ LayerGraph chain_graph(int units, std::int64_t k, std::int64_t params) {
       edges.push_back({u - 1, u});
     }
   }
-  return layer_graph_from_json(
-      {{"name", "chain"}, {"seq_length", 1}, {"hidden_size", 1}, {"layers", layers}, {"edges", edges}},
-      "chain");
+  return layer_graph_from_json({{"name", "chain"},
+                                {"seq_length", 1},
+                                {"hidden_size", 1},
+                                {"layers", layers},
+                                {"edges", edges}},
+                               "chain");
 }
 
 Plan chain_plan(int pp, std::int64_t m, Schedule s, int v = 1) {
@@ -150,8 +153,8 @@ TEST(SimulateIteration, DataParallelReductionHiddenOrExposed) {
     c.device.kind = kind;
     CostModel model(g, c);
     const StageTimes t = stage_times(model, plan, 4);
-    const double allreduce = collective_time_s(c, Collective::all_reduce, 1e6 * 4.0,
-                                               dp_span(plan, c));
+    const double allreduce =
+        collective_time_s(c, Collective::all_reduce, 1e6 * 4.0, dp_span(plan, c));
     ASSERT_GT(allreduce, 10 * (t.f + t.b));
     SimulationResult r = simulate_iteration(model, plan, {.record_timeline = false});
     const bool gpu = std::string(kind) == "gpu";
@@ -175,8 +178,8 @@ TEST(SimulateIteration, DataParallelReductionHiddenOrExposed) {
     c.device.kind = "gpu";
     CostModel model(g, c);
     const StageTimes t = stage_times(model, plan, 4);
-    const double allreduce = collective_time_s(c, Collective::all_reduce, 1e6 * 4.0,
-                                               dp_span(plan, c));
+    const double allreduce =
+        collective_time_s(c, Collective::all_reduce, 1e6 * 4.0, dp_span(plan, c));
     Plan serial = plan;
     serial.overlap_grad_reduce = false;
     SimulationResult r = simulate_iteration(model, serial, {.record_timeline = false});
@@ -210,12 +213,14 @@ TEST(SimulateIteration, SymmetricReductionMatchesFullSimulation) {
     p.virtual_stages = p.schedule == Schedule::interleaved ? 2 : 1;
     p.overlap_grad_reduce = rng() % 3 != 0;
     Cluster c = base.with_devices(p.world_size());
-    c.device.kind = trial % 2 == 0 ? "gpu" : "cpu"; // CPU ranks serialise DP communication
+    c.device.kind = trial % 2 == 0 ? "gpu" : "cpu";          // CPU ranks serialise DP communication
     c.network.oversubscription = trial % 3 == 0 ? 3.0 : 1.0; // nodes' uplinks contended
     CostModel model(g, c);
     SCOPED_TRACE(plan_to_json(p).dump() + " on a " + c.device.kind);
-    SimulationResult reduced = simulate_iteration(model, p, {.symmetric = true, .record_timeline = false});
-    SimulationResult full = simulate_iteration(model, p, {.symmetric = false, .record_timeline = false});
+    SimulationResult reduced =
+        simulate_iteration(model, p, {.symmetric = true, .record_timeline = false});
+    SimulationResult full =
+        simulate_iteration(model, p, {.symmetric = false, .record_timeline = false});
     EXPECT_EQ(full.simulated_ranks, p.world_size());
     EXPECT_EQ(reduced.simulated_ranks, p.pp);
     EXPECT_NEAR(full.estimate.iteration_time_s, reduced.estimate.iteration_time_s,
@@ -255,8 +260,8 @@ TEST(SimulateIteration, AgreesWithAnalyticModelOnLargePlans) {
     const Plan plan = plan_from_json(Json::parse(text), "plan");
     SCOPED_TRACE(text);
     const double analytic = model.estimate(plan).iteration_time_s;
-    const double simulated = simulate_iteration(model, plan, {.record_timeline = false})
-                                 .estimate.iteration_time_s;
+    const double simulated =
+        simulate_iteration(model, plan, {.record_timeline = false}).estimate.iteration_time_s;
     EXPECT_NEAR(simulated / analytic, 1.0, 0.15);
   }
 }
@@ -308,8 +313,8 @@ TEST(SimulateIteration, OversubscribedFabricSlowsBusyNodesNotLoneFlows) {
   // 2 stages of 8 data-parallel GPUs: all eight GPUs of node 0 send at once.
   const Plan busy = plan_from_json(
       Json::parse(R"({"dp": 8, "tp": 1, "pp": 2, "global_batch_size": 16})"), "busy");
-  const double latency = collective_cost(fair, Collective::send_recv, 1.0,
-                                         pp_hop_span(busy, fair)).latency_s;
+  const double latency =
+      collective_cost(fair, Collective::send_recv, 1.0, pp_hop_span(busy, fair)).latency_s;
   for (bool symmetric : {true, false}) {
     SCOPED_TRACE(symmetric ? "symmetric" : "full");
     CostModel fair_model(g, fair);

@@ -10,8 +10,8 @@
 
 #include <array>
 #include <cstdint>
-#include <string_view>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -23,9 +23,8 @@ enum class GradSync { allreduce, tree, hierarchical, parameter_server };
 
 inline constexpr std::array<std::string_view, 3> kScheduleNames = {"gpipe", "1f1b", "interleaved"};
 inline constexpr std::array<std::string_view, 3> kRecomputeNames = {"none", "selective", "full"};
-inline constexpr std::array<std::string_view, 4> kGradSyncNames = {"allreduce", "tree",
-                                                                   "hierarchical",
-                                                                   "parameter_server"};
+inline constexpr std::array<std::string_view, 4> kGradSyncNames = {
+    "allreduce", "tree", "hierarchical", "parameter_server"};
 
 std::string_view schedule_name(Schedule s);
 std::string_view recompute_name(Recompute r);
@@ -89,7 +88,9 @@ std::vector<int> dp_group(const Plan& plan, int rank);
 std::vector<int> pp_group(const Plan& plan, int rank);
 
 // Which pipeline rank runs stage chunk c (chunks are assigned round-robin for interleaving).
-inline int chunk_pp_rank(const Plan& plan, int chunk) { return chunk % plan.pp; }
+inline int chunk_pp_rank(const Plan& plan, int chunk) {
+  return chunk % plan.pp;
+}
 
 // "dp2 tp2 pp1 z1 B4 1f1b rc=none sp=off fp32": a plan in one line, for tables and pictures.
 std::string plan_label(const Plan& plan);

@@ -22,7 +22,7 @@ namespace parallax {
 // Transformer Engine).
 enum class AttentionKernel { standard, flash2, flash };
 inline constexpr std::array<std::string_view, 3> kAttentionKernelNames = {"standard", "flash2",
-                                                                         "flash"};
+                                                                          "flash"};
 // Cross-entropy: one fused kernel over the logits, or eager fp32 passes.
 enum class LossKernel { fused, unfused };
 inline constexpr std::array<std::string_view, 2> kLossKernelNames = {"fused", "unfused"};
@@ -30,7 +30,7 @@ inline constexpr std::array<std::string_view, 2> kLossKernelNames = {"fused", "u
 // (tensorwise) and rowwise scaling read the tensor once more to find its scale first.
 enum class Fp8Recipe { delayed, tensorwise, rowwise };
 inline constexpr std::array<std::string_view, 3> kFp8RecipeNames = {"delayed", "tensorwise",
-                                                                   "rowwise"};
+                                                                    "rowwise"};
 
 struct StackDataParallel {
   // Gradient buckets reduce while the backward runs (false: after the rank's last backward).

@@ -13,16 +13,16 @@ enum class ModelFamily { gpt, llama, bert };
 struct ModelConfig {
   std::string name;
   ModelFamily family = ModelFamily::gpt;
-  int num_layers = 0;             // L
-  std::int64_t hidden_size = 0;   // h
-  int num_attention_heads = 0;    // a
-  int num_kv_heads = 0;           // grouped-query attention: a / num_kv_heads queries per group
+  int num_layers = 0;           // L
+  std::int64_t hidden_size = 0; // h
+  int num_attention_heads = 0;  // a
+  int num_kv_heads = 0;         // grouped-query attention: a / num_kv_heads queries per group
   std::int64_t ffn_hidden_size = 0;
-  std::int64_t vocab_size = 0;    // V
-  std::int64_t seq_length = 0;    // s (training sequence length)
+  std::int64_t vocab_size = 0; // V
+  std::int64_t seq_length = 0; // s (training sequence length)
   std::int64_t max_position_embeddings = 0;
-  std::string activation = "gelu";        // "gelu" | "swiglu"
-  std::string norm = "layernorm";         // "layernorm" | "rmsnorm"
+  std::string activation = "gelu";            // "gelu" | "swiglu"
+  std::string norm = "layernorm";             // "layernorm" | "rmsnorm"
   std::string position_embedding = "learned"; // "learned" | "rope" | "alibi"
   bool bias = true;
   bool tied_embeddings = true;

@@ -45,8 +45,8 @@ struct PlanRequest {
   // The software stack the plans run on (its kernels, communication and memory behaviour).
   Stack stack;
   Objective objective = Objective::throughput;
-  double train_tokens = 0;            // for Objective::time_to_train (reported in hours)
-  bool allow_fewer_gpus = false;      // also try 1/2, 1/4, ... of the devices offered
+  double train_tokens = 0;       // for Objective::time_to_train (reported in hours)
+  bool allow_fewer_gpus = false; // also try 1/2, 1/4, ... of the devices offered
   int top_k = 20;
   // The best `simulate_top` plans of the analytic ranking are re-ranked by the discrete-event
   // simulator (0: analytic ranking only).
@@ -56,7 +56,7 @@ struct PlanRequest {
 };
 
 struct RankedPlan {
-  PlanEstimate estimate;          // from the simulator when the plan was re-ranked by it
+  PlanEstimate estimate;                // from the simulator when the plan was re-ranked by it
   std::optional<PlanEstimate> analytic; // the analytic model's figures for the same plan
   int gpus = 0;
   double objective_value = 0; // seconds per iteration, hours to train, or USD per million tokens
@@ -74,7 +74,7 @@ struct PlanSearchResult {
   // Fitting plans, at most top_k: the first simulate_top re-ranked by the simulator (best
   // first), then the rest in the analytic model's order.
   std::vector<RankedPlan> plans;
-  std::int64_t candidates = 0;   // plans generated
+  std::int64_t candidates = 0;    // plans generated
   std::int64_t pruned_memory = 0; // rejected by the memory model before timing
   std::int64_t evaluated = 0;     // timed
   // When nothing fits: the plan that came closest, and its memory over the capacity.

@@ -64,7 +64,7 @@ public:
     double act_per_mb = 0;  // activations kept per micro-batch over all this rank's chunks
     double act_working = 0; // transient activations of one unit's blocks (full recomputation)
     double act_outside_blocks = 0; // per micro-batch, kept under full recomputation
-    double act_transient = 0; // working memory of the rank's largest transient (the loss)
+    double act_transient = 0;      // working memory of the rank's largest transient (the loss)
     double step_s() const { return compute_s + tp_s + p2p_s + zero3_exposed_s; }
     // Activations rebuilt at once under full recomputation: one unit's blocks during the
     // backward, when that micro-batch's head and loss activations have already been freed.

@@ -13,7 +13,7 @@ namespace parallax {
 // (max_memory_reserved), and what the device holds in all (nvidia-smi: plus the CUDA context and
 // the communicators' buffers). The planner prunes by the last.
 struct MemoryBreakdown {
-  double params = 0;      // working weights
+  double params = 0; // working weights
   double grads = 0;
   double optimizer = 0;   // fp32 master weights (mixed precision) and Adam's two moments
   double activations = 0; // kept for backward, times the micro-batches in flight

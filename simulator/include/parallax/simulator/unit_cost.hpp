@@ -12,16 +12,16 @@
 namespace parallax {
 
 struct UnitCost {
-  double fwd_s = 0;          // forward compute
-  double bwd_s = 0;          // backward compute (with a fused attention's recompute)
-  double selective_s = 0;    // forward of the layers selective recomputation reruns
+  double fwd_s = 0;       // forward compute
+  double bwd_s = 0;       // backward compute (with a fused attention's recompute)
+  double selective_s = 0; // forward of the layers selective recomputation reruns
   // Forward (and its TP collectives) that full recomputation reruns: the transformer blocks;
   // embedding, final norm, head and loss keep their activations and are not rerun.
   double full_recompute_s = 0;
   double full_recompute_tp_s = 0;
-  double tp_fwd_s = 0;       // tensor-parallel collectives in the forward (critical path)
-  double tp_bwd_s = 0;       // the same in the backward
-  double params = 0;         // parameters held by one TP rank
+  double tp_fwd_s = 0; // tensor-parallel collectives in the forward (critical path)
+  double tp_bwd_s = 0; // the same in the backward
+  double params = 0;   // parameters held by one TP rank
   double max_layer_params = 0;
   double act_bytes = 0;           // activations kept per micro-batch without recomputation
   double act_selective_bytes = 0; // with selective recomputation
@@ -30,7 +30,7 @@ struct UnitCost {
   double act_full_bytes = 0;
   double act_outside_blocks_bytes = 0; // that second part alone
   double act_transient_bytes = 0;      // the largest working_act_elems of its layers, in bytes
-  double model_flops = 0;         // forward + backward model FLOPs on this rank
+  double model_flops = 0;              // forward + backward model FLOPs on this rank
   bool operator==(const UnitCost&) const = default;
 };
 
