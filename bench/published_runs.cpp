@@ -514,6 +514,37 @@ std::optional<int> published_year(const Json& row) {
   return std::nullopt;
 }
 
+Json published_rows(const Json& doc, const std::string& file) {
+  if (doc.is_array()) {
+    return doc;
+  }
+  if (!doc.is_object() || !doc.contains("runs") || !doc["runs"].is_array()) {
+    throw InputError(file, "/runs", "an array of runs (or a document that is one)",
+                     doc.is_object() && doc.contains("runs") ? json_describe(doc["runs"])
+                                                             : json_describe(doc));
+  }
+  for (const auto& [key, value] : doc.items()) {
+    if (key != "runs" && key != "defaults") {
+      throw InputError(file, "/" + key, "runs or defaults", "an unknown field");
+    }
+  }
+  if (!doc.contains("defaults")) {
+    return doc["runs"];
+  }
+  const Json& defaults = doc["defaults"];
+  if (!defaults.is_object()) {
+    throw InputError(file, "/defaults", "an object (fields every row shares)",
+                     json_describe(defaults));
+  }
+  Json rows = Json::array();
+  for (const Json& row : doc["runs"]) {
+    Json merged = defaults;
+    merged.merge_patch(row);
+    rows.push_back(std::move(merged));
+  }
+  return rows;
+}
+
 PublishedCase published_case(const Json& row, const std::string& file) {
   const Row r(row, file);
   const std::optional<int> year = published_year(row);

@@ -41,6 +41,11 @@ struct PublishedCase {
   PlanRequest request; // gpus, global batch, pins; top_k and simulate_top left at defaults
 };
 
+// The rows of a document: an array of rows, or an object {"runs": [...]} with optional
+// "defaults", a row that every row is merged onto (JSON merge patch: a row's own fields win), so
+// a file states what all its rows share once. Throws InputError naming `file` otherwise.
+Json published_rows(const Json& doc, const std::string& file);
+
 // `file` names the document in errors. Throws InputError when the row cannot be modelled.
 PublishedCase published_case(const Json& row, const std::string& file);
 

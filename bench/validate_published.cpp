@@ -156,12 +156,7 @@ int main(int argc, char** argv) {
                  "measured", "analytic", "error", "simulated", "error", "mem GiB", "error");
     }
     for (const std::string& path : corpus_files(inputs)) {
-      const Json rows = json_load_file(path);
-      const Json& list = rows.is_object() && rows.contains("runs") ? rows["runs"] : rows;
-      if (!list.is_array()) {
-        throw InputError(path, "/", "an array of runs (or an object with a \"runs\" array)",
-                         json_describe(list));
-      }
+      const Json list = published_rows(json_load_file(path), path);
       const std::string file = std::filesystem::path(path).filename().string();
       for (const Json& row : list) {
         std::optional<PublishedCase> found;

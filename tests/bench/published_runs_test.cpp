@@ -327,6 +327,31 @@ TEST(PublishedRuns, RowsThatCannotBeModelledNameTheirField) {
   EXPECT_EQ(refused_field(Json::parse(R"({"id": 3})")), "/id");
 }
 
+TEST(PublishedRuns, FileDefaultsAreMergedUnderEveryRow) {
+  const Json doc = Json::parse(R"({
+    "defaults": {"source": {"key": "shared", "title": "t"}, "training": {"precision": "bf16",
+                 "framework": "Megatron-LM"}},
+    "runs": [{"id": "a", "training": {"micro_batch": 2}},
+             {"id": "b", "source": {"key": "own"}, "training": {"precision": null}}]
+  })");
+  const Json rows = published_rows(doc, "runs.json");
+  ASSERT_EQ(rows.size(), 2U);
+  EXPECT_EQ(rows[0]["source"]["key"], "shared");
+  EXPECT_EQ(rows[0]["training"]["precision"], "bf16");
+  EXPECT_EQ(rows[0]["training"]["micro_batch"], 2);
+  EXPECT_EQ(rows[1]["source"]["key"], "own"); // the row's own field wins
+  EXPECT_EQ(rows[1]["source"]["title"], "t");
+  EXPECT_FALSE(rows[1]["training"].contains("precision")); // null removes a default
+  EXPECT_EQ(rows[1]["training"]["framework"], "Megatron-LM");
+  // A plain array is its own rows; anything else names the field.
+  EXPECT_EQ(published_rows(Json::array({Json{{"id", "x"}}}), "runs.json").size(), 1U);
+  for (const char* bad : {R"({"rows": []})", R"({"runs": {}})",
+                          R"({"runs": [], "defaults": []})", R"({"runs": [], "extra": 1})", "3"}) {
+    SCOPED_TRACE(bad);
+    EXPECT_THROW(published_rows(Json::parse(bad), "runs.json"), InputError);
+  }
+}
+
 TEST(PublishedRuns, EveryPublishedRowIsModelled) {
   const std::filesystem::path file = PARALLAX_VALIDATION_FILE;
   if (!std::filesystem::exists(file)) {
