@@ -40,17 +40,15 @@ void add_stack(CLI::App* cmd, std::string& stack);
 // default for the cluster (`parallax` on CPU profiles, `megatron-core` on GPU profiles).
 Stack stack_for(const std::string& flag, const Cluster& cluster, const std::string& recorded = "");
 
-// Puts a loaded plan on `stack`: the model takes the stack's kernels where its file names none,
-// the plan the stack's gradient-reduction timing unless `plan_file` states overlap_grad_reduce,
-// and the plan records the stack's name.
-void plan_apply_stack(Plan& plan, const std::string& plan_file, LoadedModel& model,
-                      const Stack& stack);
-
 // "stack megatron-core (hardware_profiles/stacks/megatron-core.json)": what a command assumed.
 std::string stack_line(const Stack& stack);
 
-// Reads and validates a plan file for `graph`; `cluster` is resized to the plan's world size
-// unless --gpus (`gpus` > 0) fixed it, and must support the plan's precision.
-Plan plan_load_for(const std::string& file, const LayerGraph& graph, Cluster& cluster, int gpus);
+// Reads and validates a plan file for the model; `cluster` is resized to the plan's world size
+// unless --gpus was given. The plan then runs on `stack` (set here): --stack when given, else the
+// one the plan recorded, else the cluster's default. The model takes the stack's kernels where its
+// file names none, the plan the stack's gradient-reduction timing unless the file states
+// overlap_grad_reduce, and the plan records the stack's name.
+Plan plan_load_on_stack(const std::string& file, const std::string& stack_flag, LoadedModel& model,
+                        Cluster& cluster, int gpus, Stack& stack);
 
 } // namespace parallax::cli

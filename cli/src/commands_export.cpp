@@ -114,9 +114,7 @@ int run_export(const ExportFlags& f) {
   Stack stack;
   std::optional<PlanSearchResult> search;
   if (!f.plan.empty()) {
-    plan = plan_load_for(f.plan, model.graph, cluster, f.gpus);
-    stack = stack_for(f.stack, cluster, plan.stack);
-    plan_apply_stack(plan, f.plan, model, stack);
+    plan = plan_load_on_stack(f.plan, f.stack, model, cluster, f.gpus, stack);
   } else {
     stack = stack_for(f.stack, cluster);
     model_apply_stack(model, stack);

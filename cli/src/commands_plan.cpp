@@ -185,9 +185,8 @@ int run_simulate(const SimulateFlags& f) {
   if (f.gpus > 0) {
     cluster = cluster.with_devices(f.gpus);
   }
-  Plan plan = plan_load_for(f.plan, model.graph, cluster, f.gpus);
-  const Stack stack = stack_for(f.stack, cluster, plan.stack);
-  plan_apply_stack(plan, f.plan, model, stack);
+  Stack stack;
+  Plan plan = plan_load_on_stack(f.plan, f.stack, model, cluster, f.gpus, stack);
   CostModel cost(model.graph, cluster, stack);
   if (plan.stages.empty()) {
     plan_assign_stages(cost, plan);
@@ -253,27 +252,25 @@ Stack stack_for(const std::string& flag, const Cluster& cluster, const std::stri
   return stack_load(stack_default_name(cluster));
 }
 
-void plan_apply_stack(Plan& plan, const std::string& plan_file, LoadedModel& model,
-                      const Stack& stack) {
-  model_apply_stack(model, stack);
-  const Json doc = json_load_file(plan_file);
-  if (!doc.contains("overlap_grad_reduce")) {
-    plan.overlap_grad_reduce = stack.overlaps_grad_reduce(plan.zero_stage);
-  }
-  plan.stack = stack.name;
-}
-
 std::string stack_line(const Stack& stack) {
   return fmt::format("stack {}", stack.name);
 }
 
-Plan plan_load_for(const std::string& file, const LayerGraph& graph, Cluster& cluster, int gpus) {
-  Plan plan = plan_from_json(json_load_file(file), file);
+Plan plan_load_on_stack(const std::string& file, const std::string& stack_flag, LoadedModel& model,
+                        Cluster& cluster, int gpus, Stack& stack) {
+  const Json doc = json_load_file(file);
+  Plan plan = plan_from_json(doc, file);
   if (gpus <= 0 && plan.world_size() != cluster.num_devices()) {
     cluster = cluster.with_devices(plan.world_size());
   }
-  plan_validate(plan, graph, cluster.num_devices(), file);
+  plan_validate(plan, model.graph, cluster.num_devices(), file);
   cluster.peak_flops(plan.precision); // InputError when the profile lacks the precision
+  stack = stack_for(stack_flag, cluster, plan.stack);
+  model_apply_stack(model, stack);
+  if (!doc.contains("overlap_grad_reduce")) { // a stated timing overrides the stack's
+    plan.overlap_grad_reduce = stack.overlaps_grad_reduce(plan.zero_stage);
+  }
+  plan.stack = stack.name;
   return plan;
 }
 

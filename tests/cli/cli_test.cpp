@@ -167,6 +167,22 @@ TEST(Cli, StackIsChosenRecordedAndPrinted) {
   EXPECT_EQ(est.at("stack"), "pytorch-fsdp");
   EXPECT_GE(est.at("peak_reserved_bytes").get<double>(), est.at("peak_memory_bytes").get<double>());
   EXPECT_GT(est.at("peak_device_bytes").get<double>(), est.at("peak_reserved_bytes").get<double>());
+  // The plan takes the stack's gradient-reduction timing unless its file states one.
+  const std::string timing = temp_path("parallax_cli_stack_timing.json");
+  auto overlap_under = [&](const char* plan_text, const char* stack) {
+    std::ofstream(timing) << plan_text;
+    Result r = run("simulate --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --json --plan " +
+                   timing + " --stack " + stack);
+    EXPECT_EQ(r.code, 0) << r.out;
+    const parallax::Json p = parallax::Json::parse(r.out).at("plan");
+    return p.value("overlap_grad_reduce", true);
+  };
+  const char* unstated = R"({"dp": 8, "tp": 1, "pp": 1, "global_batch_size": 64})";
+  const char* stated =
+      R"({"dp": 8, "tp": 1, "pp": 1, "global_batch_size": 64, "overlap_grad_reduce": false})";
+  EXPECT_TRUE(overlap_under(unstated, "megatron-core"));
+  EXPECT_FALSE(overlap_under(unstated, "megatron-lm-legacy")); // reduces after the flush
+  EXPECT_FALSE(overlap_under(stated, "megatron-core"));        // the file's word wins
   // The default on a GPU profile is megatron-core, on a CPU profile our own executor.
   Result gpu = run("plan --model gpt2-124m --cluster dgx-a100-80g --gpus 8 --global-batch 64");
   EXPECT_NE(gpu.out.find("stack megatron-core"), std::string::npos) << gpu.out;
