@@ -176,9 +176,28 @@ const std::vector<FrameworkStack>& framework_stacks() {
 
 const FrameworkStack* framework_entry(const std::string& framework, std::optional<int> year);
 
+// The first four-digit number in `text` that stands alone and reads as a year (2015–2100).
+std::optional<int> year_in_text(const std::string& text) {
+  for (std::size_t i = 0; i + 4 <= text.size(); ++i) {
+    const bool digits = std::all_of(text.begin() + static_cast<std::ptrdiff_t>(i),
+                                    text.begin() + static_cast<std::ptrdiff_t>(i + 4),
+                                    [](unsigned char ch) { return std::isdigit(ch) != 0; });
+    const bool alone =
+        (i == 0 || std::isdigit(static_cast<unsigned char>(text[i - 1])) == 0) &&
+        (i + 4 == text.size() || std::isdigit(static_cast<unsigned char>(text[i + 4])) == 0);
+    if (digits && alone) {
+      const int year = std::stoi(text.substr(i, 4));
+      if (year >= 2015 && year <= 2100) {
+        return year;
+      }
+    }
+  }
+  return std::nullopt;
+}
+
 // The year a framework text names ("Megatron-LM (2021)"), else the source's.
 std::optional<int> framework_year(const std::string& framework, std::optional<int> source_year) {
-  const std::optional<int> stated = published_year(Json{{"source", {{"key", framework}}}});
+  const std::optional<int> stated = year_in_text(framework);
   return stated ? stated : source_year;
 }
 
@@ -492,22 +511,9 @@ std::optional<int> published_year(const Json& row) {
   }
   for (const char* key : {"key", "title", "location"}) {
     const Json& s = row["source"];
-    if (!s.contains(key) || !s[key].is_string()) {
-      continue;
-    }
-    const std::string text = s[key].get<std::string>();
-    for (std::size_t i = 0; i + 4 <= text.size(); ++i) {
-      const bool digits = std::all_of(text.begin() + static_cast<std::ptrdiff_t>(i),
-                                      text.begin() + static_cast<std::ptrdiff_t>(i + 4),
-                                      [](unsigned char ch) { return std::isdigit(ch) != 0; });
-      const bool alone =
-          (i == 0 || std::isdigit(static_cast<unsigned char>(text[i - 1])) == 0) &&
-          (i + 4 == text.size() || std::isdigit(static_cast<unsigned char>(text[i + 4])) == 0);
-      if (digits && alone) {
-        const int year = std::stoi(text.substr(i, 4));
-        if (year >= 2015 && year <= 2100) {
-          return year;
-        }
+    if (s.contains(key) && s[key].is_string()) {
+      if (const std::optional<int> year = year_in_text(s[key].get<std::string>())) {
+        return year;
       }
     }
   }

@@ -14,14 +14,18 @@
 #include "parallax/models/model_config.hpp"
 #include "parallax/planner/planner.hpp"
 
+#include <array>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace parallax {
 
 // What a row's memory figure measured: torch.cuda.max_memory_allocated, max_memory_reserved, or
 // the whole device (nvidia-smi).
 enum class MemoryLevel { allocated, reserved, device };
+inline constexpr std::array<std::string_view, 3> kMemoryLevelNames = {"allocated", "reserved",
+                                                                      "device"};
 
 struct MeasuredMemory {
   double bytes = 0;                 // of the rank the source reports (rank 0: the first stage)

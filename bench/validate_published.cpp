@@ -15,6 +15,7 @@
 // Without files: the whole corpus, ../shared/validation/published_runs.json and bench/data/*.json.
 // A directory stands for the .json files in it. --json writes every prediction with its
 // breakdown, the summaries, and the rows not predicted with their reasons.
+#include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 #include "parallax/core/json_reader.hpp"
 #include "parallax/models/transformer_builder.hpp"
@@ -50,18 +51,6 @@ struct Totals {
   double mape() const { return n > 0 ? 100 * abs_err / n : 0.0; }
   double mean_signed() const { return n > 0 ? 100 * signed_err / n : 0.0; }
 };
-
-std::string_view level_name(MemoryLevel level) {
-  switch (level) {
-  case MemoryLevel::allocated:
-    return "allocated";
-  case MemoryLevel::reserved:
-    return "reserved";
-  case MemoryLevel::device:
-    return "device";
-  }
-  return "?";
-}
 
 double memory_at(const MemoryBreakdown& m, MemoryLevel level) {
   switch (level) {
@@ -219,9 +208,10 @@ int main(int argc, char** argv) {
             const double merr = (predicted - run.memory->bytes) / run.memory->bytes;
             memory_all.add(merr);
             memory_by_source[run.source].add(merr);
-            memory_by_level[std::string(level_name(*run.memory->level))].add(merr);
+            memory_by_level[std::string(enum_name(kMemoryLevelNames, *run.memory->level))].add(
+                merr);
             memory_text = fmt::format("{:>8.1f} {:>+6.1f}%", predicted / (1 << 30), 100 * merr);
-            row_report["memory"] = {{"level", level_name(*run.memory->level)},
+            row_report["memory"] = {{"level", enum_name(kMemoryLevelNames, *run.memory->level)},
                                     {"measured_bytes", run.memory->bytes},
                                     {"predicted_bytes", predicted},
                                     {"error", merr}};
