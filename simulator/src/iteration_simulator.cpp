@@ -1,140 +1,61 @@
-#include "parallax/simulator/iteration_simulator.hpp"
-
-#include "parallax/simulator/compute_model.hpp"
+// Builds the simulated step: every simulated rank's step program (core/step_program) as engine
+// tasks — compute on the rank's compute stream, collectives as flows on its links — linked
+// across ranks by pipeline sends and collective groups. The figures are read back in
+// iteration_estimate.cpp.
+#include "iteration_builder.hpp"
 
 #include "parallax/core/error.hpp"
-#include "parallax/core/pipeline_schedule.hpp"
 #include "parallax/simulator/collectives.hpp"
-#include "parallax/simulator/event_engine.hpp"
-#include "parallax/simulator/timeline_breakdown.hpp"
-
-#include <fmt/format.h>
+#include "parallax/simulator/compute_model.hpp"
 
 #include <algorithm>
-#include <map>
-#include <tuple>
-#include <unordered_map>
 
 namespace parallax {
 
-namespace {
+namespace detail {
 
-using Id = EventEngine::Id;
-
-// What a task means, for the timeline and the breakdown.
-struct TaskInfo {
-  int rank = 0;
-  Stream stream = Stream::compute;
-  Category category = Category::forward;
-  int unit = -1;
-  int micro_batch = -1;
-  double flops = 0;
-  double bytes = 0;
-};
-
-struct RankSim {
-  int rank = 0; // global rank this simulated rank stands for
-  int pp_rank = 0;
-  int dp = 0;
-  int tp = 0;
-  Id compute = 0, tp_stream = 0, pp_stream = 0, dp_stream = 0;
-  Id gather_stream = 0; // ZeRO-3 parameter all-gathers (FSDP runs them beside reductions)
-  Id nvlink = 0;
-  Id network = 0;            // the uplink of this rank's node, shared with the node's other ranks
-  double network_weight = 1; // ranks on the node this rank's network flows stand for
-  std::vector<Id> dp_tasks;  // gradient synchronisation the optimizer waits for
-  std::vector<std::pair<int, int>>
-      deferred_reductions;                  // (unit, micro-batch), stacks without overlap
-  std::vector<std::pair<Id, bool>> op_ends; // last task of each schedule op, forward?
-  std::vector<int> op_chunks;
-};
-
-// Collective instances in the unreduced simulation: members synchronise through a barrier.
-struct GroupKey {
-  int kind; // 0 TP, 1 DP
-  int group;
-  int sequence;
-  auto operator<=>(const GroupKey&) const = default;
-};
-
-class IterationBuilder {
-public:
-  IterationBuilder(CostModel& model, const Plan& plan, const SimulationOptions& options)
-      : model_(model), plan_(plan), options_(options), cluster_(model.cluster()),
-        stages_(plan.stages.empty()
-                    ? stages_even(model.graph().num_units(), plan.pp * plan.virtual_stages)
-                    : plan.stages),
-        units_(
-            model.units({plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision})),
-        w_bytes_(precision_storage_bytes(plan.precision)) {}
-
-  SimulationResult run();
-
-private:
-  Id add_compute(RankSim& r, double duration, Category cat, int unit, int mb, double flops);
-  Id add_comm(RankSim& r, Stream stream, Category cat, const CollectiveCost& cost, double bytes,
-              int unit, int mb, bool gather = false);
-  void chain(Id task);
-  void record_group(int kind, int group, RankSim& r, Id trigger, Id task);
-  void build_rank(RankSim& r);
-  Id node_link(int node);
-  double replicas_on_node(const RankSim& r) const;
-  void forward_op(RankSim& r, const PipelineOp& op);
-  void backward_op(RankSim& r, const PipelineOp& op);
-  Id zero3_gather(RankSim& r, int unit, int mb);
-  Id grad_reduction(RankSim& r, int unit, int mb);
-  void flush_deferred_reductions(RankSim& r);
-  void finish_rank(RankSim& r);
-  void wire_groups();
-  PlanEstimate estimate_from(const std::vector<RankSim>& ranks,
-                             std::vector<double>& stage_peaks) const;
-  Timeline timeline_from() const;
-
-  CostModel& model_;
-  const Plan& plan_;
-  const SimulationOptions& options_;
-  const Cluster& cluster_;
-  std::vector<StageRange> stages_;
-  const std::vector<UnitCost>& units_;
-  double w_bytes_;
-  EventEngine engine_;
-  std::vector<TaskInfo> info_;
-  Id prev_ = -1;                   // last task of the current rank's critical chain
-  std::vector<Id> recent_compute_; // compute tasks of the current rank, for ZeRO-3 prefetch
-  // Pipeline sends by (direction, chunk, micro-batch, dp, tp), packed into one index.
-  std::int64_t send_key(bool forward, int chunk, int mb, int dp, int tp) const {
-    const auto chunks = static_cast<std::int64_t>(stages_.size());
-    return (((static_cast<std::int64_t>(forward) * chunks + chunk) * plan_.num_microbatches() +
-             mb) *
-                plan_.dp +
-            dp) *
-               plan_.tp +
-           tp;
+IterationBuilder::IterationBuilder(CostModel& model, const Plan& plan,
+                                   const SimulationOptions& options)
+    : model_(model), plan_(plan), options_(options), cluster_(model.cluster()),
+      stages_(plan.stages.empty()
+                  ? stages_even(model.graph().num_units(), plan.pp * plan.virtual_stages)
+                  : plan.stages),
+      units_(model.units({plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision})),
+      w_bytes_(precision_storage_bytes(plan.precision)), loads_(model.rank_loads(plan, stages_)) {
+  shape_.units = model.graph().num_units();
+  shape_.unit_has_params.reserve(units_.size());
+  for (const UnitCost& u : units_) {
+    shape_.unit_has_params.push_back(u.params > 0);
   }
-  std::unordered_map<std::int64_t, Id> sends_;
-  std::vector<std::pair<std::int64_t, Id>> receives_;
-  std::map<GroupKey, std::vector<std::pair<Id, Id>>> groups_; // trigger, task
-  std::unordered_map<int, Id> node_links_;
-  std::map<std::pair<int, int>, int> group_sequence_;
-};
+  shape_.tied_embeddings = model.graph().info().tied_embeddings;
+  shape_.reshard_after_forward = model.stack().sharding.reshard_after_forward;
+}
 
-Id IterationBuilder::add_compute(RankSim& r, double duration, Category cat, int unit, int mb,
+Id IterationBuilder::add_compute(RankSim& r, double duration, const StepOp& op, int op_index,
                                  double flops) {
   const Id id = engine_.add_compute(r.compute, duration, static_cast<std::int32_t>(info_.size()));
-  info_.push_back({r.rank, Stream::compute, cat, unit, mb, flops, 0});
+  info_.push_back({.rank = r.rank,
+                   .slot = r.slot,
+                   .stream = Stream::compute,
+                   .category = op.category(),
+                   .unit = op.unit,
+                   .micro_batch = op.micro_batch,
+                   .op = op_index,
+                   .flops = flops});
   chain(id);
   return id;
 }
 
-Id IterationBuilder::add_comm(RankSim& r, Stream stream, Category cat, const CollectiveCost& cost,
-                              double bytes, int unit, int mb, bool gather) {
+Id IterationBuilder::add_comm(RankSim& r, const StepOp& op, int op_index,
+                              const CollectiveCost& cost, double bytes, bool tp_part) {
+  const Stream stream = tp_part ? Stream::tp_comm : op.stream();
   const Id link = cost.network ? r.network : r.nvlink;
   const double capacity =
       cost.network ? network_link_bandwidth(cluster_) : intra_link_bandwidth(cluster_);
-  Id stream_id = gather                      ? r.gather_stream
-                 : stream == Stream::tp_comm ? r.tp_stream
-                 : stream == Stream::pp_comm ? r.pp_stream
-                                             : r.dp_stream;
+  Id stream_id = op.kind == StepOpKind::gather ? r.gather_stream
+                 : stream == Stream::tp_comm   ? r.tp_stream
+                 : stream == Stream::pp_comm   ? r.pp_stream
+                                               : r.dp_stream;
   if (stream == Stream::dp_comm && !device_overlaps_communication(cluster_.device)) {
     stream_id = r.compute; // the cores that compute also move the data (CPU ranks)
   }
@@ -143,7 +64,15 @@ Id IterationBuilder::add_comm(RankSim& r, Stream stream, Category cat, const Col
       stream_id, link, cost.latency_s, cost.transfer_s * capacity,
       static_cast<std::int32_t>(info_.size()), cost.network ? r.network_weight : 1.0,
       cost.network ? rank_device(r.rank, cluster_.node.devices_per_node).device : -1);
-  info_.push_back({r.rank, stream, cat, unit, mb, 0, bytes});
+  info_.push_back({.rank = r.rank,
+                   .slot = r.slot,
+                   .stream = stream,
+                   .category = tp_part ? Category::tp_comm : op.category(),
+                   .unit = op.unit,
+                   .micro_batch = op.micro_batch,
+                   .op = op_index,
+                   .tp_part = tp_part,
+                   .bytes = bytes});
   return id;
 }
 
@@ -162,171 +91,150 @@ void IterationBuilder::record_group(int kind, int group, RankSim& r, Id trigger,
   groups_[{kind, group, seq++}].emplace_back(trigger, task);
 }
 
-Id IterationBuilder::zero3_gather(RankSim& r, int unit, int mb) {
-  const UnitCost& u = units_[static_cast<std::size_t>(unit)];
-  const double bytes = u.params * w_bytes_;
-  CollectiveCost cost =
-      collective_cost(cluster_, Collective::all_gather, bytes, dp_span(plan_, cluster_));
-  const Id ag = add_comm(r, Stream::dp_comm, Category::dp_comm, cost, bytes, unit, mb, true);
-  // Prefetch one unit ahead: the gather may start once the compute before the previous one ended.
-  const Id trigger = recent_compute_.size() >= 2 ? recent_compute_[recent_compute_.size() - 2] : -1;
-  if (trigger >= 0) {
-    engine_.add_dependency(trigger, ag);
+// `task` starts once the ops `op` waits for have finished: a receive waits for its sender.
+void IterationBuilder::wait_for(RankSim& r, const StepOp& op, Id task) {
+  for (int a : op.after) {
+    const StepOp& before = r.program.ops[static_cast<std::size_t>(a)];
+    if (before.kind == StepOpKind::recv) {
+      receives_.emplace_back(
+          send_key(before.activation(), before.peer_chunk, before.micro_batch, r.dp, r.tp), task);
+      r.receives.push_back({a, r.anchor[static_cast<std::size_t>(a)], task});
+    } else {
+      engine_.add_dependency(r.anchor[static_cast<std::size_t>(a)], task);
+    }
   }
-  record_group(1, rank_of(plan_, {0, r.pp_rank, r.tp}), r, trigger, ag);
-  return ag;
 }
 
-void IterationBuilder::forward_op(RankSim& r, const PipelineOp& op) {
-  const auto [first, last] = stages_[static_cast<std::size_t>(op.chunk)];
-  const bool zero3 = plan_.zero_stage == 3 && plan_.dp > 1;
-  for (int u = first; u < last; ++u) {
-    const UnitCost& cost = units_[static_cast<std::size_t>(u)];
-    const Id ag = zero3 ? zero3_gather(r, u, op.micro_batch) : -1;
-    const Id c =
-        add_compute(r, cost.fwd_s, Category::forward, u, op.micro_batch, cost.model_flops / 3.0);
-    recent_compute_.push_back(c);
-    if (ag >= 0) {
-      engine_.add_dependency(ag, c);
-    }
-    if (u == first && op.chunk > 0) {
-      receives_.emplace_back(send_key(true, op.chunk - 1, op.micro_batch, r.dp, r.tp), c);
-    }
-    if (plan_.tp > 1 && cost.tp_fwd_s > 0) {
-      const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm, {0.0, cost.tp_fwd_s, false}, 0,
-                            u, op.micro_batch);
-      chain(t);
-      record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, c, t);
-    }
+// A compute op's tensor-parallel collectives, after it on the rank's chain.
+Id IterationBuilder::tp_collective(RankSim& r, const StepOp& op, int i, double seconds,
+                                   Id trigger) {
+  if (plan_.tp <= 1 || seconds <= 0) {
+    return trigger;
   }
-  if (op.chunk + 1 < static_cast<int>(stages_.size())) {
-    const double bytes = p2p_bytes(plan_, model_.graph());
-    const CollectiveCost cost =
-        collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
-    const Id s =
-        add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, last - 1, op.micro_batch);
-    chain(s); // blocking send, as in Megatron-LM's schedules
-    sends_[send_key(true, op.chunk, op.micro_batch, r.dp, r.tp)] = s;
-  }
-  r.op_ends.emplace_back(prev_, true);
-  r.op_chunks.push_back(op.chunk);
+  const Id t = add_comm(r, op, i, {0.0, seconds, false}, 0, true);
+  chain(t);
+  record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, trigger, t);
+  return t;
 }
 
-void IterationBuilder::backward_op(RankSim& r, const PipelineOp& op) {
-  const auto [first, last] = stages_[static_cast<std::size_t>(op.chunk)];
-  // A stack that keeps the forward's gathered layers for the backward does not gather again.
-  const bool zero3 =
-      plan_.zero_stage == 3 && plan_.dp > 1 && model_.stack().sharding.reshard_after_forward;
-  const bool last_mb = op.micro_batch == plan_.num_microbatches() - 1;
+double IterationBuilder::unit_reduction_bytes(int unit) const {
+  return units_[static_cast<std::size_t>(unit)].params * grad_element_bytes(plan_, model_.stack());
+}
+
+void IterationBuilder::run_op(RankSim& r, int i) {
+  const StepOp& op = r.program.ops[static_cast<std::size_t>(i)];
   const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
-  for (int u = last - 1; u >= first; --u) {
-    const UnitCost& cost = units_[static_cast<std::size_t>(u)];
-    const Id ag = zero3 ? zero3_gather(r, u, op.micro_batch) : -1;
-    Id start = -1;
-    if (plan_.recompute == Recompute::full) {
-      start = add_compute(r, cost.full_recompute_s, Category::recompute, u, op.micro_batch, 0);
-      recent_compute_.push_back(start);
-      if (plan_.tp > 1 && cost.full_recompute_tp_s > 0) {
-        const Id t = add_comm(r, Stream::tp_comm, Category::tp_comm,
-                              {0.0, cost.full_recompute_tp_s, false}, 0, u, op.micro_batch);
-        chain(t);
-        record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, start, t);
-      }
-    }
-    const double extra = (plan_.recompute == Recompute::selective ? cost.selective_s : 0.0) +
-                         model_.grad_accumulation_s(plan_, cost.params);
-    const Id b = add_compute(r, cost.bwd_s + extra, Category::backward, u, op.micro_batch,
-                             cost.model_flops * 2.0 / 3.0);
-    recent_compute_.push_back(b);
-    if (start < 0) {
-      start = b;
-    }
-    if (ag >= 0) {
-      engine_.add_dependency(ag, start);
-    }
-    if (u == last - 1 && op.chunk + 1 < static_cast<int>(stages_.size())) {
-      receives_.emplace_back(send_key(false, op.chunk + 1, op.micro_batch, r.dp, r.tp), start);
-    }
-    Id done = b;
-    if (plan_.tp > 1 && cost.tp_bwd_s > 0) {
-      done = add_comm(r, Stream::tp_comm, Category::tp_comm, {0.0, cost.tp_bwd_s, false}, 0, u,
-                      op.micro_batch);
-      chain(done);
-      record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, b, done);
-    }
-    // Gradient synchronisation of this unit's parameters, launched as its backward finishes
-    // (or, on stacks that do not overlap it, after the backward pass).
-    if (plan_.dp > 1 && cost.params > 0 && (plan_.zero_stage >= 2 || last_mb)) {
-      if (plan_.overlap_grad_reduce) {
-        const Id g = grad_reduction(r, u, op.micro_batch);
-        engine_.add_dependency(b, g);
-        record_group(1, dp_group, r, b, g);
-      } else {
-        r.deferred_reductions.emplace_back(u, op.micro_batch);
-      }
-    }
-  }
-  if (op.chunk > 0) {
-    const double bytes = p2p_bytes(plan_, model_.graph());
-    const CollectiveCost cost =
-        collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
-    const Id s =
-        add_comm(r, Stream::pp_comm, Category::pp_comm, cost, bytes, first, op.micro_batch);
-    chain(s);
-    sends_[send_key(false, op.chunk, op.micro_batch, r.dp, r.tp)] = s;
-  }
-  if (plan_.zero_stage >= 2) { // reduce-scattered after every micro-batch's backward
-    flush_deferred_reductions(r);
-  }
-  r.op_ends.emplace_back(prev_, false);
-  r.op_chunks.push_back(op.chunk);
-}
-
-Id IterationBuilder::grad_reduction(RankSim& r, int unit, int mb) {
-  const double bytes =
-      units_[static_cast<std::size_t>(unit)].params * grad_element_bytes(plan_, model_.stack());
-  const Collective kind =
-      plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
-  const CollectiveCost cc =
-      collective_cost(cluster_, kind, bytes, dp_span(plan_, cluster_), plan_.grad_sync);
-  const Id g = add_comm(r, Stream::dp_comm, Category::dp_comm, cc, bytes, unit, mb);
-  r.dp_tasks.push_back(g);
-  return g;
-}
-
-// Reductions of a stack that does not overlap them: after the backward, on the rank's critical
-// chain, so the next compute waits for them.
-void IterationBuilder::flush_deferred_reductions(RankSim& r) {
-  const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
-  for (const auto& [unit, mb] : r.deferred_reductions) {
-    const Id trigger = prev_;
-    const Id g = grad_reduction(r, unit, mb);
-    chain(g);
-    record_group(1, dp_group, r, trigger, g);
-  }
-  r.deferred_reductions.clear();
-}
-
-void IterationBuilder::finish_rank(RankSim& r) {
-  flush_deferred_reductions(r);
-  std::vector<StageRange> mine;
-  for (int c = r.pp_rank; c < static_cast<int>(stages_.size()); c += plan_.pp) {
-    mine.push_back(stages_[static_cast<std::size_t>(c)]);
-  }
-  const auto loads = model_.rank_loads(plan_, stages_);
-  const CostModel::RankLoad& load = loads[static_cast<std::size_t>(r.pp_rank)];
-  const Id opt =
-      add_compute(r, model_.optimizer_time_s(plan_, load), Category::optimizer, -1, -1, 0);
-  for (Id g : r.dp_tasks) {
-    engine_.add_dependency(g, opt);
-  }
-  if (plan_.dp > 1 && (plan_.zero_stage == 1 || plan_.zero_stage == 2)) {
-    const double bytes = load.params * w_bytes_;
+  const UnitCost* cost = op.unit >= 0 ? &units_[static_cast<std::size_t>(op.unit)] : nullptr;
+  Id& anchor = r.anchor[static_cast<std::size_t>(i)];
+  switch (op.kind) {
+  case StepOpKind::gather: {
+    const double bytes = cost->params * w_bytes_;
     const CollectiveCost cc =
         collective_cost(cluster_, Collective::all_gather, bytes, dp_span(plan_, cluster_));
-    const Id ag = add_comm(r, Stream::dp_comm, Category::dp_comm, cc, bytes, -1, -1);
-    engine_.add_dependency(opt, ag);
-    record_group(1, rank_of(plan_, {0, r.pp_rank, r.tp}), r, opt, ag);
+    anchor = add_comm(r, op, i, cc, bytes);
+    const Id trigger = op.after.empty() ? -1 : r.anchor[static_cast<std::size_t>(op.after[0])];
+    wait_for(r, op, anchor);
+    record_group(1, dp_group, r, trigger, anchor);
+    break;
+  }
+  case StepOpKind::forward:
+    anchor = add_compute(r, cost->fwd_s, op, i, cost->model_flops / 3.0);
+    wait_for(r, op, anchor);
+    tp_collective(r, op, i, cost->tp_fwd_s, anchor);
+    break;
+  case StepOpKind::recompute:
+    anchor = add_compute(r, cost->full_recompute_s, op, i, 0);
+    wait_for(r, op, anchor);
+    tp_collective(r, op, i, cost->full_recompute_tp_s, anchor);
+    break;
+  case StepOpKind::backward: {
+    const double extra = (plan_.recompute == Recompute::selective ? cost->selective_s : 0.0) +
+                         model_.grad_accumulation_s(plan_, cost->params);
+    anchor = add_compute(r, cost->bwd_s + extra, op, i, cost->model_flops * 2.0 / 3.0);
+    wait_for(r, op, anchor);
+    tp_collective(r, op, i, cost->tp_bwd_s, anchor);
+    break;
+  }
+  case StepOpKind::send: {
+    const double bytes = p2p_bytes(plan_, model_.graph());
+    const CollectiveCost cc =
+        collective_cost(cluster_, Collective::send_recv, bytes, pp_hop_span(plan_, cluster_));
+    anchor = add_comm(r, op, i, cc, bytes);
+    chain(anchor); // blocking send, as in Megatron-LM's schedules
+    sends_[send_key(op.activation(), op.chunk, op.micro_batch, r.dp, r.tp)] = anchor;
+    break;
+  }
+  case StepOpKind::recv:
+    anchor = prev_; // no task of its own: its consumer waits for the sender
+    break;
+  case StepOpKind::reduce: {
+    const double bytes = unit_reduction_bytes(op.unit);
+    const Collective kind =
+        plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
+    const CollectiveCost cc =
+        collective_cost(cluster_, kind, bytes, dp_span(plan_, cluster_), plan_.grad_sync);
+    const Id trigger = op.async ? r.anchor[static_cast<std::size_t>(op.after[0])] : prev_;
+    anchor = add_comm(r, op, i, cc, bytes);
+    if (op.async) {
+      wait_for(r, op, anchor);
+    } else {
+      chain(anchor);
+    }
+    record_group(1, dp_group, r, trigger, anchor);
+    break;
+  }
+  case StepOpKind::embedding_sync: {
+    // The embedding's gradient, summed between the first and the last stage's copy.
+    const GraphInfo& g = model_.graph().info();
+    const double bytes = static_cast<double>(g.vocab_size * g.hidden_size) / plan_.tp *
+                         grad_element_bytes(plan_, model_.stack());
+    const GroupSpan span =
+        group_span(2, (plan_.pp - 1) * plan_.dp * plan_.tp, cluster_.node.devices_per_node);
+    const Id trigger = prev_;
+    anchor =
+        add_comm(r, op, i, collective_cost(cluster_, Collective::all_reduce, bytes, span), bytes);
+    chain(anchor);
+    wait_for(r, op, anchor);
+    record_group(2, rank_of(plan_, {r.dp, 0, r.tp}), r, trigger, anchor);
+    break;
+  }
+  case StepOpKind::sp_sync: {
+    double params = 0;
+    for (std::size_t c = static_cast<std::size_t>(r.pp_rank); c < stages_.size();
+         c += static_cast<std::size_t>(plan_.pp)) {
+      for (int u = stages_[c].first; u < stages_[c].second; ++u) {
+        params += units_[static_cast<std::size_t>(u)].replicated_params;
+      }
+    }
+    const double bytes = params * grad_element_bytes(plan_, model_.stack());
+    const Id trigger = prev_;
+    anchor = add_comm(
+        r, op, i,
+        collective_cost(cluster_, Collective::all_reduce, bytes, tp_span(plan_, cluster_)), bytes);
+    chain(anchor);
+    wait_for(r, op, anchor);
+    record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, trigger, anchor);
+    break;
+  }
+  case StepOpKind::optimizer: {
+    const CostModel::RankLoad& load = loads_[static_cast<std::size_t>(r.pp_rank)];
+    anchor = add_compute(r, model_.optimizer_time_s(plan_, load), op, i, 0);
+    wait_for(r, op, anchor);
+    break;
+  }
+  case StepOpKind::publish: {
+    // ZeRO-1/2 all-gather the updated parameters; a parameter server's pull is costed with
+    // its push in the reduction (collective_cost), so its broadcast takes no time of its own.
+    const double bytes = loads_[static_cast<std::size_t>(r.pp_rank)].params * w_bytes_;
+    const CollectiveCost cc =
+        op.collective == StepCollective::all_gather
+            ? collective_cost(cluster_, Collective::all_gather, bytes, dp_span(plan_, cluster_))
+            : CollectiveCost{};
+    anchor = add_comm(r, op, i, cc, bytes);
+    wait_for(r, op, anchor);
+    record_group(1, dp_group, r, r.anchor[static_cast<std::size_t>(op.after[0])], anchor);
+    break;
+  }
   }
 }
 
@@ -370,15 +278,17 @@ void IterationBuilder::build_rank(RankSim& r) {
   r.network = node_link(rank_device(r.rank, cluster_.node.devices_per_node).node);
   r.network_weight = options_.symmetric ? replicas_on_node(r) : 1.0;
   prev_ = -1;
-  recent_compute_.clear();
-  for (const PipelineOp& op : pipeline_schedule(plan_, r.pp_rank)) {
-    if (op.forward) {
-      forward_op(r, op);
-    } else {
-      backward_op(r, op);
+  r.program = step_program(plan_, shape_, r.rank);
+  r.anchor.assign(r.program.ops.size(), -1);
+  std::size_t phase = 0;
+  for (int i = 0; i < static_cast<int>(r.program.ops.size()); ++i) {
+    run_op(r, i);
+    // Where a schedule op ends, the activations it keeps (forward) or frees (backward) change.
+    for (; phase < r.program.phases.size() && r.program.phases[phase].last_op == i; ++phase) {
+      r.op_ends.emplace_back(prev_, r.program.phases[phase].forward);
+      r.op_chunks.push_back(r.program.phases[phase].chunk);
     }
   }
-  finish_rank(r);
 }
 
 void IterationBuilder::wire_groups() {
@@ -413,6 +323,7 @@ SimulationResult IterationBuilder::run() {
         r.dp = d;
         r.tp = t;
         r.rank = rank_of(plan_, {d, pp, t});
+        r.slot = static_cast<int>(ranks.size());
         ranks.push_back(r);
       }
     }
@@ -425,7 +336,7 @@ SimulationResult IterationBuilder::run() {
   SimulationResult result;
   result.estimate = estimate_from(ranks, result.stage_peak_bytes);
   if (options_.record_timeline) {
-    result.timeline = timeline_from();
+    result.timeline = timeline_from(ranks);
     // Replicas of a stage (data- and tensor-parallel peers) hold the same memory.
     result.timeline.peak_memory_bytes.resize(static_cast<std::size_t>(plan_.world_size()));
     for (int rank = 0; rank < plan_.world_size(); ++rank) {
@@ -439,179 +350,11 @@ SimulationResult IterationBuilder::run() {
   return result;
 }
 
-PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
-                                             std::vector<double>& stage_peaks) const {
-  PlanEstimate e;
-  e.plan = plan_;
-  e.stack = model_.stack().name;
-  e.plan.stages = stages_;
-  double makespan = 0;
-  for (std::size_t i = 0; i < engine_.num_tasks(); ++i) {
-    makespan = std::max(makespan, engine_.task(static_cast<Id>(i)).end_s);
-  }
-  e.iteration_time_s = makespan;
-  // Breakdown on the rank that is busiest on compute (the critical pipeline stage).
-  const int n_ranks = static_cast<int>(ranks.size());
-  std::vector<std::vector<std::pair<double, double>>> compute(n_ranks), optimizer(n_ranks);
-  std::vector<std::array<std::vector<std::pair<double, double>>, 3>> comm(n_ranks);
-  std::map<int, int> slot;
-  for (int i = 0; i < n_ranks; ++i) {
-    slot[ranks[static_cast<std::size_t>(i)].rank] = i;
-  }
-  for (std::size_t i = 0; i < engine_.num_tasks(); ++i) {
-    const auto& task = engine_.task(static_cast<Id>(i));
-    if (task.tag < 0) {
-      continue;
-    }
-    const TaskInfo& info = info_[static_cast<std::size_t>(task.tag)];
-    const int s = slot.at(info.rank);
-    const std::pair<double, double> span{task.start_s, task.end_s};
-    switch (info.stream) {
-    case Stream::compute:
-      (info.category == Category::optimizer ? optimizer : compute)[static_cast<std::size_t>(s)]
-          .push_back(span);
-      break;
-    case Stream::tp_comm:
-      comm[static_cast<std::size_t>(s)][0].push_back(span);
-      break;
-    case Stream::pp_comm:
-      comm[static_cast<std::size_t>(s)][1].push_back(span);
-      break;
-    case Stream::dp_comm:
-      comm[static_cast<std::size_t>(s)][2].push_back(span);
-      break;
-    }
-  }
-  int critical = 0;
-  double busiest = -1;
-  for (int i = 0; i < n_ranks; ++i) {
-    double busy = 0;
-    for (const auto& [a, b] : compute[static_cast<std::size_t>(i)]) {
-      busy += b - a;
-    }
-    if (busy > busiest + 1e-12) {
-      busiest = busy;
-      critical = i;
-    }
-  }
-  // Compute overlapped by data-parallel collectives runs slower (NCCL kernels take SMs and
-  // memory bandwidth): each rank's step grows by the stack's slowdown times its overlapped
-  // compute time, and the slowest rank sets the iteration. The engine's task times stay those
-  // without interference, so the recorded timeline shows the schedule, not the slowdown.
-  double interference = 0;
-  if (device_overlaps_communication(cluster_.device)) {
-    const double slowdown = model_.stack().overlap_compute_slowdown;
-    double latest = makespan;
-    for (int i = 0; i < n_ranks; ++i) {
-      const auto& busy = compute[static_cast<std::size_t>(i)];
-      const auto& dp = comm[static_cast<std::size_t>(i)][2];
-      double end = 0;
-      for (const auto& span : busy) {
-        end = std::max(end, span.second);
-      }
-      for (const auto& span : optimizer[static_cast<std::size_t>(i)]) {
-        end = std::max(end, span.second);
-      }
-      latest = std::max(latest, end + slowdown * spans_overlap_s(busy, dp));
-    }
-    interference = latest - makespan;
-    makespan = latest;
-    e.iteration_time_s = makespan;
-  }
-  e.breakdown = sweep_breakdown(compute[static_cast<std::size_t>(critical)],
-                                optimizer[static_cast<std::size_t>(critical)],
-                                comm[static_cast<std::size_t>(critical)], makespan - interference);
-  e.breakdown.dp_comm += interference;
-  std::array<std::pair<double, const char*>, 6> parts = {{{e.breakdown.compute, "compute"},
-                                                          {e.breakdown.tp_comm, "tp_comm"},
-                                                          {e.breakdown.pp_comm, "pp_comm"},
-                                                          {e.breakdown.dp_comm, "dp_comm"},
-                                                          {e.breakdown.bubble, "bubble"},
-                                                          {e.breakdown.optimizer, "optimizer"}}};
-  e.bottleneck = std::max_element(parts.begin(), parts.end())->second;
-
-  const GraphInfo& g = model_.graph().info();
-  const double tokens = static_cast<double>(plan_.global_batch_size * g.seq_length);
-  e.tokens_per_s = tokens / makespan;
-  const double flops =
-      static_cast<double>(plan_.global_batch_size) * model_.model_flops_per_sequence();
-  e.tflops_per_gpu = flops / (makespan * plan_.world_size()) / 1e12;
-  e.mfu = e.tflops_per_gpu * 1e12 / cluster_.peak_flops(plan_.precision);
-
-  // Memory: the analytic static state plus the activations the simulated schedule kept alive.
-  stage_peaks.assign(static_cast<std::size_t>(plan_.pp), 0.0);
-  const auto analytic = model_.memory_per_stage(plan_);
-  const auto loads = const_cast<CostModel&>(model_).rank_loads(plan_, stages_);
-  std::vector<double> chunk_act(stages_.size(), 0.0);
-  for (std::size_t c = 0; c < stages_.size(); ++c) {
-    for (int u = stages_[c].first; u < stages_[c].second; ++u) {
-      const UnitCost& uc = units_[static_cast<std::size_t>(u)];
-      chunk_act[c] += plan_.recompute == Recompute::none        ? uc.act_bytes
-                      : plan_.recompute == Recompute::selective ? uc.act_selective_bytes
-                                                                : uc.act_full_bytes;
-    }
-  }
-  for (const RankSim& r : ranks) {
-    std::vector<std::pair<double, double>> changes;
-    for (std::size_t i = 0; i < r.op_ends.size(); ++i) {
-      const double act = chunk_act[static_cast<std::size_t>(r.op_chunks[i])];
-      changes.emplace_back(engine_.task(r.op_ends[i].first).end_s,
-                           r.op_ends[i].second ? act : -act);
-    }
-    std::stable_sort(changes.begin(), changes.end(), [](const auto& a, const auto& b) {
-      return a.first != b.first ? a.first < b.first : a.second < b.second;
-    });
-    double live = 0;
-    double peak = 0;
-    for (const auto& [t, delta] : changes) {
-      live += delta;
-      peak = std::max(peak, live);
-    }
-    const MemoryBreakdown& a = analytic[static_cast<std::size_t>(r.pp_rank)];
-    MemoryBreakdown m = a;
-    const CostModel::RankLoad& load = loads[static_cast<std::size_t>(r.pp_rank)];
-    m.activations = peak + load.recompute_working_bytes() + load.act_transient;
-    m.allocator =
-        model_.allocator_slack_bytes({a.params, a.grads, a.optimizer, a.buffers}, m.activations);
-    double& stage = stage_peaks[static_cast<std::size_t>(r.pp_rank)];
-    stage = std::max(stage, m.total());
-    if (m.total() > e.memory.total()) {
-      e.memory = m;
-    }
-  }
-  e.memory_capacity_bytes = model_.memory_capacity_bytes();
-  e.fits = e.memory.total() <= e.memory_capacity_bytes;
-  return e;
-}
-
-Timeline IterationBuilder::timeline_from() const {
-  Timeline t;
-  t.events.reserve(engine_.num_tasks());
-  for (std::size_t i = 0; i < engine_.num_tasks(); ++i) {
-    const auto& task = engine_.task(static_cast<Id>(i));
-    if (task.tag < 0) {
-      continue;
-    }
-    const TaskInfo& info = info_[static_cast<std::size_t>(task.tag)];
-    std::string name = std::string(category_name(info.category));
-    if (info.unit >= 0) {
-      name += fmt::format(" u{}", info.unit);
-    }
-    if (info.micro_batch >= 0) {
-      name += fmt::format(" mb{}", info.micro_batch);
-    }
-    t.events.push_back({info.rank, info.stream, info.category, std::move(name), info.unit,
-                        info.micro_batch, task.start_s, task.end_s, info.flops, info.bytes});
-  }
-  t.sort();
-  return t;
-}
-
-} // namespace
+} // namespace detail
 
 SimulationResult simulate_iteration(CostModel& model, const Plan& plan,
                                     const SimulationOptions& options) {
-  IterationBuilder builder(model, plan, options);
+  detail::IterationBuilder builder(model, plan, options);
   return builder.run();
 }
 

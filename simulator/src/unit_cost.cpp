@@ -159,6 +159,9 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
     }
     const double pdiv = layer_param_divisor(layer, key.tp);
     u.params += static_cast<double>(layer.params) / pdiv;
+    if (pdiv == 1.0) {
+      u.replicated_params += static_cast<double>(layer.params);
+    }
     u.max_layer_params = std::max(u.max_layer_params, static_cast<double>(layer.params) / pdiv);
     const double adiv = layer_activation_divisor(layer, key.tp, key.sequence_parallel);
     const double act = (layer.saved_act_elems * elem_bytes + layer.saved_mask_bytes) * B / adiv;

@@ -22,6 +22,9 @@ struct UnitCost {
   double tp_fwd_s = 0; // tensor-parallel collectives in the forward (critical path)
   double tp_bwd_s = 0; // the same in the backward
   double params = 0;   // parameters held by one TP rank
+  // Of those, the ones every TP rank holds whole (norms): under sequence parallelism their
+  // gradients are summed over the tensor-parallel group.
+  double replicated_params = 0;
   double max_layer_params = 0;
   double act_bytes = 0;           // activations kept per micro-batch without recomputation
   double act_selective_bytes = 0; // with selective recomputation
