@@ -467,17 +467,23 @@ Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext&
   return y;
 }
 
-Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
-                      const MicroBatch& mb, const Tensor& dy, BlockCache& cache) {
+void layer_recompute(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                     const MicroBatch& mb, BlockCache& cache) {
   std::vector<Tensor>& t = cache.t;
   PARALLAX_CHECK(t.size() == kNumSlots && !t[kX].empty(), "layer backward without its forward");
-  if (t[kX1].empty()) {
-    // Full recomputation: rerun the forward from the saved input (TP collectives included).
-    BlockCache again;
-    const Tensor x = std::move(t[kX]);
-    layer_forward(m, b, tp, mb, x, KeepMode::all, again);
-    cache = std::move(again);
-  }
+  if (!t[kX1].empty())
+    return; // the forward kept what the backward reads
+  // Full recomputation: rerun the forward from the saved input (TP collectives included).
+  BlockCache again;
+  const Tensor x = std::move(t[kX]);
+  layer_forward(m, b, tp, mb, x, KeepMode::all, again);
+  cache = std::move(again);
+}
+
+Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                      const MicroBatch& mb, const Tensor& dy, BlockCache& cache) {
+  layer_recompute(m, b, tp, mb, cache);
+  std::vector<Tensor>& t = cache.t;
   const ops::AttentionShape shape = attention_shape(m, tp, mb);
   const Index n = mb.batch * mb.seq;
 

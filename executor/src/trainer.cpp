@@ -79,6 +79,10 @@ struct CpuBackend {
                     const Act& x, KeepMode keep, Cache& cache) {
     return parallax::layer_forward(m, b, tp, mb, x, keep, cache);
   }
+  void layer_recompute(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                       const Batch& mb, Cache& cache) {
+    parallax::layer_recompute(m, b, tp, mb, cache);
+  }
   Act layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
                      const Batch& mb, const Act& dy, Cache& cache) {
     return parallax::layer_backward(m, b, tp, mb, dy, cache);

@@ -371,18 +371,25 @@ DeviceTensor layer_forward(const Ctx& c, const ExecModel& m, const BlockBuffers&
   return y;
 }
 
+// Full recomputation: rerun the forward from the saved input (TP collectives included) when
+// the cache holds only that.
+void layer_recompute(const Ctx& c, const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                     const DeviceBatch& mb, DeviceCache& cache) {
+  std::vector<DeviceTensor>& t = cache.t;
+  PARALLAX_CHECK(t.size() == kNumSlots && !t[kX].empty(), "layer backward without its forward");
+  if (!t[kX1].empty())
+    return;
+  DeviceCache again;
+  const DeviceTensor x = std::move(t[kX]);
+  layer_forward(c, m, b, tp, mb, x, KeepMode::all, again);
+  cache = std::move(again);
+}
+
 DeviceTensor layer_backward(const Ctx& c, const ExecModel& m, const BlockBuffers& b,
                             const TpContext& tp, const DeviceBatch& mb, const DeviceTensor& dy,
                             DeviceCache& cache) {
+  layer_recompute(c, m, b, tp, mb, cache);
   std::vector<DeviceTensor>& t = cache.t;
-  PARALLAX_CHECK(t.size() == kNumSlots && !t[kX].empty(), "layer backward without its forward");
-  if (t[kX1].empty()) {
-    // Full recomputation: rerun the forward from the saved input (TP collectives included).
-    DeviceCache again;
-    const DeviceTensor x = std::move(t[kX]);
-    layer_forward(c, m, b, tp, mb, x, KeepMode::all, again);
-    cache = std::move(again);
-  }
   const AttentionShape shape = attention_shape(m, tp, mb.host);
   const Index n = mb.host.batch * mb.host.seq;
   const Index h = m.config.hidden_size;
@@ -707,6 +714,10 @@ struct CudaBackend {
   Act layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp, const Batch& mb,
                     const Act& x, KeepMode keep, Cache& cache) {
     return cuda::layer_forward(ctx(), m, b, tp, mb, x, keep, cache);
+  }
+  void layer_recompute(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                       const Batch& mb, Cache& cache) {
+    cuda::layer_recompute(ctx(), m, b, tp, mb, cache);
   }
   Act layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
                      const Batch& mb, const Act& dy, Cache& cache) {

@@ -131,6 +131,10 @@ enum class KeepMode { all, no_attention_probs, input_only };
 // recomputes the attention probabilities (selective recomputation).
 Tensor layer_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
                      const MicroBatch& mb, const Tensor& x, KeepMode keep, BlockCache& cache);
+// Full recomputation: when the cache holds only the input (input_only), reruns the forward so
+// it holds what the backward reads; otherwise nothing. layer_backward calls it first.
+void layer_recompute(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
+                     const MicroBatch& mb, BlockCache& cache);
 Tensor layer_backward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
                       const MicroBatch& mb, const Tensor& dy, BlockCache& cache);
 
