@@ -81,13 +81,14 @@ private:
   int chunks() const { return static_cast<int>(p_.stages.size()); }
 
   // ZeRO-3: prefetched one unit ahead, so it waits only for the compute two compute ops back.
-  int gather(int unit, int chunk, int mb) {
+  int gather(int unit, int chunk, int mb, bool in_backward) {
     StepOp g{.kind = StepOpKind::gather,
              .unit = unit,
              .chunk = chunk,
              .micro_batch = mb,
              .collective = StepCollective::all_gather,
-             .async = true};
+             .async = true,
+             .in_backward = in_backward};
     if (computes_.size() >= 2) {
       g.after.push_back(computes_[computes_.size() - 2]);
     }
@@ -113,7 +114,7 @@ private:
                                       .peer_chunk = chunk - 1})
                                : -1;
     for (int u = first; u < last; ++u) {
-      const int g = zero3_ ? gather(u, chunk, mb) : -1;
+      const int g = zero3_ ? gather(u, chunk, mb, false) : -1;
       add({.kind = StepOpKind::forward,
            .unit = u,
            .chunk = chunk,
@@ -139,7 +140,7 @@ private:
                                                  .peer_chunk = chunk + 1})
                                           : -1;
     for (int u = last - 1; u >= first; --u) {
-      const int g = zero3_ && shape_.reshard_after_forward ? gather(u, chunk, mb) : -1;
+      const int g = zero3_ && shape_.reshard_after_forward ? gather(u, chunk, mb, true) : -1;
       const int r = u == last - 1 ? recv : -1;
       int rc = -1;
       if (plan_.recompute == Recompute::full) {
@@ -285,10 +286,11 @@ Stream StepOp::stream() const {
 
 std::string StepOp::name() const {
   switch (kind) {
+  case StepOpKind::gather:
+    return fmt::format("gather{} u{} mb{}", in_backward ? " bwd" : "", unit, micro_batch);
   case StepOpKind::forward:
   case StepOpKind::recompute:
   case StepOpKind::backward:
-  case StepOpKind::gather:
     return fmt::format("{} u{} mb{}", step_op_kind_name(kind), unit, micro_batch);
   case StepOpKind::send:
   case StepOpKind::recv:

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "parallax/core/json_reader.hpp"
+#include "parallax/core/plan.hpp"
 #include "parallax/executor/checkpoint.hpp"
 
 #include <fmt/format.h>
@@ -95,7 +96,8 @@ struct Case {
   bool sp = false;
   int micro = 2;
   std::string sync = "allreduce";
-  bool overlap = true; // the plan's overlap_grad_reduce
+  bool overlap = true;      // the plan's overlap_grad_reduce
+  bool even_stages = false; // write the stages (an even split) into the plan
 };
 
 inline std::string case_name(const Case& c) {
@@ -145,7 +147,12 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
                      {"precision", "fp32"},
                      {"grad_sync", c.sync},
                      {"overlap_grad_reduce", c.overlap}};
-  parallax::json_write_file(file, plan);
+  Json doc = plan;
+  if (c.even_stages) {
+    for (const parallax::StageRange& r : parallax::stages_even(8, c.pp * c.v))
+      doc["stages"].push_back({r.first, r.second});
+  }
+  parallax::json_write_file(file, doc);
   return file;
 }
 

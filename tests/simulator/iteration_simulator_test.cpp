@@ -1,5 +1,6 @@
 #include "parallax/core/layer_graph_json.hpp"
 #include "parallax/core/plan_json.hpp"
+#include "parallax/core/step_program.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/transformer_builder.hpp"
 #include "parallax/simulator/collectives.hpp"
@@ -8,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 #include <random>
 
 namespace parallax {
@@ -233,6 +235,59 @@ TEST(SimulateIteration, SymmetricReductionMatchesFullSimulation) {
     ++checked;
   }
   EXPECT_GE(checked, 20);
+}
+
+// The simulator's task graph is the step program: on every rank of random plans, the events of
+// the simulated timeline are the program's ops by name (an op's TP collective as "<op> tp"), and
+// no op starts before the ops it waits for have ended.
+TEST(SimulateIteration, TaskGraphIsTheStepProgram) {
+  const LayerGraph g = small_gpt(8);
+  const Cluster base = cluster_load("dgx-a100-80g");
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 40; ++trial) {
+    Plan p;
+    p.dp = 1 << (rng() % 2);
+    p.tp = 1 << (rng() % 2);
+    p.pp = 1 << (rng() % 3);
+    p.zero_stage = p.dp > 1 ? static_cast<int>(rng() % 4) : 0;
+    p.micro_batch_size = 1;
+    p.global_batch_size = p.dp * p.pp * (1 + static_cast<int>(rng() % 2));
+    p.recompute = static_cast<Recompute>(rng() % 3);
+    p.sequence_parallel = p.tp > 1 && rng() % 2 == 0;
+    p.schedule = p.pp > 1 ? static_cast<Schedule>(rng() % 3) : Schedule::one_f_one_b;
+    p.virtual_stages = p.schedule == Schedule::interleaved ? 2 : 1;
+    p.overlap_grad_reduce = rng() % 3 != 0;
+    p.grad_sync =
+        p.zero_stage == 0 && rng() % 4 == 0 ? GradSync::parameter_server : GradSync::allreduce;
+    const Cluster c = base.with_devices(p.world_size());
+    CostModel model(g, c);
+    SCOPED_TRACE(plan_to_json(p).dump());
+    const SimulationResult r = simulate_iteration(model, p, {.symmetric = false});
+    for (int rank = 0; rank < p.world_size(); ++rank) {
+      const StepProgram prog =
+          step_program(p,
+                       {.units = g.num_units(),
+                        .tied_embeddings = g.info().tied_embeddings,
+                        .reshard_after_forward = model.stack().sharding.reshard_after_forward},
+                       rank);
+      std::map<std::string, std::pair<double, double>> spans; // first start, last end
+      for (const Event& e : r.timeline.events) {
+        if (e.rank != rank || e.name.ends_with(" tp"))
+          continue;
+        auto [it, fresh] = spans.try_emplace(e.name, e.start_s, e.end_s);
+        EXPECT_TRUE(fresh) << "two tasks for " << e.name;
+      }
+      ASSERT_EQ(spans.size(), prog.ops.size()) << "rank " << rank;
+      for (const StepOp& op : prog.ops) {
+        ASSERT_TRUE(spans.contains(op.name())) << op.name();
+        for (int a : op.after) {
+          const std::string before = prog.ops[static_cast<std::size_t>(a)].name();
+          EXPECT_LE(spans.at(before).second, spans.at(op.name()).first + 1e-12)
+              << op.name() << " waits for " << before;
+        }
+      }
+    }
+  }
 }
 
 TEST(SimulateIteration, AgreesWithAnalyticModelOnLargePlans) {

@@ -75,6 +75,7 @@ struct StepOp {
   int peer_chunk = -1;  // send / recv: the chunk on the other side
   StepCollective collective = StepCollective::none;
   bool async = false;
+  bool in_backward = false; // a gather for the backward pass (the stack resharded after forward)
   std::vector<int> after; // indices of ops of this program it waits for
 
   bool compute() const {
@@ -88,6 +89,7 @@ struct StepOp {
   Category category() const;
   Stream stream() const;
   std::string name() const; // e.g. "forward u3 mb1", "send act c0>c1 mb1", "optimizer"
+  // (a backward gather: "gather bwd u3 mb1")
   bool operator==(const StepOp&) const = default;
 };
 
