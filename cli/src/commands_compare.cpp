@@ -28,6 +28,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -85,9 +86,21 @@ struct CompareFlags {
 
 // One compared plan, with what the report needs besides the figures.
 struct Row : viz::ComparedPlan {
-  fs::path trace;         // the measured timeline (Chrome trace)
-  PlanEstimate estimate;  // the simulator's figures
+  fs::path trace;        // the measured timeline (Chrome trace)
+  PlanEstimate estimate; // the simulator's figures
 };
+
+Json ops_json(const std::vector<viz::ComparedOp>& ops) {
+  Json out = Json::array();
+  for (const viz::ComparedOp& op : ops) {
+    out.push_back({{"rank", op.rank},
+                   {"name", op.name},
+                   {"category", op.category},
+                   {"simulated_s", op.simulated_s ? Json(*op.simulated_s) : Json()},
+                   {"measured_s", op.measured_s ? Json(*op.measured_s) : Json()}});
+  }
+  return out;
+}
 
 Json breakdown_json(const TimeBreakdown& b) {
   return {{"compute", b.compute}, {"tp_comm", b.tp_comm}, {"pp_comm", b.pp_comm},
@@ -191,16 +204,14 @@ void write_report(const CompareFlags& f, const LoadedModel& model, const Cluster
                   const Stack& stack, const std::vector<Row>& rows, double mape, double tau) {
   viz::ReportInput in;
   in.title = fmt::format("Simulated vs measured: {}", model.graph.info().name);
-  in.context = fmt::format("{} on {} ({}), {}, {} plans, profile {}", model.graph.info().name,
-                           cluster.name, cluster.device.name, stack_line(stack), rows.size(),
-                           f.cluster);
+  in.context =
+      fmt::format("{} on {} ({}), {}, {} plans, profile {}", model.graph.info().name, cluster.name,
+                  cluster.device.name, stack_line(stack), rows.size(), f.cluster);
   for (std::size_t i = 0; i < rows.size(); ++i) {
     const Row& r = rows[i];
     in.compared.push_back(r);
-    in.plans.push_back({.estimate = r.estimate,
-                        .gpus = r.plan.world_size(),
-                        .chosen = i == 0,
-                        .simulated = true});
+    in.plans.push_back(
+        {.estimate = r.estimate, .gpus = r.plan.world_size(), .chosen = i == 0, .simulated = true});
     in.candidates.push_back({.tokens_per_s = r.estimate.tokens_per_s,
                              .memory_bytes = r.estimate.memory.total(),
                              .rank_in_table = static_cast<int>(i) + 1,
@@ -215,10 +226,11 @@ void write_report(const CompareFlags& f, const LoadedModel& model, const Cluster
   in.memory_capacity_bytes = cost.memory_capacity_bytes();
   in.chosen = first.estimate;
   const SimulationResult sim = simulate_iteration(cost, first.plan, {.symmetric = true});
-  in.timelines.emplace_back("measured (plan 1, last step, every rank)",
-                            viz::timeline_svg(timeline_from_chrome_trace(
-                                                  json_load_file(first.trace), first.trace.string()),
-                                              {.title = plan_label(first.plan)}));
+  in.timelines.emplace_back(
+      "measured (plan 1, last step, every rank)",
+      viz::timeline_svg(
+          timeline_from_chrome_trace(json_load_file(first.trace), first.trace.string()),
+          {.title = plan_label(first.plan)}));
   in.timelines.emplace_back("simulated (plan 1, one rank per pipeline stage)",
                             viz::timeline_svg(sim.timeline, {.title = plan_label(first.plan)}));
   in.layer_graph_svg =
@@ -227,11 +239,56 @@ void write_report(const CompareFlags& f, const LoadedModel& model, const Cluster
   text_write_file(f.report, viz::report_html(in));
 }
 
+// The simulated ops (one rank per pipeline stage) beside the measured ones of the same ranks,
+// each measured op at its median over the timed steps; ops either side lacks appear too.
+std::vector<viz::ComparedOp> compared_ops(const Timeline& simulated, const Json& measured,
+                                          const std::string& source) {
+  std::vector<int> ranks;
+  for (const Event& e : simulated.events) {
+    if (std::find(ranks.begin(), ranks.end(), e.rank) == ranks.end())
+      ranks.push_back(e.rank);
+  }
+  std::vector<viz::ComparedOp> ops;
+  std::map<std::pair<int, std::string>, std::size_t> at;
+  for (const OpTime& op : timeline_op_times(simulated)) {
+    at[{op.rank, op.name}] = ops.size();
+    ops.push_back({.rank = op.rank,
+                   .name = op.name,
+                   .category = std::string(category_name(op.category)),
+                   .simulated_s = op.seconds});
+  }
+  const JsonReader list = JsonReader(measured, source).array("ops");
+  for (std::size_t i = 0; i < list.array_size(); ++i) {
+    const JsonReader row = list.element(i);
+    const int rank = static_cast<int>(row.integer("rank", 0));
+    if (std::find(ranks.begin(), ranks.end(), rank) == ranks.end())
+      continue;
+    const JsonReader seconds = row.array("seconds");
+    std::vector<double> times;
+    for (std::size_t t = 0; t < seconds.array_size(); ++t)
+      times.push_back(seconds.element(t).value().get<double>());
+    if (times.empty())
+      continue;
+    std::nth_element(times.begin(), times.begin() + static_cast<std::ptrdiff_t>(times.size() / 2),
+                     times.end());
+    const std::string name = row.string("name");
+    auto it = at.find({rank, name});
+    if (it == at.end()) {
+      at[{rank, name}] = ops.size();
+      ops.push_back({.rank = rank, .name = name, .category = row.string("category")});
+      it = at.find({rank, name});
+    }
+    ops[it->second].measured_s = times[times.size() / 2];
+  }
+  return ops;
+}
+
 Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const Cluster& cluster,
                          const Stack& stack, Plan plan, const fs::path& dir, int index) {
   const fs::path plan_file = dir / fmt::format("plan-{}.json", index);
   const fs::path log = dir / fmt::format("steps-{}.jsonl", index);
   const fs::path trace = dir / fmt::format("trace-{}.json", index);
+  const fs::path op_times = dir / fmt::format("ops-{}.json", index);
   fs::remove(log);
   Cluster sized = cluster.with_devices(plan.world_size());
   CostModel cost(model.graph, sized, stack);
@@ -246,10 +303,10 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
                            geteuid() == 0 ? "--allow-run-as-root " : "", n);
   }
   const Process p = run_process(fmt::format(
-      "{}{} train --backend {} --model {} --plan {} --steps {} --log {} --trace {} --cluster {} "
-      "--seed 1",
+      "{}{} train --backend {} --model {} --plan {} --steps {} --log {} --trace {} --op-times {} "
+      "--cluster {} --seed 1",
       launcher, quote(self), f.backend, quote(f.model), quote(plan_file.string()), f.steps,
-      quote(log.string()), quote(trace.string()), quote(f.cluster)));
+      quote(log.string()), quote(trace.string()), quote(op_times.string()), quote(f.cluster)));
   if (p.code != 0) {
     throw std::runtime_error(fmt::format("training plan {} ({}) failed with exit code {}:\n{}",
                                          index, plan_label(plan), p.code, p.output));
@@ -261,7 +318,8 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
   for (std::string line; std::getline(in, line);) {
     const Json j = Json::parse(line);
     times.push_back(j.at("step_time_s").get<double>());
-    r.measured_peak_memory_bytes = std::max(r.measured_peak_memory_bytes, j.at("peak_memory_bytes").get<double>());
+    r.measured_peak_memory_bytes =
+        std::max(r.measured_peak_memory_bytes, j.at("peak_memory_bytes").get<double>());
   }
   PARALLAX_CHECK(!times.empty(), "train wrote no steps");
   // The first step warms caches and the allocator; the median of the rest is the step time.
@@ -272,8 +330,8 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
   r.measured_step_s = times[times.size() / 2];
   r.measured =
       timeline_breakdown(timeline_from_chrome_trace(json_load_file(trace), trace.string()));
-  const SimulationResult sim =
-      simulate_iteration(cost, plan, {.symmetric = true, .record_timeline = false});
+  const SimulationResult sim = simulate_iteration(cost, plan, {.symmetric = true});
+  r.ops = compared_ops(sim.timeline, json_load_file(op_times), op_times.string());
   r.simulated_step_s = sim.estimate.iteration_time_s;
   r.simulated = sim.estimate.breakdown;
   r.simulated_peak_memory_bytes = sim.estimate.memory.reserved();
@@ -346,14 +404,16 @@ int run_compare(const CompareFlags& f) {
   if (f.json) {
     Json out = {{"plans", Json::array()}, {"mape", mape}, {"kendall_tau", tau}};
     for (const Row& r : rows) {
-      out["plans"].push_back({{"plan", plan_to_json(r.plan)},
-                              {"measured_step_time_s", r.measured_step_s},
-                              {"simulated_step_time_s", r.simulated_step_s},
-                              {"error", (r.simulated_step_s - r.measured_step_s) / r.measured_step_s},
-                              {"measured_peak_memory_bytes", r.measured_peak_memory_bytes},
-                              {"simulated_peak_memory_bytes", r.simulated_peak_memory_bytes},
-                              {"measured_breakdown", breakdown_json(r.measured)},
-                              {"simulated_breakdown", breakdown_json(r.simulated)}});
+      out["plans"].push_back(
+          {{"plan", plan_to_json(r.plan)},
+           {"measured_step_time_s", r.measured_step_s},
+           {"simulated_step_time_s", r.simulated_step_s},
+           {"error", (r.simulated_step_s - r.measured_step_s) / r.measured_step_s},
+           {"measured_peak_memory_bytes", r.measured_peak_memory_bytes},
+           {"simulated_peak_memory_bytes", r.simulated_peak_memory_bytes},
+           {"measured_breakdown", breakdown_json(r.measured)},
+           {"simulated_breakdown", breakdown_json(r.simulated)},
+           {"ops", ops_json(r.ops)}});
     }
     std::cout << out.dump(2) << "\n";
   } else {
@@ -363,13 +423,13 @@ int run_compare(const CompareFlags& f) {
                              "measured", "simulated", "error", "peak MiB m/s", "compute m/s (ms)");
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
-      std::cout << fmt::format("{:>3}  {:<52} {:>8.2f}ms {:>8.2f}ms {:>+6.1f}%  {:>7.0f}/{:<7.0f}  "
-                               "{:>10.2f}/{:<10.2f}\n",
-                               i + 1, plan_label(r.plan), 1e3 * r.measured_step_s, 1e3 * r.simulated_step_s,
-                               100 * (r.simulated_step_s - r.measured_step_s) / r.measured_step_s,
-                               r.measured_peak_memory_bytes / (1 << 20), r.simulated_peak_memory_bytes / (1 << 20),
-                               1e3 * r.measured.compute,
-                               1e3 * r.simulated.compute);
+      std::cout << fmt::format(
+          "{:>3}  {:<52} {:>8.2f}ms {:>8.2f}ms {:>+6.1f}%  {:>7.0f}/{:<7.0f}  "
+          "{:>10.2f}/{:<10.2f}\n",
+          i + 1, plan_label(r.plan), 1e3 * r.measured_step_s, 1e3 * r.simulated_step_s,
+          100 * (r.simulated_step_s - r.measured_step_s) / r.measured_step_s,
+          r.measured_peak_memory_bytes / (1 << 20), r.simulated_peak_memory_bytes / (1 << 20),
+          1e3 * r.measured.compute, 1e3 * r.simulated.compute);
     }
     std::cout << fmt::format("MAPE {:.1f}%, Kendall tau {:.2f} over {} plans\n", 100 * mape, tau,
                              rows.size());

@@ -27,6 +27,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -80,6 +81,7 @@ struct TrainFlags {
   bool resume = false;
   std::string log;
   std::string trace;
+  std::string op_times; // per-op times of every timed step (JSON)
   double timeout_s = 300;
 };
 
@@ -323,9 +325,32 @@ int run_train(const TrainFlags& f) {
         write_checkpoint(f.checkpoint_dir, ck, f.keep);
       }
     };
+    std::map<std::pair<int, std::string>, Json> op_seconds; // (rank, op) → its times per step
+    int op_steps = 0;
     while (trainer.steps_done() < f.steps) {
       const bool last = trainer.steps_done() + 1 == f.steps;
-      const StepStats st = trainer.step(last && !f.trace.empty());
+      // The first step warms caches and the allocator: op times come from the others.
+      const bool timed = !f.op_times.empty() && (trainer.steps_done() > 0 || f.steps == 1);
+      const StepStats st = trainer.step((last && !f.trace.empty()) || timed);
+      if (timed) {
+        const Timeline t = trainer.timeline();
+        if (rank == 0) {
+          for (const OpTime& op : timeline_op_times(t)) {
+            Json& row = op_seconds[{op.rank, op.name}];
+            if (row.is_null())
+              row = {{"rank", op.rank},
+                     {"name", op.name},
+                     {"category", category_name(op.category)},
+                     {"seconds", Json::array()}};
+            row["seconds"].push_back(op.seconds);
+          }
+          ++op_steps;
+        }
+        if (last && !f.trace.empty()) {
+          if (rank == 0)
+            json_write_file(f.trace, timeline_to_chrome_trace(t));
+        }
+      }
       if (rank == 0) {
         const std::string line = step_json(st).dump();
         std::cout << line << "\n" << std::flush;
@@ -348,10 +373,16 @@ int run_train(const TrainFlags& f) {
           std::this_thread::sleep_for(std::chrono::seconds(1));
       }
     }
-    if (!f.trace.empty()) {
+    if (!f.trace.empty() && f.op_times.empty()) {
       const Timeline t = trainer.timeline();
       if (rank == 0)
         json_write_file(f.trace, timeline_to_chrome_trace(t));
+    }
+    if (!f.op_times.empty() && rank == 0) {
+      Json doc = {{"steps", op_steps}, {"ops", Json::array()}};
+      for (auto& [key, row] : op_seconds)
+        doc["ops"].push_back(std::move(row));
+      json_write_file(f.op_times, doc);
     }
     world->barrier();
   } catch (const std::exception& e) {
@@ -406,6 +437,9 @@ Run register_train(CLI::App& app) {
   cmd->add_flag("--resume", f->resume, "Resume from the newest checkpoint in --checkpoint-dir");
   cmd->add_option("--log", f->log, "Append the per-step JSON lines to this file");
   cmd->add_option("--trace", f->trace, "Write the last step's measured timeline (Chrome trace)");
+  cmd->add_option("--op-times", f->op_times,
+                  "Write each op's measured seconds per rank and timed step (JSON; the first "
+                  "step is not timed)");
   cmd->add_option("--comm-timeout", f->timeout_s,
                   "Seconds before a stuck collective aborts the job");
   return [f]() { return run_train(*f); };

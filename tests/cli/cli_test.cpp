@@ -319,6 +319,43 @@ TEST(Cli, CalibrateWritesAValidProfileAndCompareScoresPlans) {
   EXPECT_NE(html.find("simulated (plan 1"), std::string::npos);
 }
 
+// Per-op comparison on 2 ranks: every op of the step program, simulated and measured, for every
+// op class (ZeRO-3 gathers and reductions, pipeline messages, TP collectives, recomputation).
+TEST(Cli, CompareReportsEveryOpWithBothTimes) {
+  const std::string plans = temp_path("parallax_cli_compare_ops.json");
+  {
+    std::ofstream f(plans);
+    f << R"([{"dp":2,"tp":1,"pp":1,"micro_batch_size":2,"global_batch_size":8,"precision":"fp32",
+              "zero_stage":3,"recompute":"full"},
+             {"dp":1,"tp":1,"pp":2,"micro_batch_size":2,"global_batch_size":8,"precision":"fp32"},
+             {"dp":1,"tp":2,"pp":1,"micro_batch_size":2,"global_batch_size":8,"precision":"fp32"}])";
+  }
+  const std::string report = temp_path("parallax_cli_compare_ops.html");
+  const Result r = run("compare --model gpt-tiny --plans " + plans + " --steps 3 --json --report " +
+                       report + " 2>/dev/null");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const parallax::Json out = parallax::json_parse_text(r.out, "compare output");
+  std::set<std::string> categories;
+  for (const auto& p : out.at("plans")) {
+    ASSERT_FALSE(p.at("ops").empty());
+    for (const auto& op : p.at("ops")) {
+      EXPECT_TRUE(op.at("simulated_s").is_number()) << op.dump();
+      EXPECT_TRUE(op.at("measured_s").is_number()) << op.dump();
+      EXPECT_GE(op.value("measured_s", -1.0), 0.0) << op.dump();
+      categories.insert(op.at("category").get<std::string>());
+    }
+  }
+  for (const char* c :
+       {"forward", "backward", "recompute", "optimizer", "tp_comm", "pp_comm", "dp_comm"}) {
+    EXPECT_TRUE(categories.contains(c)) << c;
+  }
+  std::ifstream in(report);
+  const std::string html((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(html.find("Per op, plan 1"), std::string::npos);
+  EXPECT_NE(html.find("gather u0 mb0"), std::string::npos); // plan 1 is ZeRO-3
+  EXPECT_NE(html.find("ops with both times"), std::string::npos);
+}
+
 TEST(Cli, ExportWritesDotSvgAndHtml) {
   const std::string plan = temp_path("parallax_cli_export_plan.json");
   {

@@ -5,7 +5,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace parallax::viz {
 
@@ -83,6 +85,31 @@ std::string compare_table(const ReportInput& in) {
                      summary, rows);
 }
 
+// The first plan's ops with both times, largest misses first (what calibration fixes next).
+std::string op_table(const ComparedPlan& p, std::size_t max_rows = 40) {
+  std::vector<const ComparedOp*> ops;
+  for (const ComparedOp& op : p.ops) {
+    if (op.simulated_s && op.measured_s)
+      ops.push_back(&op);
+  }
+  std::stable_sort(ops.begin(), ops.end(), [](const ComparedOp* a, const ComparedOp* b) {
+    return std::abs(*a->simulated_s - *a->measured_s) > std::abs(*b->simulated_s - *b->measured_s);
+  });
+  std::string rows;
+  for (std::size_t i = 0; i < ops.size() && i < max_rows; ++i) {
+    const ComparedOp& op = *ops[i];
+    const double err = *op.measured_s > 0 ? *op.simulated_s / *op.measured_s - 1 : 0;
+    rows += fmt::format("<tr><td>{}</td><td class=\"plan\">{}</td><td>{}</td><td>{:.3f}</td>"
+                        "<td>{:.3f}</td><td>{:+.1f}%</td></tr>\n",
+                        op.rank, xml_escape(op.name), xml_escape(op.category), 1e3 * *op.measured_s,
+                        1e3 * *op.simulated_s, 100 * err);
+  }
+  return fmt::format("<h3>Per op, plan 1 ({} of {} ops with both times, largest misses first)"
+                     "</h3>\n<table>\n<tr><th>rank</th><th>op</th><th>category</th>"
+                     "<th>measured ms</th><th>simulated ms</th><th>error</th></tr>\n{}</table>\n",
+                     std::min(ops.size(), max_rows), ops.size(), rows);
+}
+
 std::string picture(const std::string& svg) {
   return "<div class=\"picture\">\n" + svg_for_html(svg) + "</div>\n";
 }
@@ -111,7 +138,9 @@ std::string report_html(const ReportInput& in) {
     body += section("compare", "Simulated vs measured",
                     compare_table(in) + picture(compare_bars_svg(in.compared)) +
                         "<p class=\"note\">Bars stack each timeline's breakdown; the black tick "
-                        "is the step time.</p>");
+                        "is the step time.</p>" +
+                        op_table(in.compared.front()) + "<h3>Per-op error, every plan</h3>\n" +
+                        picture(op_error_histogram_svg(in.compared)));
   }
   if (!in.plans.empty()) {
     body += section("plans", "Ranked plans", plan_table(in.plans));

@@ -283,4 +283,66 @@ std::string compare_bars_svg(const std::vector<ComparedPlan>& plans) {
   return svg.finish();
 }
 
+std::string op_error_histogram_svg(const std::vector<ComparedPlan>& plans) {
+  // Bins of 10 points of error from −100% to +100%, the outer ones open.
+  constexpr int kBins = 21;
+  constexpr double W = 900, H = 260, L = 50, R = 20, T = 40, B = 40;
+  const std::array<std::pair<const char*, const char*>, 4> kinds = {{{"compute", "#3182bd"},
+                                                                     {"tp_comm", "#e6550d"},
+                                                                     {"pp_comm", "#31a354"},
+                                                                     {"dp_comm", "#756bb1"}}};
+  std::vector<std::array<int, 4>> counts(kBins, std::array<int, 4>{});
+  int total = 0;
+  for (const ComparedPlan& p : plans) {
+    for (const ComparedOp& op : p.ops) {
+      if (!op.simulated_s || !op.measured_s || *op.measured_s <= 0)
+        continue;
+      const double err = *op.simulated_s / *op.measured_s - 1;
+      const int bin = std::clamp(static_cast<int>(std::floor(err * 10 + 0.5)) + 10, 0, kBins - 1);
+      std::size_t kind = 0;
+      for (std::size_t k = 1; k < kinds.size(); ++k) {
+        if (op.category == kinds[k].first)
+          kind = k;
+      }
+      ++counts[static_cast<std::size_t>(bin)][kind];
+      ++total;
+    }
+  }
+  int tallest = 1;
+  for (const auto& c : counts)
+    tallest = std::max(tallest, c[0] + c[1] + c[2] + c[3]);
+  SvgWriter svg(W, H);
+  double legend_x = L;
+  for (const auto& [name, colour] : kinds) {
+    svg.rect(legend_x, 10, 10, 10, colour);
+    svg.text(legend_x + 14, 19, name, 10);
+    legend_x += 90;
+  }
+  svg.text(W - R, 19, fmt::format("{} ops with both times", total), 10, "end");
+  const double bw = (W - L - R) / kBins;
+  const double scale = (H - T - B) / tallest;
+  for (int b = 0; b < kBins; ++b) {
+    double y = H - B;
+    for (std::size_t k = 0; k < kinds.size(); ++k) {
+      const int n = counts[static_cast<std::size_t>(b)][k];
+      if (n == 0)
+        continue;
+      const double h = n * scale;
+      y -= h;
+      svg.rect(L + b * bw + 1, y, bw - 2, h, kinds[k].second,
+               fmt::format("{} ops ({}) with error in this bin", n, kinds[k].first));
+    }
+    if (b % 5 == 0) {
+      svg.text(L + (b + 0.5) * bw, H - B + 15,
+               b == 0           ? "≤ −100%"
+               : b == kBins - 1 ? "≥ +100%"
+                                : fmt::format("{:+d}%", (b - 10) * 10),
+               9, "middle");
+    }
+  }
+  svg.line(L, H - B, W - R, H - B, "#333333");
+  svg.text(L + (W - L - R) / 2, H - 6, "per-op error: simulated / measured − 1", 10, "middle");
+  return svg.finish();
+}
+
 } // namespace parallax::viz

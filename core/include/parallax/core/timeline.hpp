@@ -4,8 +4,8 @@
 
 #include <array>
 #include <cstdint>
-#include <string_view>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace parallax {
@@ -25,9 +25,9 @@ struct Event {
   int rank = 0;
   Stream stream = Stream::compute;
   Category category = Category::forward;
-  std::string name;      // e.g. "block3.mlp.up" or "allreduce grads bucket 2"
-  int layer = -1;        // partition unit (transformer block), -1 when not tied to one
-  int micro_batch = -1;  // -1 when not tied to one
+  std::string name;     // e.g. "block3.mlp.up" or "allreduce grads bucket 2"
+  int layer = -1;       // partition unit (transformer block), -1 when not tied to one
+  int micro_batch = -1; // -1 when not tied to one
   double start_s = 0;
   double end_s = 0;
   double flops = 0;
@@ -45,5 +45,20 @@ struct Timeline {
   void sort();
   bool operator==(const Timeline&) const = default;
 };
+
+// The time one op took on one rank, as simulated and measured timelines both name ops (core/
+// step_program): the union of the spans of its events, less the part its own tensor-parallel
+// collectives ("<op> tp", reported as their own op) overlap — so a compute op measured with its
+// TP collectives inside and one simulated without them read alike.
+struct OpTime {
+  int rank = 0;
+  std::string name;
+  Category category = Category::forward;
+  double seconds = 0;
+  double start_s = 0; // its first event's start (for ordering)
+};
+
+// Every op of `t` on `ranks` (all ranks when empty), by rank then first start.
+std::vector<OpTime> timeline_op_times(const Timeline& t, const std::vector<int>& ranks = {});
 
 } // namespace parallax

@@ -6,6 +6,7 @@
 #include "parallax/core/plan.hpp"
 #include "parallax/simulator/estimate.hpp"
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,8 +30,19 @@ std::string candidates_scatter_svg(const std::vector<CandidatePoint>& points,
 
 std::string memory_breakdown_svg(const MemoryBreakdown& memory, double memory_capacity_bytes);
 
+// One step-program op of a compared plan on one rank: its simulated and measured seconds
+// (measured: the median over the timed steps); absent where that side has no such op.
+struct ComparedOp {
+  int rank = 0;
+  std::string name;
+  std::string category;
+  std::optional<double> simulated_s;
+  std::optional<double> measured_s;
+};
+
 struct ComparedPlan {
   Plan plan;
+  std::vector<ComparedOp> ops;
   double measured_step_s = 0;
   double simulated_step_s = 0;
   double measured_peak_memory_bytes = 0;
@@ -41,5 +53,9 @@ struct ComparedPlan {
 
 // Two stacked bars per plan (measured, simulated), split by category, with the error.
 std::string compare_bars_svg(const std::vector<ComparedPlan>& plans);
+
+// Histogram of the per-op errors (simulated / measured − 1) over every plan's ops with both
+// times, one bar colour per op category.
+std::string op_error_histogram_svg(const std::vector<ComparedPlan>& plans);
 
 } // namespace parallax::viz
