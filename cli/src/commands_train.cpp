@@ -192,7 +192,7 @@ Setup prepare(const TrainFlags& f, int world_size) {
     cluster_name = zoo;
   }
 #endif
-  Cluster cluster = cluster_load(cluster_name).with_devices(world_size);
+  Cluster cluster = cluster_load(cluster_name).for_ranks(world_size);
   s.cluster_name = cluster_name;
   if (s.plan.stages.empty()) {
     // The planner's balanced partition, costed in a precision the profile has.

@@ -7,9 +7,13 @@
 
 #include <array>
 
+#include <numeric>
+
 namespace parallax {
 
-std::string_view topology_name(Topology t) { return enum_name(kTopologyNames, t); }
+std::string_view topology_name(Topology t) {
+  return enum_name(kTopologyNames, t);
+}
 
 double Cluster::peak_flops(Precision p) const {
   auto it = device.peak_tflops.find(p);
@@ -25,7 +29,19 @@ double Cluster::peak_flops(Precision p) const {
   return it->second * 1e12;
 }
 
-double Cluster::memory_bytes() const { return device.memory_gib * 1024.0 * 1024.0 * 1024.0; }
+double Cluster::memory_bytes() const {
+  return device.memory_gib * 1024.0 * 1024.0 * 1024.0;
+}
+
+Cluster Cluster::for_ranks(int ranks) const {
+  const int per_node = node.devices_per_node;
+  if (ranks < 1 || ranks < per_node || ranks % per_node == 0) {
+    return with_devices(ranks);
+  }
+  Cluster c = *this;
+  c.node.devices_per_node = std::gcd(ranks, per_node);
+  return c.with_devices(ranks);
+}
 
 Cluster Cluster::with_devices(int gpus) const {
   if (gpus < 1) {

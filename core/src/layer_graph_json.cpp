@@ -125,8 +125,8 @@ Json layer_to_json(const Layer& l) {
 LayerGraph layer_graph_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
   r.reject_unknown({"name", "family", "num_layers", "seq_length", "hidden_size",
-                    "num_attention_heads", "num_kv_heads", "vocab_size", "tied_embeddings",
-                    "layers", "edges", "notes"});
+                    "num_attention_heads", "num_kv_heads", "vocab_size", "ffn_hidden_size",
+                    "tied_embeddings", "layers", "edges", "notes"});
   GraphInfo info;
   info.name = r.string("name");
   info.family = r.string_or("family", "generic");
@@ -136,6 +136,7 @@ LayerGraph layer_graph_from_json(const Json& doc, const std::string& source) {
   info.num_kv_heads =
       static_cast<int>(r.integer_or("num_kv_heads", info.num_attention_heads, 1, 1 << 16));
   info.vocab_size = r.integer_or("vocab_size", 0, 0, 1 << 28);
+  info.ffn_hidden_size = r.integer_or("ffn_hidden_size", 0, 0, 1 << 28);
   info.tied_embeddings = r.boolean_or("tied_embeddings", false);
   LayerGraph g(info);
 
@@ -199,6 +200,7 @@ Json layer_graph_to_json(const LayerGraph& g) {
           {"num_attention_heads", info.num_attention_heads},
           {"num_kv_heads", info.num_kv_heads},
           {"vocab_size", info.vocab_size},
+          {"ffn_hidden_size", info.ffn_hidden_size},
           {"tied_embeddings", info.tied_embeddings},
           {"layers", layers},
           {"edges", edges}};

@@ -129,43 +129,71 @@ Json plan_to_json(const Plan& p) {
   return doc;
 }
 
-void plan_validate(const Plan& p, const LayerGraph& graph, int world_size,
-                   const std::string& source) {
+std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp) {
+  if (info.num_attention_heads % tp != 0) {
+    return PlanProblem{
+        "/tp", fmt::format("a divisor of the model's {} attention heads", info.num_attention_heads),
+        std::to_string(tp), ""};
+  }
+  if (info.num_kv_heads % tp != 0) {
+    return PlanProblem{
+        "/tp", fmt::format("a divisor of the model's {} key/value heads", info.num_kv_heads),
+        std::to_string(tp), ""};
+  }
+  if (info.ffn_hidden_size > 0 && info.ffn_hidden_size % tp != 0) {
+    return PlanProblem{"/tp",
+                       fmt::format("a divisor of the model's MLP width {}", info.ffn_hidden_size),
+                       std::to_string(tp), ""};
+  }
+  return std::nullopt;
+}
+
+std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, int world_size) {
   const GraphInfo& info = graph.info();
   if (p.world_size() != world_size) {
-    throw InputError(source, "/dp", fmt::format("dp·tp·pp equal to the GPU count {}", world_size),
-                     fmt::format("{}·{}·{} = {}", p.dp, p.tp, p.pp, p.world_size()),
-                     "change dp, tp or pp, or --gpus");
+    return PlanProblem{"/dp", fmt::format("dp·tp·pp equal to the GPU count {}", world_size),
+                       fmt::format("{}·{}·{} = {}", p.dp, p.tp, p.pp, p.world_size()),
+                       "change dp, tp or pp, or --gpus"};
   }
-  if (info.num_attention_heads % p.tp != 0) {
-    throw InputError(
-        source, "/tp",
-        fmt::format("a divisor of the model's {} attention heads", info.num_attention_heads),
-        std::to_string(p.tp));
-  }
-  if (info.num_kv_heads % p.tp != 0) {
-    throw InputError(source, "/tp",
-                     fmt::format("a divisor of the model's {} key/value heads", info.num_kv_heads),
-                     std::to_string(p.tp));
+  if (auto tp = tp_problem(info, p.tp)) {
+    return tp;
   }
   const int units = graph.num_units();
   const int chunks = p.pp * p.virtual_stages;
   if (chunks > units) {
-    throw InputError(source, "/pp",
-                     fmt::format("pp × virtual_stages <= the model's {} layers", units),
-                     fmt::format("{} × {} = {}", p.pp, p.virtual_stages, chunks));
+    return PlanProblem{"/pp", fmt::format("pp × virtual_stages <= the model's {} layers", units),
+                       fmt::format("{} × {} = {}", p.pp, p.virtual_stages, chunks), ""};
   }
   if (!p.stages.empty() && p.stages.back().second != units) {
-    throw InputError(source, "/stages",
-                     fmt::format("ranges that end at the model's layer count {}", units),
-                     fmt::format("ranges ending at {}", p.stages.back().second));
+    return PlanProblem{"/stages",
+                       fmt::format("ranges that end at the model's layer count {}", units),
+                       fmt::format("ranges ending at {}", p.stages.back().second), ""};
   }
   if (p.schedule == Schedule::interleaved && p.num_microbatches() % p.pp != 0) {
-    throw InputError(source, "/global_batch_size",
-                     fmt::format("micro-batches per replica (global / (dp·micro) = {}) a multiple "
-                                 "of pp = {} for the interleaved schedule",
-                                 p.num_microbatches(), p.pp),
-                     std::to_string(p.global_batch_size));
+    return PlanProblem{"/global_batch_size",
+                       fmt::format("micro-batches per replica (global / (dp·micro) = {}) a "
+                                   "multiple of pp = {} for the interleaved schedule",
+                                   p.num_microbatches(), p.pp),
+                       std::to_string(p.global_batch_size), ""};
+  }
+  if (p.sequence_parallel && (p.micro_batch_size * info.seq_length) % p.tp != 0) {
+    return PlanProblem{"/sequence_parallel",
+                       fmt::format("micro_batch_size × seq_length divisible by tp = {}", p.tp),
+                       "true", ""};
+  }
+  if (p.grad_sync == GradSync::parameter_server && p.zero_stage != 0 && p.dp > 1) {
+    return PlanProblem{"/grad_sync",
+                       "\"allreduce\", \"tree\" or \"hierarchical\" with ZeRO (a parameter "
+                       "server holds the whole optimizer state)",
+                       "\"parameter_server\" with zero_stage " + std::to_string(p.zero_stage), ""};
+  }
+  return std::nullopt;
+}
+
+void plan_validate(const Plan& p, const LayerGraph& graph, int world_size,
+                   const std::string& source) {
+  if (auto e = plan_problem(p, graph, world_size)) {
+    throw InputError(source, e->field, e->expected, e->found, e->hint);
   }
 }
 

@@ -134,7 +134,8 @@ public:
   }
   CommRequest ibroadcast(std::span<float> data, int root) override {
     MPI_Request r{};
-    mpi_check(MPI_Ibcast(data.data(), mpi_count(data.size()), MPI_FLOAT, root, comm_, &r), "Ibcast");
+    mpi_check(MPI_Ibcast(data.data(), mpi_count(data.size()), MPI_FLOAT, root, comm_, &r),
+              "Ibcast");
     return wrap(r, "broadcast", data.size());
   }
   CommRequest ireduce_sum(std::span<float> data, int root) override {

@@ -51,19 +51,23 @@ struct LayoutBuilder {
   int tp = 1;
   int tp_rank = 0;
 
+  // `padded`: the split dimension (the vocabulary) is rounded up to a multiple of tp, as
+  // Megatron-LM pads its vocabulary; the padding rows / columns hold zeros.
   void add(std::string suffix, std::int64_t rows, std::int64_t cols, ShardDim split, Init init,
-           float std = 0.02f, bool tied_copy = false, std::string full_name = {}) {
+           float std = 0.02f, bool tied_copy = false, std::string full_name = {},
+           bool padded = false) {
     ParamInfo p;
     p.name = full_name.empty() ? block.name + "." + suffix : std::move(full_name);
     p.rows = rows;
     p.cols = cols;
     p.split = split;
-    p.local_rows = split == ShardDim::rows ? rows / tp : rows;
-    p.local_cols = split == ShardDim::cols ? cols / tp : cols;
+    const auto shard = [&](std::int64_t n) { return padded ? (n + tp - 1) / tp : n / tp; };
+    p.local_rows = split == ShardDim::rows ? shard(rows) : rows;
+    p.local_cols = split == ShardDim::cols ? shard(cols) : cols;
     p.row0 = split == ShardDim::rows ? p.local_rows * tp_rank : 0;
     p.col0 = split == ShardDim::cols ? p.local_cols * tp_rank : 0;
-    PARALLAX_CHECK(p.local_rows * (split == ShardDim::rows ? tp : 1) == rows &&
-                       p.local_cols * (split == ShardDim::cols ? tp : 1) == cols,
+    PARALLAX_CHECK(padded || (p.local_rows * (split == ShardDim::rows ? tp : 1) == rows &&
+                              p.local_cols * (split == ShardDim::cols ? tp : 1) == cols),
                    p.name + " does not split evenly over tensor parallelism");
     p.init = init;
     p.init_std = std;
@@ -172,7 +176,7 @@ std::vector<BlockLayout> chunk_layout(const ExecModel& m, StageRange units, int 
     LayoutBuilder e{.block = {.kind = BlockKind::embedding, .name = "embedding", .unit = 0},
                     .tp = tp,
                     .tp_rank = tp_rank};
-    e.add("wte", c.vocab_size, h, ShardDim::rows, Init::normal);
+    e.add("wte", c.vocab_size, h, ShardDim::rows, Init::normal, 0.02f, false, {}, true);
     blocks.push_back(e.finish(dp));
     if (!m.rope()) {
       LayoutBuilder p{.block = {.kind = BlockKind::positions, .name = "positions", .unit = 0},
@@ -197,9 +201,10 @@ std::vector<BlockLayout> chunk_layout(const ExecModel& m, StageRange units, int 
                      .tp_rank = tp_rank};
     if (c.tied_embeddings) {
       // Same shape and split as the embedding block, so their shards match element by element.
-      hd.add("wte", c.vocab_size, h, ShardDim::rows, Init::normal, 0.02f, true, "embedding.wte");
+      hd.add("wte", c.vocab_size, h, ShardDim::rows, Init::normal, 0.02f, true, "embedding.wte",
+             true);
     } else {
-      hd.add("w", h, c.vocab_size, ShardDim::cols, Init::normal);
+      hd.add("w", h, c.vocab_size, ShardDim::cols, Init::normal, 0.02f, false, {}, true);
     }
     blocks.push_back(hd.finish(dp));
   }
@@ -222,8 +227,8 @@ void init_block(const BlockLayout& block, std::uint64_t seed, std::span<float> f
   std::fill(flat.begin(), flat.end(), 0.0f);
   for (const ParamInfo& p : block.params) {
     const std::uint64_t key = splitmix64(seed ^ hash_name(p.name));
-    for (std::int64_t i = 0; i < p.local_rows; ++i) {
-      for (std::int64_t j = 0; j < p.local_cols; ++j) {
+    for (std::int64_t i = 0; i < p.valid_rows(); ++i) {
+      for (std::int64_t j = 0; j < p.valid_cols(); ++j) {
         const auto global = static_cast<std::uint64_t>((p.row0 + i) * p.cols + p.col0 + j);
         float v = 0.0f;
         switch (p.init) {
@@ -583,6 +588,8 @@ void embedding_backward(const ExecModel& /*m*/, const BlockBuffers& emb,
 
 namespace {
 enum HeadSlot : std::size_t { kHX, kHMean, kHRstd, kHFull, kHLogits, kHMax, kHSum, kHNumSlots };
+// Logit of a padded vocabulary entry: exp(kMaskedLogit − max) is 0 for any real max.
+constexpr float kMaskedLogit = -1e30f;
 } // namespace
 
 double head_forward(const ExecModel& m, const BlockBuffers& norm, const BlockBuffers& head,
@@ -601,8 +608,13 @@ double head_forward(const ExecModel& m, const BlockBuffers& norm, const BlockBuf
   } else {
     ops::linear_forward(t[kHFull], w, ConstMatRef{}, t[kHLogits]);
   }
-  const std::int64_t vocab_begin =
-      tied ? head.layout->param("wte").row0 : head.layout->param("w").col0;
+  const ParamInfo& vocab = head.layout->param(tied ? "wte" : "w");
+  const std::int64_t vocab_begin = tied ? vocab.row0 : vocab.col0;
+  // A padded vocabulary's extra logits take no part in the softmax (and get no gradient).
+  const std::int64_t valid = tied ? vocab.valid_rows() : vocab.valid_cols();
+  if (valid < t[kHLogits].cols()) {
+    t[kHLogits].m().rightCols(t[kHLogits].cols() - valid).setConstant(kMaskedLogit);
+  }
   t[kHMax] = Tensor(n, 1);
   t[kHSum] = Tensor(n, 1);
   Tensor target(n, 1);

@@ -192,8 +192,7 @@ void swiglu_backward(ConstMatRef gate, ConstMatRef up, ConstMatRef dy, MatRef dg
     Eigen::Map<Eigen::ArrayXf> sig(sig_buf.data(), len);
     sig = 1.0f / (1.0f + (-g).exp());
     Eigen::Map<Eigen::ArrayXf>(dup.data + start, len) = d * g * sig;
-    Eigen::Map<Eigen::ArrayXf>(dgate.data + start, len) =
-        d * u * (sig * (1.0f + g * (1.0f - sig)));
+    Eigen::Map<Eigen::ArrayXf>(dgate.data + start, len) = d * u * (sig * (1.0f + g * (1.0f - sig)));
   }
 }
 

@@ -2,8 +2,10 @@
 
 #include "parallax/core/error.hpp"
 #include "parallax/core/memory_policy.hpp"
+#include "parallax/core/plan_json.hpp"
 #include "parallax/executor/detail/trainer_core.hpp"
 #include "parallax/executor/ops.hpp"
+#include "parallax/models/transformer_builder.hpp"
 
 #include <fmt/format.h>
 
@@ -119,24 +121,8 @@ void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size
                      fmt::format("{}·{}·{} = {}", plan.dp, plan.tp, plan.pp, plan.world_size()),
                      fmt::format("launch with mpirun -np {}", plan.world_size()));
   }
-  const ModelConfig& c = model.config;
-  if (plan.sequence_parallel && (plan.micro_batch_size * c.seq_length) % plan.tp != 0) {
-    throw InputError(plan_source, "/sequence_parallel",
-                     fmt::format("micro_batch_size × seq_length divisible by tp = {}", plan.tp),
-                     "true");
-  }
-  if (c.vocab_size % plan.tp != 0 || c.ffn_hidden_size % plan.tp != 0) {
-    throw InputError(plan_source, "/tp",
-                     fmt::format("a divisor of vocab_size {} and ffn_hidden_size {}", c.vocab_size,
-                                 c.ffn_hidden_size),
-                     std::to_string(plan.tp));
-  }
-  if (plan.grad_sync == GradSync::parameter_server && plan.zero_stage != 0) {
-    throw InputError(plan_source, "/grad_sync",
-                     "\"allreduce\", \"tree\" or \"hierarchical\" with ZeRO (a parameter server "
-                     "holds the whole optimizer state)",
-                     "\"parameter_server\" with zero_stage " + std::to_string(plan.zero_stage));
-  }
+  // The rest is the one feasibility rule every part of Parallax applies.
+  plan_validate(plan, transformer_build_graph(model.config), world_size, plan_source);
 }
 
 Trainer::Trainer(const ExecModel& model, const Plan& plan, const TrainOptions& options,

@@ -91,6 +91,7 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
                  .num_attention_heads = c.num_attention_heads,
                  .num_kv_heads = c.num_kv_heads,
                  .vocab_size = c.vocab_size,
+                 .ffn_hidden_size = c.ffn_hidden_size,
                  .tied_embeddings = c.tied_embeddings};
   LayerGraph g(info);
   Builder b(c, g);

@@ -1,6 +1,7 @@
 #include "parallax/planner/planner.hpp"
 
 #include "parallax/core/error.hpp"
+#include "parallax/core/plan_json.hpp"
 #include "parallax/planner/stage_partition.hpp"
 #include "parallax/simulator/iteration_simulator.hpp"
 
@@ -182,7 +183,7 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
   sized.peak_flops(precision); // rejects a precision the device lacks, naming it
 
   for (int tp : pinned_or(pins.tp, divisors(gpus, sized.node.devices_per_node))) {
-    if (gpus % tp != 0 || info.num_attention_heads % tp != 0 || info.num_kv_heads % tp != 0) {
+    if (gpus % tp != 0 || tp_problem(info, tp)) {
       continue;
     }
     for (int pp : pinned_or(pins.pp, divisors(gpus / tp, units))) {
@@ -223,6 +224,10 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                        .overlap_grad_reduce =
                            pins.overlap_grad_reduce.value_or(req.stack.overlaps_grad_reduce(zero)),
                        .stack = req.stack.name};
+                // The one feasibility rule (core plan_problem): what is proposed trains.
+                if (plan_problem(p, graph, gpus)) {
+                  continue;
+                }
                 consider(st, model, stages, std::move(p), gpus);
               }
             }

@@ -724,7 +724,8 @@ TEST(OpsAdamw, MatchesTheUpdateInDoublePrecision) {
   std::vector<float> m2 = {0.01f, 0.0f, 0.04f, 0.0025f, 2.0f};
   const std::vector<float> p0 = p, m10 = m1, m20 = m2;
   const ops::AdamwStep s{0.9f, 0.95f, 0.5f, 0.999f, 1e-3f, 1.2f, 1e-8f};
-  ops::adamw_update(p.data(), g0.data(), m1.data(), m2.data(), static_cast<std::int64_t>(p.size()), s);
+  ops::adamw_update(p.data(), g0.data(), m1.data(), m2.data(), static_cast<std::int64_t>(p.size()),
+                    s);
   for (std::size_t i = 0; i < p.size(); ++i) {
     const double g = 0.5 * g0[i];
     const double a = 0.9 * m10[i] + 0.1 * g;

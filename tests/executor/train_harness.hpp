@@ -61,24 +61,32 @@ inline fs::path work_dir() {
 inline fs::path model_file(const std::string& family) {
   const fs::path path = work_dir() / (family + "-8l.json");
   if (!fs::exists(path)) {
-    Json m = family == "gpt" ? Json{{"name", "gpt-tiny-8l"},
-                                    {"family", "gpt"},
-                                    {"activation", "gelu"},
-                                    {"norm", "layernorm"},
-                                    {"position_embedding", "learned"},
-                                    {"bias", true},
-                                    {"tied_embeddings", true},
-                                    {"num_kv_heads", 4},
-                                    {"ffn_hidden_size", 256}}
-                             : Json{{"name", "llama-tiny-8l"},      {"family", "llama"},
-                                    {"activation", "swiglu"},       {"norm", "rmsnorm"},
-                                    {"position_embedding", "rope"}, {"bias", false},
-                                    {"tied_embeddings", false},     {"num_kv_heads", 2},
-                                    {"ffn_hidden_size", 176}};
+    Json m = family != "llama" ? Json{{"name", "gpt-tiny-8l"},
+                                      {"family", "gpt"},
+                                      {"activation", "gelu"},
+                                      {"norm", "layernorm"},
+                                      {"position_embedding", "learned"},
+                                      {"bias", true},
+                                      {"tied_embeddings", true},
+                                      {"num_kv_heads", 4},
+                                      {"ffn_hidden_size", 256}}
+                               : Json{{"name", "llama-tiny-8l"},      {"family", "llama"},
+                                      {"activation", "swiglu"},       {"norm", "rmsnorm"},
+                                      {"position_embedding", "rope"}, {"bias", false},
+                                      {"tied_embeddings", false},     {"num_kv_heads", 2},
+                                      {"ffn_hidden_size", 176}};
     m["num_layers"] = 8;
     m["hidden_size"] = 64;
     m["num_attention_heads"] = 4;
     m["vocab_size"] = 256;
+    if (family == "oddgpt") { // a prime vocabulary (padded for tp) and 6 heads
+      m["name"] = "gpt-odd-8l";
+      m["hidden_size"] = 96;
+      m["num_attention_heads"] = 6;
+      m["num_kv_heads"] = 6;
+      m["ffn_hidden_size"] = 384;
+      m["vocab_size"] = 251;
+    }
     m["seq_length"] = 32;
     m["max_position_embeddings"] = 32;
     parallax::json_write_file(path, m);

@@ -91,9 +91,14 @@ std::vector<Case> equivalence_cases() {
     // A stack that reduces gradients after the backward pass instead of during it.
     if (family == "gpt") {
       cases.push_back({.family = family, .dp = 2, .tp = 2, .pp = 2, .micro = 1, .overlap = false});
-      cases.push_back({.family = family, .dp = 2, .pp = 2, .zero = 2, .micro = 1, .overlap = false});
+      cases.push_back(
+          {.family = family, .dp = 2, .pp = 2, .zero = 2, .micro = 1, .overlap = false});
     }
   }
+  // A prime vocabulary, padded per tensor-parallel size, trains like one process.
+  cases.push_back({.family = "oddgpt", .tp = 2});
+  cases.push_back({.family = "oddgpt", .tp = 3});
+  cases.push_back({.family = "oddgpt", .dp = 2, .tp = 2, .pp = 2, .zero = 3});
   return cases;
 }
 

@@ -125,3 +125,35 @@ INSTANTIATE_TEST_SUITE_P(Random, ProgramConformance, ::testing::ValuesIn(random_
                          [](const auto& p) { return case_name(p.param); });
 
 } // namespace
+
+namespace {
+
+using namespace parallax_test;
+
+// What the planner proposes trains: for a model with a prime vocabulary and 6 heads on 2 and 4
+// CPU ranks, every one of the planner's top plans runs a step under mpirun.
+TEST(PlannerPlansTrain, EveryTopPlanOfAnOddModelTrains) {
+  const fs::path model = model_file("oddgpt");
+  for (int ranks : {2, 4}) {
+    const fs::path dir = work_dir() / fmt::format("planner-top-{}", ranks);
+    fs::create_directories(dir);
+    const Result planned =
+        shell(fmt::format("{} plan --model {} --cluster cpu-local --gpus {} --global-batch 16 "
+                          "--top 10 --json",
+                          PARALLAX_BINARY, model.string(), ranks));
+    ASSERT_EQ(planned.code, 0) << planned.out;
+    const Json doc = Json::parse(planned.out.substr(planned.out.find('{')));
+    const Json& plans = doc.at("plans");
+    ASSERT_GE(plans.size(), 5u) << planned.out;
+    for (std::size_t i = 0; i < plans.size(); ++i) {
+      const fs::path plan = dir / fmt::format("plan-{}.json", i);
+      parallax::json_write_file(plan, plans[i].at("plan"));
+      const Result r =
+          shell(fmt::format("{}{} train --model {} --plan {} --steps 1 --comm-timeout 60",
+                            mpirun(ranks), PARALLAX_BINARY, model.string(), plan.string()));
+      EXPECT_EQ(r.code, 0) << plans[i].at("plan").dump() << "\n" << r.out;
+    }
+  }
+}
+
+} // namespace

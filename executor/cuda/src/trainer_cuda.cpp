@@ -501,6 +501,22 @@ std::int64_t vocab_begin(const ExecModel& m, const BlockBuffers& head) {
   return m.config.tied_embeddings ? head.layout->param("wte").row0 : head.layout->param("w").col0;
 }
 
+// A padded vocabulary's extra logits (the last columns of each row) take no part in the
+// softmax: every byte 0xF1 makes an fp32 (or bf16) value near −2.4e30, whose exp is 0.
+void mask_vocab_padding(const Ctx& c, const ExecModel& m, const BlockBuffers& head,
+                        DeviceTensor& logits) {
+  const ParamInfo& vocab = head.layout->param(m.config.tied_embeddings ? "wte" : "w");
+  const std::int64_t valid = m.config.tied_embeddings ? vocab.valid_rows() : vocab.valid_cols();
+  const std::int64_t cols = logits.cols();
+  if (valid >= cols)
+    return;
+  const auto eb = static_cast<std::size_t>(dtype_bytes(logits.dtype()));
+  PARALLAX_CUDA_CHECK(cudaMemset2DAsync(static_cast<char*>(logits.data()) + valid * eb,
+                                        static_cast<std::size_t>(cols) * eb, 0xF1,
+                                        static_cast<std::size_t>(cols - valid) * eb,
+                                        static_cast<std::size_t>(logits.rows()), c.stream));
+}
+
 double head_forward(const Ctx& c, const ExecModel& m, const BlockBuffers& norm,
                     const BlockBuffers& head, const TpContext& tp, const DeviceBatch& mb,
                     const DeviceTensor& x, DeviceCache& cache) {
@@ -518,6 +534,7 @@ double head_forward(const Ctx& c, const ExecModel& m, const BlockBuffers& norm,
   } else {
     c.linear(t[kHFull], w, {}, t[kHLogits]);
   }
+  mask_vocab_padding(c, m, head, t[kHLogits]);
   t[kHMax] = c.make(n, 1);
   t[kHSum] = c.make(n, 1);
   DeviceTensor target = c.make(n, 1);

@@ -8,9 +8,9 @@
 
 #include <array>
 #include <map>
-#include <string_view>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace parallax {
@@ -100,6 +100,11 @@ struct Cluster {
   double memory_bytes() const;
   // The same cluster resized to `gpus` devices: num_nodes = gpus / devices_per_node, or one
   // partial node when gpus < devices_per_node. Other counts are an InputError.
+  // This profile's devices, `ranks` of them, for the figures a run needs of its hardware (the
+  // MFU reference, a stage partition's costs): with_devices when `ranks` fills whole nodes or
+  // fits in one, else nodes of gcd(ranks, devices_per_node) devices — a CPU run on 3 processes
+  // trains whatever the profile's node size.
+  Cluster for_ranks(int ranks) const;
   Cluster with_devices(int gpus) const;
 
   bool operator==(const Cluster&) const = default;

@@ -37,9 +37,9 @@ public:
 
 } // namespace parallax
 
-#define PARALLAX_CHECK(cond, msg)                                                                 \
+#define PARALLAX_CHECK(cond, msg)                                                                  \
   do {                                                                                             \
     if (!(cond)) {                                                                                 \
-      ::parallax::check_fail(__FILE__, __LINE__, #cond, (msg));                                   \
+      ::parallax::check_fail(__FILE__, __LINE__, #cond, (msg));                                    \
     }                                                                                              \
   } while (false)

@@ -61,11 +61,11 @@ public:
   bool boolean_or(std::string_view key, bool fallback) const;
   std::int64_t integer(std::string_view key, std::int64_t min = INT64_MIN,
                        std::int64_t max = INT64_MAX) const;
-  std::int64_t integer_or(std::string_view key, std::int64_t fallback,
-                          std::int64_t min = INT64_MIN, std::int64_t max = INT64_MAX) const;
+  std::int64_t integer_or(std::string_view key, std::int64_t fallback, std::int64_t min = INT64_MIN,
+                          std::int64_t max = INT64_MAX) const;
   double number(std::string_view key) const;
   double number_or(std::string_view key, double fallback) const;
-  double positive(std::string_view key) const;                  // > 0, finite
+  double positive(std::string_view key) const; // > 0, finite
   double positive_or(std::string_view key, double fallback) const;
   double non_negative_or(std::string_view key, double fallback) const;
 
@@ -74,8 +74,7 @@ public:
 
   [[noreturn]] void fail(std::string_view key, std::string expected, std::string found,
                          std::string hint = {}) const;
-  [[noreturn]] void fail_here(std::string expected, std::string found,
-                              std::string hint = {}) const;
+  [[noreturn]] void fail_here(std::string expected, std::string found, std::string hint = {}) const;
 
 private:
   const Json& at(std::string_view key) const;

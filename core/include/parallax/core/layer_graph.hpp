@@ -115,6 +115,7 @@ struct GraphInfo {
   int num_attention_heads = 1;
   int num_kv_heads = 1;
   std::int64_t vocab_size = 0;
+  std::int64_t ffn_hidden_size = 0; // MLP width (0: not a transformer, or not stated)
   // The LM head shares the embedding matrix; with pp > 1 the last stage keeps its own copy.
   bool tied_embeddings = false;
   bool operator==(const GraphInfo&) const = default;

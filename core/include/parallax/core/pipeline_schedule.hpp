@@ -17,7 +17,7 @@ namespace parallax {
 
 struct PipelineOp {
   bool forward = true;
-  int chunk = 0;       // model chunk index in [0, pp·v): chunk = local_chunk·pp + pp_rank
+  int chunk = 0; // model chunk index in [0, pp·v): chunk = local_chunk·pp + pp_rank
   int micro_batch = 0;
   bool operator==(const PipelineOp&) const = default;
 };

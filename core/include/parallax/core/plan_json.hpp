@@ -6,6 +6,9 @@
 #include "parallax/core/layer_graph.hpp"
 #include "parallax/core/plan.hpp"
 
+#include <optional>
+#include <string>
+
 namespace parallax {
 
 // Parses and checks what a plan can check alone (ranges, names, batch divisibility, schedule
@@ -13,9 +16,26 @@ namespace parallax {
 Plan plan_from_json(const Json& doc, const std::string& source);
 Json plan_to_json(const Plan& plan);
 
-// Checks a plan against a model and a world size: dp·tp·pp = world, tp divides the attention
-// and key/value heads, enough units for pp × v chunks, stage ranges cover the model, and
-// interleaving's micro-batch rule. `source` names the plan in errors.
+// What makes a plan infeasible: the field, what it must be, what it is, and a hint.
+struct PlanProblem {
+  std::string field;
+  std::string expected;
+  std::string found;
+  std::string hint;
+};
+
+// The one feasibility rule of a plan for a model on `world_size` ranks — what the planner
+// proposes, plan loading accepts, the trainer trains and compare sweeps: dp·tp·pp = world; tp
+// divides the attention heads, the key/value heads and the MLP width (the vocabulary need not
+// divide: the executor pads it, as Megatron-LM's make-vocab-size-divisible-by does); enough
+// units for pp × v chunks; stage ranges cover the model; interleaving's micro-batch rule;
+// sequence parallelism splits micro-batch × sequence rows evenly over tp; a parameter server
+// holds the whole optimizer state (no ZeRO). Nothing when feasible.
+std::optional<PlanProblem> plan_problem(const Plan& plan, const LayerGraph& graph, int world_size);
+// Of that rule, the part about tp alone (the planner prunes with it before enumerating more).
+std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp);
+
+// plan_problem as an input error naming `source`.
 void plan_validate(const Plan& plan, const LayerGraph& graph, int world_size,
                    const std::string& source);
 

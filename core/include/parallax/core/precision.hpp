@@ -9,8 +9,8 @@ namespace parallax {
 
 enum class Precision { fp32, tf32, fp16, bf16, fp8 };
 
-inline constexpr std::array<std::string_view, 5> kPrecisionNames = {"fp32", "tf32", "fp16",
-                                                                    "bf16", "fp8"};
+inline constexpr std::array<std::string_view, 5> kPrecisionNames = {"fp32", "tf32", "fp16", "bf16",
+                                                                    "fp8"};
 
 std::string_view precision_name(Precision p);
 std::optional<Precision> precision_parse(std::string_view name);

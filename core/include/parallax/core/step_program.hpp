@@ -76,7 +76,7 @@ struct StepOp {
   StepCollective collective = StepCollective::none;
   bool async = false;
   bool in_backward = false; // a gather for the backward pass (the stack resharded after forward)
-  std::vector<int> after; // indices of ops of this program it waits for
+  std::vector<int> after;   // indices of ops of this program it waits for
 
   bool compute() const {
     return kind == StepOpKind::forward || kind == StepOpKind::recompute ||

@@ -13,6 +13,7 @@
 #include "parallax/executor/tensor.hpp"
 #include "parallax/models/model_config.hpp"
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -43,6 +44,10 @@ struct ParamInfo {
   bool sp_partial = false;
   bool tied_copy = false; // the LM head's copy of the tied token embedding
   std::int64_t local_size() const { return local_rows * local_cols; }
+  // The shard's rows / columns inside the logical tensor: fewer than local_rows / local_cols
+  // on the last TP ranks of a padded vocabulary (the padding stays zero and is never trained).
+  std::int64_t valid_rows() const { return std::clamp<std::int64_t>(rows - row0, 0, local_rows); }
+  std::int64_t valid_cols() const { return std::clamp<std::int64_t>(cols - col0, 0, local_cols); }
 };
 
 enum class BlockKind { embedding, positions, layer, final_norm, head };

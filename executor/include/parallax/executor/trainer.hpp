@@ -46,10 +46,10 @@ struct StepStats {
   std::int64_t peak_memory_bytes = 0; // largest rank, executor's own accounting
 };
 
-// Checks what the trainer needs of a plan beyond plan_validate: dp·tp·pp equal to the process
-// count, tp dividing the vocabulary and the FFN width, sequence parallelism dividing the
-// micro-batch's rows, a parameter server only without ZeRO. Throws InputError naming
-// `plan_source`. The CLI calls it on every rank before any communicator exists.
+// Checks a plan for training on `world_size` processes: dp·tp·pp equal to the process count,
+// then the one feasibility rule (plan_validate on the model's layer graph) — the planner
+// proposes only plans that pass it. Throws InputError naming `plan_source`. The CLI calls it on
+// every rank before any communicator exists.
 void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size,
                         const std::string& plan_source);
 

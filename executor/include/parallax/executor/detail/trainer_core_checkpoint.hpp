@@ -95,8 +95,8 @@ template <class B> Checkpoint TrainerCore<B>::checkpoint() {
       if (info.tied_copy)
         continue;
       CheckpointTensor& t = tensors.at(info.name);
-      for (std::int64_t i = 0; i < info.local_rows; ++i) {
-        for (std::int64_t j = 0; j < info.local_cols; ++j) {
+      for (std::int64_t i = 0; i < info.valid_rows(); ++i) {
+        for (std::int64_t j = 0; j < info.valid_cols(); ++j) {
           const auto dst = static_cast<std::size_t>((info.row0 + i) * info.cols + info.col0 + j);
           const std::int64_t src = info.offset + i * info.local_cols + j;
           t.value[dst] = p[src];
@@ -172,8 +172,8 @@ template <class B> void TrainerCore<B>::restore(const Checkpoint& ck, const std:
       Buffer p(n, 0.0f), m1(n, 0.0f), m2(n, 0.0f);
       for (const ParamInfo& info : b.layout.params) {
         const CheckpointTensor& t = *by_name.at(info.name);
-        for (std::int64_t i = 0; i < info.local_rows; ++i) {
-          for (std::int64_t j = 0; j < info.local_cols; ++j) {
+        for (std::int64_t i = 0; i < info.valid_rows(); ++i) {
+          for (std::int64_t j = 0; j < info.valid_cols(); ++j) {
             const auto src = static_cast<std::size_t>((info.row0 + i) * info.cols + info.col0 + j);
             const auto dst = static_cast<std::size_t>(info.offset + i * info.local_cols + j);
             p[dst] = t.value[src];
