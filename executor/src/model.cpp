@@ -249,8 +249,7 @@ void init_block(const BlockLayout& block, std::uint64_t seed, std::span<float> f
 }
 
 double model_flops_per_sequence(const ExecModel& model) {
-  // Forward GEMM FLOPs of the layer graph the planner uses; backward is twice the forward.
-  return 3.0 * transformer_build_graph(model.config).total_gemm_flops();
+  return transformer_build_graph(model.config).model_flops_per_sequence();
 }
 
 double steady_seconds() {

@@ -62,10 +62,7 @@ public:
     std::vector<double> weights;
     weights.reserve(units.size());
     for (const UnitCost& u : units) {
-      const double recompute = plan.recompute == Recompute::full
-                                   ? u.full_recompute_s + u.full_recompute_tp_s
-                               : plan.recompute == Recompute::selective ? u.selective_s
-                                                                        : 0.0;
+      const double recompute = u.recompute_s(plan.recompute) + u.recompute_tp_s(plan.recompute);
       weights.push_back(u.fwd_s + u.bwd_s + u.tp_fwd_s + u.tp_bwd_s + recompute +
                         accum_per_param * u.params);
     }

@@ -25,24 +25,12 @@ constexpr double kGradAccumBytesFp32 = 12.0;
 using RankLoad = CostModel::RankLoad;
 
 void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
-  switch (recompute) {
-  case Recompute::none:
-    r.compute_s += u.fwd_s + u.bwd_s;
-    r.tp_s += u.tp_fwd_s + u.tp_bwd_s;
-    r.act_per_mb += u.act_bytes;
-    break;
-  case Recompute::selective:
-    r.compute_s += u.fwd_s + u.bwd_s + u.selective_s;
-    r.tp_s += u.tp_fwd_s + u.tp_bwd_s;
-    r.act_per_mb += u.act_selective_bytes;
-    break;
-  case Recompute::full:
-    r.compute_s += u.fwd_s + u.full_recompute_s + u.bwd_s;
-    r.tp_s += u.tp_fwd_s + u.full_recompute_tp_s + u.tp_bwd_s;
-    r.act_per_mb += u.act_full_bytes;
+  r.compute_s += u.fwd_s + u.bwd_s + u.recompute_s(recompute);
+  r.tp_s += u.tp_fwd_s + u.tp_bwd_s + u.recompute_tp_s(recompute);
+  r.act_per_mb += u.kept_act_bytes(recompute);
+  if (recompute == Recompute::full) {
     r.act_working = std::max(r.act_working, u.act_bytes - u.act_outside_blocks_bytes);
     r.act_outside_blocks += u.act_outside_blocks_bytes;
-    break;
   }
   r.bwd_s += u.bwd_s + u.tp_bwd_s;
   r.act_transient = std::max(r.act_transient, u.act_transient_bytes);
@@ -235,7 +223,7 @@ double activations_in_flight(const Plan& p, int pp_rank) {
 
 CostModel::CostModel(const LayerGraph& graph, const Cluster& cluster, Stack stack)
     : graph_(&graph), cluster_(&cluster), stack_(std::move(stack)),
-      model_flops_per_sequence_(graph.total_fwd_flops() + graph.total_bwd_flops()) {}
+      model_flops_per_sequence_(graph.model_flops_per_sequence()) {}
 
 const std::vector<UnitCost>& CostModel::units(const UnitCostKey& key) {
   auto it = cache_.find(key);
@@ -390,10 +378,11 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
 
   const double tokens = static_cast<double>(plan.global_batch_size * graph_->info().seq_length);
   e.tokens_per_s = tokens / e.iteration_time_s;
-  const double model_flops =
-      static_cast<double>(plan.global_batch_size) * model_flops_per_sequence_;
-  e.tflops_per_gpu = model_flops / (e.iteration_time_s * plan.world_size()) / 1e12;
-  e.mfu = e.tflops_per_gpu * 1e12 / c.peak_flops(plan.precision);
+  const auto sequences = static_cast<double>(plan.global_batch_size);
+  e.tflops_per_gpu = model_flops_utilization(model_flops_per_sequence_, sequences,
+                                             e.iteration_time_s, plan.world_size(), 1e12);
+  e.mfu = model_flops_utilization(model_flops_per_sequence_, sequences, e.iteration_time_s,
+                                  plan.world_size(), c.peak_flops(plan.precision));
 
   for (int r = 0; r < plan.pp; ++r) {
     MemoryBreakdown mem = rank_memory(plan, ranks[static_cast<std::size_t>(r)], r);

@@ -107,10 +107,11 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
   const GraphInfo& g = model_.graph().info();
   const double tokens = static_cast<double>(plan_.global_batch_size * g.seq_length);
   e.tokens_per_s = tokens / makespan;
-  const double flops =
-      static_cast<double>(plan_.global_batch_size) * model_.model_flops_per_sequence();
-  e.tflops_per_gpu = flops / (makespan * plan_.world_size()) / 1e12;
-  e.mfu = e.tflops_per_gpu * 1e12 / cluster_.peak_flops(plan_.precision);
+  const auto sequences = static_cast<double>(plan_.global_batch_size);
+  e.tflops_per_gpu = model_flops_utilization(model_.model_flops_per_sequence(), sequences,
+                                             makespan, plan_.world_size(), 1e12);
+  e.mfu = model_flops_utilization(model_.model_flops_per_sequence(), sequences, makespan,
+                                  plan_.world_size(), cluster_.peak_flops(plan_.precision));
 
   // Memory: the analytic static state plus the activations the simulated schedule kept alive.
   stage_peaks.assign(static_cast<std::size_t>(plan_.pp), 0.0);
@@ -119,9 +120,7 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
   for (std::size_t c = 0; c < stages_.size(); ++c) {
     for (int u = stages_[c].first; u < stages_[c].second; ++u) {
       const UnitCost& uc = units_[static_cast<std::size_t>(u)];
-      chunk_act[c] += plan_.recompute == Recompute::none        ? uc.act_bytes
-                      : plan_.recompute == Recompute::selective ? uc.act_selective_bytes
-                                                                : uc.act_full_bytes;
+      chunk_act[c] += uc.kept_act_bytes(plan_.recompute);
     }
   }
   for (const RankSim& r : ranks) {

@@ -148,8 +148,10 @@ void IterationBuilder::run_op(RankSim& r, int i) {
     tp_collective(r, op, i, cost->full_recompute_tp_s, anchor);
     break;
   case StepOpKind::backward: {
-    const double extra = (plan_.recompute == Recompute::selective ? cost->selective_s : 0.0) +
-                         model_.grad_accumulation_s(plan_, cost->params);
+    // Selective recomputation runs inside the backward; full has its own op.
+    const double extra =
+        (plan_.recompute == Recompute::full ? 0.0 : cost->recompute_s(plan_.recompute)) +
+        model_.grad_accumulation_s(plan_, cost->params);
     anchor = add_compute(r, cost->bwd_s + extra, op, i, cost->model_flops * 2.0 / 3.0);
     wait_for(r, op, anchor);
     tp_collective(r, op, i, cost->tp_bwd_s, anchor);

@@ -126,6 +126,29 @@ double layer_param_divisor(const Layer& layer, int tp) {
   return layer.tp_split == TpSplit::sequence || layer.tp_split == TpSplit::replicated ? 1.0 : tp;
 }
 
+double layer_kept_act_bytes(const Layer& layer, const UnitCostKey& key, Recompute r,
+                            bool unit_has_blocks) {
+  if (r == Recompute::full && (layer.block >= 0 || !unit_has_blocks)) {
+    return 0.0; // rebuilt from the unit's input during the backward
+  }
+  const double elem_bytes = precision_storage_bytes(key.precision);
+  const auto B = static_cast<double>(key.micro_batch_size);
+  const double adiv = layer_activation_divisor(layer, key.tp, key.sequence_parallel);
+  const double act = (layer.saved_act_elems * elem_bytes + layer.saved_mask_bytes) * B / adiv;
+  if (r == Recompute::selective && layer.selective_recompute) {
+    return act - (layer.selective_saved_elems * elem_bytes + layer.saved_mask_bytes) * B / adiv;
+  }
+  return act;
+}
+
+double full_recompute_input_bytes(const GraphInfo& info, const UnitCostKey& key) {
+  // The first layer's output of the previous unit, an (s, h) tensor per sequence (sharded
+  // along s with sequence parallelism).
+  return static_cast<double>(info.seq_length * info.hidden_size) *
+         precision_storage_bytes(key.precision) * static_cast<double>(key.micro_batch_size) /
+         (key.sequence_parallel ? key.tp : 1);
+}
+
 std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster,
                                  const UnitCostKey& key, const Stack& stack) {
   std::vector<UnitCost> units(static_cast<std::size_t>(graph.num_units()));
@@ -164,18 +187,12 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
     }
     u.max_layer_params = std::max(u.max_layer_params, static_cast<double>(layer.params) / pdiv);
     const double adiv = layer_activation_divisor(layer, key.tp, key.sequence_parallel);
-    const double act = (layer.saved_act_elems * elem_bytes + layer.saved_mask_bytes) * B / adiv;
-    const double dropped =
-        layer.selective_recompute
-            ? (layer.selective_saved_elems * elem_bytes + layer.saved_mask_bytes) * B / adiv
-            : 0.0;
-    u.act_bytes += act;
-    u.act_selective_bytes += act - dropped;
+    const bool blocks = has_block[static_cast<std::size_t>(layer.unit)];
+    u.act_bytes += layer_kept_act_bytes(layer, key, Recompute::none, blocks);
+    u.act_selective_bytes += layer_kept_act_bytes(layer, key, Recompute::selective, blocks);
+    u.act_outside_blocks_bytes += layer_kept_act_bytes(layer, key, Recompute::full, blocks);
     u.act_transient_bytes =
         std::max(u.act_transient_bytes, layer.working_act_elems * elem_bytes * B / adiv);
-    if (layer.block < 0 && has_block[static_cast<std::size_t>(layer.unit)]) {
-      u.act_outside_blocks_bytes += act;
-    }
     const double fdiv = layer_flop_divisor(layer, key.tp, key.sequence_parallel);
     u.model_flops += (layer.fwd_flops + layer.bwd_flops) * B / fdiv;
     // Full recomputation keeps the unit's input: the first layer's output of the previous unit,
@@ -183,9 +200,7 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
     const auto u_index = static_cast<std::size_t>(layer.unit);
     if (!has_input[u_index]) {
       has_input[u_index] = true;
-      const auto& info = graph.info();
-      u.act_full_bytes = static_cast<double>(info.seq_length * info.hidden_size) * elem_bytes * B /
-                         (key.sequence_parallel ? key.tp : 1);
+      u.act_full_bytes = full_recompute_input_bytes(graph.info(), key);
     }
   }
   for (UnitCost& u : units) {

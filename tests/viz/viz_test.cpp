@@ -6,6 +6,7 @@
 #include "parallax/core/error.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/model_loader.hpp"
+#include "parallax/simulator/unit_cost.hpp"
 #include "parallax/viz/graphviz_render.hpp"
 #include "parallax/viz/layer_graph_dot.hpp"
 #include "parallax/viz/mesh_dot.hpp"
@@ -149,6 +150,28 @@ TEST(LayerGraphDot, MemoryAnnotationFollowsZeroAndTensorParallelism) {
   EXPECT_DOUBLE_EQ(m0.state_bytes, 500 * 16.0); // 2 + 2 + 12 bytes per parameter
   p.zero_stage = 3;
   EXPECT_DOUBLE_EQ(layer_memory(l, p).state_bytes, 500 * 16.0 / 2);
+}
+
+// One recomputation rule: the layer graph's memory labels keep, under full recomputation, the
+// activations of the layers outside transformer blocks, as the simulator does.
+TEST(LayerGraphDot, FullRecomputationKeepsLayersOutsideBlocksLikeTheSimulator) {
+  const LoadedModel model = model_load("gpt-tiny");
+  Plan p = plan_222();
+  p.recompute = Recompute::full;
+  const UnitCostKey key{p.tp, p.sequence_parallel, p.micro_batch_size, p.precision};
+  int outside = 0;
+  for (std::size_t v = 0; v < model.graph.num_layers(); ++v) {
+    const Layer& l = model.graph.layer(v);
+    const double shown = layer_memory(l, p).activation_bytes;
+    EXPECT_DOUBLE_EQ(shown, layer_kept_act_bytes(l, key, Recompute::full, true)) << l.name;
+    if (l.block >= 0) {
+      EXPECT_EQ(shown, 0.0) << l.name; // rebuilt from the block's input
+    } else if (l.saved_act_elems > 0) {
+      EXPECT_GT(shown, 0.0) << l.name;
+      ++outside;
+    }
+  }
+  EXPECT_GE(outside, 2); // embedding, head or loss
 }
 
 TEST(LayerGraphDot, GoldenPlan222) {
@@ -324,7 +347,8 @@ TEST(ReportHtml, IsOneWellFormedDocumentWithEverySection) {
   XmlSummary x = parse_xml(html);
   ASSERT_EQ(x.error, "");
   EXPECT_EQ(x.tags["section"], 7);
-  EXPECT_EQ(x.tags["svg"], 6); // compare bars, scatter, memory, timeline, graph, mesh
+  // compare bars, per-op error histogram, scatter, memory, timeline, graph, mesh
+  EXPECT_EQ(x.tags["svg"], 7);
   EXPECT_EQ(x.tags["script"], 0);
   EXPECT_EQ(html.find("http://www.w3.org/Graphics"), std::string::npos); // no DOCTYPE per SVG
   EXPECT_EQ(html.find("src=\"http"), std::string::npos);                 // nothing fetched

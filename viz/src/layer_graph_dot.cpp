@@ -67,23 +67,17 @@ void add_memory(LayerMemory& into, const LayerMemory& m) {
 
 } // namespace
 
+static UnitCostKey unit_key(const Plan& plan) {
+  return {plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision};
+}
+
 LayerMemory layer_memory(const Layer& layer, const Plan& plan) {
-  const double w_bytes = precision_storage_bytes(plan.precision);
   LayerMemory m;
   m.params = static_cast<double>(layer.params) / layer_param_divisor(layer, plan.tp);
   m.state_bytes = m.params * param_state_bytes(plan).total();
-  double elems = layer.saved_act_elems;
-  double masks = layer.saved_mask_bytes;
-  if (plan.recompute == Recompute::full) {
-    elems = 0; // only each block's input is kept: layer_graph_dot adds it to the block group
-    masks = 0;
-  } else if (plan.recompute == Recompute::selective && layer.selective_recompute) {
-    elems -= layer.selective_saved_elems;
-    masks = 0;
-  }
-  const auto b = static_cast<double>(plan.micro_batch_size);
-  m.activation_bytes = b * (elems * w_bytes + masks) /
-                       layer_activation_divisor(layer, plan.tp, plan.sequence_parallel);
+  // The simulator's rule; under full recomputation each block's input, which the block group
+  // shows, is kept beside the layers outside blocks.
+  m.activation_bytes = layer_kept_act_bytes(layer, unit_key(plan), plan.recompute, true);
   return m;
 }
 
@@ -187,10 +181,7 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
       }
       const int n = static_cast<int>(group.blocks.size());
       if (plan.recompute == Recompute::full) {
-        const GraphInfo& info = graph.info();
-        group.memory.activation_bytes +=
-            n * static_cast<double>(plan.micro_batch_size * info.seq_length * info.hidden_size) *
-            precision_storage_bytes(plan.precision) / (plan.sequence_parallel ? plan.tp : 1);
+        group.memory.activation_bytes += n * full_recompute_input_bytes(graph.info(), unit_key(plan));
       }
       const std::string blocks = n == 1 ? fmt::format("transformer block {}", group.first_block)
                                         : fmt::format("transformer blocks {}–{} (×{})",

@@ -149,6 +149,10 @@ public:
   double total_fwd_flops() const;
   double total_bwd_flops() const;
   double total_gemm_flops() const; // forward GEMM FLOPs only
+  // The MFU numerator of one sequence, the one definition simulate, train, compare and the
+  // reports use: every layer's forward and backward model FLOPs (GEMMs and element-wise), no
+  // recomputation (Narayanan et al. 2021's 72·s·L·h²·(1 + s/6h + V/16Lh) within 2% for GPT-3).
+  double model_flops_per_sequence() const { return total_fwd_flops() + total_bwd_flops(); }
 
   bool operator==(const LayerGraph& other) const;
 
@@ -156,5 +160,14 @@ private:
   GraphInfo info_;
   Graph graph_;
 };
+
+// Model FLOPs utilisation: `sequences` sequences of `flops_per_sequence` model FLOPs in
+// `seconds` on `ranks` devices of `peak_flops` each (0 when the peak is unknown).
+inline double model_flops_utilization(double flops_per_sequence, double sequences, double seconds,
+                                      int ranks, double peak_flops) {
+  return peak_flops > 0 && seconds > 0
+             ? flops_per_sequence * sequences / (seconds * ranks * peak_flops)
+             : 0.0;
+}
 
 } // namespace parallax

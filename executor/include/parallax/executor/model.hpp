@@ -85,8 +85,8 @@ std::vector<ParamInfo> logical_params(const ExecModel& model);
 // Fills a block's flat buffer (size padded) with the initial values of its local shards.
 void init_block(const BlockLayout& block, std::uint64_t seed, std::span<float> flat);
 
-// Model FLOPs of one training step per sequence (forward + backward, no recomputation): 6 ×
-// parameters touched per token plus attention, the MFU numerator.
+// Model FLOPs of one training step per sequence: the layer graph's definition
+// (LayerGraph::model_flops_per_sequence), so train and simulate report the same MFU.
 double model_flops_per_sequence(const ExecModel& model);
 
 // Seconds on the steady clock (the executor's time base for measured timelines).

@@ -5,6 +5,7 @@
 
 #include "parallax/core/cluster.hpp"
 #include "parallax/core/layer_graph.hpp"
+#include "parallax/core/plan.hpp"
 #include "parallax/core/stack.hpp"
 
 #include <vector>
@@ -34,6 +35,21 @@ struct UnitCost {
   double act_outside_blocks_bytes = 0; // that second part alone
   double act_transient_bytes = 0;      // the largest working_act_elems of its layers, in bytes
   double model_flops = 0;              // forward + backward model FLOPs on this rank
+
+  // The recomputation rule, for the cost model, the simulator, the planner and the reports:
+  // the forward work a recomputation reruns (selective inside the backward, full as its own
+  // step-program op) and the activations kept per micro-batch.
+  double recompute_s(Recompute r) const {
+    return r == Recompute::full ? full_recompute_s : r == Recompute::selective ? selective_s : 0.0;
+  }
+  double recompute_tp_s(Recompute r) const {
+    return r == Recompute::full ? full_recompute_tp_s : 0.0;
+  }
+  double kept_act_bytes(Recompute r) const {
+    return r == Recompute::full        ? act_full_bytes
+           : r == Recompute::selective ? act_selective_bytes
+                                       : act_bytes;
+  }
   bool operator==(const UnitCost&) const = default;
 };
 
@@ -49,6 +65,15 @@ struct UnitCostKey {
 // dispatch time, FP8 recipe and tensor-parallel overlap).
 std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster,
                                  const UnitCostKey& key, const Stack& stack = {});
+
+// Activation bytes `layer` keeps from its forward for its backward, per micro-batch on one TP
+// rank, under recomputation `r`: everything; without the s² attention tensors (selective); or
+// nothing (full) — except layers outside transformer blocks (embedding, final norm, LM head,
+// loss) in a unit that holds blocks, which full recomputation does not rerun and so keep theirs.
+// A unit under full recomputation also keeps its input (full_recompute_input_bytes).
+double layer_kept_act_bytes(const Layer& layer, const UnitCostKey& key, Recompute r,
+                            bool unit_has_blocks);
+double full_recompute_input_bytes(const GraphInfo& info, const UnitCostKey& key);
 
 // How many ways a layer's saved activations / its FLOPs are divided among t ranks.
 double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel);

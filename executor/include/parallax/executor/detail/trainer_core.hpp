@@ -42,6 +42,7 @@
 #pragma once
 
 #include "parallax/core/error.hpp"
+#include "parallax/core/layer_graph.hpp"
 #include "parallax/core/pipeline_schedule.hpp"
 #include "parallax/core/step_program.hpp"
 #include "parallax/core/timeline_json.hpp"

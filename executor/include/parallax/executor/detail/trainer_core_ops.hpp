@@ -431,10 +431,9 @@ template <class B> StepStats TrainerCore<B>::step(bool record_step) {
   st.lr = lr_;
   st.step_time_s = maxes[0];
   st.tokens_per_s = global_tokens / maxes[0];
-  const double flops = flops_per_sequence_ * static_cast<double>(plan_.global_batch_size);
-  st.mfu = opt_.peak_flops_per_rank > 0
-               ? flops / maxes[0] / (opt_.peak_flops_per_rank * plan_.world_size())
-               : 0.0;
+  st.mfu = model_flops_utilization(flops_per_sequence_,
+                                   static_cast<double>(plan_.global_batch_size), maxes[0],
+                                   plan_.world_size(), opt_.peak_flops_per_rank);
   st.peak_memory_bytes = static_cast<std::int64_t>(maxes[1]);
   recording_ = false;
   return st;
