@@ -1,5 +1,7 @@
 #include "parallax/core/json_reader.hpp"
 
+#include "parallax/core/atomic_file.hpp"
+
 #include "parallax/core/error.hpp"
 
 #include <fmt/format.h>
@@ -95,31 +97,12 @@ void json_write_file(const std::filesystem::path& path, const Json& doc) {
 }
 
 void text_write_file(const std::filesystem::path& path, const std::string& text) {
-  std::filesystem::path tmp = path;
-  tmp += fmt::format(".tmp.{}", ::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) {
-    throw InputError(path.string(), "", "a writable path",
-                     fmt::format("open failed: {}", std::strerror(errno)));
-  }
-  std::size_t written = 0;
-  while (written < text.size()) {
-    ssize_t n = ::write(fd, text.data() + written, text.size() - written);
-    if (n < 0) {
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw InputError(path.string(), "", "a writable path",
-                       fmt::format("write failed: {}", std::strerror(errno)));
-    }
-    written += static_cast<std::size_t>(n);
-  }
-  ::fsync(fd);
-  ::close(fd);
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    ::unlink(tmp.c_str());
-    throw InputError(path.string(), "", "a writable path", "rename failed: " + ec.message());
+  try {
+    AtomicFile out(path, "writing");
+    out.write(text.data(), text.size());
+    out.commit();
+  } catch (const std::runtime_error& e) {
+    throw InputError(path.string(), "", "a writable path", e.what());
   }
 }
 
@@ -313,16 +296,14 @@ void JsonReader::reject_unknown(std::initializer_list<std::string_view> allowed)
     if (!known) {
       std::string hint = best <= 3 ? fmt::format("did you mean \"{}\"?", closest) : "";
       std::vector<std::string_view> list(allowed);
-      fail(key, "no such field; allowed fields are " + join_quoted(list), "an unknown field",
-           hint);
+      fail(key, "no such field; allowed fields are " + join_quoted(list), "an unknown field", hint);
     }
   }
 }
 
 void JsonReader::fail(std::string_view key, std::string expected, std::string found,
                       std::string hint) const {
-  throw InputError(file_, pointer_of(key), std::move(expected), std::move(found),
-                   std::move(hint));
+  throw InputError(file_, pointer_of(key), std::move(expected), std::move(found), std::move(hint));
 }
 
 void JsonReader::fail_here(std::string expected, std::string found, std::string hint) const {

@@ -14,6 +14,7 @@
 //                      CRC-32 (IEEE, as zlib) of the array's bytes.
 #include "parallax/executor/checkpoint.hpp"
 
+#include "parallax/core/atomic_file.hpp"
 #include "parallax/core/error.hpp"
 
 #include <boost/crc.hpp>
@@ -98,84 +99,6 @@ std::optional<std::int64_t> parse_checkpoint_name(std::string_view name) {
   throw std::runtime_error(
       fmt::format("checkpoint: {} '{}' failed: {}", action, path.string(), std::strerror(err)));
 }
-
-void fsync_directory(const std::filesystem::path& dir) {
-  const std::filesystem::path target = dir.empty() ? std::filesystem::path(".") : dir;
-  const int fd = ::open(target.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) {
-    throw_io_error("opening directory", target, errno);
-  }
-  if (::fsync(fd) != 0) {
-    const int err = errno;
-    ::close(fd);
-    throw_io_error("fsync of directory", target, err);
-  }
-  if (::close(fd) != 0) {
-    throw_io_error("closing directory", target, errno);
-  }
-}
-
-// A file written under a unique temporary name next to its target and renamed over it by
-// commit(). Destroyed without commit() (an exception on the way), it removes the temporary.
-class AtomicFile {
-public:
-  explicit AtomicFile(std::filesystem::path target) : target_(std::move(target)) {
-    static std::atomic<std::uint64_t> counter{0};
-    temp_ = target_.parent_path() / fmt::format(".{}.tmp.{}.{}", target_.filename().string(),
-                                                ::getpid(), counter.fetch_add(1));
-    fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd_ < 0) {
-      throw_io_error("creating", temp_, errno);
-    }
-  }
-  ~AtomicFile() {
-    if (fd_ >= 0) {
-      ::close(fd_);
-    }
-    if (!committed_) {
-      ::unlink(temp_.c_str());
-    }
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-
-  void write(const void* data, std::size_t bytes) {
-    const auto* p = static_cast<const char*>(data);
-    while (bytes > 0) {
-      const ssize_t n = ::write(fd_, p, bytes);
-      if (n < 0) {
-        if (errno == EINTR) {
-          continue;
-        }
-        throw_io_error("writing", temp_, errno);
-      }
-      p += n;
-      bytes -= static_cast<std::size_t>(n);
-    }
-  }
-
-  // Data on disk, then the name: fsync, close, rename, fsync of the directory.
-  void commit() {
-    if (::fsync(fd_) != 0) {
-      throw_io_error("fsync of", temp_, errno);
-    }
-    const int fd = std::exchange(fd_, -1);
-    if (::close(fd) != 0) {
-      throw_io_error("closing", temp_, errno);
-    }
-    if (::rename(temp_.c_str(), target_.c_str()) != 0) {
-      throw_io_error(fmt::format("renaming to '{}'", target_.string()), temp_, errno);
-    }
-    committed_ = true;
-    fsync_directory(target_.parent_path());
-  }
-
-private:
-  std::filesystem::path target_;
-  std::filesystem::path temp_;
-  int fd_ = -1;
-  bool committed_ = false;
-};
 
 // An open file for reading, closed on destruction.
 class ReadFile {
@@ -304,7 +227,7 @@ Json build_manifest(const Checkpoint& ckpt) {
 
 void write_latest(const std::filesystem::path& dir, const std::string& file_name) {
   const std::string text = file_name + "\n";
-  AtomicFile out(dir / kLatestName);
+  AtomicFile out(dir / kLatestName, "checkpoint");
   out.write(text.data(), text.size());
   out.commit();
 }
@@ -459,7 +382,7 @@ std::filesystem::path write_checkpoint(const std::filesystem::path& dir, const C
   const std::string name = checkpoint_file_name(ckpt.step);
   const std::filesystem::path file = dir / name;
   {
-    AtomicFile out(file);
+    AtomicFile out(file, "checkpoint");
     out.write(kMagic.data(), kMagic.size());
     out.write(&manifest_bytes, sizeof(manifest_bytes));
     out.write(manifest.data(), manifest.size());

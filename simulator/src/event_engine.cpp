@@ -162,8 +162,8 @@ void EventEngine::link_set_rates(Link& link) {
     it->weight += t.weight;
   }
   for (GroupShare& g : groups_) {
-    const double own = g.group < 0 ? std::numeric_limits<double>::infinity()
-                                   : link.group_capacity / g.flows;
+    const double own =
+        g.group < 0 ? std::numeric_limits<double>::infinity() : link.group_capacity / g.flows;
     g.cap = std::min(link.flow_cap, own);
   }
   std::sort(groups_.begin(), groups_.end(),

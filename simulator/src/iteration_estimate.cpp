@@ -108,8 +108,8 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
   const double tokens = static_cast<double>(plan_.global_batch_size * g.seq_length);
   e.tokens_per_s = tokens / makespan;
   const auto sequences = static_cast<double>(plan_.global_batch_size);
-  e.tflops_per_gpu = model_flops_utilization(model_.model_flops_per_sequence(), sequences,
-                                             makespan, plan_.world_size(), 1e12);
+  e.tflops_per_gpu = model_flops_utilization(model_.model_flops_per_sequence(), sequences, makespan,
+                                             plan_.world_size(), 1e12);
   e.mfu = model_flops_utilization(model_.model_flops_per_sequence(), sequences, makespan,
                                   plan_.world_size(), cluster_.peak_flops(plan_.precision));
 

@@ -181,7 +181,8 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
       }
       const int n = static_cast<int>(group.blocks.size());
       if (plan.recompute == Recompute::full) {
-        group.memory.activation_bytes += n * full_recompute_input_bytes(graph.info(), unit_key(plan));
+        group.memory.activation_bytes +=
+            n * full_recompute_input_bytes(graph.info(), unit_key(plan));
       }
       const std::string blocks = n == 1 ? fmt::format("transformer block {}", group.first_block)
                                         : fmt::format("transformer blocks {}–{} (×{})",
