@@ -11,6 +11,7 @@ For one GPT model it measures, with medians over the timed steps of each run:
     (`parallax simulate --analytic --json`); with --memory-sweep also for ZeRO 1–3, TP (with and
     without sequence parallelism), PP (1F1B, GPipe) and recomputation plans.
 Usage: bench/executor_bench.py [--build build/release] [--ranks 1,2,4] [--steps 6] [--json out]
+                               [--shape large|small]
                                [--no-torch] [--memory-sweep]
 """
 import argparse
@@ -25,15 +26,23 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-MODEL = {"name": "gpt-bench-h512", "family": "gpt", "num_layers": 4, "hidden_size": 512,
-         "num_attention_heads": 8, "num_kv_heads": 8, "ffn_hidden_size": 2048,
-         "vocab_size": 8192, "seq_length": 256, "max_position_embeddings": 256,
-         "activation": "gelu", "norm": "layernorm", "position_embedding": "learned",
-         "bias": True, "tied_embeddings": True, "dropout": False,
-         "attention_impl": "standard",
-         "notes": "Benchmark model for the CPU executor (not a published model)."}
-MICRO_BATCH = 4
-GLOBAL_BATCH = 16
+# Two shapes: "large" (where per-op overheads are small next to the GEMMs) and "small" (GPT L4
+# h256 s128 V512, micro-batch 8), where they are not.
+SHAPES = {
+    "large": ({"name": "gpt-bench-h512", "num_layers": 4, "hidden_size": 512,
+               "num_attention_heads": 8, "num_kv_heads": 8, "ffn_hidden_size": 2048,
+               "vocab_size": 8192, "seq_length": 256, "max_position_embeddings": 256}, 4, 16),
+    "small": ({"name": "gpt-bench-h256", "num_layers": 4, "hidden_size": 256,
+               "num_attention_heads": 4, "num_kv_heads": 4, "ffn_hidden_size": 1024,
+               "vocab_size": 512, "seq_length": 128, "max_position_embeddings": 128}, 8, 16),
+}
+COMMON = {"family": "gpt", "activation": "gelu", "norm": "layernorm",
+          "position_embedding": "learned", "bias": True, "tied_embeddings": True,
+          "dropout": False, "attention_impl": "standard",
+          "notes": "Benchmark model for the CPU executor (not a published model)."}
+MODEL = dict(COMMON, **SHAPES["large"][0])
+MICRO_BATCH = SHAPES["large"][1]
+GLOBAL_BATCH = SHAPES["large"][2]
 
 
 def run(cmd, **kw):
@@ -114,7 +123,11 @@ def main():
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--memory-sweep", action="store_true")
     p.add_argument("--json")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="large")
     a = p.parse_args()
+    global MODEL, MICRO_BATCH, GLOBAL_BATCH
+    MODEL = dict(COMMON, **SHAPES[a.shape][0])
+    MICRO_BATCH, GLOBAL_BATCH = SHAPES[a.shape][1], SHAPES[a.shape][2]
     tmp = tempfile.mkdtemp(prefix="parallax_bench_")
     try:
         with open(os.path.join(tmp, "model.json"), "w") as f:
