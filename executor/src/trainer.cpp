@@ -110,6 +110,7 @@ struct CpuBackend {
   std::vector<std::unique_ptr<Tensor>> stash;
   std::vector<CommRequest> sends;
 };
+static_assert(detail::TrainerBackend<CpuBackend>);
 
 } // namespace
 

@@ -16,29 +16,8 @@
 // after each compute op; ZeRO-2/3 keep at most kReduceScatterWindow full gradient buffers in
 // flight; a reduction's measured event spans its launch to the wait that finished it.
 //
-// What a backend B provides (all pointers below point into B's memory: host or device):
-//   types     Flat (a flat fp32 buffer), Act (an activation matrix), Cache (what a block keeps
-//             from its forward for its backward), Batch (a micro-batch as the model functions
-//             read it)
-//   memory    static float* data(const Flat&); static std::int64_t size(const Flat&);
-//             static std::int64_t act_size(const Act&);
-//             Flat zeros(n); Flat upload(span<const float> host);
-//             void download(const float* src, n, float* host); void set_zero(Flat&)
-//   math      add(dst, src, n) (dst += src); copy(dst, src, n);
-//             double sum_squares(ranges) (Σ x² over the ranges, in order, in double);
-//             adamw(p, g, m1, m2, n, ops::AdamwHyper)
-//   comm      std::unique_ptr<Communicator> group(ranks, name, timeout) (collectives over B's
-//             memory); Act recv_act(world, src, tag, rows, cols); void send_act(world, Act, dst,
-//             tag) (non-blocking, the backend keeps the data alive); void finish_sends()
-//   model     Batch batch(MicroBatch); embedding/layer/head forward and backward and
-//             layer_recompute, as in parallax/executor/model.hpp with Act, Cache and Batch in
-//             place of Tensor, BlockCache and MicroBatch
-//   time      void synchronize() (all enqueued work done; no-op on the CPU);
-//             Mark (a point in the recorded step: a steady-clock time, or a device event);
-//             begin_recording(t0) (the step starts at steady time t0, nothing in flight);
-//             Mark mark(); double seconds(Mark) (steady-clock seconds of a mark, valid once the
-//             step's work is done);
-//             void reset_peak(); std::int64_t peak_bytes() (the backend's own accounting)
+// What a backend provides is the TrainerBackend concept below; every pointer in it points
+// into the backend's memory (host or device).
 #pragma once
 
 #include "parallax/core/error.hpp"
@@ -52,11 +31,15 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <concepts>
 #include <deque>
 #include <map>
+#include <memory>
 #include <numbers>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -64,7 +47,63 @@ namespace parallax::detail {
 
 using Ranges = std::vector<std::pair<const float*, std::int64_t>>;
 
-template <class B> class TrainerCore final : public Trainer::Impl {
+// The backend contract.
+//   types   Flat (a flat fp32 buffer), Act (an activation matrix), Cache (what a block keeps
+//           from its forward for its backward), Batch (a micro-batch as the model functions
+//           read it), Mark (a point in the recorded step: a steady-clock time or a device event)
+//   memory  zeros, upload, download (host copy), set_zero; data / size of a Flat, act_size
+//   math    add (dst += src), copy, sum_squares (Σ x² over the ranges, in order, in double),
+//           adamw
+//   comm    group (collectives over the backend's memory); recv_act; send_act (non-blocking,
+//           the backend keeps the data alive until finish_sends)
+//   model   batch (upload a MicroBatch); the passes of parallax/executor/model.hpp with Act,
+//           Cache and Batch in place of Tensor, BlockCache and MicroBatch
+//   time    synchronize (all enqueued work done; no-op on the CPU); begin_recording(t0) (the
+//           step starts at steady time t0, nothing in flight); mark; seconds(mark) (valid once
+//           the step's work is done); reset_peak / peak_bytes (the backend's own accounting)
+template <class B>
+concept TrainerBackend = requires(B b, typename B::Flat& flat, const typename B::Flat& cflat,
+                                  typename B::Act act, const typename B::Act& cact,
+                                  typename B::Cache& cache, const typename B::Batch& batch,
+                                  typename B::Mark mark, float* p, const float* cp, std::int64_t n,
+                                  std::span<const float> host, const Ranges& ranges,
+                                  const ops::AdamwHyper& hyper, Communicator& world,
+                                  const std::vector<int>& ranks, const std::string& name,
+                                  std::chrono::duration<double> timeout, const ExecModel& m,
+                                  const BlockBuffers& bb, const TpContext& tp, MicroBatch mb,
+                                  KeepMode keep, float scale, double t0) {
+  { B::data(cflat) } -> std::same_as<float*>;
+  { B::size(cflat) } -> std::convertible_to<std::int64_t>;
+  { B::act_size(cact) } -> std::convertible_to<std::int64_t>;
+  { b.zeros(n) } -> std::same_as<typename B::Flat>;
+  { b.upload(host) } -> std::same_as<typename B::Flat>;
+  b.download(cp, n, p);
+  b.set_zero(flat);
+  b.add(p, cp, n);
+  b.copy(p, cp, n);
+  { b.sum_squares(ranges) } -> std::same_as<double>;
+  b.adamw(p, cp, p, p, n, hyper);
+  { b.group(ranks, name, timeout) } -> std::same_as<std::unique_ptr<Communicator>>;
+  { b.recv_act(world, 0, 0, n, n) } -> std::same_as<typename B::Act>;
+  b.send_act(world, std::move(act), 0, 0);
+  b.finish_sends();
+  { b.batch(std::move(mb)) } -> std::same_as<typename B::Batch>;
+  { b.embedding_forward(m, bb, &bb, tp, batch) } -> std::same_as<typename B::Act>;
+  b.embedding_backward(m, bb, &bb, tp, batch, cact);
+  { b.layer_forward(m, bb, tp, batch, cact, keep, cache) } -> std::same_as<typename B::Act>;
+  b.layer_recompute(m, bb, tp, batch, cache);
+  { b.layer_backward(m, bb, tp, batch, cact, cache) } -> std::same_as<typename B::Act>;
+  { b.head_forward(m, bb, bb, tp, batch, cact, cache) } -> std::same_as<double>;
+  { b.head_backward(m, bb, bb, tp, batch, scale, cache) } -> std::same_as<typename B::Act>;
+  b.synchronize();
+  b.begin_recording(t0);
+  { b.mark() } -> std::same_as<typename B::Mark>;
+  { b.seconds(mark) } -> std::same_as<double>;
+  b.reset_peak();
+  { b.peak_bytes() } -> std::convertible_to<std::int64_t>;
+};
+
+template <TrainerBackend B> class TrainerCore final : public Trainer::Impl {
 public:
   using Flat = typename B::Flat;
   using Act = typename B::Act;
@@ -240,7 +279,7 @@ private:
 
 // ---- construction ----
 
-template <class B>
+template <TrainerBackend B>
 TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
                             const TrainOptions& options, const std::string& plan_source)
     : be_(std::move(backend)), model_(model), plan_(plan), opt_(options) {
@@ -324,7 +363,7 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
 
 // ---- small pieces ----
 
-template <class B> TpContext TrainerCore<B>::tp() {
+template <TrainerBackend B> TpContext TrainerCore<B>::tp() {
   TpContext t{.comm = tp_comm_.get(), .sequence_parallel = plan_.sequence_parallel};
   if (recording_) {
     // Named after the op they run in, as the simulator names an op's TP collective.
@@ -337,7 +376,7 @@ template <class B> TpContext TrainerCore<B>::tp() {
   return t;
 }
 
-template <class B>
+template <TrainerBackend B>
 void TrainerCore<B>::record(Stream stream, Category cat, std::string name, int layer, int mb,
                             Mark s, Mark e, double flops, double bytes) {
   if (!recording_)
@@ -354,7 +393,7 @@ void TrainerCore<B>::record(Stream stream, Category cat, std::string name, int l
                      .end = e});
 }
 
-template <class B>
+template <TrainerBackend B>
 void TrainerCore<B>::record_host(Stream stream, Category cat, std::string name, int layer, int mb,
                                  double s, double e, double bytes) {
   if (!recording_)
@@ -371,7 +410,7 @@ void TrainerCore<B>::record_host(Stream stream, Category cat, std::string name, 
 }
 
 // After the step's work is done: every marked event gets its times.
-template <class B> void TrainerCore<B>::resolve_marks() {
+template <TrainerBackend B> void TrainerCore<B>::resolve_marks() {
   for (Marked& m : marked_) {
     m.event.start_s = be_.seconds(m.start) - t0_;
     m.event.end_s = be_.seconds(m.end) - t0_;
@@ -380,7 +419,7 @@ template <class B> void TrainerCore<B>::resolve_marks() {
   marked_.clear();
 }
 
-template <class B> MicroBatch TrainerCore<B>::micro_batch(std::int64_t k) const {
+template <TrainerBackend B> MicroBatch TrainerCore<B>::micro_batch(std::int64_t k) const {
   const ModelConfig& c = model_.config;
   MicroBatch mb;
   mb.batch = plan_.micro_batch_size;
@@ -403,14 +442,14 @@ template <class B> MicroBatch TrainerCore<B>::micro_batch(std::int64_t k) const 
   return mb;
 }
 
-template <class B>
+template <TrainerBackend B>
 const std::vector<std::size_t>& TrainerCore<B>::unit_blocks(int lc, int unit) const {
   const Chunk& ch = chunks_[static_cast<std::size_t>(lc)];
   return unit_blocks_[static_cast<std::size_t>(lc)]
                      [static_cast<std::size_t>(unit - ch.units.first)];
 }
 
-template <class B> KeepMode TrainerCore<B>::keep_mode() const {
+template <TrainerBackend B> KeepMode TrainerCore<B>::keep_mode() const {
   switch (plan_.recompute) {
   case Recompute::none:
     return KeepMode::all;

@@ -7,7 +7,7 @@
 
 namespace parallax::detail {
 
-template <class B> Timeline TrainerCore<B>::timeline() {
+template <TrainerBackend B> Timeline TrainerCore<B>::timeline() {
   Timeline mine;
   mine.events = events_;
   mine.peak_memory_bytes.assign(static_cast<std::size_t>(plan_.world_size()), 0);
@@ -28,7 +28,7 @@ template <class B> Timeline TrainerCore<B>::timeline() {
 
 // ---- checkpoints ----
 
-template <class B> Buffer TrainerCore<B>::assemble(const Block& b, const float* owned) {
+template <TrainerBackend B> Buffer TrainerCore<B>::assemble(const Block& b, const float* owned) {
   const std::int64_t padded = b.layout.padded;
   Flat full = be_.zeros(padded);
   be_.copy(B::data(full) + b.own_begin, owned, b.own_size);
@@ -43,7 +43,7 @@ template <class B> Buffer TrainerCore<B>::assemble(const Block& b, const float* 
   return host;
 }
 
-template <class B> Checkpoint TrainerCore<B>::checkpoint() {
+template <TrainerBackend B> Checkpoint TrainerCore<B>::checkpoint() {
   const int z = plan_.zero_stage;
   // Full local flat vectors (params, moments) of every block, assembled over data parallelism.
   struct HostFlat {
@@ -142,7 +142,8 @@ template <class B> Checkpoint TrainerCore<B>::checkpoint() {
   return ck;
 }
 
-template <class B> void TrainerCore<B>::restore(const Checkpoint& ck, const std::string& source) {
+template <TrainerBackend B>
+void TrainerCore<B>::restore(const Checkpoint& ck, const std::string& source) {
   if (ck.model != model_.config.name) {
     throw InputError(source, "model",
                      fmt::format("a checkpoint of model \"{}\"", model_.config.name),

@@ -9,7 +9,7 @@ namespace parallax::detail {
 
 // ---- parameters and ZeRO ----
 
-template <class B> void TrainerCore<B>::gather_params(Block& blk, const StepOp* op) {
+template <TrainerBackend B> void TrainerCore<B>::gather_params(Block& blk, const StepOp* op) {
   if (plan_.zero_stage != 3)
     return;
   Block& b = storage(blk);
@@ -30,7 +30,7 @@ template <class B> void TrainerCore<B>::gather_params(Block& blk, const StepOp* 
 
 // A block's reduction in flight: wait for it (ZeRO-2/3: add the reduced slice to the owned
 // gradients and free the full buffer). Its event spans launch to completion.
-template <class B> void TrainerCore<B>::finish_reduction(Block& b) {
+template <TrainerBackend B> void TrainerCore<B>::finish_reduction(Block& b) {
   if (b.rs_pending) {
     scattering_.erase(std::find(scattering_.begin(), scattering_.end(), &b));
     b.pending.wait();
@@ -50,7 +50,7 @@ template <class B> void TrainerCore<B>::finish_reduction(Block& b) {
 }
 
 // Before a block's backward: make sure its gradient buffer exists and is free.
-template <class B> void TrainerCore<B>::prepare_grads(Block& blk) {
+template <TrainerBackend B> void TrainerCore<B>::prepare_grads(Block& blk) {
   if (plan_.zero_stage < 2)
     return;
   Block& b = storage(blk);
@@ -60,7 +60,7 @@ template <class B> void TrainerCore<B>::prepare_grads(Block& blk) {
 
 // The embedding shares its gradient buffer with a tied head on this rank: the head's backward,
 // earlier in the same micro-batch, already prepared it.
-template <class B> bool TrainerCore<B>::shared_with_head(const Block& emb) const {
+template <TrainerBackend B> bool TrainerCore<B>::shared_with_head(const Block& emb) const {
   for (const Chunk& c : chunks_) {
     for (const Block& b : c.blocks) {
       if (b.alias == &emb)
@@ -71,14 +71,15 @@ template <class B> bool TrainerCore<B>::shared_with_head(const Block& emb) const
 }
 
 // ZeRO-2/3 without data parallelism: the micro-batch's gradients go straight to the owned ones.
-template <class B> void TrainerCore<B>::accumulate_local(Block& b) {
+template <TrainerBackend B> void TrainerCore<B>::accumulate_local(Block& b) {
   if (plan_.zero_stage < 2 || plan_.dp > 1 || b.alias)
     return;
   be_.add(B::data(b.grad_shard), B::data(b.grads), B::size(b.grad_shard));
   b.grads = Flat();
 }
 
-template <class B> void TrainerCore<B>::launch_reduction(Block& b, std::int64_t /*k*/, int op) {
+template <TrainerBackend B>
+void TrainerCore<B>::launch_reduction(Block& b, std::int64_t /*k*/, int op) {
   b.reduce_op = op;
   b.reduce_start = mark();
   launched_[static_cast<std::size_t>(op)].push_back(&b);
@@ -100,7 +101,7 @@ template <class B> void TrainerCore<B>::launch_reduction(Block& b, std::int64_t 
 
 // ---- pipeline ----
 
-template <class B>
+template <TrainerBackend B>
 typename B::Act TrainerCore<B>::receive(int chunk_from, std::int64_t k, int dir,
                                         Eigen::Index rows) {
   const int t = tag(chunk_from, k, dir);
@@ -115,7 +116,7 @@ typename B::Act TrainerCore<B>::receive(int chunk_from, std::int64_t k, int dir,
   return be_.recv_act(*world_, src, t, rows, model_.config.hidden_size);
 }
 
-template <class B>
+template <TrainerBackend B>
 void TrainerCore<B>::send(Act x, int chunk_to, int chunk_from, std::int64_t k, int dir) {
   const int t = tag(chunk_from, k, dir);
   const int dst = chunk_rank(chunk_to);
@@ -130,7 +131,7 @@ void TrainerCore<B>::send(Act x, int chunk_to, int chunk_from, std::int64_t k, i
 
 // A unit's forward: its blocks in model order (the embedding with the learned positions, the
 // layer, the final norm with the LM head and loss).
-template <class B> void TrainerCore<B>::forward_unit(const StepOp& op, const Batch& mb) {
+template <TrainerBackend B> void TrainerCore<B>::forward_unit(const StepOp& op, const Batch& mb) {
   const int lc = op.chunk / plan_.pp;
   Chunk& ch = chunks_[static_cast<std::size_t>(lc)];
   const std::int64_t k = op.micro_batch;
@@ -188,7 +189,7 @@ template <class B> void TrainerCore<B>::forward_unit(const StepOp& op, const Bat
 
 // Full recomputation: the unit's transformer layer reruns its forward before its backward (the
 // embedding, final norm and head keep their activations).
-template <class B> void TrainerCore<B>::recompute_unit(const StepOp& op, const Batch& mb) {
+template <TrainerBackend B> void TrainerCore<B>::recompute_unit(const StepOp& op, const Batch& mb) {
   const int lc = op.chunk / plan_.pp;
   Chunk& ch = chunks_[static_cast<std::size_t>(lc)];
   auto& cache = caches_[static_cast<std::size_t>(lc)][static_cast<std::size_t>(op.micro_batch)];
@@ -205,7 +206,7 @@ template <class B> void TrainerCore<B>::recompute_unit(const StepOp& op, const B
 }
 
 // A unit's backward: its blocks in reverse model order.
-template <class B>
+template <TrainerBackend B>
 void TrainerCore<B>::backward_unit(const StepOp& op, const Batch& mb, float loss_scale) {
   const int lc = op.chunk / plan_.pp;
   Chunk& ch = chunks_[static_cast<std::size_t>(lc)];
@@ -285,7 +286,7 @@ void TrainerCore<B>::backward_unit(const StepOp& op, const Batch& mb, float loss
 
 // Waits for the reductions of the reduce ops `op` depends on (the executor runs every other op
 // in program order, so those are done).
-template <class B> void TrainerCore<B>::wait_for(const StepOp& op) {
+template <TrainerBackend B> void TrainerCore<B>::wait_for(const StepOp& op) {
   for (int a : op.after) {
     for (Block* b : launched_[static_cast<std::size_t>(a)])
       finish_reduction(*b);
@@ -293,7 +294,7 @@ template <class B> void TrainerCore<B>::wait_for(const StepOp& op) {
   }
 }
 
-template <class B>
+template <TrainerBackend B>
 void TrainerCore<B>::run_op(int i, std::map<std::int64_t, Batch>& batches, float loss_scale) {
   const StepOp& op = program_.ops[static_cast<std::size_t>(i)];
   op_ = i;
@@ -365,7 +366,7 @@ void TrainerCore<B>::run_op(int i, std::map<std::int64_t, Batch>& batches, float
   }
 }
 
-template <class B> void TrainerCore<B>::optimizer_op(const StepOp& op) {
+template <TrainerBackend B> void TrainerCore<B>::optimizer_op(const StepOp& op) {
   be_.finish_sends();
   grad_norm_ = gradient_norm();
   lr_ = learning_rate(step_count_);
@@ -379,7 +380,7 @@ template <class B> void TrainerCore<B>::optimizer_op(const StepOp& op) {
 
 // ---- step ----
 
-template <class B> StepStats TrainerCore<B>::step(bool record_step) {
+template <TrainerBackend B> StepStats TrainerCore<B>::step(bool record_step) {
   recording_ = record_step;
   events_.clear();
   marked_.clear();
@@ -431,9 +432,9 @@ template <class B> StepStats TrainerCore<B>::step(bool record_step) {
   st.lr = lr_;
   st.step_time_s = maxes[0];
   st.tokens_per_s = global_tokens / maxes[0];
-  st.mfu = model_flops_utilization(flops_per_sequence_,
-                                   static_cast<double>(plan_.global_batch_size), maxes[0],
-                                   plan_.world_size(), opt_.peak_flops_per_rank);
+  st.mfu =
+      model_flops_utilization(flops_per_sequence_, static_cast<double>(plan_.global_batch_size),
+                              maxes[0], plan_.world_size(), opt_.peak_flops_per_rank);
   st.peak_memory_bytes = static_cast<std::int64_t>(maxes[1]);
   recording_ = false;
   return st;

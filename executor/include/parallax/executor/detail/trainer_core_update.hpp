@@ -9,7 +9,7 @@ namespace parallax::detail {
 
 // ---- optimizer ----
 
-template <class B> double TrainerCore<B>::learning_rate(std::int64_t step) const {
+template <TrainerBackend B> double TrainerCore<B>::learning_rate(std::int64_t step) const {
   const std::int64_t warmup = opt_.warmup_steps >= 0 ? opt_.warmup_steps : opt_.steps / 10;
   const std::int64_t horizon =
       std::max<std::int64_t>(opt_.decay_steps >= 0 ? opt_.decay_steps : opt_.steps, 1);
@@ -25,7 +25,9 @@ template <class B> double TrainerCore<B>::learning_rate(std::int64_t step) const
 
 // Calls f(param, begin, end) for the part [begin, end) of each parameter (flat offsets) that
 // lies in the block's owned slice.
-template <class B> template <class F> void TrainerCore<B>::for_owned(const Block& b, F&& f) {
+template <TrainerBackend B>
+template <class F>
+void TrainerCore<B>::for_owned(const Block& b, F&& f) {
   const std::int64_t lo = b.own_begin;
   const std::int64_t hi = b.own_begin + b.own_size;
   for (const ParamInfo& p : b.layout.params) {
@@ -36,7 +38,8 @@ template <class B> template <class F> void TrainerCore<B>::for_owned(const Block
   }
 }
 
-template <class B> typename TrainerCore<B>::Block* TrainerCore<B>::find_block(BlockKind kind) {
+template <TrainerBackend B>
+typename TrainerCore<B>::Block* TrainerCore<B>::find_block(BlockKind kind) {
   for (Chunk& c : chunks_) {
     for (Block& b : c.blocks) {
       if (b.layout.kind == kind)
@@ -47,7 +50,7 @@ template <class B> typename TrainerCore<B>::Block* TrainerCore<B>::find_block(Bl
 }
 
 // Tied embeddings on two stages: the embedding and the head's copy share one gradient.
-template <class B> void TrainerCore<B>::embedding_sync() {
+template <TrainerBackend B> void TrainerCore<B>::embedding_sync() {
   Block* emb = find_block(BlockKind::embedding);
   Block* head = find_block(BlockKind::head);
   const int z = plan_.zero_stage;
@@ -66,7 +69,7 @@ template <class B> void TrainerCore<B>::embedding_sync() {
 }
 
 // Sequence parallelism: replicated parameters saw only this rank's part of the sequence.
-template <class B> void TrainerCore<B>::sp_sync() {
+template <TrainerBackend B> void TrainerCore<B>::sp_sync() {
   std::vector<std::pair<float*, std::int64_t>> parts;
   std::int64_t total = 0;
   for (Chunk& c : chunks_) {
@@ -96,7 +99,7 @@ template <class B> void TrainerCore<B>::sp_sync() {
   }
 }
 
-template <class B> double TrainerCore<B>::gradient_norm() {
+template <TrainerBackend B> double TrainerCore<B>::gradient_norm() {
   Ranges ranges;
   const bool count_dp = plan_.zero_stage > 0 || me_.dp == 0;
   if (count_dp) {
@@ -118,7 +121,7 @@ template <class B> double TrainerCore<B>::gradient_norm() {
   return std::sqrt(v[0]);
 }
 
-template <class B> void TrainerCore<B>::adamw(double lr, double clip_coef) {
+template <TrainerBackend B> void TrainerCore<B>::adamw(double lr, double clip_coef) {
   if (parameter_server() && me_.dp != 0)
     return; // the server updates, the others receive
   for (Chunk& c : chunks_) {
@@ -146,7 +149,7 @@ template <class B> void TrainerCore<B>::adamw(double lr, double clip_coef) {
 
 // The updated parameters to every data-parallel rank, as the program's publish op says: a
 // parameter server broadcasts them, ZeRO-1/2 ranks all-gather their slices.
-template <class B> void TrainerCore<B>::publish_params(StepCollective how) {
+template <TrainerBackend B> void TrainerCore<B>::publish_params(StepCollective how) {
   for (Chunk& c : chunks_) {
     for (Block& b : c.blocks) {
       if (b.alias)

@@ -1,0 +1,251 @@
+// The CPU forward and backward passes: the Eigen op set of the transformer layer
+// (detail/block.hpp, written once for both backends), the embedding, and the final norm, LM
+// head and vocabulary-parallel cross-entropy.
+#include "parallax/core/error.hpp"
+#include "parallax/executor/detail/block.hpp"
+#include "parallax/executor/model.hpp"
+#include "parallax/executor/ops.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace parallax {
+namespace {
+
+using Index = Eigen::Index;
+
+// The Eigen kernels of ops.hpp as the layer's op set.
+struct CpuOps {
+  using Tensor = parallax::Tensor;
+  using In = ConstMatRef;
+  using Out = MatRef;
+  using Batch = MicroBatch;
+  using Shape = ops::AttentionShape;
+
+  Tensor make(Index rows, Index cols) const { return {rows, cols, Tensor::uninitialized}; }
+  Tensor copy(const Tensor& x) const {
+    Tensor y = make(x.rows(), x.cols());
+    std::copy(x.span().begin(), x.span().end(), y.span().begin());
+    return y;
+  }
+  std::span<float> floats(Tensor& x) const { return x.span(); }
+  std::span<const float> floats(const Tensor& x) const { return x.span(); }
+  In view(const Tensor& x) const { return x; }
+  Tensor gemm_input(Tensor x) const { return x; }
+  const MicroBatch& host(const MicroBatch& mb) const { return mb; }
+  In param(const BlockBuffers& b, std::string_view s) const { return b.p(s); }
+  Out grad(const BlockBuffers& b, std::string_view s) const { return b.g(s); }
+  void synchronize() const {}
+
+  void linear(In x, In w, In b, Out y) const { ops::linear_forward(x, w, b, y); }
+  void linear_grad(In x, In w, In dy, Out dx, Out dw, Out db, bool accumulate_dx) const {
+    ops::linear_backward(x, w, dy, dx, dw, db, accumulate_dx);
+  }
+
+  block::NormOut<Tensor> norm_forward(const ExecModel& m, const BlockBuffers& b,
+                                      const std::string& prefix, const Tensor& x) const {
+    block::NormOut<Tensor> o{make(x.rows(), x.cols()), Tensor(), make(x.rows(), 1)};
+    if (m.rmsnorm()) {
+      ops::rmsnorm_forward(x, b.p(prefix + ".gamma"), o.y, o.rstd, m.norm_eps);
+    } else {
+      o.mean = make(x.rows(), 1);
+      ops::layernorm_forward(x, b.p(prefix + ".gamma"), b.p(prefix + ".beta"), o.y, o.mean, o.rstd,
+                             m.norm_eps);
+    }
+    return o;
+  }
+  // dx = norm backward(dy), added to dx's previous value when `accumulate`.
+  void norm_backward(const ExecModel& m, const BlockBuffers& b, const std::string& prefix,
+                     const Tensor& x, const Tensor& mean, const Tensor& rstd, const Tensor& dy,
+                     Tensor& dx, bool accumulate) const {
+    Tensor tmp = make(x.rows(), x.cols());
+    if (m.rmsnorm()) {
+      ops::rmsnorm_backward(x, b.p(prefix + ".gamma"), rstd, dy, tmp, b.g(prefix + ".gamma"));
+    } else {
+      ops::layernorm_backward(x, b.p(prefix + ".gamma"), mean, rstd, dy, tmp,
+                              b.g(prefix + ".gamma"), b.g(prefix + ".beta"));
+    }
+    if (accumulate) {
+      dx.m() += tmp.m();
+    } else {
+      dx = std::move(tmp);
+    }
+  }
+
+  void add(In x, In y, Out out) const { out.m() = x.m() + y.m(); }
+  void add_bias(Out y, In b) const { y.m().rowwise() += b.m().row(0); }
+  void bias_grad(In dy, Out db) const { db.m().row(0) += dy.m().colwise().sum(); }
+  void gelu_forward(In x, Out y) const { ops::gelu_forward(x, y); }
+  void gelu_backward(In x, In dy, Out dx) const { ops::gelu_backward(x, dy, dx); }
+  void swiglu_forward(In g, In u, Out y) const { ops::swiglu_forward(g, u, y); }
+  void swiglu_backward(In g, In u, In dy, Out dg, Out du) const {
+    ops::swiglu_backward(g, u, dy, dg, du);
+  }
+  // Rotary embedding at each row's position in the full (not sequence-parallel) sequence.
+  void rope(Out q, Out k, int head_dim, const MicroBatch& mb, float theta, bool backward) const {
+    std::vector<std::int32_t> pos(static_cast<std::size_t>(mb.batch * mb.seq));
+    for (std::size_t r = 0; r < pos.size(); ++r)
+      pos[r] = static_cast<std::int32_t>(static_cast<Index>(r) % mb.seq);
+    const auto rotate = backward ? ops::rope_backward : ops::rope_forward;
+    rotate(q, head_dim, pos, theta);
+    rotate(k, head_dim, pos, theta);
+  }
+
+  // Attention keeps its probabilities (kProbs) unless told otherwise.
+  void attention_forward(const Shape& shape, KeepMode keep, std::vector<Tensor>& t) const {
+    using namespace block;
+    t[kProbs] = make(shape.batch * shape.heads, shape.seq * shape.seq);
+    ops::attention_forward(t[kQ], t[kK], t[kV], shape, t[kProbs], t[kAtt]);
+    if (keep != KeepMode::all)
+      t[kProbs].release();
+  }
+  void attention_backward(const Shape& shape, std::vector<Tensor>& t, const Tensor& datt,
+                          Tensor& dq, Tensor& dk, Tensor& dv) const {
+    using namespace block;
+    t[kAtt].release();
+    if (t[kProbs].empty()) {
+      // Selective recomputation: the probabilities come back from q and k.
+      t[kProbs] = make(shape.batch * shape.heads, shape.seq * shape.seq);
+      ops::attention_probs(t[kQ], t[kK], shape, t[kProbs]);
+    }
+    ops::attention_backward(t[kQ], t[kK], t[kV], t[kProbs], datt, shape, dq, dk, dv);
+    t[kProbs].release();
+  }
+};
+static_assert(block::BlockOps<CpuOps>);
+
+constexpr CpuOps kCpu{};
+
+} // namespace
+
+Tensor layer_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                     const MicroBatch& mb, const Tensor& x, KeepMode keep, BlockCache& cache) {
+  return block::layer_forward(kCpu, m, b, tp, mb, x, keep, cache);
+}
+
+void layer_recompute(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                     const MicroBatch& mb, BlockCache& cache) {
+  block::layer_recompute(kCpu, m, b, tp, mb, cache);
+}
+
+Tensor layer_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                      const MicroBatch& mb, const Tensor& dy, BlockCache& cache) {
+  return block::layer_backward(kCpu, m, b, tp, mb, dy, cache);
+}
+
+Tensor embedding_forward(const ExecModel& m, const BlockBuffers& emb, const BlockBuffers* positions,
+                         const TpContext& tp, const MicroBatch& mb) {
+  const ParamInfo& wte = emb.layout->param("wte");
+  Tensor e(mb.batch * mb.seq, m.config.hidden_size, Tensor::uninitialized);
+  ops::embedding_forward(mb.inputs, emb.p("wte"), wte.row0, e);
+  e = block::tp_reduce(kCpu, tp, std::move(e));
+  if (positions != nullptr) {
+    const auto wpe = positions->p("wpe").m();
+    auto em = e.m();
+    for (Index r = 0; r < e.rows(); ++r)
+      em.row(r) += wpe.row(mb.positions[static_cast<std::size_t>(r)]);
+  }
+  return e;
+}
+
+void embedding_backward(const ExecModel& /*m*/, const BlockBuffers& emb,
+                        const BlockBuffers* positions, const TpContext& tp, const MicroBatch& mb,
+                        const Tensor& dx) {
+  if (positions != nullptr) {
+    auto dwpe = positions->g("wpe").m();
+    const auto dm = dx.m();
+    for (Index r = 0; r < dx.rows(); ++r)
+      dwpe.row(mb.positions[static_cast<std::size_t>(r)]) += dm.row(r);
+  }
+  Tensor dfull_storage;
+  const ConstMatRef dfull = block::full_rows(kCpu, tp, dx, dfull_storage);
+  ops::embedding_backward(mb.inputs, dfull, emb.layout->param("wte").row0, emb.g("wte"));
+}
+
+namespace {
+enum HeadSlot : std::size_t { kHX, kHMean, kHRstd, kHFull, kHLogits, kHMax, kHSum, kHNumSlots };
+// Logit of a padded vocabulary entry: exp(kMaskedLogit − max) is 0 for any real max.
+constexpr float kMaskedLogit = -1e30f;
+} // namespace
+
+double head_forward(const ExecModel& m, const BlockBuffers& norm, const BlockBuffers& head,
+                    const TpContext& tp, const MicroBatch& mb, const Tensor& x, BlockCache& cache) {
+  std::vector<Tensor> t(kHNumSlots);
+  block::NormOut<Tensor> o = kCpu.norm_forward(m, norm, "norm", x);
+  t[kHMean] = std::move(o.mean);
+  t[kHRstd] = std::move(o.rstd);
+  t[kHFull] = block::tp_gather(kCpu, tp, std::move(o.y));
+  const Index n = t[kHFull].rows();
+  const bool tied = m.config.tied_embeddings;
+  const ConstMatRef w = head.p(tied ? "wte" : "w");
+  t[kHLogits] = Tensor(n, tied ? w.rows : w.cols, Tensor::uninitialized);
+  if (tied) {
+    t[kHLogits].m().noalias() = t[kHFull].m() * w.m().transpose();
+  } else {
+    ops::linear_forward(t[kHFull], w, ConstMatRef{}, t[kHLogits]);
+  }
+  const ParamInfo& vocab = head.layout->param(tied ? "wte" : "w");
+  const std::int64_t vocab_begin = tied ? vocab.row0 : vocab.col0;
+  // A padded vocabulary's extra logits take no part in the softmax (and get no gradient).
+  const std::int64_t valid = tied ? vocab.valid_rows() : vocab.valid_cols();
+  if (valid < t[kHLogits].cols()) {
+    t[kHLogits].m().rightCols(t[kHLogits].cols() - valid).setConstant(kMaskedLogit);
+  }
+  t[kHMax] = Tensor(n, 1);
+  t[kHSum] = Tensor(n, 1);
+  Tensor target(n, 1);
+  ops::row_max(t[kHLogits], t[kHMax]);
+  if (tp.size() > 1)
+    tp.comm->all_reduce_max(t[kHMax].span());
+  ops::row_sum_exp(t[kHLogits], t[kHMax], t[kHSum]);
+  ops::target_logits(t[kHLogits], mb.targets, vocab_begin, target);
+  if (tp.size() > 1) {
+    // One all-reduce for both sums.
+    Tensor both(2, n);
+    std::copy(t[kHSum].span().begin(), t[kHSum].span().end(), both.data());
+    std::copy(target.span().begin(), target.span().end(), both.data() + n);
+    tp.comm->all_reduce_sum(both.span());
+    std::copy(both.data(), both.data() + n, t[kHSum].data());
+    std::copy(both.data() + n, both.data() + 2 * n, target.data());
+  }
+  double loss = 0;
+  for (Index r = 0; r < n; ++r) {
+    loss +=
+        std::log(static_cast<double>(t[kHSum].data()[r])) + t[kHMax].data()[r] - target.data()[r];
+  }
+  t[kHX] = kCpu.copy(x);
+  cache.t = std::move(t);
+  return loss;
+}
+
+Tensor head_backward(const ExecModel& m, const BlockBuffers& norm, const BlockBuffers& head,
+                     const TpContext& tp, const MicroBatch& mb, float loss_scale,
+                     BlockCache& cache) {
+  std::vector<Tensor>& t = cache.t;
+  PARALLAX_CHECK(t.size() == kHNumSlots, "head backward without its forward");
+  const bool tied = m.config.tied_embeddings;
+  const std::int64_t vocab_begin =
+      tied ? head.layout->param("wte").row0 : head.layout->param("w").col0;
+  Tensor dlogits(t[kHLogits].rows(), t[kHLogits].cols(), Tensor::uninitialized);
+  ops::cross_entropy_backward(t[kHLogits], t[kHMax], t[kHSum], mb.targets, vocab_begin, loss_scale,
+                              dlogits);
+  t[kHLogits].release();
+  Tensor dfull(t[kHFull].rows(), t[kHFull].cols(), Tensor::uninitialized);
+  if (tied) {
+    const ConstMatRef w = head.p("wte");
+    dfull.m().noalias() = dlogits.m() * w.m();
+    head.g("wte").m().noalias() += dlogits.m().transpose() * t[kHFull].m();
+  } else {
+    ops::linear_backward(t[kHFull], head.p("w"), dlogits, dfull, head.g("w"), MatRef{});
+  }
+  dlogits.release();
+  const Tensor dnorm = block::tp_reduce(kCpu, tp, std::move(dfull));
+  Tensor dx;
+  kCpu.norm_backward(m, norm, "norm", t[kHX], t[kHMean], t[kHRstd], dnorm, dx, false);
+  cache.t.clear();
+  return dx;
+}
+
+} // namespace parallax
