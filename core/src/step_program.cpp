@@ -39,7 +39,7 @@ class ProgramBuilder {
 public:
   ProgramBuilder(const Plan& plan, const StepShape& shape, int rank)
       : plan_(plan), shape_(shape), last_mb_(static_cast<int>(plan.num_microbatches()) - 1),
-        zero3_(plan.zero_stage == 3 && plan.dp > 1) {
+        dp_(data_parallel_comm(plan, shape.reshard_after_forward)) {
     p_.rank = rank;
     p_.pp_rank = rank_coords(plan, rank).pp;
     p_.stages =
@@ -114,7 +114,7 @@ private:
                                       .peer_chunk = chunk - 1})
                                : -1;
     for (int u = first; u < last; ++u) {
-      const int g = zero3_ ? gather(u, chunk, mb, false) : -1;
+      const int g = dp_.gathers_per_micro_batch > 0 ? gather(u, chunk, mb, false) : -1;
       add({.kind = StepOpKind::forward,
            .unit = u,
            .chunk = chunk,
@@ -132,7 +132,7 @@ private:
 
   void backward(int chunk, int mb) {
     const auto [first, last] = p_.stages[static_cast<std::size_t>(chunk)];
-    const bool reduce_now = plan_.zero_stage >= 2 || mb == last_mb_;
+    const bool reduce_now = dp_.per_micro_batch || mb == last_mb_;
     const int recv = chunk + 1 < chunks() ? add({.kind = StepOpKind::recv,
                                                  .unit = last - 1,
                                                  .chunk = chunk,
@@ -140,7 +140,7 @@ private:
                                                  .peer_chunk = chunk + 1})
                                           : -1;
     for (int u = last - 1; u >= first; --u) {
-      const int g = zero3_ && shape_.reshard_after_forward ? gather(u, chunk, mb, true) : -1;
+      const int g = dp_.gathers_per_micro_batch > 1 ? gather(u, chunk, mb, true) : -1;
       const int r = u == last - 1 ? recv : -1;
       int rc = -1;
       if (plan_.recompute == Recompute::full) {
@@ -155,7 +155,7 @@ private:
                          .chunk = chunk,
                          .micro_batch = mb,
                          .after = rc >= 0 ? std::vector<int>{} : deps({g, r})});
-      if (plan_.dp > 1 && has_params(u) && reduce_now) {
+      if (dp_.gradients != StepCollective::none && has_params(u) && reduce_now) {
         if (plan_.overlap_grad_reduce) {
           reduce(u, chunk, mb, true, b);
         } else {
@@ -170,21 +170,17 @@ private:
            .micro_batch = mb,
            .peer_chunk = chunk - 1});
     }
-    if (plan_.zero_stage >= 2) {
+    if (dp_.per_micro_batch) {
       flush_deferred();
     }
   }
 
   void reduce(int unit, int chunk, int mb, bool async, int after) {
-    const StepCollective c = plan_.zero_stage >= 2 ? StepCollective::reduce_scatter
-                             : plan_.grad_sync == GradSync::parameter_server
-                                 ? StepCollective::reduce_to_root
-                                 : StepCollective::all_reduce;
     reductions_.push_back(add({.kind = StepOpKind::reduce,
                                .unit = unit,
                                .chunk = chunk,
                                .micro_batch = mb,
-                               .collective = c,
+                               .collective = dp_.gradients,
                                .async = async,
                                .after = deps({after})}));
   }
@@ -214,16 +210,8 @@ private:
                                       .after = reductions_}));
     }
     const int opt = add({.kind = StepOpKind::optimizer, .after = before_optimizer});
-    if (plan_.dp > 1 && plan_.grad_sync == GradSync::parameter_server) {
-      add({.kind = StepOpKind::publish,
-           .collective = StepCollective::broadcast,
-           .async = true,
-           .after = {opt}});
-    } else if (plan_.dp > 1 && (plan_.zero_stage == 1 || plan_.zero_stage == 2)) {
-      add({.kind = StepOpKind::publish,
-           .collective = StepCollective::all_gather,
-           .async = true,
-           .after = {opt}});
+    if (dp_.publish != StepCollective::none) {
+      add({.kind = StepOpKind::publish, .collective = dp_.publish, .async = true, .after = {opt}});
     }
   }
 
@@ -234,7 +222,7 @@ private:
   const Plan& plan_;
   const StepShape& shape_;
   int last_mb_;
-  bool zero3_;
+  DataParallelComm dp_;
   StepProgram p_;
   std::vector<int> computes_;
   std::vector<int> reductions_;
@@ -311,6 +299,28 @@ std::string StepOp::name() const {
     return fmt::format("{} params", collective_label(collective));
   }
   return "op";
+}
+
+DataParallelComm data_parallel_comm(const Plan& plan, bool reshard_after_forward) {
+  if (plan.dp <= 1) {
+    return {};
+  }
+  const bool server = plan.grad_sync == GradSync::parameter_server;
+  switch (plan.zero_stage) {
+  case 0:
+    return {.gradients = server ? StepCollective::reduce_to_root : StepCollective::all_reduce,
+            .publish = server ? StepCollective::broadcast : StepCollective::none};
+  case 1:
+    return {.gradients = StepCollective::reduce_scatter, .publish = StepCollective::all_gather};
+  case 2:
+    return {.gradients = StepCollective::reduce_scatter,
+            .per_micro_batch = true,
+            .publish = StepCollective::all_gather};
+  default:
+    return {.gradients = StepCollective::reduce_scatter,
+            .per_micro_batch = true,
+            .gathers_per_micro_batch = reshard_after_forward ? 2 : 1};
+  }
 }
 
 StepProgram step_program(const Plan& plan, const StepShape& shape, int rank) {

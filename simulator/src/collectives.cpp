@@ -124,6 +124,22 @@ double inter_efficiency(const Cluster& c) {
   return c.collectives.inter > 0 ? c.collectives.inter : kDefaultInterEfficiency;
 }
 
+Collective collective_of(StepCollective c) {
+  switch (c) {
+  case StepCollective::reduce_scatter:
+    return Collective::reduce_scatter;
+  case StepCollective::all_gather:
+    return Collective::all_gather;
+  case StepCollective::broadcast:
+    return Collective::broadcast;
+  case StepCollective::all_reduce:
+  case StepCollective::reduce_to_root:
+  case StepCollective::none:
+    break;
+  }
+  return Collective::all_reduce;
+}
+
 CollectiveCost collective_cost(const Cluster& c, Collective kind, double bytes, GroupSpan span,
                                GradSync algorithm) {
   if (bytes <= 0 || (span.size <= 1 && kind != Collective::send_recv)) {

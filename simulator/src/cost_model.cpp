@@ -44,46 +44,40 @@ struct ZeroMicrobatchComm {
   double gather_s = 0; // parameter all-gathers (ZeRO-3)
 };
 
+// The step's data-parallel communication, costed from the rule the step program emits
+// (core data_parallel_comm). A recomputed forward runs inside the backward of its unit and
+// reuses that unit's backward gather (as PyTorch FSDP does).
 ZeroMicrobatchComm zero_per_microbatch(const Plan& p, const Cluster& c, const Stack& stack,
                                        const RankLoad& r) {
-  if (p.dp <= 1 || p.zero_stage < 2) {
+  const DataParallelComm rule = data_parallel_comm(p, stack.sharding.reshard_after_forward);
+  if (!rule.per_micro_batch) {
     return {};
   }
   const GroupSpan span = dp_span(p, c);
   ZeroMicrobatchComm comm;
-  comm.reduce_s = collective_time_s(c, Collective::reduce_scatter,
-                                    r.params * grad_element_bytes(p, stack), span);
-  if (p.zero_stage == 3) {
-    // Gathered for the forward and, when the stack frees them after the forward, again for the
-    // backward; a recomputed forward runs inside the backward of its unit and reuses that
-    // gather (as PyTorch FSDP does).
-    const double gathers = stack.sharding.reshard_after_forward ? 2.0 : 1.0;
-    comm.gather_s =
-        gathers * collective_time_s(c, Collective::all_gather,
+  comm.reduce_s = collective_time_s(c, collective_of(rule.gradients),
+                                    r.params * grad_element_bytes(p, stack), span, p.grad_sync);
+  comm.gather_s = rule.gathers_per_micro_batch *
+                  collective_time_s(c, Collective::all_gather,
                                     r.params * precision_storage_bytes(p.precision), span);
-  }
   return comm;
 }
 
-// Data-parallel communication once per iteration: (time, bytes per rank).
+// Data-parallel communication once per iteration: the reductions after the last micro-batch
+// and the publish of the updated parameters (a parameter server's pull is costed with its push).
 double dp_iteration_comm_s(const Plan& p, const Cluster& c, const Stack& stack, const RankLoad& r) {
-  if (p.dp <= 1) {
-    return 0;
-  }
-  const double bytes = r.params * precision_storage_bytes(p.precision);
-  const double grad_bytes = r.params * grad_element_bytes(p, stack);
+  const DataParallelComm rule = data_parallel_comm(p, stack.sharding.reshard_after_forward);
   const GroupSpan span = dp_span(p, c);
-  switch (p.zero_stage) {
-  case 0:
-    return collective_time_s(c, Collective::all_reduce, grad_bytes, span, p.grad_sync);
-  case 1: // reduce-scatter gradients, all-gather updated weights (distributed optimizer)
-    return collective_time_s(c, Collective::reduce_scatter, grad_bytes, span) +
-           collective_time_s(c, Collective::all_gather, bytes, span);
-  case 2: // gradients were reduce-scattered per micro-batch; gather the updated weights
-    return collective_time_s(c, Collective::all_gather, bytes, span);
-  default: // ZeRO-3 gathers weights on use
-    return 0;
+  double t = 0;
+  if (rule.gradients != StepCollective::none && !rule.per_micro_batch) {
+    t += collective_time_s(c, collective_of(rule.gradients),
+                           r.params * grad_element_bytes(p, stack), span, p.grad_sync);
   }
+  if (rule.publish == StepCollective::all_gather) {
+    t += collective_time_s(c, Collective::all_gather,
+                           r.params * precision_storage_bytes(p.precision), span);
+  }
+  return t;
 }
 
 double p2p_time_s(const Plan& p, const Cluster& c, const LayerGraph& g) {

@@ -171,10 +171,8 @@ void IterationBuilder::run_op(RankSim& r, int i) {
     break;
   case StepOpKind::reduce: {
     const double bytes = unit_reduction_bytes(op.unit);
-    const Collective kind =
-        plan_.zero_stage == 0 ? Collective::all_reduce : Collective::reduce_scatter;
-    const CollectiveCost cc =
-        collective_cost(cluster_, kind, bytes, dp_span(plan_, cluster_), plan_.grad_sync);
+    const CollectiveCost cc = collective_cost(cluster_, collective_of(op.collective), bytes,
+                                              dp_span(plan_, cluster_), plan_.grad_sync);
     const Id trigger = op.async ? r.anchor[static_cast<std::size_t>(op.after[0])] : prev_;
     anchor = add_comm(r, op, i, cc, bytes);
     if (op.async) {

@@ -82,13 +82,21 @@ TEST(StepProgram, ZeroStagesDecideGathersReductionsAndPublish) {
     expect_well_formed(prog, p, units);
     // ZeRO-3 gathers every unit before its forward and again before its backward.
     EXPECT_EQ(count(prog, StepOpKind::gather), z == 3 ? 2 * units * 3 : 0) << z;
-    // ZeRO-2/3 reduce-scatter every micro-batch; otherwise the last micro-batch all-reduces.
+    // ZeRO-2/3 reduce-scatter every micro-batch; otherwise the last micro-batch all-reduces
+    // (ZeRO-0) or reduce-scatters (ZeRO-1, the distributed optimizer).
     EXPECT_EQ(count(prog, StepOpKind::reduce), z >= 2 ? units * 3 : units) << z;
     EXPECT_EQ(count(prog, StepOpKind::publish), z == 1 || z == 2 ? 1 : 0) << z;
+    const DataParallelComm rule = data_parallel_comm(p, true);
+    EXPECT_EQ(rule.per_micro_batch, z >= 2) << z;
+    EXPECT_EQ(rule.gathers_per_micro_batch, z == 3 ? 2 : 0) << z;
     for (const StepOp& op : prog.ops) {
+      if (op.kind == StepOpKind::publish) {
+        EXPECT_EQ(op.collective, StepCollective::all_gather);
+      }
       if (op.kind == StepOpKind::reduce) {
         EXPECT_EQ(op.collective,
-                  z >= 2 ? StepCollective::reduce_scatter : StepCollective::all_reduce);
+                  z >= 1 ? StepCollective::reduce_scatter : StepCollective::all_reduce);
+        EXPECT_EQ(op.collective, rule.gradients);
         EXPECT_TRUE(op.async); // the stack overlaps reduction with the backward
         if (z < 2) {
           EXPECT_EQ(op.micro_batch, 2);
@@ -96,7 +104,20 @@ TEST(StepProgram, ZeroStagesDecideGathersReductionsAndPublish) {
       }
     }
   }
+  // A parameter server: reduced to data-parallel rank 0, which broadcasts the update.
+  Plan ps = plan_of(2, 1, 0, 3);
+  ps.grad_sync = GradSync::parameter_server;
+  EXPECT_EQ(data_parallel_comm(ps, true),
+            (DataParallelComm{.gradients = StepCollective::reduce_to_root,
+                              .publish = StepCollective::broadcast}));
+  for (const StepOp& op : step_program(ps, {.units = units}, 0).ops) {
+    if (op.kind == StepOpKind::reduce || op.kind == StepOpKind::publish) {
+      EXPECT_EQ(op.collective, op.kind == StepOpKind::reduce ? StepCollective::reduce_to_root
+                                                             : StepCollective::broadcast);
+    }
+  }
   // Without data parallelism nothing is gathered or reduced.
+  EXPECT_EQ(data_parallel_comm(plan_of(1, 1, 3, 2), true), DataParallelComm{});
   const StepProgram alone = step_program(plan_of(1, 1, 3, 2), {.units = units}, 0);
   EXPECT_EQ(count(alone, StepOpKind::gather) + count(alone, StepOpKind::reduce) +
                 count(alone, StepOpKind::publish),
@@ -126,12 +147,16 @@ TEST(StepProgram, WithoutOverlapReductionsWaitForTheBackwardPass) {
   const StepProgram z1 = step_program(plan_of(2, 1, 1, 2, false), {.units = 3}, 0);
   const int last_backward = index_of(z1, "backward u0 mb1");
   for (int u = 0; u < 3; ++u) {
-    const int r = index_of(z1, fmt::format("all-reduce u{}", u));
+    const int r = index_of(z1, fmt::format("reduce-scatter u{} mb1", u));
     ASSERT_GE(r, 0);
     EXPECT_GT(r, last_backward);
     EXPECT_FALSE(z1.ops[static_cast<std::size_t>(r)].async);
   }
-  EXPECT_LT(index_of(z1, "all-reduce u2"), index_of(z1, "all-reduce u0"));
+  EXPECT_LT(index_of(z1, "reduce-scatter u2 mb1"), index_of(z1, "reduce-scatter u0 mb1"));
+  // ZeRO-0 the same with all-reduces.
+  const StepProgram z0 = step_program(plan_of(2, 1, 0, 2, false), {.units = 3}, 0);
+  EXPECT_GT(index_of(z0, "all-reduce u0"), index_of(z0, "backward u0 mb1"));
+  EXPECT_LT(index_of(z0, "all-reduce u2"), index_of(z0, "all-reduce u0"));
   // ZeRO-2: after each micro-batch's backward.
   const StepProgram z2 = step_program(plan_of(2, 1, 2, 2, false), {.units = 3}, 0);
   EXPECT_GT(index_of(z2, "reduce-scatter u0 mb0"), index_of(z2, "backward u0 mb0"));

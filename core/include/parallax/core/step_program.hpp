@@ -101,6 +101,28 @@ struct StepShape {
   bool reshard_after_forward = true; // ZeRO-3 gathers again before the backward
 };
 
+// The data-parallel communication of a plan's step: the one rule the step program emits, the
+// analytic cost model costs and the executor runs (through the program's ops).
+//   ZeRO-0   gradients all-reduced after the last micro-batch (a parameter server: reduced to
+//            data-parallel rank 0, which updates and broadcasts the parameters)
+//   ZeRO-1   gradients reduce-scattered after the last micro-batch, each rank updates its
+//            shard, the updated parameters all-gathered (Megatron-LM's distributed optimizer,
+//            DeepSpeed stage 1)
+//   ZeRO-2   gradients reduce-scattered after every micro-batch's backward, parameters
+//            all-gathered after the update
+//   ZeRO-3   as ZeRO-2, parameters gathered before each unit's forward and, when the stack
+//            frees them after the forward, again before its backward; no publish
+// With one data-parallel rank there is nothing to communicate.
+struct DataParallelComm {
+  StepCollective gradients = StepCollective::none; // the reduce ops' collective
+  bool per_micro_batch = false;                    // reduced after every micro-batch's backward
+  StepCollective publish = StepCollective::none;   // after the optimizer
+  int gathers_per_micro_batch = 0;                 // ZeRO-3 parameter all-gathers per unit
+  bool operator==(const DataParallelComm&) const = default;
+};
+
+DataParallelComm data_parallel_comm(const Plan& plan, bool reshard_after_forward);
+
 // One op of the pipeline schedule (a chunk's forward or backward of one micro-batch) and the
 // last program op it spans.
 struct StepPhase {

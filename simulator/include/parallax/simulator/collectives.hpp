@@ -12,10 +12,16 @@
 
 #include "parallax/core/cluster.hpp"
 #include "parallax/core/plan.hpp"
+#include "parallax/core/step_program.hpp"
 
 namespace parallax {
 
 enum class Collective { all_reduce, reduce_scatter, all_gather, broadcast, send_recv };
+
+// The collective a step-program op runs, as costed here: a reduction to a parameter server is
+// costed as the all-reduce it replaces (collective_cost with GradSync::parameter_server: the
+// push and the pull together). Only for ops with a collective.
+Collective collective_of(StepCollective c);
 
 // Where a group's members sit: `size` ranks, `per_node` of them in each of `nodes` nodes.
 struct GroupSpan {

@@ -34,9 +34,15 @@ template <TrainerBackend B> void TrainerCore<B>::finish_reduction(Block& b) {
   if (b.rs_pending) {
     scattering_.erase(std::find(scattering_.begin(), scattering_.end(), &b));
     b.pending.wait();
-    be_.add(B::data(b.grad_shard), B::data(b.rs_out), B::size(b.grad_shard));
+    if (plan_.zero_stage >= 2) {
+      // The micro-batch's reduced shard adds to the owned gradients; the full buffer goes.
+      be_.add(B::data(b.grad_shard), B::data(b.rs_out), B::size(b.grad_shard));
+      b.grads = Flat();
+    } else {
+      // ZeRO-1: the step's reduced shard replaces the owned slice of the full gradients.
+      be_.copy(b.owned_grads(plan_.zero_stage), B::data(b.rs_out), b.own_size);
+    }
     b.rs_out = Flat();
-    b.grads = Flat();
     b.rs_pending = false;
   } else if (b.pending.pending()) {
     b.pending.wait();
@@ -78,24 +84,30 @@ template <TrainerBackend B> void TrainerCore<B>::accumulate_local(Block& b) {
   b.grads = Flat();
 }
 
+// The program's reduce op `op` for one block, launched as soon as its gradients are ready.
 template <TrainerBackend B>
 void TrainerCore<B>::launch_reduction(Block& b, std::int64_t /*k*/, int op) {
   b.reduce_op = op;
   b.reduce_start = mark();
   launched_[static_cast<std::size_t>(op)].push_back(&b);
-  if (plan_.zero_stage >= 2) {
+  switch (program_.ops[static_cast<std::size_t>(op)].collective) {
+  case StepCollective::reduce_scatter:
     b.rs_out = be_.zeros(b.own_size);
     b.pending = dp_comm_->ireduce_scatter_sum(span_of(b.grads), span_of(b.rs_out));
     b.rs_pending = true;
     scattering_.push_back(&b);
-    while (scattering_.size() > kReduceScatterWindow) {
-      finish_reduction(*scattering_.front());
+    while (plan_.zero_stage >= 2 && scattering_.size() > kReduceScatterWindow) {
+      finish_reduction(*scattering_.front()); // ZeRO-2/3: bounded full-size buffers
     }
-  } else {
-    // The bucket is launched as soon as it is ready; a parameter server (data-parallel rank 0)
-    // receives the sum and alone runs the optimizer.
-    b.pending = parameter_server() ? dp_comm_->ireduce_sum(span_of(b.grads), 0)
-                                   : dp_comm_->iall_reduce_sum(span_of(b.grads));
+    break;
+  case StepCollective::reduce_to_root: // a parameter server: data-parallel rank 0 updates
+    b.pending = dp_comm_->ireduce_sum(span_of(b.grads), 0);
+    break;
+  case StepCollective::all_reduce:
+    b.pending = dp_comm_->iall_reduce_sum(span_of(b.grads));
+    break;
+  default:
+    PARALLAX_CHECK(false, "a gradient reduction with no reducing collective");
   }
 }
 
