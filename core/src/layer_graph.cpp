@@ -11,10 +11,16 @@
 
 namespace parallax {
 
-std::string_view layer_kind_name(LayerKind k) { return enum_name(kLayerKindNames, k); }
-std::string_view tp_split_name(TpSplit s) { return enum_name(kTpSplitNames, s); }
+std::string_view layer_kind_name(LayerKind k) {
+  return enum_name(kLayerKindNames, k);
+}
+std::string_view tp_split_name(TpSplit s) {
+  return enum_name(kTpSplitNames, s);
+}
 
-LayerGraph::Vertex LayerGraph::add_layer(Layer layer) { return boost::add_vertex(std::move(layer), graph_); }
+LayerGraph::Vertex LayerGraph::add_layer(Layer layer) {
+  return boost::add_vertex(std::move(layer), graph_);
+}
 
 void LayerGraph::add_edge(Vertex from, Vertex to) {
   PARALLAX_CHECK(from < num_layers() && to < num_layers(), "edge endpoint out of range");
@@ -53,6 +59,15 @@ std::int64_t LayerGraph::total_params() const {
   std::int64_t sum = 0;
   for (auto [it, end] = boost::vertices(graph_); it != end; ++it) {
     sum += graph_[*it].params;
+  }
+  return sum;
+}
+
+std::int64_t LayerGraph::active_params() const {
+  std::int64_t sum = 0;
+  for (auto [it, end] = boost::vertices(graph_); it != end; ++it) {
+    const Layer& l = graph_[*it];
+    sum += l.experts > 0 ? l.params / l.experts * l.experts_active : l.params;
   }
   return sum;
 }

@@ -36,7 +36,9 @@ Layer layer_from_json(const JsonReader& r) {
                     "selective_saved_elems",
                     "selective_recompute",
                     "tp_fwd_comm_elems",
-                    "tp_bwd_comm_elems"});
+                    "tp_bwd_comm_elems",
+                    "experts",
+                    "experts_active"});
   Layer l;
   l.name = r.string("name");
   l.kind =
@@ -89,6 +91,17 @@ Layer layer_from_json(const JsonReader& r) {
   l.selective_recompute = r.boolean_or("selective_recompute", false);
   l.tp_fwd_comm_elems = non_negative(r, "tp_fwd_comm_elems");
   l.tp_bwd_comm_elems = non_negative(r, "tp_bwd_comm_elems");
+  l.experts = static_cast<int>(r.integer_or("experts", 0, 0, 1 << 20));
+  if (l.experts > 0) {
+    l.experts_active = static_cast<int>(r.integer("experts_active", 1, l.experts));
+    if (l.params % l.experts != 0) {
+      r.fail("params", fmt::format("a multiple of experts = {}", l.experts),
+             std::to_string(l.params));
+    }
+  } else if (r.has("experts_active")) {
+    r.fail("experts_active", "absent unless experts > 0",
+           json_describe(r.value()["experts_active"]));
+  }
   return l;
 }
 
@@ -97,27 +110,32 @@ Json layer_to_json(const Layer& l) {
   for (const Gemm& g : l.gemms) {
     gemms.push_back({{"batch", g.batch}, {"m", g.m}, {"n", g.n}, {"k", g.k}});
   }
-  return {{"name", l.name},
-          {"kind", std::string(layer_kind_name(l.kind))},
-          {"tp_split", std::string(tp_split_name(l.tp_split))},
-          {"unit", l.unit},
-          {"block", l.block},
-          {"output_shape", l.output_shape},
-          {"params", l.params},
-          {"gemms", gemms},
-          {"fwd_flops", l.fwd_flops},
-          {"bwd_flops", l.bwd_flops},
-          {"bwd_extra_flops", l.bwd_extra_flops},
-          {"fused", l.fused},
-          {"kernel", std::string(enum_name(kFusedKernelNames, l.kernel))},
-          {"fwd_mem_elems", l.fwd_mem_elems},
-          {"saved_act_elems", l.saved_act_elems},
-          {"saved_mask_bytes", l.saved_mask_bytes},
-          {"working_act_elems", l.working_act_elems},
-          {"selective_saved_elems", l.selective_saved_elems},
-          {"selective_recompute", l.selective_recompute},
-          {"tp_fwd_comm_elems", l.tp_fwd_comm_elems},
-          {"tp_bwd_comm_elems", l.tp_bwd_comm_elems}};
+  Json doc = {{"name", l.name},
+              {"kind", std::string(layer_kind_name(l.kind))},
+              {"tp_split", std::string(tp_split_name(l.tp_split))},
+              {"unit", l.unit},
+              {"block", l.block},
+              {"output_shape", l.output_shape},
+              {"params", l.params},
+              {"gemms", gemms},
+              {"fwd_flops", l.fwd_flops},
+              {"bwd_flops", l.bwd_flops},
+              {"bwd_extra_flops", l.bwd_extra_flops},
+              {"fused", l.fused},
+              {"kernel", std::string(enum_name(kFusedKernelNames, l.kernel))},
+              {"fwd_mem_elems", l.fwd_mem_elems},
+              {"saved_act_elems", l.saved_act_elems},
+              {"saved_mask_bytes", l.saved_mask_bytes},
+              {"working_act_elems", l.working_act_elems},
+              {"selective_saved_elems", l.selective_saved_elems},
+              {"selective_recompute", l.selective_recompute},
+              {"tp_fwd_comm_elems", l.tp_fwd_comm_elems},
+              {"tp_bwd_comm_elems", l.tp_bwd_comm_elems}};
+  if (l.experts > 0) {
+    doc["experts"] = l.experts;
+    doc["experts_active"] = l.experts_active;
+  }
+  return doc;
 }
 
 } // namespace
@@ -126,7 +144,8 @@ LayerGraph layer_graph_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
   r.reject_unknown({"name", "family", "num_layers", "seq_length", "hidden_size",
                     "num_attention_heads", "num_kv_heads", "vocab_size", "ffn_hidden_size",
-                    "tied_embeddings", "layers", "edges", "notes"});
+                    "tied_embeddings", "num_experts", "experts_per_token", "expert_ffn_hidden_size",
+                    "layers", "edges", "notes"});
   GraphInfo info;
   info.name = r.string("name");
   info.family = r.string_or("family", "generic");
@@ -138,6 +157,10 @@ LayerGraph layer_graph_from_json(const Json& doc, const std::string& source) {
   info.vocab_size = r.integer_or("vocab_size", 0, 0, 1 << 28);
   info.ffn_hidden_size = r.integer_or("ffn_hidden_size", 0, 0, 1 << 28);
   info.tied_embeddings = r.boolean_or("tied_embeddings", false);
+  info.num_experts = static_cast<int>(r.integer_or("num_experts", 0, 0, 1 << 20));
+  info.experts_per_token =
+      static_cast<int>(r.integer_or("experts_per_token", 0, 0, std::max(info.num_experts, 0)));
+  info.expert_ffn_hidden_size = r.integer_or("expert_ffn_hidden_size", 0, 0, 1 << 28);
   LayerGraph g(info);
 
   JsonReader layers = r.array("layers");
@@ -192,18 +215,24 @@ Json layer_graph_to_json(const LayerGraph& g) {
   for (const auto& [from, to] : g.edges()) {
     edges.push_back({from, to});
   }
-  return {{"name", info.name},
-          {"family", info.family},
-          {"num_layers", info.num_layers},
-          {"seq_length", info.seq_length},
-          {"hidden_size", info.hidden_size},
-          {"num_attention_heads", info.num_attention_heads},
-          {"num_kv_heads", info.num_kv_heads},
-          {"vocab_size", info.vocab_size},
-          {"ffn_hidden_size", info.ffn_hidden_size},
-          {"tied_embeddings", info.tied_embeddings},
-          {"layers", layers},
-          {"edges", edges}};
+  Json doc = {{"name", info.name},
+              {"family", info.family},
+              {"num_layers", info.num_layers},
+              {"seq_length", info.seq_length},
+              {"hidden_size", info.hidden_size},
+              {"num_attention_heads", info.num_attention_heads},
+              {"num_kv_heads", info.num_kv_heads},
+              {"vocab_size", info.vocab_size},
+              {"ffn_hidden_size", info.ffn_hidden_size},
+              {"tied_embeddings", info.tied_embeddings},
+              {"layers", layers},
+              {"edges", edges}};
+  if (info.num_experts > 0) {
+    doc["num_experts"] = info.num_experts;
+    doc["experts_per_token"] = info.experts_per_token;
+    doc["expert_ffn_hidden_size"] = info.expert_ffn_hidden_size;
+  }
+  return doc;
 }
 
 } // namespace parallax

@@ -145,6 +145,12 @@ std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp) {
                        fmt::format("a divisor of the model's MLP width {}", info.ffn_hidden_size),
                        std::to_string(tp), ""};
   }
+  if (info.expert_ffn_hidden_size > 0 && info.expert_ffn_hidden_size % tp != 0) {
+    return PlanProblem{
+        "/tp",
+        fmt::format("a divisor of the model's expert MLP width {}", info.expert_ffn_hidden_size),
+        std::to_string(tp), ""};
+  }
   return std::nullopt;
 }
 

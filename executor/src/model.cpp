@@ -153,6 +153,16 @@ ExecModel ExecModel::from_config(const ModelConfig& c, const std::string& source
           "\"gelu\" or \"swiglu\"", c.activation);
   require(c.position_embedding == "learned" || c.position_embedding == "rope", source,
           "/position_embedding", "\"learned\" or \"rope\" for training", c.position_embedding);
+  // Planned and simulated, not yet trained: mixtures of experts, latent attention, QK norms.
+  require(!c.moe.enabled(), source, "/moe",
+          "absent: the executor does not train mixture-of-experts layers yet (plan and simulate "
+          "do)",
+          fmt::format("{} experts", c.moe.num_experts));
+  require(!c.mla.enabled(), source, "/mla",
+          "absent: the executor does not train multi-head latent attention yet (plan and "
+          "simulate do)",
+          fmt::format("kv_lora_rank {}", c.mla.kv_lora_rank));
+  require(!c.qk_norm, source, "/qk_norm", "false: the executor has no query/key norms yet", "true");
   require(c.head_dim() * c.num_attention_heads == c.hidden_size, source, "/num_attention_heads",
           "a divisor of hidden_size", std::to_string(c.num_attention_heads));
   require(c.position_embedding != "rope" || c.head_dim() % 2 == 0, source, "/hidden_size",

@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 
 namespace parallax {
@@ -40,8 +41,82 @@ void apply_family_defaults(ModelConfig& c) {
   c.dropout = !llama;
 }
 
+constexpr std::array<std::string_view, 2> kRouterScorings = {"softmax", "sigmoid"};
+
+MoeConfig moe_from_json(const JsonReader& r) {
+  r.reject_unknown({"num_experts", "experts_per_token", "expert_ffn_hidden_size", "shared_experts",
+                    "shared_expert_ffn_hidden_size", "shared_expert_gate", "first_dense_layers",
+                    "layer_interval", "layer_offset", "router_scoring", "router_bias",
+                    "capacity_factor", "aux_loss_coef"});
+  MoeConfig m;
+  m.num_experts = static_cast<int>(r.integer("num_experts", 1, 1 << 16));
+  m.experts_per_token = static_cast<int>(r.integer("experts_per_token", 1, m.num_experts));
+  m.expert_ffn_hidden_size = r.integer("expert_ffn_hidden_size", 1, kMaxDim);
+  m.shared_experts = static_cast<int>(r.integer_or("shared_experts", 0, 0, 64));
+  m.shared_expert_ffn_hidden_size =
+      r.integer_or("shared_expert_ffn_hidden_size", m.expert_ffn_hidden_size, 1, kMaxDim);
+  m.shared_expert_gate = r.boolean_or("shared_expert_gate", false);
+  m.first_dense_layers = static_cast<int>(r.integer_or("first_dense_layers", 0, 0, 1 << 16));
+  m.layer_interval = static_cast<int>(r.integer_or("layer_interval", 1, 1, 1 << 16));
+  m.layer_offset = static_cast<int>(r.integer_or("layer_offset", 0, 0, m.layer_interval - 1));
+  m.router_scoring = r.choice_or("router_scoring", kRouterScorings, m.router_scoring);
+  m.router_bias = r.boolean_or("router_bias", false);
+  m.capacity_factor = r.non_negative_or("capacity_factor", 0.0);
+  if (m.capacity_factor > 0 && m.capacity_factor < 1) {
+    r.fail("capacity_factor", "0 (dropless) or at least 1", fmt::format("{}", m.capacity_factor));
+  }
+  m.aux_loss_coef = r.non_negative_or("aux_loss_coef", 0.0);
+  return m;
+}
+
+Json moe_to_json(const MoeConfig& m) {
+  return {{"num_experts", m.num_experts},
+          {"experts_per_token", m.experts_per_token},
+          {"expert_ffn_hidden_size", m.expert_ffn_hidden_size},
+          {"shared_experts", m.shared_experts},
+          {"shared_expert_ffn_hidden_size", m.shared_expert_ffn_hidden_size},
+          {"shared_expert_gate", m.shared_expert_gate},
+          {"first_dense_layers", m.first_dense_layers},
+          {"layer_interval", m.layer_interval},
+          {"layer_offset", m.layer_offset},
+          {"router_scoring", m.router_scoring},
+          {"router_bias", m.router_bias},
+          {"capacity_factor", m.capacity_factor},
+          {"aux_loss_coef", m.aux_loss_coef}};
+}
+
+MlaConfig mla_from_json(const JsonReader& r) {
+  r.reject_unknown(
+      {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"});
+  MlaConfig m;
+  m.q_lora_rank = r.integer_or("q_lora_rank", 0, 0, kMaxDim);
+  m.kv_lora_rank = r.integer("kv_lora_rank", 1, kMaxDim);
+  m.qk_nope_head_dim = r.integer("qk_nope_head_dim", 1, kMaxDim);
+  m.qk_rope_head_dim = r.integer("qk_rope_head_dim", 2, kMaxDim);
+  m.v_head_dim = r.integer("v_head_dim", 1, kMaxDim);
+  return m;
+}
+
+Json mla_to_json(const MlaConfig& m) {
+  return {{"q_lora_rank", m.q_lora_rank},
+          {"kv_lora_rank", m.kv_lora_rank},
+          {"qk_nope_head_dim", m.qk_nope_head_dim},
+          {"qk_rope_head_dim", m.qk_rope_head_dim},
+          {"v_head_dim", m.v_head_dim}};
+}
+
 void check_shape(const ModelConfig& c, const JsonReader& r) {
-  if (c.hidden_size % c.num_attention_heads != 0) {
+  if (c.moe.enabled() && c.activation != "swiglu") {
+    r.fail("activation", "\"swiglu\" (routed experts are SwiGLU MLPs)", c.activation);
+  }
+  if (c.moe.enabled() && c.moe_layers() == 0) {
+    r.fail("moe", fmt::format("at least one MoE layer among the {} layers", c.num_layers),
+           fmt::format("first_dense_layers {}, layer_interval {}, layer_offset {}",
+                       c.moe.first_dense_layers, c.moe.layer_interval, c.moe.layer_offset));
+  }
+  if (c.head_dim_stated > 0 || c.mla.enabled()) {
+    // The head dimension is stated (or MLA's), not hidden_size / heads.
+  } else if (c.hidden_size % c.num_attention_heads != 0) {
     r.fail("num_attention_heads", fmt::format("a divisor of hidden_size {}", c.hidden_size),
            std::to_string(c.num_attention_heads));
   }
@@ -66,10 +141,29 @@ std::string_view model_family_name(ModelFamily f) {
 
 ModelConfig model_config_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
-  r.reject_unknown({"name", "family", "num_layers", "hidden_size", "num_attention_heads",
-                    "num_kv_heads", "ffn_hidden_size", "vocab_size", "seq_length",
-                    "max_position_embeddings", "activation", "norm", "position_embedding", "bias",
-                    "tied_embeddings", "dropout", "attention_impl", "loss_impl", "notes"});
+  r.reject_unknown({"name",
+                    "family",
+                    "num_layers",
+                    "hidden_size",
+                    "num_attention_heads",
+                    "num_kv_heads",
+                    "ffn_hidden_size",
+                    "vocab_size",
+                    "seq_length",
+                    "max_position_embeddings",
+                    "activation",
+                    "norm",
+                    "position_embedding",
+                    "bias",
+                    "tied_embeddings",
+                    "dropout",
+                    "attention_impl",
+                    "loss_impl",
+                    "head_dim",
+                    "qk_norm",
+                    "moe",
+                    "mla",
+                    "notes"});
   ModelConfig c;
   c.name = r.string("name");
   c.family = family_parse(r.choice("family", kFamilies));
@@ -97,6 +191,14 @@ ModelConfig model_config_from_json(const Json& doc, const std::string& source) {
   c.loss_impl_stated = r.has("loss_impl");
   c.attention_impl = r.choice_or("attention_impl", kAttentionImpls, c.attention_impl);
   c.loss_impl = r.choice_or("loss_impl", kLossImpls, c.loss_impl);
+  c.head_dim_stated = r.integer_or("head_dim", 0, 1, kMaxDim);
+  c.qk_norm = r.boolean_or("qk_norm", false);
+  if (r.has("moe")) {
+    c.moe = moe_from_json(r.child("moe"));
+  }
+  if (r.has("mla")) {
+    c.mla = mla_from_json(r.child("mla"));
+  }
   c.notes = r.string_or("notes", "");
   check_shape(c, r);
   return c;
@@ -129,11 +231,91 @@ Json model_config_to_json(const ModelConfig& c) {
   if (!c.loss_impl_stated && c.loss_impl == defaults.loss_impl) {
     doc.erase("loss_impl");
   }
+  if (c.head_dim_stated > 0) {
+    doc["head_dim"] = c.head_dim_stated;
+  }
+  if (c.qk_norm) {
+    doc["qk_norm"] = true;
+  }
+  if (c.moe.enabled()) {
+    doc["moe"] = moe_to_json(c.moe);
+  }
+  if (c.mla.enabled()) {
+    doc["mla"] = mla_to_json(c.mla);
+  }
   if (!c.notes.empty()) {
     doc["notes"] = c.notes;
   }
   return doc;
 }
+
+namespace {
+
+// A field that may be absent or null (Hugging Face writes "q_lora_rank": null).
+std::int64_t hf_optional(const JsonReader& r, std::string_view key, std::int64_t fallback) {
+  return r.has(key) && !r.value()[std::string(key)].is_null() ? r.integer(key, 0, kMaxDim)
+                                                              : fallback;
+}
+
+// The mixture-of-experts and latent-attention fields of the HF MoE configs (transformers'
+// MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig and DeepSeek's configuration_deepseek.py).
+void hf_mixture_of_experts(const JsonReader& r, const std::string& type, ModelConfig& c) {
+  if (type == "qwen3_moe" || type == "mixtral" || type == "qwen2_moe") {
+    c.head_dim_stated = hf_optional(r, "head_dim", 0);
+    if (c.head_dim_stated * c.num_attention_heads == c.hidden_size) {
+      c.head_dim_stated = 0; // the default: not worth stating
+    }
+  }
+  MoeConfig& m = c.moe;
+  if (type == "mixtral") {
+    m.num_experts = static_cast<int>(r.integer("num_local_experts", 1, 1 << 16));
+    m.experts_per_token = static_cast<int>(r.integer("num_experts_per_tok", 1, m.num_experts));
+    m.expert_ffn_hidden_size = c.ffn_hidden_size; // Mixtral's experts are intermediate_size wide
+    m.aux_loss_coef = r.non_negative_or("router_aux_loss_coef", 0.02);
+  } else if (type == "qwen2_moe" || type == "qwen3_moe") {
+    m.num_experts = static_cast<int>(r.integer("num_experts", 1, 1 << 16));
+    m.experts_per_token = static_cast<int>(r.integer("num_experts_per_tok", 1, m.num_experts));
+    m.expert_ffn_hidden_size = r.integer("moe_intermediate_size", 1, kMaxDim);
+    const int step = static_cast<int>(r.integer_or("decoder_sparse_step", 1, 1, 1 << 16));
+    m.layer_interval = step;
+    m.layer_offset = step - 1; // layer i is MoE when (i + 1) % step == 0
+    if (r.has("mlp_only_layers") && !r.value()["mlp_only_layers"].empty()) {
+      r.fail("mlp_only_layers", "an empty list (dense layers by index are not modelled)",
+             json_describe(r.value()["mlp_only_layers"]));
+    }
+    m.aux_loss_coef = r.non_negative_or("router_aux_loss_coef", 0.001);
+    if (type == "qwen2_moe") {
+      const std::int64_t shared = hf_optional(r, "shared_expert_intermediate_size", 0);
+      m.shared_experts = shared > 0 ? 1 : 0;
+      m.shared_expert_ffn_hidden_size = shared > 0 ? shared : m.expert_ffn_hidden_size;
+      m.shared_expert_gate = shared > 0;
+    } else {
+      c.qk_norm = true;
+      m.shared_expert_ffn_hidden_size = m.expert_ffn_hidden_size;
+    }
+  } else if (type == "deepseek_v3") {
+    m.num_experts = static_cast<int>(r.integer("n_routed_experts", 1, 1 << 16));
+    m.experts_per_token = static_cast<int>(r.integer("num_experts_per_tok", 1, m.num_experts));
+    m.expert_ffn_hidden_size = r.integer("moe_intermediate_size", 1, kMaxDim);
+    m.shared_experts = static_cast<int>(hf_optional(r, "n_shared_experts", 0));
+    m.shared_expert_ffn_hidden_size = m.expert_ffn_hidden_size;
+    m.first_dense_layers = static_cast<int>(hf_optional(r, "first_k_dense_replace", 0));
+    m.layer_interval =
+        static_cast<int>(std::max<std::int64_t>(hf_optional(r, "moe_layer_freq", 1), 1));
+    constexpr std::array<std::string_view, 2> kScoring = {"softmax", "sigmoid"};
+    m.router_scoring = r.choice_or("scoring_func", kScoring, "softmax");
+    m.router_bias = r.string_or("topk_method", "") == "noaux_tc";
+    MlaConfig& a = c.mla;
+    a.q_lora_rank = hf_optional(r, "q_lora_rank", 0);
+    a.kv_lora_rank = r.integer("kv_lora_rank", 1, kMaxDim);
+    a.qk_nope_head_dim = r.integer("qk_nope_head_dim", 1, kMaxDim);
+    a.qk_rope_head_dim = r.integer("qk_rope_head_dim", 2, kMaxDim);
+    a.v_head_dim = r.integer("v_head_dim", 1, kMaxDim);
+    c.num_kv_heads = c.num_attention_heads; // MLA: every head has its own keys and values
+  }
+}
+
+} // namespace
 
 bool is_hf_config(const Json& doc) {
   return doc.is_object() && (doc.contains("model_type") || doc.contains("architectures"));
@@ -141,8 +323,9 @@ bool is_hf_config(const Json& doc) {
 
 ModelConfig model_config_from_hf(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
-  constexpr std::array<std::string_view, 6> kTypes = {"llama", "mistral",  "qwen2",
-                                                      "gpt2",  "gpt_neox", "bert"};
+  constexpr std::array<std::string_view, 10> kTypes = {
+      "llama", "mistral", "qwen2",     "gpt2",      "gpt_neox",
+      "bert",  "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"};
   const std::string type = r.choice("model_type", kTypes);
   ModelConfig c;
   c.name = r.string_or("_name_or_path", type);
@@ -158,7 +341,9 @@ ModelConfig model_config_from_hf(const Json& doc, const std::string& source) {
     c.max_position_embeddings = r.integer("n_positions", 1, kMaxDim);
     c.tied_embeddings = r.boolean_or("tie_word_embeddings", true);
   } else {
-    const bool llama_like = type == "llama" || type == "mistral" || type == "qwen2";
+    const bool llama_like = type == "llama" || type == "mistral" || type == "qwen2" ||
+                            type == "mixtral" || type == "qwen2_moe" || type == "qwen3_moe" ||
+                            type == "deepseek_v3";
     c.family =
         llama_like ? ModelFamily::llama : (type == "bert" ? ModelFamily::bert : ModelFamily::gpt);
     apply_family_defaults(c);
@@ -181,6 +366,7 @@ ModelConfig model_config_from_hf(const Json& doc, const std::string& source) {
       // Qwen2 has biases on the QKV projection only; counted as no biases here (< 0.01%).
     }
   }
+  hf_mixture_of_experts(r, type, c);
   c.seq_length = c.max_position_embeddings;
   check_shape(c, r);
   return c;

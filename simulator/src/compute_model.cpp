@@ -55,16 +55,16 @@ bool device_overlaps_communication(const Device& device) {
 }
 
 double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused,
-                   bool flash2) {
+                   bool flash2, bool grouped) {
   const double flops = gemm.flops();
   if (flops <= 0) {
     return 0;
   }
-  double curve_flops = flops;
+  double curve_flops = grouped ? flops / static_cast<double>(gemm.batch) : flops;
   if (precision == Precision::fp8) {
     const Precision sixteen = cluster.supports(Precision::bf16) ? Precision::bf16 : Precision::fp16;
     if (cluster.supports(sixteen)) {
-      curve_flops = flops * cluster.peak_flops(sixteen) / cluster.peak_flops(Precision::fp8);
+      curve_flops = curve_flops * cluster.peak_flops(sixteen) / cluster.peak_flops(Precision::fp8);
     }
   }
   double eff = gemm_efficiency(cluster.device, curve_flops) * (fused ? kFusedAttentionFactor : 1.0);

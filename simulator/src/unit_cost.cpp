@@ -39,8 +39,8 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
   const Precision gemm_in = gemm_precision(layer, key.precision);
   for (const Gemm& g : layer.gemms) {
     Gemm local = gemm_on_rank(layer, g, key.tp, key.micro_batch_size);
-    gemm_fwd +=
-        gemm_time_s(cluster, gemm_in, local, layer.fused, layer.kernel == FusedKernel::flash2);
+    gemm_fwd += gemm_time_s(cluster, gemm_in, local, layer.fused,
+                            layer.kernel == FusedKernel::flash2, layer.experts > 0);
     gemm_flops += g.flops();
     if (gemm_in == Precision::fp8) {
       const auto [fwd_bytes, bwd_bytes] = fp8_cast_bytes(local);

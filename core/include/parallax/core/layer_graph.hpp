@@ -101,6 +101,12 @@ struct Layer {
   // layers). Under sequence parallel each becomes a reduce-scatter + all-gather pair.
   double tp_fwd_comm_elems = 0;
   double tp_bwd_comm_elems = 0;
+  // Mixture of experts: a layer of `experts` routed experts (its params and GEMMs count all of
+  // them; each GEMM's batch is one expert) of which each token visits `experts_active` (top-k):
+  // its FLOPs and activations are those of the tokens routed, and a token's active parameters
+  // are params · experts_active / experts.
+  int experts = 0;
+  int experts_active = 0;
 
   bool operator==(const Layer&) const = default;
 };
@@ -118,6 +124,11 @@ struct GraphInfo {
   std::int64_t ffn_hidden_size = 0; // MLP width (0: not a transformer, or not stated)
   // The LM head shares the embedding matrix; with pp > 1 the last stage keeps its own copy.
   bool tied_embeddings = false;
+  // Mixture of experts (0 experts: every MLP dense): routed experts per MoE layer, experts per
+  // token (top-k), and the width of one expert's MLP.
+  int num_experts = 0;
+  int experts_per_token = 0;
+  std::int64_t expert_ffn_hidden_size = 0;
   bool operator==(const GraphInfo&) const = default;
 };
 
@@ -146,6 +157,9 @@ public:
   int num_units() const;
 
   std::int64_t total_params() const;
+  // Parameters one token computes with: every layer's, a routed-expert layer's in the share of
+  // the experts the token visits (DeepSeek-V3: 37.6B of 671B).
+  std::int64_t active_params() const;
   double total_fwd_flops() const;
   double total_bwd_flops() const;
   double total_gemm_flops() const; // forward GEMM FLOPs only

@@ -36,8 +36,11 @@ bool device_overlaps_communication(const Device& device);
 // would: launch, prologue and the last partial wave cost time, not FLOPs.
 // `flash2` marks a fused GEMM of a FlashAttention-2-class kernel: it runs no faster than the
 // device's flash2_attention_efficiency of peak where the profile gives one.
+// `grouped` marks a grouped GEMM (mixture-of-experts: one problem per expert, batch = experts):
+// each problem runs at the efficiency of its own size, not of the batch's FLOPs, so small
+// experts' GEMMs sit low on the curve (and their weights' traffic bounds them from below).
 double gemm_time_s(const Cluster& cluster, Precision precision, const Gemm& gemm, bool fused,
-                   bool flash2 = false);
+                   bool flash2 = false, bool grouped = false);
 
 // The precision a layer's GEMMs run in under a training `precision`. FP8 training (Transformer
 // Engine's recipe, as Megatron-LM and NeMo use it) runs only the linear layers of transformer
