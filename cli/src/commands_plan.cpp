@@ -47,7 +47,7 @@ struct PlanFlags {
   bool json = false;
   bool explain = false;
   std::string out;
-  int tp = 0, pp = 0, dp = 0, zero = -1, virtual_stages = 0;
+  int tp = 0, pp = 0, dp = 0, ep = 0, zero = -1, virtual_stages = 0;
   std::int64_t micro_batch = 0;
   std::string schedule, recompute, sequence_parallel, precision, grad_sync, overlap_grad_reduce;
   std::string objective = "throughput";
@@ -65,6 +65,8 @@ PlanPins pins_from(const PlanFlags& f) {
     p.pp = f.pp;
   if (f.dp > 0)
     p.dp = f.dp;
+  if (f.ep > 0)
+    p.ep = f.ep;
   if (f.zero >= 0)
     p.zero_stage = f.zero;
   if (f.micro_batch > 0)
@@ -288,6 +290,10 @@ Run register_plan(CLI::App& app) {
   cmd->add_option("--tp", f->tp, "Pin tensor-parallel size")->check(CLI::PositiveNumber);
   cmd->add_option("--pp", f->pp, "Pin pipeline-parallel size")->check(CLI::PositiveNumber);
   cmd->add_option("--dp", f->dp, "Pin data-parallel size")->check(CLI::PositiveNumber);
+  cmd->add_option("--ep", f->ep,
+                  "Pin expert-parallel size (mixture-of-experts models; divides dp and the "
+                  "experts)")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--zero", f->zero, "Pin ZeRO stage")->check(CLI::Range(0, 3));
   cmd->add_option("--micro-batch", f->micro_batch, "Pin micro-batch size")
       ->check(CLI::PositiveNumber);

@@ -9,9 +9,15 @@
 
 namespace parallax {
 
-std::string_view schedule_name(Schedule s) { return enum_name(kScheduleNames, s); }
-std::string_view recompute_name(Recompute r) { return enum_name(kRecomputeNames, r); }
-std::string_view grad_sync_name(GradSync g) { return enum_name(kGradSyncNames, g); }
+std::string_view schedule_name(Schedule s) {
+  return enum_name(kScheduleNames, s);
+}
+std::string_view recompute_name(Recompute r) {
+  return enum_name(kRecomputeNames, r);
+}
+std::string_view grad_sync_name(GradSync g) {
+  return enum_name(kGradSyncNames, g);
+}
 
 RankCoords rank_coords(const Plan& plan, int rank) {
   PARALLAX_CHECK(rank >= 0 && rank < plan.world_size(), "rank out of range");
@@ -78,8 +84,9 @@ std::string plan_label(const Plan& p) {
   if (p.schedule == Schedule::interleaved) {
     sched += fmt::format("(v={})", p.virtual_stages);
   }
-  return fmt::format("dp{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, p.tp, p.pp, p.zero_stage,
-                     p.micro_batch_size, sched, recompute_name(p.recompute),
+  const std::string ep = p.ep > 1 ? fmt::format(" ep{}", p.ep) : "";
+  return fmt::format("dp{}{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, ep, p.tp, p.pp,
+                     p.zero_stage, p.micro_batch_size, sched, recompute_name(p.recompute),
                      p.sequence_parallel ? "on" : "off", precision_name(p.precision));
 }
 

@@ -41,7 +41,7 @@ std::vector<StageRange> stages_from_json(const JsonReader& root) {
 
 Plan plan_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
-  r.reject_unknown({"dp", "tp", "pp", "zero_stage", "micro_batch_size", "global_batch_size",
+  r.reject_unknown({"dp", "tp", "pp", "ep", "zero_stage", "micro_batch_size", "global_batch_size",
                     "schedule", "virtual_stages", "recompute", "sequence_parallel", "precision",
                     "grad_sync", "overlap_grad_reduce", "stages", "stack"});
   constexpr std::int64_t kMaxDegree = 1 << 20;
@@ -49,6 +49,12 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   p.dp = static_cast<int>(r.integer("dp", 1, kMaxDegree));
   p.tp = static_cast<int>(r.integer("tp", 1, kMaxDegree));
   p.pp = static_cast<int>(r.integer("pp", 1, kMaxDegree));
+  p.ep = static_cast<int>(r.integer_or("ep", 1, 1, kMaxDegree));
+  if (p.dp % p.ep != 0) {
+    r.fail("ep",
+           fmt::format("a divisor of dp = {} (experts spread over data-parallel ranks)", p.dp),
+           std::to_string(p.ep));
+  }
   p.zero_stage = static_cast<int>(r.integer_or("zero_stage", 0, 0, 3));
   p.micro_batch_size = r.integer_or("micro_batch_size", 1, 1, 1 << 20);
   p.global_batch_size = r.integer("global_batch_size", 1, std::int64_t{1} << 40);
@@ -113,6 +119,9 @@ Json plan_to_json(const Plan& p) {
               {"sequence_parallel", p.sequence_parallel},
               {"precision", std::string(precision_name(p.precision))},
               {"grad_sync", std::string(grad_sync_name(p.grad_sync))}};
+  if (p.ep > 1) { // written only when it departs from the default
+    doc["ep"] = p.ep;
+  }
   if (!p.overlap_grad_reduce) { // written only when it departs from the default
     doc["overlap_grad_reduce"] = false;
   }
@@ -154,6 +163,24 @@ std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp) {
   return std::nullopt;
 }
 
+std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp, int ep) {
+  if (ep == 1) {
+    return std::nullopt;
+  }
+  if (info.num_experts == 0) {
+    return PlanProblem{"/ep", "1 (the model has no mixture-of-experts layers)", std::to_string(ep),
+                       ""};
+  }
+  if (dp % ep != 0) {
+    return PlanProblem{"/ep", fmt::format("a divisor of dp = {}", dp), std::to_string(ep), ""};
+  }
+  if (info.num_experts % ep != 0) {
+    return PlanProblem{"/ep", fmt::format("a divisor of the model's {} experts", info.num_experts),
+                       std::to_string(ep), ""};
+  }
+  return std::nullopt;
+}
+
 std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, int world_size) {
   const GraphInfo& info = graph.info();
   if (p.world_size() != world_size) {
@@ -163,6 +190,9 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
   }
   if (auto tp = tp_problem(info, p.tp)) {
     return tp;
+  }
+  if (auto ep = ep_problem(info, p.dp, p.ep)) {
+    return ep;
   }
   const int units = graph.num_units();
   const int chunks = p.pp * p.virtual_stages;

@@ -29,6 +29,21 @@ std::vector<int> divisors(std::int64_t n, std::int64_t limit) {
   return out;
 }
 
+// Expert-parallel sizes to search: the divisors of dp that divide the model's experts (1 for a
+// dense model); the feasibility rule (ep_problem) has the last word.
+std::vector<int> expert_parallel_sizes(const GraphInfo& info, int dp) {
+  if (info.num_experts == 0) {
+    return {1};
+  }
+  std::vector<int> out;
+  for (int ep : divisors(dp, dp)) {
+    if (info.num_experts % ep == 0) {
+      out.push_back(ep);
+    }
+  }
+  return out;
+}
+
 template <class T> std::vector<T> pinned_or(const std::optional<T>& pin, std::vector<T> all) {
   if (pin) {
     return {*pin};
@@ -49,7 +64,7 @@ Precision default_precision(const Cluster& c) {
 class StageCache {
 public:
   const std::vector<StageRange>& get(CostModel& model, const Plan& plan) {
-    const UnitCostKey key{plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision};
+    const UnitCostKey key = unit_cost_key(plan);
     const int chunks = plan.pp * plan.virtual_stages;
     // Gradient accumulation costs per parameter and micro-batch, so it weighs in the balance.
     const double accum_per_param = model.grad_accumulation_s(plan, 1.0);
@@ -200,32 +215,35 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
           continue;
         }
         for (auto [schedule, v] : schedules_for(pins, pp, units, local / mb)) {
-          for (int zero : pinned_or(pins.zero_stage,
-                                    dp > 1 ? std::vector<int>{0, 1, 2, 3} : std::vector<int>{0})) {
-            for (Recompute rc : pinned_or(pins.recompute, recomputes)) {
-              for (bool sp :
-                   pinned_or(pins.sequence_parallel,
-                             tp > 1 ? std::vector<bool>{false, true} : std::vector<bool>{false})) {
-                Plan p{.dp = dp,
-                       .tp = tp,
-                       .pp = pp,
-                       .zero_stage = zero,
-                       .micro_batch_size = mb,
-                       .global_batch_size = req.global_batch_size,
-                       .schedule = schedule,
-                       .virtual_stages = v,
-                       .recompute = rc,
-                       .sequence_parallel = sp,
-                       .precision = precision,
-                       .grad_sync = pins.grad_sync.value_or(GradSync::allreduce),
-                       .overlap_grad_reduce =
-                           pins.overlap_grad_reduce.value_or(req.stack.overlaps_grad_reduce(zero)),
-                       .stack = req.stack.name};
-                // The one feasibility rule (core plan_problem): what is proposed trains.
-                if (plan_problem(p, graph, gpus)) {
-                  continue;
+          for (int ep : pinned_or(pins.ep, expert_parallel_sizes(info, dp))) {
+            for (int zero : pinned_or(pins.zero_stage, dp > 1 ? std::vector<int>{0, 1, 2, 3}
+                                                              : std::vector<int>{0})) {
+              for (Recompute rc : pinned_or(pins.recompute, recomputes)) {
+                for (bool sp :
+                     pinned_or(pins.sequence_parallel, tp > 1 ? std::vector<bool>{false, true}
+                                                              : std::vector<bool>{false})) {
+                  Plan p{.dp = dp,
+                         .tp = tp,
+                         .pp = pp,
+                         .ep = ep,
+                         .zero_stage = zero,
+                         .micro_batch_size = mb,
+                         .global_batch_size = req.global_batch_size,
+                         .schedule = schedule,
+                         .virtual_stages = v,
+                         .recompute = rc,
+                         .sequence_parallel = sp,
+                         .precision = precision,
+                         .grad_sync = pins.grad_sync.value_or(GradSync::allreduce),
+                         .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(
+                             req.stack.overlaps_grad_reduce(zero)),
+                         .stack = req.stack.name};
+                  // The one feasibility rule (core plan_problem): what is proposed trains.
+                  if (plan_problem(p, graph, gpus)) {
+                    continue;
+                  }
+                  consider(st, model, stages, std::move(p), gpus);
                 }
-                consider(st, model, stages, std::move(p), gpus);
               }
             }
           }

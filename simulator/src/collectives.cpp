@@ -79,6 +79,7 @@ CollectiveCost ring_cost(const Cluster& c, Collective kind, double bytes, GroupS
     latency = steps_intra * a_intra + log2_ceil(span.nodes) * alpha_inter(c);
     break;
   case Collective::send_recv:
+  case Collective::all_to_all:
     latency = span.nodes > 1 ? alpha_inter(c) : a_intra;
     break;
   }
@@ -108,6 +109,7 @@ double bus_factor(Collective kind, int n) {
     return 2.0 * (dn - 1.0) / dn;
   case Collective::reduce_scatter:
   case Collective::all_gather:
+  case Collective::all_to_all:
     return (dn - 1.0) / dn;
   case Collective::broadcast:
   case Collective::send_recv:
@@ -144,6 +146,14 @@ CollectiveCost collective_cost(const Cluster& c, Collective kind, double bytes, 
                                GradSync algorithm) {
   if (bytes <= 0 || (span.size <= 1 && kind != Collective::send_recv)) {
     return {};
+  }
+  if (kind == Collective::all_to_all && span.nodes > 1) {
+    // Every rank sends (n − 1)/n of its buffer at once: the parts for ranks on its node over the
+    // node's links, the others through its NIC, both at the same time.
+    const double n = span.size;
+    const double on_node = bytes * (span.per_node - 1) / n;
+    const double off_node = bytes * (n - span.per_node) / n;
+    return {alpha_inter(c), std::max(on_node / intra_bw(c), off_node / nic_bw(c)), true};
   }
   if (kind != Collective::all_reduce || algorithm == GradSync::allreduce) {
     return ring_cost(c, kind, bytes, span);
@@ -194,6 +204,27 @@ GroupSpan tp_span(const Plan& p, const Cluster& c) {
 
 GroupSpan dp_span(const Plan& p, const Cluster& c) {
   return group_span(p.dp, p.tp, c.node.devices_per_node);
+}
+
+GroupSpan ep_span(const Plan& p, const Cluster& c) {
+  return group_span(p.ep, p.tp, c.node.devices_per_node);
+}
+
+GroupSpan expert_dp_span(const Plan& p, const Cluster& c) {
+  return group_span(p.dp / p.ep, p.tp * p.ep, c.node.devices_per_node);
+}
+
+CollectiveCost data_parallel_cost(const Cluster& cluster, const Plan& plan, Collective kind,
+                                  double bytes, double expert_bytes, GradSync algorithm) {
+  if (plan.ep <= 1 || expert_bytes <= 0) {
+    return collective_cost(cluster, kind, bytes, dp_span(plan, cluster), algorithm);
+  }
+  const CollectiveCost dense =
+      collective_cost(cluster, kind, bytes - expert_bytes, dp_span(plan, cluster), algorithm);
+  const CollectiveCost experts =
+      collective_cost(cluster, kind, expert_bytes, expert_dp_span(plan, cluster), algorithm);
+  return {dense.latency_s + experts.latency_s, dense.transfer_s + experts.transfer_s,
+          dense.network || experts.network};
 }
 
 GroupSpan pp_hop_span(const Plan& p, const Cluster& c) {

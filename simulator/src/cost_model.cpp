@@ -35,6 +35,7 @@ void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
   r.bwd_s += u.bwd_s + u.tp_bwd_s;
   r.act_transient = std::max(r.act_transient, u.act_transient_bytes);
   r.params += u.params;
+  r.expert_params += u.expert_params;
   r.max_layer_params = std::max(r.max_layer_params, u.max_layer_params);
 }
 
@@ -53,13 +54,16 @@ ZeroMicrobatchComm zero_per_microbatch(const Plan& p, const Cluster& c, const St
   if (!rule.per_micro_batch) {
     return {};
   }
-  const GroupSpan span = dp_span(p, c);
+  const double g_bytes = grad_element_bytes(p, stack);
+  const double w_bytes = precision_storage_bytes(p.precision);
   ZeroMicrobatchComm comm;
-  comm.reduce_s = collective_time_s(c, collective_of(rule.gradients),
-                                    r.params * grad_element_bytes(p, stack), span, p.grad_sync);
-  comm.gather_s = rule.gathers_per_micro_batch *
-                  collective_time_s(c, Collective::all_gather,
-                                    r.params * precision_storage_bytes(p.precision), span);
+  comm.reduce_s = data_parallel_cost(c, p, collective_of(rule.gradients), r.params * g_bytes,
+                                     r.expert_params * g_bytes, p.grad_sync)
+                      .total_s();
+  comm.gather_s = rule.gathers_per_micro_batch * data_parallel_cost(c, p, Collective::all_gather,
+                                                                    r.params * w_bytes,
+                                                                    r.expert_params * w_bytes)
+                                                     .total_s();
   return comm;
 }
 
@@ -67,15 +71,18 @@ ZeroMicrobatchComm zero_per_microbatch(const Plan& p, const Cluster& c, const St
 // and the publish of the updated parameters (a parameter server's pull is costed with its push).
 double dp_iteration_comm_s(const Plan& p, const Cluster& c, const Stack& stack, const RankLoad& r) {
   const DataParallelComm rule = data_parallel_comm(p, stack.sharding.reshard_after_forward);
-  const GroupSpan span = dp_span(p, c);
+  const double g_bytes = grad_element_bytes(p, stack);
+  const double w_bytes = precision_storage_bytes(p.precision);
   double t = 0;
   if (rule.gradients != StepCollective::none && !rule.per_micro_batch) {
-    t += collective_time_s(c, collective_of(rule.gradients),
-                           r.params * grad_element_bytes(p, stack), span, p.grad_sync);
+    t += data_parallel_cost(c, p, collective_of(rule.gradients), r.params * g_bytes,
+                            r.expert_params * g_bytes, p.grad_sync)
+             .total_s();
   }
   if (rule.publish == StepCollective::all_gather) {
-    t += collective_time_s(c, Collective::all_gather,
-                           r.params * precision_storage_bytes(p.precision), span);
+    t += data_parallel_cost(c, p, Collective::all_gather, r.params * w_bytes,
+                            r.expert_params * w_bytes)
+             .total_s();
   }
   return t;
 }
@@ -124,9 +131,14 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
   const double w_bytes = precision_storage_bytes(p.precision);
   const ParamStateBytes per_param = param_state_bytes(p, stack_);
   MemoryBreakdown m;
-  m.params = r.params * per_param.params;
-  m.grads = r.params * per_param.grads;
-  m.optimizer = r.params * per_param.optimizer;
+  // ZeRO shards a routed expert's state over the dp / ep ranks holding that expert, not over
+  // dp: as if the rank held ep times its experts, sharded over dp.
+  const auto zero_sharded = [&](int from_stage) {
+    return p.zero_stage >= from_stage ? r.params + r.expert_params * (p.ep - 1) : r.params;
+  };
+  m.params = zero_sharded(3) * per_param.params;
+  m.grads = zero_sharded(2) * per_param.grads;
+  m.optimizer = zero_sharded(1) * per_param.optimizer;
   // The transient (the loss's working copies) runs while the rank holds its activations in
   // flight: on top of them.
   m.activations = r.act_per_mb * activations_in_flight(p, pp_rank) + r.recompute_working_bytes() +
@@ -231,8 +243,7 @@ std::vector<RankLoad> CostModel::rank_loads(const Plan& plan,
                                             const std::vector<StageRange>& stages) {
   const int chunks = plan.pp * plan.virtual_stages;
   PARALLAX_CHECK(static_cast<int>(stages.size()) == chunks, "one stage range per chunk");
-  const auto& units_ref =
-      units({plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision});
+  const auto& units_ref = units(unit_cost_key(plan));
   std::vector<RankLoad> ranks(static_cast<std::size_t>(plan.pp));
   for (int chunk = 0; chunk < chunks; ++chunk) {
     RankLoad& r = ranks[static_cast<std::size_t>(chunk_pp_rank(plan, chunk))];

@@ -20,8 +20,8 @@ IterationBuilder::IterationBuilder(CostModel& model, const Plan& plan,
       stages_(plan.stages.empty()
                   ? stages_even(model.graph().num_units(), plan.pp * plan.virtual_stages)
                   : plan.stages),
-      units_(model.units({plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision})),
-      w_bytes_(precision_storage_bytes(plan.precision)), loads_(model.rank_loads(plan, stages_)) {
+      units_(model.units(unit_cost_key(plan))), w_bytes_(precision_storage_bytes(plan.precision)),
+      loads_(model.rank_loads(plan, stages_)) {
   shape_.units = model.graph().num_units();
   shape_.unit_has_params.reserve(units_.size());
   for (const UnitCost& u : units_) {
@@ -129,8 +129,8 @@ void IterationBuilder::run_op(RankSim& r, int i) {
   switch (op.kind) {
   case StepOpKind::gather: {
     const double bytes = cost->params * w_bytes_;
-    const CollectiveCost cc =
-        collective_cost(cluster_, Collective::all_gather, bytes, dp_span(plan_, cluster_));
+    const CollectiveCost cc = data_parallel_cost(cluster_, plan_, Collective::all_gather, bytes,
+                                                 cost->expert_params * w_bytes_);
     anchor = add_comm(r, op, i, cc, bytes);
     const Id trigger = op.after.empty() ? -1 : r.anchor[static_cast<std::size_t>(op.after[0])];
     wait_for(r, op, anchor);
@@ -171,8 +171,9 @@ void IterationBuilder::run_op(RankSim& r, int i) {
     break;
   case StepOpKind::reduce: {
     const double bytes = unit_reduction_bytes(op.unit);
-    const CollectiveCost cc = collective_cost(cluster_, collective_of(op.collective), bytes,
-                                              dp_span(plan_, cluster_), plan_.grad_sync);
+    const CollectiveCost cc = data_parallel_cost(
+        cluster_, plan_, collective_of(op.collective), bytes,
+        cost->expert_params * grad_element_bytes(plan_, model_.stack()), plan_.grad_sync);
     const Id trigger = op.async ? r.anchor[static_cast<std::size_t>(op.after[0])] : prev_;
     anchor = add_comm(r, op, i, cc, bytes);
     if (op.async) {
@@ -225,11 +226,12 @@ void IterationBuilder::run_op(RankSim& r, int i) {
   case StepOpKind::publish: {
     // ZeRO-1/2 all-gather the updated parameters; a parameter server's pull is costed with
     // its push in the reduction (collective_cost), so its broadcast takes no time of its own.
-    const double bytes = loads_[static_cast<std::size_t>(r.pp_rank)].params * w_bytes_;
-    const CollectiveCost cc =
-        op.collective == StepCollective::all_gather
-            ? collective_cost(cluster_, Collective::all_gather, bytes, dp_span(plan_, cluster_))
-            : CollectiveCost{};
+    const CostModel::RankLoad& load = loads_[static_cast<std::size_t>(r.pp_rank)];
+    const double bytes = load.params * w_bytes_;
+    const CollectiveCost cc = op.collective == StepCollective::all_gather
+                                  ? data_parallel_cost(cluster_, plan_, Collective::all_gather,
+                                                       bytes, load.expert_params * w_bytes_)
+                                  : CollectiveCost{};
     anchor = add_comm(r, op, i, cc, bytes);
     wait_for(r, op, anchor);
     record_group(1, dp_group, r, r.anchor[static_cast<std::size_t>(op.after[0])], anchor);

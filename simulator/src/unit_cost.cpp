@@ -4,13 +4,16 @@
 #include "parallax/simulator/compute_model.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 namespace parallax {
 
 namespace {
 
-// The GEMM as one tensor-parallel rank runs it for a micro-batch of B sequences.
-Gemm gemm_on_rank(const Layer& layer, const Gemm& g, int tp, std::int64_t B) {
+// The GEMM as one tensor-parallel rank runs it for a micro-batch of B sequences. Under expert
+// parallelism a rank holds experts / ep of a layer's experts, and each of them takes the tokens
+// the ep ranks route to it: ep times the tokens per expert.
+Gemm gemm_on_rank(const Layer& layer, const Gemm& g, int tp, std::int64_t B, int ep) {
   Gemm out = g;
   const bool heads = layer.tp_split == TpSplit::heads;
   if (heads) {
@@ -23,7 +26,27 @@ Gemm gemm_on_rank(const Layer& layer, const Gemm& g, int tp, std::int64_t B) {
       out.k = std::max<std::int64_t>(1, g.k / tp);
     }
   }
+  if (layer.experts > 0 && ep > 1) {
+    out.batch = std::max<std::int64_t>(1, g.batch / ep);
+    out.m *= ep;
+  }
   return out;
+}
+
+// The load of the busiest of ep expert-parallel ranks over the mean, for routing that spreads
+// tokens evenly in expectation (a balanced router): N = ep·B·(routed token copies per sequence)
+// copies land on ep ranks as a multinomial draw; the largest of ep counts exceeds the mean by
+// about σ·√(2 ln ep). Correlated routing (popular experts, skewed batches) is worse and is not
+// modelled.
+double expert_load_imbalance(const Layer& layer, const UnitCostKey& key) {
+  if (layer.gemms.empty()) {
+    return 1.0;
+  }
+  const Gemm& g = layer.gemms.front();
+  const double copies = static_cast<double>(key.ep) * static_cast<double>(key.micro_batch_size) *
+                        static_cast<double>(g.batch * g.m);
+  const double ep = key.ep;
+  return 1.0 + std::sqrt(2.0 * std::log(ep) * (ep - 1.0) / copies);
 }
 
 // Forward and backward compute time of one layer on one rank for one micro-batch.
@@ -38,7 +61,7 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
   double cast_bwd_bytes = 0;
   const Precision gemm_in = gemm_precision(layer, key.precision);
   for (const Gemm& g : layer.gemms) {
-    Gemm local = gemm_on_rank(layer, g, key.tp, key.micro_batch_size);
+    Gemm local = gemm_on_rank(layer, g, key.tp, key.micro_batch_size, key.ep);
     gemm_fwd += gemm_time_s(cluster, gemm_in, local, layer.fused,
                             layer.kernel == FusedKernel::flash2, layer.experts > 0);
     gemm_flops += g.flops();
@@ -62,6 +85,12 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
                memory_time_s(cluster, cast * cast_bwd_bytes);
   if (layer.bwd_extra_flops > 0 && gemm_flops > 0) {
     bwd += gemm_fwd * layer.bwd_extra_flops / gemm_flops;
+  }
+  if (layer.experts > 0 && key.ep > 1) {
+    // The busiest of the ep ranks sets the pace of the layer.
+    const double f = expert_load_imbalance(layer, key);
+    fwd += (f - 1.0) * gemm_fwd;
+    bwd += (f - 1.0) * 2.0 * gemm_fwd;
   }
   // The host dispatches the layer's kernels (its GEMMs and one for the rest) while the device
   // runs them: when they run shorter than their dispatch, the device waits for the host.
@@ -97,6 +126,24 @@ std::pair<double, double> layer_tp_comm_s(const Layer& layer, const Cluster& clu
   return {time(Collective::all_reduce, fwd_bytes), time(Collective::all_reduce, bwd_bytes)};
 }
 
+// Expert parallelism: the all-to-all that sends a routed-expert layer's tokens to the ranks
+// holding their experts (before the up-projection: dispatch) or back (after the
+// down-projection: combine); the backward runs it again in reverse. One rank's share is its
+// tensor-parallel part of the token copies of the micro-batch, 16-bit or the plan's precision.
+double layer_ep_comm_s(const Layer& layer, const Cluster& cluster, const UnitCostKey& key) {
+  if (layer.experts == 0 || key.ep <= 1 || layer.gemms.empty()) {
+    return 0.0;
+  }
+  const Gemm& g = layer.gemms.front();
+  const bool dispatch = layer.tp_split == TpSplit::column;        // up: tokens in; down: tokens out
+  const double width = static_cast<double>(dispatch ? g.k : g.n); // the hidden size
+  const double elems = static_cast<double>(g.batch * g.m) * width *
+                       static_cast<double>(key.micro_batch_size) / key.tp;
+  const GroupSpan span = group_span(key.ep, key.tp, cluster.node.devices_per_node);
+  return collective_time_s(cluster, Collective::all_to_all,
+                           elems * precision_storage_bytes(key.precision), span);
+}
+
 } // namespace
 
 double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel) {
@@ -121,9 +168,11 @@ double layer_activation_divisor(const Layer& layer, int tp, bool sequence_parall
   return layer.tp_split == TpSplit::replicated ? 1.0 : tp;
 }
 
-double layer_param_divisor(const Layer& layer, int tp) {
+double layer_param_divisor(const Layer& layer, int tp, int ep) {
   // Norm weights are replicated; row-parallel biases too (a negligible share).
-  return layer.tp_split == TpSplit::sequence || layer.tp_split == TpSplit::replicated ? 1.0 : tp;
+  const double tp_div =
+      layer.tp_split == TpSplit::sequence || layer.tp_split == TpSplit::replicated ? 1.0 : tp;
+  return layer.experts > 0 ? tp_div * ep : tp_div;
 }
 
 double layer_kept_act_bytes(const Layer& layer, const UnitCostKey& key, Recompute r,
@@ -168,6 +217,11 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
     UnitCost& u = units[static_cast<std::size_t>(layer.unit)];
     auto [fwd, bwd] = layer_compute_s(layer, cluster, key, stack);
     auto [tp_fwd, tp_bwd] = layer_tp_comm_s(layer, cluster, key, stack);
+    const double a2a = layer_ep_comm_s(layer, cluster, key);
+    u.ep_fwd_s += a2a;
+    u.ep_bwd_s += a2a;
+    tp_fwd += a2a;
+    tp_bwd += a2a;
     u.fwd_s += fwd;
     u.bwd_s += bwd;
     u.tp_fwd_s += tp_fwd;
@@ -180,8 +234,11 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
       u.full_recompute_s += fwd;
       u.full_recompute_tp_s += tp_fwd;
     }
-    const double pdiv = layer_param_divisor(layer, key.tp);
+    const double pdiv = layer_param_divisor(layer, key.tp, key.ep);
     u.params += static_cast<double>(layer.params) / pdiv;
+    if (layer.experts > 0) {
+      u.expert_params += static_cast<double>(layer.params) / pdiv;
+    }
     if (pdiv == 1.0) {
       u.replicated_params += static_cast<double>(layer.params);
     }

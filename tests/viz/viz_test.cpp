@@ -196,6 +196,31 @@ TEST(MeshDot, ExpandedHasEveryGpuAndGroupEdge) {
   EXPECT_EQ(x.classes["cluster"], 1 + 1); // one cluster node + the legend
 }
 
+TEST(MeshDot, ExpertParallelGroupsAreDrawn) {
+  const Cluster cluster = cluster_load("dgx-a100-80g").with_devices(4);
+  Plan p;
+  p.dp = 4;
+  p.ep = 2;
+  p.global_batch_size = 8;
+  const std::string dot = mesh_dot(p, cluster);
+  // Replicas 0–1 and 2–3 each split the experts: two EP edges (dotted purple), the DP edge
+  // between the groups, and the legend's EP entry.
+  const auto count = [&](const std::string& what) {
+    std::size_t n = 0;
+    for (std::size_t at = dot.find(what); at != std::string::npos; at = dot.find(what, at + 1)) {
+      ++n;
+    }
+    return n;
+  };
+  EXPECT_EQ(count("#756bb1"), 2u + 1u);
+  EXPECT_EQ(count("#31a354"), 1u + 1u);
+  EXPECT_NE(dot.find("experts 2/2 of EP group 1"), std::string::npos);
+  XmlSummary x = parse_xml(dot_to_svg(dot));
+  ASSERT_EQ(x.error, "");
+  EXPECT_EQ(x.classes["node"], 4 + 8);
+  EXPECT_EQ(x.classes["edge"], 3 + 4);
+}
+
 TEST(MeshDot, GoldenPlan222) {
   const Cluster cluster = cluster_load("dgx-a100-80g").with_devices(8);
   expect_golden("gpt-tiny-222-mesh.dot", mesh_dot(plan_222(), cluster));

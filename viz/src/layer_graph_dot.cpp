@@ -68,12 +68,12 @@ void add_memory(LayerMemory& into, const LayerMemory& m) {
 } // namespace
 
 static UnitCostKey unit_key(const Plan& plan) {
-  return {plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision};
+  return unit_cost_key(plan);
 }
 
 LayerMemory layer_memory(const Layer& layer, const Plan& plan) {
   LayerMemory m;
-  m.params = static_cast<double>(layer.params) / layer_param_divisor(layer, plan.tp);
+  m.params = static_cast<double>(layer.params) / layer_param_divisor(layer, plan.tp, plan.ep);
   m.state_bytes = m.params * param_state_bytes(plan).total();
   // The simulator's rule; under full recomputation each block's input, which the block group
   // shows, is kept beside the layers outside blocks.

@@ -16,6 +16,9 @@ constexpr const char* kTpEdge = "[dir=none, color=\"#e6550d\", penwidth=2.5, con
 constexpr const char* kPpEdge = "[color=\"#1f4e9c\", penwidth=1.6]";
 constexpr const char* kDpEdge =
     "[dir=none, color=\"#31a354\", style=dashed, penwidth=1.4, constraint=false]";
+// Data-parallel neighbours inside one expert-parallel group (they hold different experts).
+constexpr const char* kEpEdge =
+    "[dir=none, color=\"#756bb1\", style=dotted, penwidth=2.2, constraint=false]";
 
 // Units of every pipeline rank ("units 0–5", or "chunks 0, 2" when interleaved).
 std::string stage_text(const Plan& plan, int pp_rank) {
@@ -35,7 +38,12 @@ std::string stage_text(const Plan& plan, int pp_rank) {
                      units.find_first_of(",–") == std::string::npos ? "" : "s", units);
 }
 
-std::string legend() {
+std::string legend(bool ep) {
+  const std::string ep_entry =
+      ep ? "    legend_g [shape=point, width=0.05]; legend_h [shape=point, width=0.05];\n"
+           "    legend_g -> legend_h [dir=none, color=\"#756bb1\", style=dotted, penwidth=2.2, "
+           "label=\"EP\"];\n"
+         : "";
   return "  subgraph cluster_legend {\n    label=\"legend\"; style=rounded; color=\"#aaaaaa\";\n"
          "    edge [fontname=\"Helvetica\", fontsize=10];\n"
          "    legend_a [shape=point, width=0.05]; legend_b [shape=point, width=0.05];\n"
@@ -43,8 +51,8 @@ std::string legend() {
          "    legend_e [shape=point, width=0.05]; legend_f [shape=point, width=0.05];\n"
          "    legend_a -> legend_b [dir=none, color=\"#e6550d\", penwidth=2.5, label=\"TP\"];\n"
          "    legend_c -> legend_d [color=\"#1f4e9c\", penwidth=1.6, label=\"PP\"];\n"
-         "    legend_e -> legend_f [dir=none, color=\"#31a354\", style=dashed, label=\"DP\"];\n"
-         "  }\n";
+         "    legend_e -> legend_f [dir=none, color=\"#31a354\", style=dashed, label=\"DP\"];\n" +
+         ep_entry + "  }\n";
 }
 
 std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
@@ -61,9 +69,13 @@ std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
     for (int r : ranks) {
       const RankCoords c = rank_coords(plan, r);
       out += fmt::format("    rank{} [fillcolor={}, label={}];\n", r, dot_quote(stage_colour(c.pp)),
-                         dot_quote(fmt::format("rank {} · GPU {}\ndp{} pp{} tp{}\n{}", r,
-                                               rank_device(r, per_node).device, c.dp, c.pp, c.tp,
-                                               stage_text(plan, c.pp))));
+                         dot_quote(fmt::format(
+                             "rank {} · GPU {}\ndp{} pp{} tp{}{}\n{}", r,
+                             rank_device(r, per_node).device, c.dp, c.pp, c.tp,
+                             plan.ep > 1 ? fmt::format("\nexperts {}/{} of EP group {}",
+                                                       c.dp % plan.ep + 1, plan.ep, c.dp / plan.ep)
+                                         : std::string(),
+                             stage_text(plan, c.pp))));
     }
     out += "  }\n";
   }
@@ -78,8 +90,10 @@ std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
                          kPpEdge);
     }
     if (c.dp + 1 < plan.dp) {
+      // Inside an expert-parallel group the neighbours hold different experts.
+      const bool ep_peer = plan.ep > 1 && (c.dp + 1) % plan.ep != 0;
       out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp + 1, c.pp, c.tp}),
-                         kDpEdge);
+                         ep_peer ? kEpEdge : kDpEdge);
     }
   }
   return out;
@@ -157,7 +171,7 @@ std::string mesh_dot(const Plan& plan, const Cluster& cluster, const MeshDotOpti
                                  : "")));
   out += "  node [shape=box, style=\"rounded,filled\", fontname=\"Helvetica\", fontsize=10];\n";
   out += fold ? mesh_folded(plan, cluster) : mesh_expanded(plan, cluster);
-  out += legend();
+  out += legend(plan.ep > 1);
   out += "}\n";
   return out;
 }

@@ -37,6 +37,11 @@ struct Plan {
   int dp = 1;
   int tp = 1;
   int pp = 1;
+  // Expert parallelism: each MoE layer's routed experts spread over ep ranks of the
+  // data-parallel group (ep divides dp; Megatron-Core's expert-model-parallel size). Tokens reach
+  // their experts through all-to-all; expert gradients are reduced over the dp / ep ranks that
+  // hold the same experts (the expert-data-parallel group).
+  int ep = 1;
   int zero_stage = 0;
   std::int64_t micro_batch_size = 1;
   std::int64_t global_batch_size = 1;

@@ -34,6 +34,8 @@ struct PlanProblem {
 std::optional<PlanProblem> plan_problem(const Plan& plan, const LayerGraph& graph, int world_size);
 // Of that rule, the part about tp alone (the planner prunes with it before enumerating more).
 std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp);
+// Expert parallelism: ep divides dp and the model's experts (1 for dense models).
+std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp, int ep);
 
 // plan_problem as an input error naming `source`.
 void plan_validate(const Plan& plan, const LayerGraph& graph, int world_size,

@@ -16,7 +16,9 @@
 
 namespace parallax {
 
-enum class Collective { all_reduce, reduce_scatter, all_gather, broadcast, send_recv };
+// all_to_all: each of n ranks sends its S-byte buffer in n equal parts, one to every rank (MoE
+// token dispatch and combine).
+enum class Collective { all_reduce, reduce_scatter, all_gather, broadcast, send_recv, all_to_all };
 
 // The collective a step-program op runs, as costed here: a reduction to a parameter server is
 // costed as the all-reduce it replaces (collective_cost with GradSync::parameter_server: the
@@ -64,6 +66,17 @@ double network_link_bandwidth(const Cluster& cluster);
 // (stride t·d).
 GroupSpan tp_span(const Plan& plan, const Cluster& cluster);
 GroupSpan dp_span(const Plan& plan, const Cluster& cluster);
+// Expert parallelism: the ep ranks of one data-parallel group that split the experts
+// (neighbours in the data-parallel order), and the dp / ep ranks holding the same experts.
+GroupSpan ep_span(const Plan& p, const Cluster& c);
+GroupSpan expert_dp_span(const Plan& p, const Cluster& c);
+
+// A data-parallel collective over `bytes` of a rank's parameters (or gradients), of which
+// `expert_bytes` are routed experts': the rest over the data-parallel group, the experts' part
+// over the expert-data-parallel group (the two run one after the other).
+CollectiveCost data_parallel_cost(const Cluster& cluster, const Plan& plan, Collective kind,
+                                  double bytes, double expert_bytes,
+                                  GradSync algorithm = GradSync::allreduce);
 GroupSpan pp_hop_span(const Plan& plan, const Cluster& cluster);
 
 // Time of one collective of `bytes` (the full buffer: the all-reduced tensor, or the gathered

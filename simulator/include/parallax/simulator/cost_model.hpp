@@ -60,6 +60,7 @@ public:
     double p2p_s = 0;
     double zero3_exposed_s = 0;
     double params = 0;
+    double expert_params = 0; // of params, the routed experts' (sharded over dp / ep by ZeRO)
     double max_layer_params = 0;
     double act_per_mb = 0;  // activations kept per micro-batch over all this rank's chunks
     double act_working = 0; // transient activations of one unit's blocks (full recomputation)

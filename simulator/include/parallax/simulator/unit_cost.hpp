@@ -20,9 +20,12 @@ struct UnitCost {
   // embedding, final norm, head and loss keep their activations and are not rerun.
   double full_recompute_s = 0;
   double full_recompute_tp_s = 0;
-  double tp_fwd_s = 0; // tensor-parallel collectives in the forward (critical path)
-  double tp_bwd_s = 0; // the same in the backward
-  double params = 0;   // parameters held by one TP rank
+  double tp_fwd_s = 0;      // tensor-parallel collectives in the forward (critical path)
+  double tp_bwd_s = 0;      // the same in the backward
+  double params = 0;        // parameters held by one TP rank (routed experts: by one EP rank too)
+  double expert_params = 0; // of those, the routed experts' (reduced over the expert-DP group)
+  double ep_fwd_s = 0;      // of tp_fwd_s, the expert-parallel all-to-alls (dispatch, combine)
+  double ep_bwd_s = 0;      // the same in the backward
   // Of those, the ones every TP rank holds whole (norms): under sequence parallelism their
   // gradients are summed over the tensor-parallel group.
   double replicated_params = 0;
@@ -58,8 +61,14 @@ struct UnitCostKey {
   bool sequence_parallel = false;
   std::int64_t micro_batch_size = 1;
   Precision precision = Precision::bf16;
+  int ep = 1; // expert parallelism (experts over ep data-parallel ranks, neighbours at stride tp)
   auto operator<=>(const UnitCostKey&) const = default;
 };
+
+// The key of a plan's unit costs.
+inline UnitCostKey unit_cost_key(const Plan& plan) {
+  return {plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision, plan.ep};
+}
 
 // Costs of every unit of `graph` (index = unit) under the software stack `stack` (its host
 // dispatch time, FP8 recipe and tensor-parallel overlap).
@@ -78,6 +87,6 @@ double full_recompute_input_bytes(const GraphInfo& info, const UnitCostKey& key)
 // How many ways a layer's saved activations / its FLOPs are divided among t ranks.
 double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel);
 double layer_activation_divisor(const Layer& layer, int tp, bool sequence_parallel);
-double layer_param_divisor(const Layer& layer, int tp);
+double layer_param_divisor(const Layer& layer, int tp, int ep = 1); // routed experts: also / ep
 
 } // namespace parallax

@@ -1,0 +1,140 @@
+// Expert parallelism by hand: the all-to-all of one MoE layer, expert parameters and their
+// ZeRO shards, the expert-data-parallel reduction, the feasibility rule and the search.
+#include "parallax/core/error.hpp"
+#include "parallax/core/plan_json.hpp"
+#include "parallax/models/model_loader.hpp"
+#include "parallax/planner/planner.hpp"
+#include "parallax/simulator/collectives.hpp"
+#include "parallax/simulator/cost_model.hpp"
+#include "parallax/simulator/unit_cost.hpp"
+
+#include <gtest/gtest.h>
+
+namespace parallax {
+namespace {
+
+// One node of 8 devices: intra-node links of 100 GB/s at 50% efficiency, no latency.
+Cluster hand_cluster(int gpus) {
+  Cluster c;
+  c.name = "hand";
+  c.device.name = "hand-gpu";
+  c.device.peak_tflops = {{Precision::bf16, 100.0}, {Precision::fp32, 50.0}};
+  c.device.memory_gib = 80;
+  c.device.memory_bandwidth_gbps = 1000;
+  c.device.gemm_efficiency = {{1e6, 0.1}, {1e12, 0.8}};
+  c.node.devices_per_node = 8;
+  c.node.intra_bandwidth_gbps = 100;
+  c.node.intra_latency_us = 0;
+  c.network.num_nodes = 1;
+  c.network.inter_bandwidth_gbps = 10;
+  c.network.inter_latency_us = 0;
+  c.collectives.intra = 0.5;
+  c.collectives.inter = 0.8;
+  return c.with_devices(gpus);
+}
+
+Plan moe_plan(int dp, int ep, int zero = 0) {
+  return {.dp = dp,
+          .ep = ep,
+          .zero_stage = zero,
+          .micro_batch_size = 1,
+          .global_batch_size = 4 * dp,
+          .precision = Precision::bf16};
+}
+
+// moe-tiny: s 64, h 64, 8 experts of width 32, top-2: 16 token copies per expert and sequence.
+TEST(ExpertParallel, AllToAllOfOneMoeLayerByHand) {
+  const LayerGraph g = model_load("moe-tiny").graph;
+  const Cluster c = hand_cluster(4);
+  const Plan p = moe_plan(4, 2);
+  const std::vector<UnitCost> units = unit_costs(g, c, unit_cost_key(p));
+  // Dispatch before the experts' up-projection and combine after their down-projection: each
+  // moves the micro-batch's 8·16 token copies of 64 bf16 values, (n − 1)/n of them to the other
+  // rank of the pair over the 50 GB/s link.
+  const double bytes = 8.0 * 16 * 64 * 2;
+  const double one = 0.5 * bytes / 50e9;
+  EXPECT_DOUBLE_EQ(units[1].ep_fwd_s, 2 * one);
+  EXPECT_DOUBLE_EQ(units[1].ep_bwd_s, 2 * one);
+  EXPECT_EQ(units[0].ep_fwd_s, 0.0); // the dense first layer
+  // Without expert parallelism nothing is exchanged.
+  EXPECT_EQ(unit_costs(g, c, unit_cost_key(moe_plan(4, 1)))[1].ep_fwd_s, 0.0);
+}
+
+TEST(ExpertParallel, ExpertsAreSplitOverEpAndShardedOverTheExpertDataParallelRanks) {
+  const LayerGraph g = model_load("moe-tiny").graph;
+  const Cluster c = hand_cluster(4);
+  const double experts = 8.0 * 3 * 64 * 32; // one MoE layer's routed experts
+  const UnitCost one = unit_costs(g, c, unit_cost_key(moe_plan(4, 1)))[1];
+  const UnitCost two = unit_costs(g, c, unit_cost_key(moe_plan(4, 2)))[1];
+  EXPECT_DOUBLE_EQ(one.expert_params, experts);
+  EXPECT_DOUBLE_EQ(two.expert_params, experts / 2);
+  EXPECT_DOUBLE_EQ(one.params - two.params, experts / 2);
+  // ZeRO-1 shards the optimizer state of an expert over the dp / ep = 2 ranks that hold it, of
+  // the rest over all 4: (dense + experts/2 · 2) / 4 · 12 bytes (fp32 master and moments).
+  CostModel model(g, c);
+  const Plan z1 = moe_plan(4, 2, 1);
+  const std::vector<CostModel::RankLoad> loads = model.rank_loads(z1, {{0, 4}});
+  const MemoryBreakdown m = model.rank_memory(z1, loads[0], 0);
+  const double dense = loads[0].params - loads[0].expert_params;
+  EXPECT_NEAR(m.optimizer, (dense + 2 * loads[0].expert_params) / 4 * 12.0, 1e-6);
+  EXPECT_NEAR(loads[0].expert_params, 3 * experts / 2, 1e-9); // 3 MoE layers
+}
+
+TEST(ExpertParallel, ExpertGradientsReduceOverTheirOwnGroup) {
+  const Cluster c = hand_cluster(8);
+  const Plan p = moe_plan(8, 4);
+  EXPECT_EQ(ep_span(p, c), (GroupSpan{4, 4, 1, 1}));
+  EXPECT_EQ(expert_dp_span(p, c), (GroupSpan{2, 2, 1, 4}));
+  const CollectiveCost both = data_parallel_cost(c, p, Collective::all_reduce, 1000.0, 400.0);
+  const double dense = collective_time_s(c, Collective::all_reduce, 600.0, dp_span(p, c));
+  const double expert = collective_time_s(c, Collective::all_reduce, 400.0, expert_dp_span(p, c));
+  EXPECT_DOUBLE_EQ(both.total_s(), dense + expert);
+  // ep = 1: the plain data-parallel collective.
+  EXPECT_DOUBLE_EQ(
+      data_parallel_cost(c, moe_plan(8, 1), Collective::all_reduce, 1000.0, 400.0).total_s(),
+      collective_time_s(c, Collective::all_reduce, 1000.0, dp_span(p, c)));
+}
+
+TEST(ExpertParallel, FeasibilityAndPlanFile) {
+  const LayerGraph moe = model_load("moe-tiny").graph;
+  const LayerGraph dense = model_load("llama-tiny").graph;
+  EXPECT_FALSE(plan_problem(moe_plan(4, 2), moe, 4));
+  EXPECT_EQ(plan_problem(moe_plan(4, 2), dense, 4)->field, "/ep"); // no experts
+  EXPECT_EQ(plan_problem(moe_plan(6, 3), moe, 6)->field, "/ep");   // 3 does not divide 8 experts
+  Json doc = plan_to_json(moe_plan(4, 2));
+  EXPECT_EQ(doc.at("ep"), 2);
+  EXPECT_EQ(plan_from_json(doc, "p.json").ep, 2);
+  EXPECT_FALSE(plan_to_json(moe_plan(4, 1)).contains("ep")); // dense plans' files unchanged
+  doc["ep"] = 3;
+  try {
+    plan_from_json(doc, "p.json");
+    ADD_FAILURE() << "accepted";
+  } catch (const InputError& e) {
+    EXPECT_EQ(e.field(), "/ep");
+  }
+}
+
+TEST(ExpertParallel, TheSearchProposesOnlyFeasibleEpAndHonoursThePin) {
+  const LayerGraph g = model_load("moe-tiny").graph;
+  const Cluster c = hand_cluster(8);
+  PlanRequest req{.gpus = 8, .global_batch_size = 32};
+  req.top_k = 1000;
+  req.simulate_top = 0;
+  const PlanSearchResult all = plan_search(g, c, req);
+  bool some_ep = false;
+  for (const RankedPlan& r : all.plans) {
+    EXPECT_EQ(r.estimate.plan.dp % r.estimate.plan.ep, 0);
+    EXPECT_EQ(8 % r.estimate.plan.ep, 0);
+    some_ep = some_ep || r.estimate.plan.ep > 1;
+  }
+  EXPECT_TRUE(some_ep);
+  req.pins.ep = 4;
+  const PlanSearchResult pinned = plan_search(g, c, req);
+  ASSERT_FALSE(pinned.plans.empty());
+  for (const RankedPlan& r : pinned.plans) {
+    EXPECT_EQ(r.estimate.plan.ep, 4);
+  }
+}
+
+} // namespace
+} // namespace parallax
