@@ -117,15 +117,33 @@ BlockLayout layer_layout(const ExecModel& m, int unit, int tp, int tp_rank, int 
   if (c.bias)
     b.add("attn.bo", 1, h, ShardDim::none, Init::zeros);
   add_norm(b, m, "ln2");
+  const MoeConfig& moe = c.moe;
+  if (moe.is_moe_layer(unit)) {
+    // The router is whole on every tensor-parallel rank and sees the full rows: its gradient
+    // is complete on each (no sequence-parallel sum). The routed experts split like a dense
+    // MLP; the shared experts are the layer's dense MLP.
+    b.add("moe.router", h, moe.num_experts, ShardDim::none, Init::normal);
+    b.block.params.back().sp_partial = false;
+    const std::int64_t fe = moe.expert_ffn_hidden_size;
+    for (int j = 0; j < moe.num_experts; ++j) {
+      b.add(fmt::format("moe.e{}.wg", j), h, fe, ShardDim::cols, Init::normal);
+      b.add(fmt::format("moe.e{}.wu", j), h, fe, ShardDim::cols, Init::normal);
+      b.add(fmt::format("moe.e{}.w2", j), fe, h, ShardDim::rows, Init::normal, out_std);
+    }
+    if (moe.shared_experts == 0)
+      return b.finish(dp);
+  }
+  const std::int64_t fm =
+      moe.is_moe_layer(unit) ? moe.shared_experts * moe.shared_expert_ffn_hidden_size : f;
   if (m.llama()) {
-    b.add("mlp.wg", h, f, ShardDim::cols, Init::normal);
-    b.add("mlp.wu", h, f, ShardDim::cols, Init::normal);
+    b.add("mlp.wg", h, fm, ShardDim::cols, Init::normal);
+    b.add("mlp.wu", h, fm, ShardDim::cols, Init::normal);
   } else {
     b.add("mlp.w1", h, f, ShardDim::cols, Init::normal);
     if (c.bias)
       b.add("mlp.b1", 1, f, ShardDim::cols, Init::zeros);
   }
-  b.add("mlp.w2", f, h, ShardDim::rows, Init::normal, out_std);
+  b.add("mlp.w2", fm, h, ShardDim::rows, Init::normal, out_std);
   if (c.bias)
     b.add("mlp.b2", 1, h, ShardDim::none, Init::zeros);
   return b.finish(dp);
@@ -153,11 +171,15 @@ ExecModel ExecModel::from_config(const ModelConfig& c, const std::string& source
           "\"gelu\" or \"swiglu\"", c.activation);
   require(c.position_embedding == "learned" || c.position_embedding == "rope", source,
           "/position_embedding", "\"learned\" or \"rope\" for training", c.position_embedding);
-  // Planned and simulated, not yet trained: mixtures of experts, latent attention, QK norms.
-  require(!c.moe.enabled(), source, "/moe",
-          "absent: the executor does not train mixture-of-experts layers yet (plan and simulate "
-          "do)",
-          fmt::format("{} experts", c.moe.num_experts));
+  // Mixtures of experts train dropless, with normalised top-k weights and no selection bias or
+  // shared-expert gate; latent attention and QK norms are planned and simulated, not trained.
+  require(!c.moe.enabled() ||
+              (!c.moe.router_bias && !c.moe.shared_expert_gate && c.moe.capacity_factor == 0),
+          source, "/moe",
+          "a dropless mixture (capacity_factor 0) without router_bias or shared_expert_gate for "
+          "training (plan and simulate take all)",
+          fmt::format("router_bias {}, shared_expert_gate {}, capacity_factor {}",
+                      c.moe.router_bias, c.moe.shared_expert_gate, c.moe.capacity_factor));
   require(!c.mla.enabled(), source, "/mla",
           "absent: the executor does not train multi-head latent attention yet (plan and "
           "simulate do)",

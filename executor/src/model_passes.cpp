@@ -4,6 +4,7 @@
 #include "parallax/core/error.hpp"
 #include "parallax/executor/detail/block.hpp"
 #include "parallax/executor/model.hpp"
+#include "parallax/executor/moe.hpp"
 #include "parallax/executor/ops.hpp"
 
 #include <algorithm>
@@ -93,6 +94,22 @@ struct CpuOps {
     rotate(k, head_dim, pos, theta);
   }
 
+  void set_zero(Tensor& x) const { x.m().setZero(); }
+  // Routed experts (executor/src/moe.cpp) over the rows of slot kLn2Full.
+  void moe_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                   const MicroBatch& mb, std::vector<Tensor>& t, Tensor& out) const {
+    t.resize(moe_slots(m)); // before taking a reference into t
+    parallax::moe_forward(m, b, tp, mb, t[block::kLn2Full], t, block::kNumSlots, out);
+  }
+  void moe_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
+                    const MicroBatch& mb, std::vector<Tensor>& t, In dout, Tensor& dx) const {
+    parallax::moe_backward(m, b, tp, mb, t[block::kLn2Full], t, block::kNumSlots, dout, dx);
+  }
+  static std::size_t moe_slots(const ExecModel& m) {
+    return block::kNumSlots + kMoeExpertSlots +
+           kMoePerExpert * static_cast<std::size_t>(m.config.moe.num_experts);
+  }
+
   // Attention keeps its probabilities (kProbs) unless told otherwise.
   void attention_forward(const Shape& shape, KeepMode keep, std::vector<Tensor>& t) const {
     using namespace block;
@@ -114,7 +131,7 @@ struct CpuOps {
     t[kProbs].release();
   }
 };
-static_assert(block::BlockOps<CpuOps>);
+static_assert(block::BlockOps<CpuOps> && block::RoutedExpertOps<CpuOps>);
 
 constexpr CpuOps kCpu{};
 

@@ -99,6 +99,12 @@ std::vector<Case> equivalence_cases() {
   cases.push_back({.family = "oddgpt", .tp = 2});
   cases.push_back({.family = "oddgpt", .tp = 3});
   cases.push_back({.family = "oddgpt", .dp = 2, .tp = 2, .pp = 2, .zero = 3});
+  // A mixture of experts (router, top-2, shared expert, balance loss) in every dimension.
+  cases.push_back({.family = "moe", .dp = 2, .tp = 2, .sp = true});
+  cases.push_back({.family = "moe", .dp = 2, .pp = 2, .zero = 2, .recompute = "full"});
+  cases.push_back(
+      {.family = "moe", .tp = 2, .pp = 2, .zero = 0, .schedule = "interleaved", .v = 2});
+  cases.push_back({.family = "moe", .dp = 2, .tp = 2, .pp = 2, .zero = 3});
   return cases;
 }
 

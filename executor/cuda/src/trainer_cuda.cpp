@@ -367,6 +367,10 @@ AttentionKernel choose_attention(AttentionKernel asked, const ExecModel& model, 
 std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                                       const TrainOptions& options, const std::string& plan_source,
                                       const DeviceTrainOptions& device) {
+  if (model.config.moe.enabled()) {
+    throw InputError(plan_source, "/moe", "a dense model for the CUDA trainer",
+                     "a mixture of experts (routed experts train on the CPU backend so far)");
+  }
   if (!gpu_available()) {
     throw std::runtime_error("the CUDA trainer needs a CUDA device, and this process sees none");
   }

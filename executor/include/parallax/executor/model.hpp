@@ -113,6 +113,9 @@ struct MicroBatch {
   std::vector<std::int32_t> inputs;    // batch · seq tokens
   std::vector<std::int32_t> targets;   // batch · seq next tokens
   std::vector<std::int32_t> positions; // position of each row of this rank's activations
+  // The gradient scale of one token's loss (1 / tokens of the global batch): a mixture of
+  // experts' load-balancing loss is weighted like the token loss.
+  float loss_scale = 0;
 };
 
 // What one block keeps from its forward for its backward.

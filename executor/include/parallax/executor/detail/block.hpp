@@ -172,6 +172,78 @@ typename O::Tensor tp_reduce(const O& o, const TpContext& tp, typename O::Tensor
   return part;
 }
 
+// ---- the MLP sub-layer ----
+
+// A routed-expert (mixture-of-experts) layer needs the backend's expert ops; a backend without
+// them (CUDA, for now) refuses such models when it loads them.
+template <class O>
+concept RoutedExpertOps = requires(const O& o, const ExecModel& m, const BlockBuffers& b,
+                                   const TpContext& tp, const typename O::Batch& mb,
+                                   std::vector<typename O::Tensor>& t, typename O::Tensor& out,
+                                   typename O::In in) {
+  o.moe_forward(m, b, tp, mb, t, out);
+  o.moe_backward(m, b, tp, mb, t, in, out);
+};
+
+// Dense MLP of the rows in slot kLn2Full (a mixture's shared experts: the same weights),
+// output partial over tensor-parallel ranks, in `down`.
+template <BlockOps O>
+void dense_mlp_forward(const O& o, const ExecModel& m, const BlockBuffers& b,
+                       std::vector<typename O::Tensor>& t, Index n, typename O::Tensor& down) {
+  const Index f = o.param(b, m.llama() ? "mlp.wg" : "mlp.w1").cols;
+  t[kU] = o.make(n, f);
+  t[kAct] = o.make(n, f);
+  if (m.llama()) {
+    t[kUp] = o.make(n, f);
+    o.linear(t[kLn2Full], o.param(b, "mlp.wg"), typename O::In{}, t[kU]);
+    o.linear(t[kLn2Full], o.param(b, "mlp.wu"), typename O::In{}, t[kUp]);
+    o.swiglu_forward(t[kU], t[kUp], t[kAct]);
+  } else {
+    o.linear(t[kLn2Full], o.param(b, "mlp.w1"), opt_param(o, m, b, "mlp.b1"), t[kU]);
+    o.gelu_forward(t[kU], t[kAct]);
+  }
+  t[kAct] = o.gemm_input(std::move(t[kAct])); // only the w2 GEMM and its backward read it
+  o.linear(t[kAct], o.param(b, "mlp.w2"), typename O::In{}, down);
+}
+
+// Its backward: dln2_full = the input gradient (allocated here, once the activation's gradient
+// is done with the activation), weight gradients added.
+template <BlockOps O>
+void dense_mlp_backward(const O& o, const ExecModel& m, const BlockBuffers& b,
+                        std::vector<typename O::Tensor>& t, Index n, typename O::In dd_full,
+                        typename O::Tensor& dln2_full) {
+  using T = typename O::Tensor;
+  using Out = typename O::Out;
+  T dact = o.make(n, t[kAct].cols());
+  o.linear_grad(t[kAct], o.param(b, "mlp.w2"), dd_full, dact, o.grad(b, "mlp.w2"), Out{}, false);
+  t[kAct].release();
+  dln2_full = o.make(n, m.config.hidden_size);
+  if (m.llama()) {
+    T dgate = o.make(n, t[kU].cols());
+    T dup = o.make(n, t[kU].cols());
+    o.swiglu_backward(t[kU], t[kUp], dact, dgate, dup);
+    o.linear_grad(t[kLn2Full], o.param(b, "mlp.wg"), dgate, dln2_full, o.grad(b, "mlp.wg"), Out{},
+                  false);
+    o.linear_grad(t[kLn2Full], o.param(b, "mlp.wu"), dup, dln2_full, o.grad(b, "mlp.wu"), Out{},
+                  true);
+  } else {
+    T du = o.make(n, t[kU].cols());
+    o.gelu_backward(t[kU], dact, du);
+    o.linear_grad(t[kLn2Full], o.param(b, "mlp.w1"), du, dln2_full, o.grad(b, "mlp.w1"),
+                  opt_grad(o, m, b, "mlp.b1"), false);
+  }
+  t[kU].release();
+  t[kUp].release();
+}
+
+// A mixture of experts in this layer, and whether it also has a dense MLP (shared experts).
+inline bool moe_layer(const ExecModel& m, const BlockBuffers& b) {
+  return m.config.moe.is_moe_layer(b.layout->unit);
+}
+inline bool dense_mlp(const ExecModel& m, const BlockBuffers& b) {
+  return !moe_layer(m, b) || m.config.moe.shared_experts > 0;
+}
+
 // ---- the transformer layer ----
 
 // x [rows_local, h] → y. `keep` decides what the cache holds: everything, everything but the
@@ -212,26 +284,23 @@ typename O::Tensor layer_forward(const O& o, const ExecModel& m, const BlockBuff
   o.add(x, out, t[kX1]);
   out.release();
 
-  // MLP sub-layer.
+  // MLP sub-layer: a dense MLP, or a mixture of experts (its shared experts as the dense MLP).
   NormOut<T> ln2 = o.norm_forward(m, b, "ln2", t[kX1]);
   t[kLn2Mean] = std::move(ln2.mean);
   t[kLn2Rstd] = std::move(ln2.rstd);
   t[kLn2Full] = o.gemm_input(tp_gather(o, tp, std::move(ln2.y)));
-  const Index f = m.config.ffn_hidden_size / tp.size();
-  t[kU] = o.make(n, f);
-  t[kAct] = o.make(n, f);
-  if (m.llama()) {
-    t[kUp] = o.make(n, f);
-    o.linear(t[kLn2Full], o.param(b, "mlp.wg"), typename O::In{}, t[kU]);
-    o.linear(t[kLn2Full], o.param(b, "mlp.wu"), typename O::In{}, t[kUp]);
-    o.swiglu_forward(t[kU], t[kUp], t[kAct]);
-  } else {
-    o.linear(t[kLn2Full], o.param(b, "mlp.w1"), opt_param(o, m, b, "mlp.b1"), t[kU]);
-    o.gelu_forward(t[kU], t[kAct]);
-  }
-  t[kAct] = o.gemm_input(std::move(t[kAct])); // only the w2 GEMM and its backward read it
   T down = o.make(n, h);
-  o.linear(t[kAct], o.param(b, "mlp.w2"), typename O::In{}, down);
+  if (dense_mlp(m, b))
+    dense_mlp_forward(o, m, b, t, n, down);
+  if (moe_layer(m, b)) {
+    if constexpr (RoutedExpertOps<O>) {
+      if (!dense_mlp(m, b))
+        o.set_zero(down);
+      o.moe_forward(m, b, tp, mb, t, down); // adds the routed experts' outputs
+    } else {
+      PARALLAX_CHECK(false, "this backend has no routed-expert ops");
+    }
+  }
   down = tp_reduce(o, tp, std::move(down));
   if (m.config.bias)
     o.add_bias(down, o.param(b, "mlp.b2"));
@@ -254,7 +323,7 @@ typename O::Tensor layer_forward(const O& o, const ExecModel& m, const BlockBuff
 template <BlockOps O, class Cache>
 void layer_recompute(const O& o, const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
                      const typename O::Batch& mb, Cache& cache) {
-  PARALLAX_CHECK(cache.t.size() == kNumSlots && !cache.t[kX].empty(),
+  PARALLAX_CHECK(cache.t.size() >= kNumSlots && !cache.t[kX].empty(),
                  "layer backward without its forward");
   if (!cache.t[kX1].empty())
     return;
@@ -282,26 +351,20 @@ typename O::Tensor layer_backward(const O& o, const ExecModel& m, const BlockBuf
     o.bias_grad(dy, o.grad(b, "mlp.b2"));
   T dd_storage;
   const typename O::In dd_full = full_rows(o, tp, dy, dd_storage);
-  T dact = o.make(n, t[kAct].cols());
-  o.linear_grad(t[kAct], o.param(b, "mlp.w2"), dd_full, dact, o.grad(b, "mlp.w2"), Out{}, false);
-  t[kAct].release();
-  T dln2_full = o.make(n, h);
-  if (m.llama()) {
-    T dgate = o.make(n, t[kU].cols());
-    T dup = o.make(n, t[kU].cols());
-    o.swiglu_backward(t[kU], t[kUp], dact, dgate, dup);
-    o.linear_grad(t[kLn2Full], o.param(b, "mlp.wg"), dgate, dln2_full, o.grad(b, "mlp.wg"), Out{},
-                  false);
-    o.linear_grad(t[kLn2Full], o.param(b, "mlp.wu"), dup, dln2_full, o.grad(b, "mlp.wu"), Out{},
-                  true);
-  } else {
-    T du = o.make(n, t[kU].cols());
-    o.gelu_backward(t[kU], dact, du);
-    o.linear_grad(t[kLn2Full], o.param(b, "mlp.w1"), du, dln2_full, o.grad(b, "mlp.w1"),
-                  opt_grad(o, m, b, "mlp.b1"), false);
+  T dln2_full;
+  if (dense_mlp(m, b))
+    dense_mlp_backward(o, m, b, t, n, dd_full, dln2_full);
+  if (moe_layer(m, b)) {
+    if constexpr (RoutedExpertOps<O>) {
+      if (!dense_mlp(m, b)) {
+        dln2_full = o.make(n, h);
+        o.set_zero(dln2_full);
+      }
+      o.moe_backward(m, b, tp, mb, t, dd_full, dln2_full); // adds the routed part
+    } else {
+      PARALLAX_CHECK(false, "this backend has no routed-expert ops");
+    }
   }
-  t[kU].release();
-  t[kUp].release();
   t[kLn2Full].release();
   const T dln2 = tp_reduce(o, tp, std::move(dln2_full));
   T dx1 = o.copy(dy);

@@ -424,6 +424,8 @@ template <TrainerBackend B> MicroBatch TrainerCore<B>::micro_batch(std::int64_t 
   MicroBatch mb;
   mb.batch = plan_.micro_batch_size;
   mb.seq = c.seq_length;
+  mb.loss_scale =
+      static_cast<float>(1.0 / static_cast<double>(plan_.global_batch_size * c.seq_length));
   const std::int64_t base =
       samples_consumed_ + me_.dp * (m_ * plan_.micro_batch_size) + k * plan_.micro_batch_size;
   std::vector<std::int32_t> sample(static_cast<std::size_t>(mb.seq + 1));

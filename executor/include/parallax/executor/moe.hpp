@@ -1,0 +1,36 @@
+// The routed experts of a mixture-of-experts layer on the CPU (Eigen): router, top-k, the
+// experts' SwiGLU MLPs over the rows routed to them, the weighted combine, and the sequence-wise
+// load-balancing loss (Switch Transformer's α·E·Σ f_j·P_j per sequence, averaged over the global
+// batch like the token loss). Called by the transformer layer (detail/block.hpp) between the
+// MLP's tensor-parallel gather and reduce: the rows are the full (gathered) rows, the experts'
+// MLPs split over tensor-parallel ranks like a dense MLP (partial outputs, summed by the
+// layer's reduce). Shared experts are the layer's dense MLP (mlp.wg / wu / w2).
+#pragma once
+
+#include "parallax/executor/model.hpp"
+#include "parallax/executor/tensor.hpp"
+
+#include <vector>
+
+namespace parallax {
+
+// Cache slots beyond the dense layer's (block::kNumSlots): routing, then four per expert.
+inline constexpr std::size_t kMoeScores = 0;  // [rows, E] router scores (softmax or sigmoid)
+inline constexpr std::size_t kMoeChosen = 1;  // [rows, k] chosen experts (as floats)
+inline constexpr std::size_t kMoeWeights = 2; // [rows, k] their normalised weights
+inline constexpr std::size_t kMoeExpertSlots = 3;
+inline constexpr std::size_t kMoePerExpert = 4; // gate, up, activation, output of one expert
+
+// out (+)= the routed experts' contribution for the rows of x (ln2 output, full rows); fills
+// the slots from `first_slot` on.
+void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
+                 const MicroBatch& mb, const Tensor& x, std::vector<Tensor>& t,
+                 std::size_t first_slot, Tensor& out);
+// dx (+)= ∂/∂x of the routed part given dout (full rows), accumulating the experts' and the
+// router's gradients; the router's input gradient on tensor-parallel rank 0 only (dx is summed
+// over the group afterwards). Releases the slots.
+void moe_backward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
+                  const MicroBatch& mb, const Tensor& x, std::vector<Tensor>& t,
+                  std::size_t first_slot, ConstMatRef dout, Tensor& dx);
+
+} // namespace parallax
