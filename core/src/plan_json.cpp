@@ -49,12 +49,7 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   p.dp = static_cast<int>(r.integer("dp", 1, kMaxDegree));
   p.tp = static_cast<int>(r.integer("tp", 1, kMaxDegree));
   p.pp = static_cast<int>(r.integer("pp", 1, kMaxDegree));
-  p.ep = static_cast<int>(r.integer_or("ep", 1, 1, kMaxDegree));
-  if (p.dp % p.ep != 0) {
-    r.fail("ep",
-           fmt::format("a divisor of dp = {} (experts spread over data-parallel ranks)", p.dp),
-           std::to_string(p.ep));
-  }
+  p.ep = static_cast<int>(r.integer_or("ep", 1, 1, kMaxDegree)); // the rule: ep_problem
   p.zero_stage = static_cast<int>(r.integer_or("zero_stage", 0, 0, 3));
   p.micro_batch_size = r.integer_or("micro_batch_size", 1, 1, 1 << 20);
   p.global_batch_size = r.integer("global_batch_size", 1, std::int64_t{1} << 40);

@@ -105,9 +105,9 @@ TEST(ExpertParallel, FeasibilityAndPlanFile) {
   EXPECT_EQ(doc.at("ep"), 2);
   EXPECT_EQ(plan_from_json(doc, "p.json").ep, 2);
   EXPECT_FALSE(plan_to_json(moe_plan(4, 1)).contains("ep")); // dense plans' files unchanged
-  doc["ep"] = 3;
+  doc["ep"] = 3;                                             // does not divide dp = 4
   try {
-    plan_from_json(doc, "p.json");
+    plan_validate(plan_from_json(doc, "p.json"), moe, 4, "p.json");
     ADD_FAILURE() << "accepted";
   } catch (const InputError& e) {
     EXPECT_EQ(e.field(), "/ep");
