@@ -114,6 +114,25 @@ TEST(LayerGraphDot, CollapsedBlocksParseAndRenderWithExpectedCounts) {
   EXPECT_EQ(x.classes["cluster"], 2); // one per stage
 }
 
+TEST(LayerGraphDot, MoeLayersShowTheirExpertsPerRank) {
+  const LoadedModel model = model_load("moe-tiny");
+  Plan p;
+  p.dp = 4;
+  p.ep = 2;
+  p.global_batch_size = 8;
+  const std::string dot = layer_graph_dot(model.graph, p, {.expand_blocks = true});
+  // Three MoE layers, each with an up and a down expert GEMM layer.
+  std::size_t n = 0;
+  const std::string what = "4 of 8 experts per rank (top-2)";
+  for (std::size_t at = dot.find(what); at != std::string::npos; at = dot.find(what, at + 1)) {
+    ++n;
+  }
+  EXPECT_EQ(n, 6u);
+  XmlSummary x = parse_xml(dot_to_svg(dot));
+  ASSERT_EQ(x.error, "");
+  EXPECT_EQ(x.classes["node"], static_cast<int>(model.graph.num_layers()));
+}
+
 TEST(LayerGraphDot, ExpandedDrawsEveryLayerAndEdge) {
   const LoadedModel model = model_load("gpt-tiny");
   const std::string svg =

@@ -38,6 +38,16 @@ std::string split_text(const Layer& layer, int tp) {
   return fmt::format("{} ÷{}", split, tp);
 }
 
+// A layer's label: name, kind and split, routed experts per rank, memory.
+std::string layer_label(const Layer& l, const Plan& plan, const std::string& memory) {
+  const std::string experts = l.experts > 0
+                                  ? fmt::format("\n{} of {} experts per rank (top-{})",
+                                                l.experts / plan.ep, l.experts, l.experts_active)
+                                  : "";
+  return fmt::format("{}\n{} · {}{}{}", l.name, layer_kind_name(l.kind), split_text(l, plan.tp),
+                     experts, memory.empty() ? "" : "\n" + memory);
+}
+
 std::string memory_text(const LayerMemory& m) {
   std::string out;
   if (m.params > 0) {
@@ -149,9 +159,7 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
         }
         continue;
       }
-      const std::string label =
-          fmt::format("{}\n{} · {}{}", l.name, layer_kind_name(l.kind), split_text(l, plan.tp),
-                      memory_text(mem).empty() ? "" : "\n" + memory_text(mem));
+      const std::string label = layer_label(l, plan, memory_text(mem));
       if (l.block >= 0) {
         expanded_blocks[l.block].push_back(v);
         continue;
@@ -166,9 +174,7 @@ std::string layer_graph_dot(const LayerGraph& graph, const Plan& plan,
       for (auto v : vertices) {
         const Layer& l = g[v];
         const LayerMemory mem = layer_memory(l, plan);
-        const std::string label =
-            fmt::format("{}\n{} · {}{}", l.name, layer_kind_name(l.kind), split_text(l, plan.tp),
-                        memory_text(mem).empty() ? "" : "\n" + memory_text(mem));
+        const std::string label = layer_label(l, plan, memory_text(mem));
         out += fmt::format("      layer{} [fillcolor={}, label={}];\n", v, dot_quote(colour),
                            dot_quote(label));
       }
