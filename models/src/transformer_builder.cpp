@@ -83,6 +83,79 @@ private:
   LayerGraph& g_;
 };
 
+// A fused (flash) attention core: the s×s scores never reach memory; the backward recomputes
+// QKᵀ and the softmax from Q, K, V and the per-row log-sum-exp (fp32: two 16-bit elements per
+// head and token, `heads_s` = a·s of them).
+void fuse_attention(Layer& core, const ModelConfig& c, double fwd_flops, double softmax_flops,
+                    double qkv_elems, double heads_s) {
+  core.fused = true;
+  core.kernel = c.attention_impl == "flash2" ? FusedKernel::flash2 : FusedKernel::native;
+  core.fwd_flops = fwd_flops;
+  core.bwd_flops = 2.0 * core.fwd_flops;
+  core.bwd_extra_flops = core.gemms[0].flops() + softmax_flops;
+  core.fwd_mem_elems = 2.0 * qkv_elems;
+  core.saved_act_elems = qkv_elems + 2.0 * heads_s;
+}
+
+// Standard multi-head (grouped-query) attention: the QKV projection, the core, the output
+// projection (Megatron-LM's column / heads / row split).
+LayerGraph::Vertex add_attention(Builder& b, const ModelConfig& c, const std::string& p, int i,
+                                 LayerGraph::Vertex n1) {
+  const std::int64_t S = c.seq_length;
+  const std::int64_t H = c.hidden_size;
+  const std::int64_t A = c.num_attention_heads;
+  const std::int64_t D = c.head_dim();
+  const std::int64_t QW = A * D;              // width of Q (hidden_size unless head_dim is stated)
+  const std::int64_t KV = c.num_kv_heads * D; // width of K (and of V)
+  const double s = b.s();
+  const double sh = s * b.h();
+  const double as2 = static_cast<double>(A) * s * s;
+  Layer qkv = layer_make(p + "attn.qkv", LayerKind::linear, TpSplit::column, i, i);
+  qkv.output_shape = {S, QW + 2 * KV};
+  qkv.params = H * (QW + 2 * KV) + (c.bias ? QW + 2 * KV : 0) + (c.qk_norm ? 2 * D : 0);
+  qkv.gemms = {{1, S, QW + 2 * KV, H}};
+  qkv.fwd_flops = c.bias ? s * static_cast<double>(QW + 2 * KV) : 0.0;
+  qkv.bwd_flops = qkv.fwd_flops;
+  qkv.saved_act_elems = sh; // its input, for the weight gradient
+  qkv.tp_bwd_comm_elems = sh;
+  auto vqkv = b.add(std::move(qkv), {n1});
+
+  // Attention core: QKᵀ, softmax, dropout, ·V. It keeps Q, K and V for its backward.
+  Layer core = layer_make(p + "attn.core", LayerKind::attention, TpSplit::heads, i, i);
+  core.output_shape = {S, QW};
+  core.gemms = {{A, S, S, D}, {A, S, D, S}};
+  const double qkv_elems = s * static_cast<double>(QW) + 2.0 * s * static_cast<double>(KV);
+  const double softmax_flops = kSoftmaxFlopsPerElem * as2;
+  const double rope_flops =
+      (c.position_embedding == "rope" ? kRopeFlopsPerElem * s * static_cast<double>(QW + KV)
+                                      : 0.0) +
+      (c.qk_norm ? kRmsNormFlopsPerElem * s * static_cast<double>(QW + KV) : 0.0);
+  if (c.attention_impl == "flash" || c.attention_impl == "flash2") {
+    fuse_attention(core, c, softmax_flops + rope_flops, softmax_flops, qkv_elems,
+                   static_cast<double>(A) * s);
+  } else {
+    // Materialised scores: softmax output (and dropout output and mask) are kept; selective
+    // recomputation drops exactly these s² tensors (Korthikanti et al. 2022).
+    const double score_elems = c.dropout ? 2.0 * as2 : as2;
+    core.fwd_flops = softmax_flops + (c.dropout ? as2 : 0.0) + rope_flops;
+    core.bwd_flops = 2.0 * core.fwd_flops;
+    core.fwd_mem_elems = 4.0 * as2 + qkv_elems + sh;
+    core.saved_act_elems = qkv_elems + score_elems;
+    core.saved_mask_bytes = c.dropout ? as2 : 0.0;
+    core.selective_saved_elems = score_elems;
+    core.selective_recompute = true;
+  }
+  auto vcore = b.add(std::move(core), {vqkv});
+
+  Layer proj = layer_make(p + "attn.proj", LayerKind::linear, TpSplit::row, i, i);
+  proj.output_shape = {S, H};
+  proj.params = QW * H + (c.bias ? H : 0);
+  proj.gemms = {{1, S, H, QW}};
+  proj.saved_act_elems = s * static_cast<double>(QW);
+  proj.tp_fwd_comm_elems = sh;
+  return b.add(std::move(proj), {vcore});
+}
+
 // Multi-head latent attention (DeepSeek-V2/V3; shapes as in DeepSeek's modeling code): the
 // down-projections to the query and key/value latents are replicated over tensor-parallel ranks
 // (Megatron-Core's MLA), the up-projections column-parallel by heads, the output row-parallel.
@@ -95,6 +168,7 @@ LayerGraph::Vertex add_latent_attention(Builder& b, const ModelConfig& c, const 
   const std::int64_t QK = m.qk_nope_head_dim + m.qk_rope_head_dim; // query / key head width
   const double s = b.s();
   const double sh = s * b.h();
+  const double as2 = static_cast<double>(A) * s * s;
   const auto sx = [s](std::int64_t width) { return s * static_cast<double>(width); };
 
   // Queries: a rank-q_lora_rank bottleneck with its RMSNorm, or one projection.
@@ -139,19 +213,13 @@ LayerGraph::Vertex add_latent_attention(Builder& b, const ModelConfig& c, const 
 
   // Attention core over QK-wide queries and keys and v_head_dim-wide values, fused (flash).
   Layer core = layer_make(p + "attn.core", LayerKind::attention, TpSplit::heads, i, i);
-  const double as2 = static_cast<double>(A) * s * s;
   core.output_shape = {S, A * m.v_head_dim};
   core.gemms = {{A, S, S, QK}, {A, S, m.v_head_dim, S}};
   const double softmax_flops = kSoftmaxFlopsPerElem * as2;
   const double rope_flops = kRopeFlopsPerElem * sx((A + 1) * m.qk_rope_head_dim);
   const double qkv_elems = sx(2 * A * QK + A * m.v_head_dim);
-  core.fused = true;
-  core.kernel = c.attention_impl == "flash2" ? FusedKernel::flash2 : FusedKernel::native;
-  core.fwd_flops = softmax_flops + rope_flops;
-  core.bwd_flops = 2.0 * core.fwd_flops;
-  core.bwd_extra_flops = core.gemms[0].flops() + softmax_flops;
-  core.fwd_mem_elems = 2.0 * qkv_elems;
-  core.saved_act_elems = qkv_elems + 2.0 * static_cast<double>(A) * s;
+  fuse_attention(core, c, softmax_flops + rope_flops, softmax_flops, qkv_elems,
+                 static_cast<double>(A) * s);
   const LayerGraph::Vertex vcore = b.add(std::move(core), {vq, vkv});
 
   Layer proj = layer_make(p + "attn.proj", LayerKind::linear, TpSplit::row, i, i);
@@ -305,17 +373,12 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
 
   const std::int64_t S = c.seq_length;
   const std::int64_t H = c.hidden_size;
-  const std::int64_t A = c.num_attention_heads;
-  const std::int64_t D = c.head_dim();
-  const std::int64_t QW = A * D;              // width of Q (hidden_size unless head_dim is stated)
-  const std::int64_t KV = c.num_kv_heads * D; // width of K (and of V)
   const std::int64_t F = c.ffn_hidden_size;
   const std::int64_t V = c.vocab_size;
   const double s = static_cast<double>(S);
   const double h = static_cast<double>(H);
   const double sh = s * h;
   const double sf = s * static_cast<double>(F);
-  const double as2 = static_cast<double>(A) * s * s;
   const bool bert = c.family == ModelFamily::bert;
   const int last = c.num_layers - 1;
 
@@ -344,60 +407,7 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
     if (c.mla.enabled()) {
       vproj = add_latent_attention(b, c, p, i, n1);
     } else {
-      vproj = [&] {
-        Layer qkv = layer_make(p + "attn.qkv", LayerKind::linear, TpSplit::column, i, i);
-        qkv.output_shape = {S, QW + 2 * KV};
-        qkv.params = H * (QW + 2 * KV) + (c.bias ? QW + 2 * KV : 0) + (c.qk_norm ? 2 * D : 0);
-        qkv.gemms = {{1, S, QW + 2 * KV, H}};
-        qkv.fwd_flops = c.bias ? s * static_cast<double>(QW + 2 * KV) : 0.0;
-        qkv.bwd_flops = qkv.fwd_flops;
-        qkv.saved_act_elems = sh; // its input, for the weight gradient
-        qkv.tp_bwd_comm_elems = sh;
-        auto vqkv = b.add(std::move(qkv), {n1});
-
-        // Attention core: QKᵀ, softmax, dropout, ·V. It keeps Q, K and V for its backward.
-        Layer core = layer_make(p + "attn.core", LayerKind::attention, TpSplit::heads, i, i);
-        core.output_shape = {S, QW};
-        core.gemms = {{A, S, S, D}, {A, S, D, S}};
-        const double qkv_elems = s * static_cast<double>(QW) + 2.0 * s * static_cast<double>(KV);
-        const double softmax_flops = kSoftmaxFlopsPerElem * as2;
-        const double rope_flops =
-            (c.position_embedding == "rope" ? kRopeFlopsPerElem * s * static_cast<double>(QW + KV)
-                                            : 0.0) +
-            (c.qk_norm ? kRmsNormFlopsPerElem * s * static_cast<double>(QW + KV) : 0.0);
-        if (c.attention_impl == "flash" || c.attention_impl == "flash2") {
-          // Fused: the s×s scores never reach memory; the backward recomputes QKᵀ and the softmax
-          // from Q, K, V and the per-row log-sum-exp (fp32: two 16-bit elements per head and
-          // token).
-          core.fused = true;
-          core.kernel = c.attention_impl == "flash2" ? FusedKernel::flash2 : FusedKernel::native;
-          core.fwd_flops = softmax_flops + rope_flops;
-          core.bwd_flops = 2.0 * core.fwd_flops;
-          core.bwd_extra_flops = core.gemms[0].flops() + softmax_flops;
-          core.fwd_mem_elems = 2.0 * qkv_elems;
-          core.saved_act_elems = qkv_elems + 2.0 * static_cast<double>(A) * s;
-        } else {
-          // Materialised scores: softmax output (and dropout output and mask) are kept; selective
-          // recomputation drops exactly these s² tensors (Korthikanti et al. 2022).
-          const double score_elems = c.dropout ? 2.0 * as2 : as2;
-          core.fwd_flops = softmax_flops + (c.dropout ? as2 : 0.0) + rope_flops;
-          core.bwd_flops = 2.0 * core.fwd_flops;
-          core.fwd_mem_elems = 4.0 * as2 + qkv_elems + sh;
-          core.saved_act_elems = qkv_elems + score_elems;
-          core.saved_mask_bytes = c.dropout ? as2 : 0.0;
-          core.selective_saved_elems = score_elems;
-          core.selective_recompute = true;
-        }
-        auto vcore = b.add(std::move(core), {vqkv});
-
-        Layer proj = layer_make(p + "attn.proj", LayerKind::linear, TpSplit::row, i, i);
-        proj.output_shape = {S, H};
-        proj.params = QW * H + (c.bias ? H : 0);
-        proj.gemms = {{1, S, H, QW}};
-        proj.saved_act_elems = s * static_cast<double>(QW);
-        proj.tp_fwd_comm_elems = sh;
-        return b.add(std::move(proj), {vcore});
-      }();
+      vproj = add_attention(b, c, p, i, n1);
     }
     auto r1 = b.add(b.residual(p + "attn.residual", i, i), {vproj, x});
 
