@@ -8,30 +8,14 @@
 #include "parallax/simulator/cost_model.hpp"
 #include "parallax/simulator/unit_cost.hpp"
 
+#include "hand_cluster.hpp"
+
 #include <gtest/gtest.h>
 
 namespace parallax {
 namespace {
 
-// One node of 8 devices: intra-node links of 100 GB/s at 50% efficiency, no latency.
-Cluster hand_cluster(int gpus) {
-  Cluster c;
-  c.name = "hand";
-  c.device.name = "hand-gpu";
-  c.device.peak_tflops = {{Precision::bf16, 100.0}, {Precision::fp32, 50.0}};
-  c.device.memory_gib = 80;
-  c.device.memory_bandwidth_gbps = 1000;
-  c.device.gemm_efficiency = {{1e6, 0.1}, {1e12, 0.8}};
-  c.node.devices_per_node = 8;
-  c.node.intra_bandwidth_gbps = 100;
-  c.node.intra_latency_us = 0;
-  c.network.num_nodes = 1;
-  c.network.inter_bandwidth_gbps = 10;
-  c.network.inter_latency_us = 0;
-  c.collectives.intra = 0.5;
-  c.collectives.inter = 0.8;
-  return c.with_devices(gpus);
-}
+using test_support::hand_cluster;
 
 Plan moe_plan(int dp, int ep, int zero = 0) {
   return {.dp = dp,
