@@ -102,6 +102,15 @@ TEST(DotCheck, RejectsMalformedDotWithGraphvizMessage) {
   }
 }
 
+// How many times `what` occurs in `text`.
+std::size_t occurrences(const std::string& text, const std::string& what) {
+  std::size_t n = 0;
+  for (std::size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) {
+    ++n;
+  }
+  return n;
+}
+
 TEST(LayerGraphDot, CollapsedBlocksParseAndRenderWithExpectedCounts) {
   const LoadedModel model = model_load("gpt-tiny");
   const std::string dot = layer_graph_dot(model.graph, plan_222());
@@ -122,12 +131,7 @@ TEST(LayerGraphDot, MoeLayersShowTheirExpertsPerRank) {
   p.global_batch_size = 8;
   const std::string dot = layer_graph_dot(model.graph, p, {.expand_blocks = true});
   // Three MoE layers, each with an up and a down expert GEMM layer.
-  std::size_t n = 0;
-  const std::string what = "4 of 8 experts per rank (top-2)";
-  for (std::size_t at = dot.find(what); at != std::string::npos; at = dot.find(what, at + 1)) {
-    ++n;
-  }
-  EXPECT_EQ(n, 6u);
+  EXPECT_EQ(occurrences(dot, "4 of 8 experts per rank (top-2)"), 6u);
   XmlSummary x = parse_xml(dot_to_svg(dot));
   ASSERT_EQ(x.error, "");
   EXPECT_EQ(x.classes["node"], static_cast<int>(model.graph.num_layers()));
@@ -224,15 +228,8 @@ TEST(MeshDot, ExpertParallelGroupsAreDrawn) {
   const std::string dot = mesh_dot(p, cluster);
   // Replicas 0–1 and 2–3 each split the experts: two EP edges (dotted purple), the DP edge
   // between the groups, and the legend's EP entry.
-  const auto count = [&](const std::string& what) {
-    std::size_t n = 0;
-    for (std::size_t at = dot.find(what); at != std::string::npos; at = dot.find(what, at + 1)) {
-      ++n;
-    }
-    return n;
-  };
-  EXPECT_EQ(count("#756bb1"), 2u + 1u);
-  EXPECT_EQ(count("#31a354"), 1u + 1u);
+  EXPECT_EQ(occurrences(dot, "#756bb1"), 2u + 1u);
+  EXPECT_EQ(occurrences(dot, "#31a354"), 1u + 1u);
   EXPECT_NE(dot.find("experts 2/2 of EP group 1"), std::string::npos);
   XmlSummary x = parse_xml(dot_to_svg(dot));
   ASSERT_EQ(x.error, "");
