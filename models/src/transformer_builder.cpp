@@ -62,6 +62,18 @@ public:
     return l;
   }
 
+  // GELU, or SwiGLU's gate (two inputs), over `elems` elements per sequence.
+  Layer activation(std::string name, int unit, int block, std::vector<std::int64_t> shape,
+                   double elems, bool swiglu) const {
+    Layer l = layer_make(std::move(name), LayerKind::activation, TpSplit::column, unit, block);
+    l.output_shape = std::move(shape);
+    l.fwd_flops = (swiglu ? kSwigluFlopsPerElem : kGeluFlopsPerElem) * elems;
+    l.bwd_flops = 2.0 * l.fwd_flops;
+    l.fwd_mem_elems = (swiglu ? 3.0 : 2.0) * elems;
+    l.saved_act_elems = (swiglu ? 2.0 : 1.0) * elems;
+    return l;
+  }
+
   Layer residual(std::string name, int unit, int block) const {
     const double sh = s() * h();
     Layer l = layer_make(std::move(name), LayerKind::elementwise, TpSplit::sequence, unit, block);
@@ -285,14 +297,9 @@ LayerGraph::Vertex add_moe(Builder& b, const ModelConfig& c, const std::string& 
   up.experts_active = m.experts_per_token;
   const LayerGraph::Vertex vup = b.add(std::move(up), {vdispatch});
 
-  Layer act = layer_make(p + "moe.experts.act", LayerKind::activation, TpSplit::column, i, i);
-  act.output_shape = {E * T, F};
   const double rf = routed * static_cast<double>(F);
-  act.fwd_flops = kSwigluFlopsPerElem * rf;
-  act.bwd_flops = 2.0 * act.fwd_flops;
-  act.fwd_mem_elems = 3.0 * rf;
-  act.saved_act_elems = 2.0 * rf;
-  const LayerGraph::Vertex vact = b.add(std::move(act), {vup});
+  const LayerGraph::Vertex vact =
+      b.add(b.activation(p + "moe.experts.act", i, i, {E * T, F}, rf, true), {vup});
 
   Layer down = layer_make(p + "moe.experts.down", LayerKind::linear, TpSplit::row, i, i);
   down.output_shape = {E * T, H};
@@ -325,13 +332,8 @@ LayerGraph::Vertex add_moe(Builder& b, const ModelConfig& c, const std::string& 
     sup.saved_act_elems = sh;
     sup.tp_bwd_comm_elems = sh;
     const LayerGraph::Vertex vsup = b.add(std::move(sup), {input});
-    Layer sact = layer_make(p + "moe.shared.act", LayerKind::activation, TpSplit::column, i, i);
-    sact.output_shape = {S, FS};
-    sact.fwd_flops = kSwigluFlopsPerElem * sfs;
-    sact.bwd_flops = 2.0 * sact.fwd_flops;
-    sact.fwd_mem_elems = 3.0 * sfs;
-    sact.saved_act_elems = 2.0 * sfs;
-    const LayerGraph::Vertex vsact = b.add(std::move(sact), {vsup});
+    const LayerGraph::Vertex vsact =
+        b.add(b.activation(p + "moe.shared.act", i, i, {S, FS}, sfs, true), {vsup});
     Layer sdown = layer_make(p + "moe.shared.down", LayerKind::linear, TpSplit::row, i, i);
     sdown.output_shape = {S, H};
     sdown.params = FS * H;
@@ -426,13 +428,7 @@ LayerGraph transformer_build_graph(const ModelConfig& c) {
     up.tp_bwd_comm_elems = sh;
     auto vup = b.add(std::move(up), {n2});
 
-    Layer act = layer_make(p + "mlp.act", LayerKind::activation, TpSplit::column, i, i);
-    act.output_shape = {S, F};
-    act.fwd_flops = (swiglu ? kSwigluFlopsPerElem : kGeluFlopsPerElem) * sf;
-    act.bwd_flops = 2.0 * act.fwd_flops;
-    act.fwd_mem_elems = (swiglu ? 3.0 : 2.0) * sf;
-    act.saved_act_elems = (swiglu ? 2.0 : 1.0) * sf;
-    auto vact = b.add(std::move(act), {vup});
+    auto vact = b.add(b.activation(p + "mlp.act", i, i, {S, F}, sf, swiglu), {vup});
 
     Layer down = layer_make(p + "mlp.down", LayerKind::linear, TpSplit::row, i, i);
     down.output_shape = {S, H};
