@@ -96,18 +96,14 @@ struct CpuOps {
 
   void set_zero(Tensor& x) const { x.m().setZero(); }
   // Routed experts (executor/src/moe.cpp) over the rows of slot kLn2Full.
-  void moe_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
-                   const MicroBatch& mb, std::vector<Tensor>& t, Tensor& out) const {
-    t.resize(moe_slots(m)); // before taking a reference into t
-    parallax::moe_forward(m, b, tp, mb, t[block::kLn2Full], t, block::kNumSlots, out);
+  void moe_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& /*tp*/,
+                   const MicroBatch& /*mb*/, std::vector<Tensor>& t, Tensor& out) const {
+    t.resize(block::kNumSlots + moe_slot_count(m.config.moe)); // before referring into t
+    parallax::moe_forward(m, b, t[block::kLn2Full], t, block::kNumSlots, out);
   }
   void moe_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
                     const MicroBatch& mb, std::vector<Tensor>& t, In dout, Tensor& dx) const {
     parallax::moe_backward(m, b, tp, mb, t[block::kLn2Full], t, block::kNumSlots, dout, dx);
-  }
-  static std::size_t moe_slots(const ExecModel& m) {
-    return block::kNumSlots + kMoeExpertSlots +
-           kMoePerExpert * static_cast<std::size_t>(m.config.moe.num_experts);
   }
 
   // Attention keeps its probabilities (kProbs) unless told otherwise.

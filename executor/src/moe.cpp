@@ -48,14 +48,13 @@ Tensor gather_rows(ConstMatRef x, const std::vector<Index>& rows) {
 
 } // namespace
 
-void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& /*tp*/,
-                 const MicroBatch& /*mb*/, const Tensor& x, std::vector<Tensor>& t,
-                 std::size_t first, Tensor& out) {
+void moe_forward(const ExecModel& model, const BlockBuffers& b, const Tensor& x,
+                 std::vector<Tensor>& t, std::size_t first, Tensor& out) {
   const MoeConfig& moe = model.config.moe;
   const int E = moe.num_experts;
   const int k = moe.experts_per_token;
   const Index n = x.rows();
-  PARALLAX_CHECK(t.size() >= first + kMoeExpertSlots + kMoePerExpert * static_cast<std::size_t>(E),
+  PARALLAX_CHECK(t.size() >= first + moe_slot_count(moe),
                  "MoE forward: the cache has no room for the experts");
 
   // Router: scores over the experts, the k best per row, their weights normalised to sum 1.
@@ -95,7 +94,7 @@ void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext&
   const std::vector<Routed> routed = routing(chosen, E);
   for (int j = 0; j < E; ++j) {
     const Routed& r = routed[static_cast<std::size_t>(j)];
-    const std::size_t s0 = first + kMoeExpertSlots + kMoePerExpert * static_cast<std::size_t>(j);
+    const std::size_t s0 = moe_expert_slot(first, j);
     if (r.rows.empty())
       continue;
     const Tensor xj = gather_rows(x, r.rows);
@@ -132,8 +131,7 @@ void moe_backward(const ExecModel& model, const BlockBuffers& b, const TpContext
   const int E = moe.num_experts;
   const int k = moe.experts_per_token;
   const Index n = x.rows();
-  PARALLAX_CHECK(t.size() >= first + kMoeExpertSlots + kMoePerExpert * static_cast<std::size_t>(E),
-                 "MoE backward without its forward");
+  PARALLAX_CHECK(t.size() >= first + moe_slot_count(moe), "MoE backward without its forward");
   const Tensor& scores = t[first + kMoeScores];
   const Tensor& weights = t[first + kMoeWeights];
   const std::vector<Routed> routed = routing(t[first + kMoeChosen], E);
@@ -143,7 +141,7 @@ void moe_backward(const ExecModel& model, const BlockBuffers& b, const TpContext
   Tensor dweights(n, k); // zeros
   for (int j = 0; j < E; ++j) {
     const Routed& r = routed[static_cast<std::size_t>(j)];
-    const std::size_t s0 = first + kMoeExpertSlots + kMoePerExpert * static_cast<std::size_t>(j);
+    const std::size_t s0 = moe_expert_slot(first, j);
     if (r.rows.empty())
       continue;
     const Index rows = static_cast<Index>(r.rows.size());

@@ -21,11 +21,18 @@ inline constexpr std::size_t kMoeWeights = 2; // [rows, k] their normalised weig
 inline constexpr std::size_t kMoeExpertSlots = 3;
 inline constexpr std::size_t kMoePerExpert = 4; // gate, up, activation, output of one expert
 
+// The MoE slots past `first`, and the first slot of expert j.
+inline std::size_t moe_slot_count(const MoeConfig& moe) {
+  return kMoeExpertSlots + kMoePerExpert * static_cast<std::size_t>(moe.num_experts);
+}
+inline std::size_t moe_expert_slot(std::size_t first, int j) {
+  return first + kMoeExpertSlots + kMoePerExpert * static_cast<std::size_t>(j);
+}
+
 // out (+)= the routed experts' contribution for the rows of x (ln2 output, full rows); fills
-// the slots from `first_slot` on.
-void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
-                 const MicroBatch& mb, const Tensor& x, std::vector<Tensor>& t,
-                 std::size_t first_slot, Tensor& out);
+// the slots from `first_slot` on (t holds at least first_slot + moe_slot_count of them).
+void moe_forward(const ExecModel& model, const BlockBuffers& b, const Tensor& x,
+                 std::vector<Tensor>& t, std::size_t first_slot, Tensor& out);
 // dx (+)= ∂/∂x of the routed part given dout (full rows), accumulating the experts' and the
 // router's gradients; the router's input gradient on tensor-parallel rank 0 only (dx is summed
 // over the group afterwards). Releases the slots.
