@@ -47,7 +47,8 @@ struct PlanFlags {
   bool json = false;
   bool explain = false;
   std::string out;
-  int tp = 0, pp = 0, dp = 0, ep = 0, zero = -1, virtual_stages = 0;
+  int tp = 0, pp = 0, dp = 0, ep = 0, cp = 0, zero = -1, virtual_stages = 0;
+  std::string cp_comm;
   std::int64_t micro_batch = 0;
   std::string schedule, recompute, sequence_parallel, precision, grad_sync, overlap_grad_reduce;
   std::string objective = "throughput";
@@ -67,6 +68,9 @@ PlanPins pins_from(const PlanFlags& f) {
     p.dp = f.dp;
   if (f.ep > 0)
     p.ep = f.ep;
+  if (f.cp > 0)
+    p.cp = f.cp;
+  p.cp_comm = parse_choice<CpComm>("--cp-comm", f.cp_comm, kCpCommNames);
   if (f.zero >= 0)
     p.zero_stage = f.zero;
   if (f.micro_batch > 0)
@@ -294,6 +298,11 @@ Run register_plan(CLI::App& app) {
                   "Pin expert-parallel size (mixture-of-experts models; divides dp and the "
                   "experts)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--cp", f->cp,
+                  "Pin context-parallel size (each sequence split over cp ranks in 2·cp chunks)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--cp-comm", f->cp_comm,
+                  "Pin how context-parallel ranks exchange K/V: p2p (ring), all_gather");
   cmd->add_option("--zero", f->zero, "Pin ZeRO stage")->check(CLI::Range(0, 3));
   cmd->add_option("--micro-batch", f->micro_batch, "Pin micro-batch size")
       ->check(CLI::PositiveNumber);

@@ -18,21 +18,25 @@ std::string_view recompute_name(Recompute r) {
 std::string_view grad_sync_name(GradSync g) {
   return enum_name(kGradSyncNames, g);
 }
+std::string_view cp_comm_name(CpComm c) {
+  return enum_name(kCpCommNames, c);
+}
 
 RankCoords rank_coords(const Plan& plan, int rank) {
   PARALLAX_CHECK(rank >= 0 && rank < plan.world_size(), "rank out of range");
   RankCoords c;
   c.tp = rank % plan.tp;
-  c.dp = (rank / plan.tp) % plan.dp;
-  c.pp = rank / (plan.tp * plan.dp);
+  c.cp = (rank / plan.tp) % plan.cp;
+  c.dp = (rank / (plan.tp * plan.cp)) % plan.dp;
+  c.pp = rank / (plan.tp * plan.cp * plan.dp);
   return c;
 }
 
 int rank_of(const Plan& plan, RankCoords c) {
   PARALLAX_CHECK(c.tp >= 0 && c.tp < plan.tp && c.dp >= 0 && c.dp < plan.dp && c.pp >= 0 &&
-                     c.pp < plan.pp,
+                     c.pp < plan.pp && c.cp >= 0 && c.cp < plan.cp,
                  "coordinates out of range");
-  return c.tp + plan.tp * (c.dp + plan.dp * c.pp);
+  return c.tp + plan.tp * (c.cp + plan.cp * (c.dp + plan.dp * c.pp));
 }
 
 DeviceSlot rank_device(int rank, int devices_per_node) {
@@ -44,7 +48,7 @@ std::vector<int> tp_group(const Plan& plan, int rank) {
   RankCoords c = rank_coords(plan, rank);
   std::vector<int> out;
   for (int i = 0; i < plan.tp; ++i) {
-    out.push_back(rank_of(plan, {c.dp, c.pp, i}));
+    out.push_back(rank_of(plan, {c.dp, c.pp, i, c.cp}));
   }
   return out;
 }
@@ -53,7 +57,27 @@ std::vector<int> dp_group(const Plan& plan, int rank) {
   RankCoords c = rank_coords(plan, rank);
   std::vector<int> out;
   for (int i = 0; i < plan.dp; ++i) {
-    out.push_back(rank_of(plan, {i, c.pp, c.tp}));
+    out.push_back(rank_of(plan, {i, c.pp, c.tp, c.cp}));
+  }
+  return out;
+}
+
+std::vector<int> cp_group(const Plan& plan, int rank) {
+  RankCoords c = rank_coords(plan, rank);
+  std::vector<int> out;
+  for (int i = 0; i < plan.cp; ++i) {
+    out.push_back(rank_of(plan, {c.dp, c.pp, c.tp, i}));
+  }
+  return out;
+}
+
+std::vector<int> dp_cp_group(const Plan& plan, int rank) {
+  RankCoords c = rank_coords(plan, rank);
+  std::vector<int> out;
+  for (int d = 0; d < plan.dp; ++d) {
+    for (int i = 0; i < plan.cp; ++i) {
+      out.push_back(rank_of(plan, {d, c.pp, c.tp, i}));
+    }
   }
   return out;
 }
@@ -62,7 +86,28 @@ std::vector<int> pp_group(const Plan& plan, int rank) {
   RankCoords c = rank_coords(plan, rank);
   std::vector<int> out;
   for (int i = 0; i < plan.pp; ++i) {
-    out.push_back(rank_of(plan, {c.dp, i, c.tp}));
+    out.push_back(rank_of(plan, {c.dp, i, c.tp, c.cp}));
+  }
+  return out;
+}
+
+std::vector<int> ep_group(const Plan& plan, int rank) {
+  RankCoords c = rank_coords(plan, rank);
+  std::vector<int> out;
+  const int first = c.dp - c.dp % plan.ep;
+  for (int i = 0; i < plan.ep; ++i) {
+    out.push_back(rank_of(plan, {first + i, c.pp, c.tp, c.cp}));
+  }
+  return out;
+}
+
+std::vector<int> expert_dp_group(const Plan& plan, int rank) {
+  RankCoords c = rank_coords(plan, rank);
+  std::vector<int> out;
+  for (int d = c.dp % plan.ep; d < plan.dp; d += plan.ep) {
+    for (int i = 0; i < plan.cp; ++i) {
+      out.push_back(rank_of(plan, {d, c.pp, c.tp, i}));
+    }
   }
   return out;
 }
@@ -84,7 +129,10 @@ std::string plan_label(const Plan& p) {
   if (p.schedule == Schedule::interleaved) {
     sched += fmt::format("(v={})", p.virtual_stages);
   }
-  const std::string ep = p.ep > 1 ? fmt::format(" ep{}", p.ep) : "";
+  std::string ep = p.ep > 1 ? fmt::format(" ep{}", p.ep) : "";
+  if (p.cp > 1) {
+    ep += fmt::format(" cp{}{}", p.cp, p.cp_comm == CpComm::all_gather ? "(ag)" : "");
+  }
   return fmt::format("dp{}{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, ep, p.tp, p.pp,
                      p.zero_stage, p.micro_batch_size, sched, recompute_name(p.recompute),
                      p.sequence_parallel ? "on" : "off", precision_name(p.precision));

@@ -41,15 +41,18 @@ std::vector<StageRange> stages_from_json(const JsonReader& root) {
 
 Plan plan_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
-  r.reject_unknown({"dp", "tp", "pp", "ep", "zero_stage", "micro_batch_size", "global_batch_size",
-                    "schedule", "virtual_stages", "recompute", "sequence_parallel", "precision",
-                    "grad_sync", "overlap_grad_reduce", "stages", "stack"});
+  r.reject_unknown({"dp", "tp", "pp", "ep", "cp", "cp_comm", "zero_stage", "micro_batch_size",
+                    "global_batch_size", "schedule", "virtual_stages", "recompute",
+                    "sequence_parallel", "precision", "grad_sync", "overlap_grad_reduce", "stages",
+                    "stack"});
   constexpr std::int64_t kMaxDegree = 1 << 20;
   Plan p;
   p.dp = static_cast<int>(r.integer("dp", 1, kMaxDegree));
   p.tp = static_cast<int>(r.integer("tp", 1, kMaxDegree));
   p.pp = static_cast<int>(r.integer("pp", 1, kMaxDegree));
   p.ep = static_cast<int>(r.integer_or("ep", 1, 1, kMaxDegree)); // the rule: ep_problem
+  p.cp = static_cast<int>(r.integer_or("cp", 1, 1, kMaxDegree)); // the rule: cp_problem
+  p.cp_comm = *enum_from_name<CpComm>(kCpCommNames, r.choice_or("cp_comm", kCpCommNames, "p2p"));
   p.zero_stage = static_cast<int>(r.integer_or("zero_stage", 0, 0, 3));
   p.micro_batch_size = r.integer_or("micro_batch_size", 1, 1, 1 << 20);
   p.global_batch_size = r.integer("global_batch_size", 1, std::int64_t{1} << 40);
@@ -67,8 +70,8 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   p.overlap_grad_reduce = r.boolean_or("overlap_grad_reduce", true);
   p.stack = r.string_or("stack", "");
 
-  if (static_cast<std::int64_t>(p.dp) * p.tp * p.pp > kMaxDegree) {
-    r.fail("dp", "dp·tp·pp <= 1048576", fmt::format("{}·{}·{}", p.dp, p.tp, p.pp));
+  if (static_cast<std::int64_t>(p.dp) * p.cp * p.tp * p.pp > kMaxDegree) {
+    r.fail("dp", "dp·cp·tp·pp <= 1048576", fmt::format("{}·{}·{}·{}", p.dp, p.cp, p.tp, p.pp));
   }
   if (p.global_batch_size % (static_cast<std::int64_t>(p.dp) * p.micro_batch_size) != 0) {
     r.fail("global_batch_size",
@@ -116,6 +119,10 @@ Json plan_to_json(const Plan& p) {
               {"grad_sync", std::string(grad_sync_name(p.grad_sync))}};
   if (p.ep > 1) { // written only when it departs from the default
     doc["ep"] = p.ep;
+  }
+  if (p.cp > 1) {
+    doc["cp"] = p.cp;
+    doc["cp_comm"] = std::string(cp_comm_name(p.cp_comm));
   }
   if (!p.overlap_grad_reduce) { // written only when it departs from the default
     doc["overlap_grad_reduce"] = false;
@@ -176,18 +183,34 @@ std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp, int ep) {
   return std::nullopt;
 }
 
+std::optional<PlanProblem> cp_problem(const GraphInfo& info, int cp) {
+  if (cp == 1) {
+    return std::nullopt;
+  }
+  if (info.seq_length % (2 * static_cast<std::int64_t>(cp)) != 0) {
+    return PlanProblem{
+        "/cp",
+        fmt::format("a cp whose 2·cp chunks divide the sequence of {} tokens", info.seq_length),
+        std::to_string(cp), "causal load balancing splits it into 2·cp chunks"};
+  }
+  return std::nullopt;
+}
+
 std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, int world_size) {
   const GraphInfo& info = graph.info();
   if (p.world_size() != world_size) {
-    return PlanProblem{"/dp", fmt::format("dp·tp·pp equal to the GPU count {}", world_size),
-                       fmt::format("{}·{}·{} = {}", p.dp, p.tp, p.pp, p.world_size()),
-                       "change dp, tp or pp, or --gpus"};
+    return PlanProblem{"/dp", fmt::format("dp·cp·tp·pp equal to the GPU count {}", world_size),
+                       fmt::format("{}·{}·{}·{} = {}", p.dp, p.cp, p.tp, p.pp, p.world_size()),
+                       "change dp, cp, tp or pp, or --gpus"};
   }
   if (auto tp = tp_problem(info, p.tp)) {
     return tp;
   }
   if (auto ep = ep_problem(info, p.dp, p.ep)) {
     return ep;
+  }
+  if (auto cp = cp_problem(info, p.cp)) {
+    return cp;
   }
   const int units = graph.num_units();
   const int chunks = p.pp * p.virtual_stages;
@@ -207,12 +230,12 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
                                    p.num_microbatches(), p.pp),
                        std::to_string(p.global_batch_size), ""};
   }
-  if (p.sequence_parallel && (p.micro_batch_size * info.seq_length) % p.tp != 0) {
+  if (p.sequence_parallel && (p.micro_batch_size * info.seq_length / p.cp) % p.tp != 0) {
     return PlanProblem{"/sequence_parallel",
-                       fmt::format("micro_batch_size × seq_length divisible by tp = {}", p.tp),
+                       fmt::format("micro_batch_size × seq_length / cp divisible by tp = {}", p.tp),
                        "true", ""};
   }
-  if (p.grad_sync == GradSync::parameter_server && p.zero_stage != 0 && p.dp > 1) {
+  if (p.grad_sync == GradSync::parameter_server && p.zero_stage != 0 && p.dp_cp() > 1) {
     return PlanProblem{"/grad_sync",
                        "\"allreduce\", \"tree\" or \"hierarchical\" with ZeRO (a parameter "
                        "server holds the whole optimizer state)",

@@ -302,7 +302,7 @@ std::string StepOp::name() const {
 }
 
 DataParallelComm data_parallel_comm(const Plan& plan, bool reshard_after_forward) {
-  if (plan.dp <= 1) {
+  if (plan.dp_cp() <= 1) {
     return {};
   }
   const bool server = plan.grad_sync == GradSync::parameter_server;

@@ -117,10 +117,11 @@ static_assert(detail::TrainerBackend<CpuBackend>);
 void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size,
                         const std::string& plan_source) {
   if (plan.world_size() != world_size) {
-    throw InputError(plan_source, "/dp",
-                     fmt::format("dp·tp·pp equal to the number of processes ({})", world_size),
-                     fmt::format("{}·{}·{} = {}", plan.dp, plan.tp, plan.pp, plan.world_size()),
-                     fmt::format("launch with mpirun -np {}", plan.world_size()));
+    throw InputError(
+        plan_source, "/dp",
+        fmt::format("dp·cp·tp·pp equal to the number of processes ({})", world_size),
+        fmt::format("{}·{}·{}·{} = {}", plan.dp, plan.cp, plan.tp, plan.pp, plan.world_size()),
+        fmt::format("launch with mpirun -np {}", plan.world_size()));
   }
   // The rest is the one feasibility rule every part of Parallax applies.
   plan_validate(plan, transformer_build_graph(model.config), world_size, plan_source);
@@ -129,6 +130,12 @@ void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size
                      "1: the executor holds every expert on each data-parallel rank (expert "
                      "parallelism is planned and simulated, not yet executed)",
                      std::to_string(plan.ep), "plan with --ep 1 to train");
+  }
+  if (plan.cp > 1) {
+    throw InputError(plan_source, "/cp",
+                     "1: the executor runs every sequence whole on a rank (context parallelism "
+                     "is planned and simulated, not yet executed)",
+                     std::to_string(plan.cp), "plan with --cp 1 to train");
   }
 }
 

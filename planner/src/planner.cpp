@@ -44,6 +44,20 @@ std::vector<int> expert_parallel_sizes(const GraphInfo& info, int dp) {
   return out;
 }
 
+// Context-parallel degrees worth trying on `ranks` model-parallel-free ranks: those whose 2·cp
+// chunks split the sequence and leave each rank at least kMinContextTokens tokens of it (below
+// that the K/V exchange of a ring step outweighs its attention block on any current device).
+std::vector<int> context_parallel_sizes(const GraphInfo& info, int ranks) {
+  constexpr std::int64_t kMinContextTokens = 2048;
+  std::vector<int> out;
+  for (int cp : divisors(ranks, ranks)) {
+    if (cp == 1 || (!cp_problem(info, cp) && info.seq_length / cp >= kMinContextTokens)) {
+      out.push_back(cp);
+    }
+  }
+  return out;
+}
+
 template <class T> std::vector<T> pinned_or(const std::optional<T>& pin, std::vector<T> all) {
   if (pin) {
     return {*pin};
@@ -202,47 +216,60 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
       if ((gpus / tp) % pp != 0 || pp > units) {
         continue;
       }
-      const int dp = gpus / (tp * pp);
-      if ((pins.dp && *pins.dp != dp) || req.global_batch_size % dp != 0) {
-        continue;
-      }
-      const std::int64_t local = req.global_batch_size / dp;
-      for (std::int64_t mb : pinned_or<std::int64_t>(pins.micro_batch_size, [&] {
-             auto d = divisors(local, 1 << 16);
-             return std::vector<std::int64_t>(d.begin(), d.end());
-           }())) {
-        if (local % mb != 0) {
+      for (int cp : pinned_or(pins.cp, context_parallel_sizes(info, gpus / (tp * pp)))) {
+        if ((gpus / (tp * pp)) % cp != 0) {
           continue;
         }
-        for (auto [schedule, v] : schedules_for(pins, pp, units, local / mb)) {
-          for (int ep : pinned_or(pins.ep, expert_parallel_sizes(info, dp))) {
-            for (int zero : pinned_or(pins.zero_stage, dp > 1 ? std::vector<int>{0, 1, 2, 3}
-                                                              : std::vector<int>{0})) {
-              for (Recompute rc : pinned_or(pins.recompute, recomputes)) {
-                for (bool sp :
-                     pinned_or(pins.sequence_parallel, tp > 1 ? std::vector<bool>{false, true}
-                                                              : std::vector<bool>{false})) {
-                  Plan p{.dp = dp,
-                         .tp = tp,
-                         .pp = pp,
-                         .ep = ep,
-                         .zero_stage = zero,
-                         .micro_batch_size = mb,
-                         .global_batch_size = req.global_batch_size,
-                         .schedule = schedule,
-                         .virtual_stages = v,
-                         .recompute = rc,
-                         .sequence_parallel = sp,
-                         .precision = precision,
-                         .grad_sync = pins.grad_sync.value_or(GradSync::allreduce),
-                         .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(
-                             req.stack.overlaps_grad_reduce(zero)),
-                         .stack = req.stack.name};
-                  // The one feasibility rule (core plan_problem): what is proposed trains.
-                  if (plan_problem(p, graph, gpus)) {
-                    continue;
+        const int dp = gpus / (tp * pp * cp);
+        if ((pins.dp && *pins.dp != dp) || req.global_batch_size % dp != 0) {
+          continue;
+        }
+        const std::vector<CpComm> cp_comms =
+            cp > 1 ? pinned_or(pins.cp_comm, {CpComm::p2p, CpComm::all_gather})
+                   : std::vector<CpComm>{CpComm::p2p};
+        const std::int64_t local = req.global_batch_size / dp;
+        for (std::int64_t mb : pinned_or<std::int64_t>(pins.micro_batch_size, [&] {
+               auto d = divisors(local, 1 << 16);
+               return std::vector<std::int64_t>(d.begin(), d.end());
+             }())) {
+          if (local % mb != 0) {
+            continue;
+          }
+          for (auto [schedule, v] : schedules_for(pins, pp, units, local / mb)) {
+            for (int ep : pinned_or(pins.ep, expert_parallel_sizes(info, dp))) {
+              for (CpComm cp_comm : cp_comms) {
+                for (int zero :
+                     pinned_or(pins.zero_stage,
+                               dp * cp > 1 ? std::vector<int>{0, 1, 2, 3} : std::vector<int>{0})) {
+                  for (Recompute rc : pinned_or(pins.recompute, recomputes)) {
+                    for (bool sp :
+                         pinned_or(pins.sequence_parallel, tp > 1 ? std::vector<bool>{false, true}
+                                                                  : std::vector<bool>{false})) {
+                      Plan p{.dp = dp,
+                             .tp = tp,
+                             .pp = pp,
+                             .ep = ep,
+                             .cp = cp,
+                             .cp_comm = cp_comm,
+                             .zero_stage = zero,
+                             .micro_batch_size = mb,
+                             .global_batch_size = req.global_batch_size,
+                             .schedule = schedule,
+                             .virtual_stages = v,
+                             .recompute = rc,
+                             .sequence_parallel = sp,
+                             .precision = precision,
+                             .grad_sync = pins.grad_sync.value_or(GradSync::allreduce),
+                             .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(
+                                 req.stack.overlaps_grad_reduce(zero)),
+                             .stack = req.stack.name};
+                      // The one feasibility rule (core plan_problem): what is proposed trains.
+                      if (plan_problem(p, graph, gpus)) {
+                        continue;
+                      }
+                      consider(st, model, stages, std::move(p), gpus);
+                    }
                   }
-                  consider(st, model, stages, std::move(p), gpus);
                 }
               }
             }

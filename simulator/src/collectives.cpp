@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <map>
 
 namespace parallax {
 
@@ -202,16 +205,41 @@ GroupSpan tp_span(const Plan& p, const Cluster& c) {
   return group_span(p.tp, 1, c.node.devices_per_node);
 }
 
+GroupSpan ranks_span(const std::vector<int>& ranks, int devices_per_node) {
+  PARALLAX_CHECK(!ranks.empty() && devices_per_node >= 1, "bad group geometry");
+  if (ranks.size() == 1) {
+    return {1, 1, 1, 1};
+  }
+  std::map<int, int> per_node;
+  int stride = std::numeric_limits<int>::max();
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    ++per_node[ranks[i] / devices_per_node];
+    if (i > 0) {
+      stride = std::min(stride, std::abs(ranks[i] - ranks[i - 1]));
+    }
+  }
+  int most = 0;
+  for (const auto& [node, count] : per_node) {
+    most = std::max(most, count);
+  }
+  return {static_cast<int>(ranks.size()), most, static_cast<int>(per_node.size()), stride};
+}
+
 GroupSpan dp_span(const Plan& p, const Cluster& c) {
-  return group_span(p.dp, p.tp, c.node.devices_per_node);
+  // The dp·cp ranks are contiguous at stride t (cp fastest after tp).
+  return group_span(p.dp_cp(), p.tp, c.node.devices_per_node);
+}
+
+GroupSpan cp_span(const Plan& p, const Cluster& c) {
+  return group_span(p.cp, p.tp, c.node.devices_per_node);
 }
 
 GroupSpan ep_span(const Plan& p, const Cluster& c) {
-  return group_span(p.ep, p.tp, c.node.devices_per_node);
+  return group_span(p.ep, p.tp * p.cp, c.node.devices_per_node);
 }
 
 GroupSpan expert_dp_span(const Plan& p, const Cluster& c) {
-  return group_span(p.dp / p.ep, p.tp * p.ep, c.node.devices_per_node);
+  return ranks_span(expert_dp_group(p, 0), c.node.devices_per_node);
 }
 
 CollectiveCost data_parallel_cost(const Cluster& cluster, const Plan& plan, Collective kind,
@@ -228,7 +256,7 @@ CollectiveCost data_parallel_cost(const Cluster& cluster, const Plan& plan, Coll
 }
 
 GroupSpan pp_hop_span(const Plan& p, const Cluster& c) {
-  const int stride = p.tp * p.dp;
+  const int stride = p.tp * p.cp * p.dp;
   return stride < c.node.devices_per_node ? GroupSpan{2, 2, 1, stride} : GroupSpan{2, 1, 2, stride};
 }
 

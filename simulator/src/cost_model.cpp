@@ -119,7 +119,7 @@ double grad_element_bytes(const Plan& p, const Stack& stack) {
 }
 
 ParamStateBytes param_state_bytes(const Plan& p, const Stack& stack) {
-  const double d = p.dp;
+  const double d = p.dp_cp();
   const double w_bytes = precision_storage_bytes(p.precision);
   return {.params = w_bytes / (p.zero_stage >= 3 ? d : 1),
           .grads = grad_element_bytes(p, stack) / (p.zero_stage >= 2 ? d : 1),
@@ -131,8 +131,8 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
   const double w_bytes = precision_storage_bytes(p.precision);
   const ParamStateBytes per_param = param_state_bytes(p, stack_);
   MemoryBreakdown m;
-  // ZeRO shards a routed expert's state over the dp / ep ranks holding that expert, not over
-  // dp: as if the rank held ep times its experts, sharded over dp.
+  // ZeRO shards a routed expert's state over the dp·cp / ep ranks holding that expert, not over
+  // dp·cp: as if the rank held ep times its experts, sharded over dp·cp.
   const auto zero_sharded = [&](int from_stage) {
     return p.zero_stage >= from_stage ? r.params + r.expert_params * (p.ep - 1) : r.params;
   };
@@ -146,7 +146,7 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
   // Gradient buckets are views of the flat gradient buffer, reduced in place (Megatron-LM's
   // contiguous buffer, Parallax's executor): no extra bucket memory.
   double buffers = 0;
-  const bool sharded = p.dp > 1 && p.zero_stage == 3;
+  const bool sharded = p.dp_cp() > 1 && p.zero_stage == 3;
   // Under ZeRO-3 the gathered layers: the one in use, those prefetched and those the stack's
   // allocator has not reused yet; or, when the forward keeps them for the backward, all of the
   // rank's layers.
@@ -166,9 +166,10 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
   m.buffers = buffers;
   m.allocator = allocator_slack_bytes({m.params, m.grads, m.optimizer, m.buffers}, m.activations);
   if (cluster_->device.kind == "gpu") {
-    // Communicators a rank joins: its TP, DP and pipeline groups, and the tied-embedding group
-    // between the first and last stages.
-    const int communicators = (p.tp > 1 ? 1 : 0) + (p.dp > 1 ? 1 : 0) + (p.pp > 1 ? 1 : 0) +
+    // Communicators a rank joins: its TP, DP·CP, CP, EP and expert-DP, and pipeline groups, and
+    // the tied-embedding group between the first and last stages.
+    const int communicators = (p.tp > 1 ? 1 : 0) + (p.dp_cp() > 1 ? 1 : 0) + (p.cp > 1 ? 1 : 0) +
+                              (p.ep > 1 ? 2 : 0) + (p.pp > 1 ? 1 : 0) +
                               (p.pp > 1 && graph_->info().tied_embeddings ? 1 : 0);
     m.runtime = stack_.memory.context_bytes + communicators * stack_.memory.communicator_bytes;
   }
@@ -204,9 +205,11 @@ std::string largest_share(const TimeBreakdown& b) {
 } // namespace
 
 double p2p_bytes(const Plan& p, const LayerGraph& g) {
-  // Activations (s, h) of B sequences, split across the TP ranks (scatter/gather optimisation).
+  // Activations (s / cp, h) of B sequences, split across the TP ranks (scatter/gather
+  // optimisation).
   return static_cast<double>(g.info().seq_length * g.info().hidden_size) *
-         static_cast<double>(p.micro_batch_size) * precision_storage_bytes(p.precision) / p.tp;
+         static_cast<double>(p.micro_batch_size) * precision_storage_bytes(p.precision) /
+         (static_cast<double>(p.tp) * p.cp);
 }
 
 double activations_in_flight(const Plan& p, int pp_rank) {
@@ -264,7 +267,7 @@ double CostModel::memory_capacity_bytes() const {
 }
 
 double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
-  const double local_params = r.params / (plan.zero_stage >= 1 ? plan.dp : 1);
+  const double local_params = r.params / (plan.zero_stage >= 1 ? plan.dp_cp() : 1);
   double bytes =
       local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
   if (plan.precision == Precision::fp8) {
@@ -283,7 +286,7 @@ double CostModel::grad_accumulation_s(const Plan& plan, double params) const {
     return 0;
   }
   // With ZeRO-2/3 each micro-batch's gradients are reduce-scattered: only a shard accumulates.
-  const double local = params / (plan.zero_stage >= 2 ? plan.dp : 1);
+  const double local = params / (plan.zero_stage >= 2 ? plan.dp_cp() : 1);
   const double bytes_per_param =
       precision_is_mixed(plan.precision) ? kGradAccumBytesMixed : kGradAccumBytesFp32;
   return memory_time_s(*cluster_, local * bytes_per_param);

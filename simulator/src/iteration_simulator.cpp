@@ -108,7 +108,9 @@ void IterationBuilder::wait_for(RankSim& r, const StepOp& op, Id task) {
 // A compute op's tensor-parallel collectives, after it on the rank's chain.
 Id IterationBuilder::tp_collective(RankSim& r, const StepOp& op, int i, double seconds,
                                    Id trigger) {
-  if (plan_.tp <= 1 || seconds <= 0) {
+  // With tp = 1 there is still the expert-parallel all-to-all and the context-parallel K/V
+  // exchange (both costed inside the layer's collectives).
+  if (seconds <= 0) {
     return trigger;
   }
   const Id t = add_comm(r, op, i, {0.0, seconds, false}, 0, true);
@@ -189,8 +191,8 @@ void IterationBuilder::run_op(RankSim& r, int i) {
     const GraphInfo& g = model_.graph().info();
     const double bytes = static_cast<double>(g.vocab_size * g.hidden_size) / plan_.tp *
                          grad_element_bytes(plan_, model_.stack());
-    const GroupSpan span =
-        group_span(2, (plan_.pp - 1) * plan_.dp * plan_.tp, cluster_.node.devices_per_node);
+    const GroupSpan span = group_span(2, (plan_.pp - 1) * plan_.dp * plan_.cp * plan_.tp,
+                                      cluster_.node.devices_per_node);
     const Id trigger = prev_;
     anchor =
         add_comm(r, op, i, collective_cost(cluster_, Collective::all_reduce, bytes, span), bytes);
@@ -258,11 +260,21 @@ Id IterationBuilder::node_link(int node) {
   return it->second;
 }
 
-// In a simulation reduced by symmetry one rank stands for its stage's data- and tensor-parallel
-// replicas, which run the same flows at the same times: those on its node load the uplink too.
+// In a simulation reduced by symmetry one rank stands for its stage's data-, context- and
+// tensor-parallel replicas, which run the same flows at the same times: those on its node load
+// the uplink too. Without the reduction a rank still stands for its context-parallel peers
+// (which do the same work under causal load balancing).
 double IterationBuilder::replicas_on_node(const RankSim& r) const {
   const int per_node = cluster_.node.devices_per_node;
-  const int stage_size = plan_.tp * plan_.dp;
+  if (!options_.symmetric) {
+    const int node = r.rank / per_node;
+    int peers = 0;
+    for (const int member : cp_group(plan_, r.rank)) {
+      peers += member / per_node == node ? 1 : 0;
+    }
+    return peers;
+  }
+  const int stage_size = plan_.tp * plan_.cp * plan_.dp;
   const int stage_first = r.pp_rank * stage_size;
   const int node_first = (r.rank / per_node) * per_node;
   const int overlap =
@@ -278,7 +290,7 @@ void IterationBuilder::build_rank(RankSim& r) {
   r.gather_stream = engine_.add_stream();
   r.nvlink = engine_.add_link(intra_link_bandwidth(cluster_));
   r.network = node_link(rank_device(r.rank, cluster_.node.devices_per_node).node);
-  r.network_weight = options_.symmetric ? replicas_on_node(r) : 1.0;
+  r.network_weight = replicas_on_node(r);
   prev_ = -1;
   r.program = step_program(plan_, shape_, r.rank);
   r.anchor.assign(r.program.ops.size(), -1);
@@ -315,6 +327,7 @@ void IterationBuilder::wire_groups() {
 
 SimulationResult IterationBuilder::run() {
   std::vector<RankSim> ranks;
+  // Context-parallel ranks do equal work (causal load balancing): cp rank 0 stands for them.
   for (int pp = 0; pp < plan_.pp; ++pp) {
     const int dps = options_.symmetric ? 1 : plan_.dp;
     const int tps = options_.symmetric ? 1 : plan_.tp;

@@ -12,23 +12,28 @@ namespace {
 
 // The GEMM as one tensor-parallel rank runs it for a micro-batch of B sequences. Under expert
 // parallelism a rank holds experts / ep of a layer's experts, and each of them takes the tokens
-// the ep ranks route to it: ep times the tokens per expert.
-Gemm gemm_on_rank(const Layer& layer, const Gemm& g, int tp, std::int64_t B, int ep) {
+// the ep ranks route to it: ep times the tokens per expert. Under context parallelism a rank
+// holds s / cp tokens of each sequence: the linear layers' rows, and the attention's queries
+// (against every key of the sequence, which the K/V exchange brings).
+Gemm gemm_on_rank(const Layer& layer, const Gemm& g, const UnitCostKey& key) {
+  const int tp = key.tp;
+  const std::int64_t B = key.micro_batch_size;
   Gemm out = g;
   const bool heads = layer.tp_split == TpSplit::heads;
   if (heads) {
     out.batch = std::max<std::int64_t>(1, g.batch * B / tp);
+    out.m = std::max<std::int64_t>(1, g.m / key.cp);
   } else {
-    out.m = g.m * B;
+    out.m = std::max<std::int64_t>(1, g.m * B / key.cp);
     if (layer.tp_split == TpSplit::column || layer.tp_split == TpSplit::vocab) {
       out.n = std::max<std::int64_t>(1, g.n / tp);
     } else if (layer.tp_split == TpSplit::row) {
       out.k = std::max<std::int64_t>(1, g.k / tp);
     }
   }
-  if (layer.experts > 0 && ep > 1) {
-    out.batch = std::max<std::int64_t>(1, g.batch / ep);
-    out.m *= ep;
+  if (layer.experts > 0 && key.ep > 1) {
+    out.batch = std::max<std::int64_t>(1, g.batch / key.ep);
+    out.m *= key.ep;
   }
   return out;
 }
@@ -43,8 +48,8 @@ double expert_load_imbalance(const Layer& layer, const UnitCostKey& key) {
     return 1.0;
   }
   const Gemm& g = layer.gemms.front();
-  const double copies = static_cast<double>(key.ep) * static_cast<double>(key.micro_batch_size) *
-                        static_cast<double>(g.batch * g.m);
+  const double copies =
+      static_cast<double>(key.ep) * key.local_sequences() * static_cast<double>(g.batch * g.m);
   const double ep = key.ep;
   return 1.0 + std::sqrt(2.0 * std::log(ep) * (ep - 1.0) / copies);
 }
@@ -53,7 +58,7 @@ double expert_load_imbalance(const Layer& layer, const UnitCostKey& key) {
 std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& cluster,
                                           const UnitCostKey& key, const Stack& stack) {
   const double div = layer_flop_divisor(layer, key.tp, key.sequence_parallel);
-  const auto B = static_cast<double>(key.micro_batch_size);
+  const double B = key.local_sequences();
   const double elem_bytes = precision_storage_bytes(key.precision);
   double gemm_fwd = 0;
   double gemm_flops = 0;
@@ -61,7 +66,7 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
   double cast_bwd_bytes = 0;
   const Precision gemm_in = gemm_precision(layer, key.precision);
   for (const Gemm& g : layer.gemms) {
-    Gemm local = gemm_on_rank(layer, g, key.tp, key.micro_batch_size, key.ep);
+    Gemm local = gemm_on_rank(layer, g, key);
     gemm_fwd += gemm_time_s(cluster, gemm_in, local, layer.fused,
                             layer.kernel == FusedKernel::flash2, layer.experts > 0);
     gemm_flops += g.flops();
@@ -107,7 +112,7 @@ std::pair<double, double> layer_tp_comm_s(const Layer& layer, const Cluster& clu
   }
   const GroupSpan span = group_span(key.tp, 1, cluster.node.devices_per_node);
   const double bytes_per_elem = precision_storage_bytes(key.precision);
-  const auto B = static_cast<double>(key.micro_batch_size);
+  const double B = key.local_sequences();
   const double fwd_bytes = layer.tp_fwd_comm_elems * B * bytes_per_elem;
   const double bwd_bytes = layer.tp_bwd_comm_elems * B * bytes_per_elem;
   // The share the stack overlaps with GEMMs (async TP, userbuffers) leaves the critical path but
@@ -137,14 +142,58 @@ double layer_ep_comm_s(const Layer& layer, const Cluster& cluster, const UnitCos
   const Gemm& g = layer.gemms.front();
   const bool dispatch = layer.tp_split == TpSplit::column;        // up: tokens in; down: tokens out
   const double width = static_cast<double>(dispatch ? g.k : g.n); // the hidden size
-  const double elems = static_cast<double>(g.batch * g.m) * width *
-                       static_cast<double>(key.micro_batch_size) / key.tp;
-  const GroupSpan span = group_span(key.ep, key.tp, cluster.node.devices_per_node);
+  const double elems = static_cast<double>(g.batch * g.m) * width * key.local_sequences() / key.tp;
+  const GroupSpan span = group_span(key.ep, key.tp * key.cp, cluster.node.devices_per_node);
   return collective_time_s(cluster, Collective::all_to_all,
                            elems * precision_storage_bytes(key.precision), span);
 }
 
 } // namespace
+
+double cp_kv_bytes(const Layer& layer, const GraphInfo& info, const UnitCostKey& key) {
+  if (layer.kind != LayerKind::attention || key.cp <= 1 || layer.gemms.size() < 2) {
+    return 0.0;
+  }
+  // QKᵀ is (batch heads, m queries, n keys, k head dim); ·V is (heads, m, n value dim, k keys).
+  const auto kv_width =
+      static_cast<double>(info.num_kv_heads) *
+      static_cast<double>(layer.gemms[0].k + layer.gemms[1].n); // K and V per token
+  const double local_tokens = static_cast<double>(info.seq_length) * key.local_sequences();
+  return local_tokens * kv_width / key.tp * precision_storage_bytes(key.precision);
+}
+
+CpExchange cp_exchange_s(const Layer& layer, const GraphInfo& info, const Cluster& cluster,
+                         const UnitCostKey& key, double attn_fwd_s, double attn_bwd_s) {
+  const double kv = cp_kv_bytes(layer, info, key);
+  if (kv <= 0) {
+    return {};
+  }
+  const int dpn = cluster.node.devices_per_node;
+  const GroupSpan ring = group_span(key.cp, key.tp, dpn);
+  CpExchange out;
+  out.bytes = kv;
+  if (key.cp_comm == CpComm::all_gather) {
+    // K/V gathered before the attention (again before its backward, which keeps only the local
+    // part), their gradients reduce-scattered after it; nothing to hide them behind.
+    const double gathered = kv * key.cp;
+    const double gather = collective_time_s(cluster, Collective::all_gather, gathered, ring);
+    out.fwd_s = gather;
+    out.bwd_s = gather + collective_time_s(cluster, Collective::reduce_scatter, gathered, ring);
+    return out;
+  }
+  // Ring: cp steps of equal attention work (causal load balancing), each but the last passing
+  // the K/V block on to the next rank while the current block is computed. In the backward the
+  // K/V gradients travel with them, and the accumulated gradients take one more hop home.
+  // A hop crosses a node boundary somewhere once the ring leaves the node: the lock-step ring
+  // waits for the slowest hop, one NIC's worth.
+  const GroupSpan hop = ring.nodes > 1 ? GroupSpan{2, 1, 2, key.tp} : GroupSpan{2, 2, 1, key.tp};
+  const double x = collective_time_s(cluster, Collective::send_recv, kv, hop);
+  const double x2 = collective_time_s(cluster, Collective::send_recv, 2.0 * kv, hop);
+  const double steps = key.cp - 1;
+  out.fwd_s = steps * std::max(0.0, x - attn_fwd_s / key.cp);
+  out.bwd_s = steps * std::max(0.0, x2 - attn_bwd_s / key.cp) + x;
+  return out;
+}
 
 double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel) {
   switch (layer.tp_split) {
@@ -181,7 +230,7 @@ double layer_kept_act_bytes(const Layer& layer, const UnitCostKey& key, Recomput
     return 0.0; // rebuilt from the unit's input during the backward
   }
   const double elem_bytes = precision_storage_bytes(key.precision);
-  const auto B = static_cast<double>(key.micro_batch_size);
+  const double B = key.local_sequences();
   const double adiv = layer_activation_divisor(layer, key.tp, key.sequence_parallel);
   const double act = (layer.saved_act_elems * elem_bytes + layer.saved_mask_bytes) * B / adiv;
   if (r == Recompute::selective && layer.selective_recompute) {
@@ -194,7 +243,7 @@ double full_recompute_input_bytes(const GraphInfo& info, const UnitCostKey& key)
   // The first layer's output of the previous unit, an (s, h) tensor per sequence (sharded
   // along s with sequence parallelism).
   return static_cast<double>(info.seq_length * info.hidden_size) *
-         precision_storage_bytes(key.precision) * static_cast<double>(key.micro_batch_size) /
+         precision_storage_bytes(key.precision) * key.local_sequences() /
          (key.sequence_parallel ? key.tp : 1);
 }
 
@@ -211,7 +260,7 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
     }
   }
   const double elem_bytes = precision_storage_bytes(key.precision);
-  const auto B = static_cast<double>(key.micro_batch_size);
+  const double B = key.local_sequences();
   for (std::size_t v = 0; v < graph.num_layers(); ++v) {
     const Layer& layer = graph.layer(v);
     UnitCost& u = units[static_cast<std::size_t>(layer.unit)];
@@ -222,6 +271,15 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
     u.ep_bwd_s += a2a;
     tp_fwd += a2a;
     tp_bwd += a2a;
+    const CpExchange cpx = cp_exchange_s(layer, graph.info(), cluster, key, fwd, bwd);
+    u.cp_fwd_s += cpx.fwd_s;
+    u.cp_bwd_s += cpx.bwd_s;
+    tp_fwd += cpx.fwd_s;
+    tp_bwd += cpx.bwd_s;
+    if (key.cp_comm == CpComm::all_gather) {
+      // The gathered keys and values live while the attention runs.
+      u.act_transient_bytes = std::max(u.act_transient_bytes, cpx.bytes * key.cp);
+    }
     u.fwd_s += fwd;
     u.bwd_s += bwd;
     u.tp_fwd_s += tp_fwd;

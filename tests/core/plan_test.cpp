@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <bit>
+
 #include <random>
 #include <set>
 
@@ -122,22 +125,47 @@ TEST(RankMapping, EveryRankOnceAndGroupsConsistent) {
     p.dp = 1 << (rng() % 4);
     p.tp = 1 << (rng() % 4);
     p.pp = 1 + static_cast<int>(rng() % 5);
-    std::set<std::tuple<int, int, int>> seen;
+    p.cp = 1 << (rng() % 3);
+    p.ep = 1 << (rng() % (1 + std::countr_zero(static_cast<unsigned>(p.dp))));
+    std::set<std::tuple<int, int, int, int>> seen;
     for (int r = 0; r < p.world_size(); ++r) {
       RankCoords c = rank_coords(p, r);
       ASSERT_EQ(rank_of(p, c), r);
-      seen.insert({c.dp, c.pp, c.tp});
+      seen.insert({c.dp, c.pp, c.tp, c.cp});
       auto tp = tp_group(p, r);
       auto dp = dp_group(p, r);
       auto pp = pp_group(p, r);
+      auto cp = cp_group(p, r);
+      auto dp_cp = dp_cp_group(p, r);
       ASSERT_EQ(static_cast<int>(tp.size()), p.tp);
       ASSERT_EQ(static_cast<int>(dp.size()), p.dp);
       ASSERT_EQ(static_cast<int>(pp.size()), p.pp);
+      ASSERT_EQ(static_cast<int>(cp.size()), p.cp);
+      ASSERT_EQ(static_cast<int>(dp_cp.size()), p.dp * p.cp);
       EXPECT_EQ(tp[c.tp], r);
       EXPECT_EQ(dp[c.dp], r);
       EXPECT_EQ(pp[c.pp], r);
-      // TP peers are adjacent ranks, so a TP group ≤ devices per node stays inside a node.
+      EXPECT_EQ(cp[c.cp], r);
+      // TP peers are adjacent ranks, so a TP group ≤ devices per node stays inside a node; CP
+      // peers come next (stride t), and the dp·cp ranks of a stage are contiguous at stride t.
       EXPECT_EQ(tp.back() - tp.front(), p.tp - 1);
+      EXPECT_EQ(cp.back() - cp.front(), (p.cp - 1) * p.tp);
+      EXPECT_EQ(dp_cp.back() - dp_cp.front(), (p.dp * p.cp - 1) * p.tp);
+      for (int m : dp_cp) {
+        const RankCoords o = rank_coords(p, m);
+        EXPECT_TRUE(o.pp == c.pp && o.tp == c.tp);
+      }
+      // Expert parallelism: ep groups partition the data-parallel group; the expert-DP group
+      // holds the same experts (dp % ep) over every cp rank.
+      auto ep = ep_group(p, r);
+      auto edp = expert_dp_group(p, r);
+      ASSERT_EQ(static_cast<int>(ep.size()), p.ep);
+      ASSERT_EQ(static_cast<int>(edp.size()), p.dp * p.cp / p.ep);
+      EXPECT_EQ(ep[c.dp % p.ep], r);
+      EXPECT_NE(std::find(edp.begin(), edp.end(), r), edp.end());
+      for (int m : edp) {
+        EXPECT_EQ(rank_coords(p, m).dp % p.ep, c.dp % p.ep);
+      }
     }
     EXPECT_EQ(static_cast<int>(seen.size()), p.world_size());
   }

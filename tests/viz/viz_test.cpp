@@ -237,6 +237,27 @@ TEST(MeshDot, ExpertParallelGroupsAreDrawn) {
   EXPECT_EQ(x.classes["edge"], 3 + 4);
 }
 
+TEST(MeshDot, ContextParallelRingsAreDrawn) {
+  const Cluster cluster = cluster_load("dgx-a100-80g").with_devices(16);
+  Plan p;
+  p.dp = 2;
+  p.cp = 4;
+  p.tp = 2;
+  p.global_batch_size = 8;
+  const std::string dot = mesh_dot(p, cluster);
+  // Each of the 2 × 2 CP rings (one per dp replica and tp rank) closes over its 4 ranks: 4 ring
+  // edges each, and the legend's entry. CP peers sit at stride tp: rank 0's next is rank 2.
+  EXPECT_EQ(occurrences(dot, "#d6616b"), 4u * 4u + 1u);
+  EXPECT_NE(dot.find("rank0 -> rank2 [color=\"#d6616b\""), std::string::npos);
+  EXPECT_NE(dot.find("rank6 -> rank0 [color=\"#d6616b\""), std::string::npos);
+  EXPECT_NE(dot.find("dp1 cp3 pp0 tp1"), std::string::npos); // rank 15
+  XmlSummary x = parse_xml(dot_to_svg(dot));
+  ASSERT_EQ(x.error, "");
+  // Folded, a replica box holds its TP group × CP ring.
+  const std::string folded = mesh_dot(p, cluster, {.expand = false, .fold_above = 4});
+  EXPECT_NE(folded.find("ranks 0–7 (TP group of 2 × CP ring of 4)"), std::string::npos);
+}
+
 TEST(MeshDot, GoldenPlan222) {
   const Cluster cluster = cluster_load("dgx-a100-80g").with_devices(8);
   expect_golden("gpt-tiny-222-mesh.dot", mesh_dot(plan_222(), cluster));

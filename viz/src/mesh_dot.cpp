@@ -19,6 +19,8 @@ constexpr const char* kDpEdge =
 // Data-parallel neighbours inside one expert-parallel group (they hold different experts).
 constexpr const char* kEpEdge =
     "[dir=none, color=\"#756bb1\", style=dotted, penwidth=2.2, constraint=false]";
+// Context-parallel ring neighbours (K/V pass from each to the next, the last back to the first).
+constexpr const char* kCpEdge = "[color=\"#d6616b\", style=bold, penwidth=1.8, constraint=false]";
 
 // Units of every pipeline rank ("units 0–5", or "chunks 0, 2" when interleaved).
 std::string stage_text(const Plan& plan, int pp_rank) {
@@ -38,12 +40,17 @@ std::string stage_text(const Plan& plan, int pp_rank) {
                      units.find_first_of(",–") == std::string::npos ? "" : "s", units);
 }
 
-std::string legend(bool ep) {
-  const std::string ep_entry =
+std::string legend(bool ep, bool cp) {
+  std::string ep_entry =
       ep ? "    legend_g [shape=point, width=0.05]; legend_h [shape=point, width=0.05];\n"
            "    legend_g -> legend_h [dir=none, color=\"#756bb1\", style=dotted, penwidth=2.2, "
            "label=\"EP\"];\n"
          : "";
+  if (cp) {
+    ep_entry += "    legend_i [shape=point, width=0.05]; legend_j [shape=point, width=0.05];\n"
+                "    legend_i -> legend_j [color=\"#d6616b\", style=bold, penwidth=1.8, "
+                "label=\"CP ring\"];\n";
+  }
   return "  subgraph cluster_legend {\n    label=\"legend\"; style=rounded; color=\"#aaaaaa\";\n"
          "    edge [fontname=\"Helvetica\", fontsize=10];\n"
          "    legend_a [shape=point, width=0.05]; legend_b [shape=point, width=0.05];\n"
@@ -68,31 +75,36 @@ std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
                        node, dot_quote(fmt::format("node {}", node)));
     for (int r : ranks) {
       const RankCoords c = rank_coords(plan, r);
-      out += fmt::format("    rank{} [fillcolor={}, label={}];\n", r, dot_quote(stage_colour(c.pp)),
-                         dot_quote(fmt::format(
-                             "rank {} · GPU {}\ndp{} pp{} tp{}{}\n{}", r,
-                             rank_device(r, per_node).device, c.dp, c.pp, c.tp,
-                             plan.ep > 1 ? fmt::format("\nexperts {}/{} of EP group {}",
-                                                       c.dp % plan.ep + 1, plan.ep, c.dp / plan.ep)
-                                         : std::string(),
-                             stage_text(plan, c.pp))));
+      out += fmt::format(
+          "    rank{} [fillcolor={}, label={}];\n", r, dot_quote(stage_colour(c.pp)),
+          dot_quote(fmt::format(
+              "rank {} · GPU {}\ndp{}{} pp{} tp{}{}\n{}", r, rank_device(r, per_node).device, c.dp,
+              plan.cp > 1 ? fmt::format(" cp{}", c.cp) : std::string(), c.pp, c.tp,
+              plan.ep > 1 ? fmt::format("\nexperts {}/{} of EP group {}", c.dp % plan.ep + 1,
+                                        plan.ep, c.dp / plan.ep)
+                          : std::string(),
+              stage_text(plan, c.pp))));
     }
     out += "  }\n";
   }
   for (int r = 0; r < plan.world_size(); ++r) {
     const RankCoords c = rank_coords(plan, r);
     if (c.tp + 1 < plan.tp) {
-      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp, c.pp, c.tp + 1}),
+      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp, c.pp, c.tp + 1, c.cp}),
                          kTpEdge);
     }
     if (c.pp + 1 < plan.pp) {
-      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp, c.pp + 1, c.tp}),
+      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp, c.pp + 1, c.tp, c.cp}),
                          kPpEdge);
+    }
+    if (plan.cp > 1 && (c.cp + 1 < plan.cp || plan.cp > 2)) {
+      out += fmt::format("  rank{} -> rank{} {};\n", r,
+                         rank_of(plan, {c.dp, c.pp, c.tp, (c.cp + 1) % plan.cp}), kCpEdge);
     }
     if (c.dp + 1 < plan.dp) {
       // Inside an expert-parallel group the neighbours hold different experts.
       const bool ep_peer = plan.ep > 1 && (c.dp + 1) % plan.ep != 0;
-      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp + 1, c.pp, c.tp}),
+      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp + 1, c.pp, c.tp, c.cp}),
                          ep_peer ? kEpEdge : kDpEdge);
     }
   }
@@ -120,12 +132,15 @@ std::string mesh_folded(const Plan& plan, const Cluster& cluster) {
                        "color=\"#444444\";\n",
                        dp, dot_quote(fmt::format("data-parallel replica {}", dp)));
     for (int pp = 0; pp < plan.pp; ++pp) {
-      const int first = rank_of(plan, {dp, pp, 0});
-      const int last = rank_of(plan, {dp, pp, plan.tp - 1});
+      const int first = rank_of(plan, {dp, pp, 0, 0});
+      const int last = rank_of(plan, {dp, pp, plan.tp - 1, plan.cp - 1});
+      const std::string group =
+          plan.cp > 1 ? fmt::format("TP group of {} × CP ring of {}", plan.tp, plan.cp)
+                      : fmt::format("TP group of {}", plan.tp);
       out += fmt::format(
           "    {} [fillcolor={}, label={}];\n", group_id(dp, pp), dot_quote(stage_colour(pp)),
-          dot_quote(fmt::format("ranks {}–{} (TP group of {})\n{}, GPUs {}–{}\n{}", first, last,
-                                plan.tp, node_span(per_node, first, last),
+          dot_quote(fmt::format("ranks {}–{} ({})\n{}, GPUs {}–{}\n{}", first, last, group,
+                                node_span(per_node, first, last),
                                 rank_device(first, per_node).device,
                                 rank_device(last, per_node).device, stage_text(plan, pp))));
     }
@@ -134,10 +149,10 @@ std::string mesh_folded(const Plan& plan, const Cluster& cluster) {
   if (fold_middle) {
     for (int pp = 0; pp < plan.pp; ++pp) {
       const int replicas = plan.dp - 2;
-      out += fmt::format("  folded_p{} [shape=box3d, fillcolor={}, label={}];\n", pp,
-                         dot_quote(stage_colour(pp)),
-                         dot_quote(fmt::format("replicas 1–{} of stage {}\n(×{}, {} GPUs)",
-                                               plan.dp - 2, pp, replicas, replicas * plan.tp)));
+      out += fmt::format(
+          "  folded_p{} [shape=box3d, fillcolor={}, label={}];\n", pp, dot_quote(stage_colour(pp)),
+          dot_quote(fmt::format("replicas 1–{} of stage {}\n(×{}, {} GPUs)", plan.dp - 2, pp,
+                                replicas, replicas * plan.tp * plan.cp)));
     }
   }
   for (int dp : shown_dp) {
@@ -171,7 +186,7 @@ std::string mesh_dot(const Plan& plan, const Cluster& cluster, const MeshDotOpti
                                  : "")));
   out += "  node [shape=box, style=\"rounded,filled\", fontname=\"Helvetica\", fontsize=10];\n";
   out += fold ? mesh_folded(plan, cluster) : mesh_expanded(plan, cluster);
-  out += legend(plan.ep > 1);
+  out += legend(plan.ep > 1, plan.cp > 1);
   out += "}\n";
   return out;
 }

@@ -1,8 +1,9 @@
 // Plan: one way to lay a model out on a cluster — the planner's output, the simulator's and the
 // executor's input.
 //
-// Rank mapping (Megatron-LM order, tensor-parallel fastest so TP groups share a node):
-//   rank = tp_rank + t · (dp_rank + d · pp_rank)
+// Rank mapping (Megatron-Core order tp-cp-dp-pp, tensor-parallel fastest so TP groups share a
+// node, context-parallel next so a CP ring stays inside a node where it can):
+//   rank = tp_rank + t · (cp_rank + c · (dp_rank + d · pp_rank))
 // and rank r sits on node r / devices_per_node, device r % devices_per_node.
 #pragma once
 
@@ -20,15 +21,21 @@ namespace parallax {
 enum class Schedule { gpipe, one_f_one_b, interleaved };
 enum class Recompute { none, selective, full };
 enum class GradSync { allreduce, tree, hierarchical, parameter_server };
+// How context-parallel ranks exchange keys and values: passed around the CP ring while the
+// attention blocks run (ring attention; Megatron-Core's --cp-comm-type p2p), or all-gathered
+// before the attention and reduce-scattered after its backward (all_gather).
+enum class CpComm { p2p, all_gather };
 
 inline constexpr std::array<std::string_view, 3> kScheduleNames = {"gpipe", "1f1b", "interleaved"};
 inline constexpr std::array<std::string_view, 3> kRecomputeNames = {"none", "selective", "full"};
 inline constexpr std::array<std::string_view, 4> kGradSyncNames = {
     "allreduce", "tree", "hierarchical", "parameter_server"};
+inline constexpr std::array<std::string_view, 2> kCpCommNames = {"p2p", "all_gather"};
 
 std::string_view schedule_name(Schedule s);
 std::string_view recompute_name(Recompute r);
 std::string_view grad_sync_name(GradSync g);
+std::string_view cp_comm_name(CpComm c);
 
 // [first, last) range of partition units (transformer blocks) of one stage chunk.
 using StageRange = std::pair<int, int>;
@@ -42,6 +49,11 @@ struct Plan {
   // their experts through all-to-all; expert gradients are reduced over the dp / ep ranks that
   // hold the same experts (the expert-data-parallel group).
   int ep = 1;
+  // Context parallelism: every sequence split over cp ranks, in 2·cp chunks of which rank i holds
+  // chunks i and 2·cp − 1 − i (so each does the same causal attention work). The cp ranks hold
+  // the same parameters: gradients are reduced, and ZeRO shards, over the dp·cp ranks.
+  int cp = 1;
+  CpComm cp_comm = CpComm::p2p;
   int zero_stage = 0;
   std::int64_t micro_batch_size = 1;
   std::int64_t global_batch_size = 1;
@@ -63,7 +75,10 @@ struct Plan {
   // none was recorded. Tools that take --stack use it when the flag is absent.
   std::string stack;
 
-  int world_size() const { return dp * tp * pp; }
+  int world_size() const { return dp * cp * tp * pp; }
+  // Ranks holding the same parameters, over which gradients are reduced and ZeRO shards: the
+  // data-parallel ranks with their context-parallel ranks (Megatron-Core's DP-CP group).
+  int dp_cp() const { return dp * cp; }
   // Micro-batches per data-parallel replica per iteration (m).
   std::int64_t num_microbatches() const { return global_batch_size / (dp * micro_batch_size); }
 
@@ -74,6 +89,7 @@ struct RankCoords {
   int dp = 0;
   int pp = 0;
   int tp = 0;
+  int cp = 0;
   bool operator==(const RankCoords&) const = default;
 };
 
@@ -91,6 +107,13 @@ DeviceSlot rank_device(int rank, int devices_per_node);
 std::vector<int> tp_group(const Plan& plan, int rank);
 std::vector<int> dp_group(const Plan& plan, int rank);
 std::vector<int> pp_group(const Plan& plan, int rank);
+std::vector<int> cp_group(const Plan& plan, int rank);
+// The dp·cp ranks holding the rank's parameters, in rank order.
+std::vector<int> dp_cp_group(const Plan& plan, int rank);
+// Expert parallelism: the ep consecutive data-parallel ranks splitting the experts (expert
+// rank = dp % ep), and the dp·cp / ep ranks holding the same experts, in rank order.
+std::vector<int> ep_group(const Plan& plan, int rank);
+std::vector<int> expert_dp_group(const Plan& plan, int rank);
 
 // Which pipeline rank runs stage chunk c (chunks are assigned round-robin for interleaving).
 inline int chunk_pp_rank(const Plan& plan, int chunk) {

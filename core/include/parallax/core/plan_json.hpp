@@ -25,7 +25,7 @@ struct PlanProblem {
 };
 
 // The one feasibility rule of a plan for a model on `world_size` ranks — what the planner
-// proposes, plan loading accepts, the trainer trains and compare sweeps: dp·tp·pp = world; tp
+// proposes, plan loading accepts, the trainer trains and compare sweeps: dp·cp·tp·pp = world; tp
 // divides the attention heads, the key/value heads and the MLP width (the vocabulary need not
 // divide: the executor pads it, as Megatron-LM's make-vocab-size-divisible-by does); enough
 // units for pp × v chunks; stage ranges cover the model; interleaving's micro-batch rule;
@@ -36,6 +36,8 @@ std::optional<PlanProblem> plan_problem(const Plan& plan, const LayerGraph& grap
 std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp);
 // Expert parallelism: ep divides dp and the model's experts (1 for dense models).
 std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp, int ep);
+// Context parallelism: the sequence splits into 2·cp equal chunks.
+std::optional<PlanProblem> cp_problem(const GraphInfo& info, int cp);
 
 // plan_problem as an input error naming `source`.
 void plan_validate(const Plan& plan, const LayerGraph& graph, int world_size,

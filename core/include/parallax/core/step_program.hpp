@@ -14,10 +14,11 @@
 //                                     optimizer [publish]
 //
 // ZeRO and overlap rules, written here and nowhere else:
-//   - ZeRO-3 (dp > 1) all-gathers a unit's parameters before its forward, prefetched one unit
+//   - ZeRO-3 (dp·cp > 1) all-gathers a unit's parameters before its forward, prefetched one unit
 //     ahead (the gather may start when the compute two compute ops back has finished), and again
 //     before its backward when the stack reshards after the forward.
-//   - Gradients of a unit are reduced over data parallelism (dp > 1, the unit has parameters):
+//   - Gradients of a unit are reduced over the dp·cp ranks that hold it (dp·cp > 1, the unit has
+//     parameters; context-parallel ranks hold the same parameters as data-parallel ones):
 //     ZeRO-2/3 reduce-scatter every micro-batch's gradients; otherwise the last micro-batch's
 //     are all-reduced (a parameter server reduces them to data-parallel rank 0).
 //   - With overlap_grad_reduce the reduction starts as the unit's backward ends, beside the next
@@ -26,7 +27,7 @@
 //   - Tied embeddings split over pipeline stages sum their two gradients between the first and
 //     the last stage; sequence parallelism sums the gradients of replicated parameters (norms,
 //     biases) over the tensor-parallel group. Both before the optimizer.
-//   - The optimizer waits for every reduction. ZeRO-1/2 (dp > 1) then all-gather the updated
+//   - The optimizer waits for every reduction. ZeRO-1/2 (dp·cp > 1) then all-gather the updated
 //     parameters; a parameter server broadcasts them.
 //
 // An op is `async` when the rank launches it and goes on (prefetched gathers, overlapped

@@ -27,6 +27,8 @@ struct PlanPins {
   std::optional<int> pp;
   std::optional<int> dp;
   std::optional<int> ep; // expert parallelism (mixture-of-experts models)
+  std::optional<int> cp; // context parallelism
+  std::optional<CpComm> cp_comm;
   std::optional<int> zero_stage;
   std::optional<std::int64_t> micro_batch_size;
   std::optional<Schedule> schedule;

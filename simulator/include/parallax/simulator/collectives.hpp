@@ -34,8 +34,11 @@ struct GroupSpan {
   bool operator==(const GroupSpan&) const = default;
 };
 
-// The span of a group whose members are `stride` ranks apart (TP: 1; DP: t; PP: t·d).
+// The span of a group whose members are `stride` ranks apart (TP: 1; DP: t; PP: t·cp·d).
 GroupSpan group_span(int size, int stride, int devices_per_node);
+// The span of the group of `ranks` (any layout): the most members on one node, the nodes they
+// occupy, the smallest gap between consecutive members.
+GroupSpan ranks_span(const std::vector<int>& ranks, int devices_per_node);
 
 // The bus factor above: 2(n−1)/n, (n−1)/n or 1.
 double bus_factor(Collective kind, int n);
@@ -62,12 +65,13 @@ CollectiveCost collective_cost(const Cluster& cluster, Collective kind, double b
 double intra_link_bandwidth(const Cluster& cluster);
 double network_link_bandwidth(const Cluster& cluster);
 
-// The spans of a plan's groups: TP (adjacent ranks), DP (stride t) and one pipeline hop
-// (stride t·d).
+// The spans of a plan's groups: TP (adjacent ranks), the dp·cp ranks reducing gradients
+// (stride t), CP (stride t) and one pipeline hop (stride t·cp·d).
 GroupSpan tp_span(const Plan& plan, const Cluster& cluster);
 GroupSpan dp_span(const Plan& plan, const Cluster& cluster);
+GroupSpan cp_span(const Plan& plan, const Cluster& cluster);
 // Expert parallelism: the ep ranks of one data-parallel group that split the experts
-// (neighbours in the data-parallel order), and the dp / ep ranks holding the same experts.
+// (neighbours in the data-parallel order), and the dp·cp / ep ranks holding the same experts.
 GroupSpan ep_span(const Plan& p, const Cluster& c);
 GroupSpan expert_dp_span(const Plan& p, const Cluster& c);
 

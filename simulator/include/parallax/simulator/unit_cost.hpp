@@ -26,6 +26,8 @@ struct UnitCost {
   double expert_params = 0; // of those, the routed experts' (reduced over the expert-DP group)
   double ep_fwd_s = 0;      // of tp_fwd_s, the expert-parallel all-to-alls (dispatch, combine)
   double ep_bwd_s = 0;      // the same in the backward
+  double cp_fwd_s = 0;      // of tp_fwd_s, the context-parallel K/V exchange left exposed
+  double cp_bwd_s = 0;      // the same in the backward (K/V and their gradients)
   // Of those, the ones every TP rank holds whole (norms): under sequence parallelism their
   // gradients are summed over the tensor-parallel group.
   double replicated_params = 0;
@@ -61,13 +63,23 @@ struct UnitCostKey {
   bool sequence_parallel = false;
   std::int64_t micro_batch_size = 1;
   Precision precision = Precision::bf16;
-  int ep = 1; // expert parallelism (experts over ep data-parallel ranks, neighbours at stride tp)
+  int ep = 1; // expert parallelism (experts over ep data-parallel ranks, at stride tp·cp)
+  int cp = 1; // context parallelism (each rank holds 1/cp of every sequence; CP peers at stride tp)
+  CpComm cp_comm = CpComm::p2p;
+  // Sequences' worth of tokens a rank computes per micro-batch: B / cp.
+  double local_sequences() const { return static_cast<double>(micro_batch_size) / cp; }
   auto operator<=>(const UnitCostKey&) const = default;
 };
 
 // The key of a plan's unit costs.
 inline UnitCostKey unit_cost_key(const Plan& plan) {
-  return {plan.tp, plan.sequence_parallel, plan.micro_batch_size, plan.precision, plan.ep};
+  return {plan.tp,
+          plan.sequence_parallel,
+          plan.micro_batch_size,
+          plan.precision,
+          plan.ep,
+          plan.cp,
+          plan.cp > 1 ? plan.cp_comm : CpComm::p2p};
 }
 
 // Costs of every unit of `graph` (index = unit) under the software stack `stack` (its host
@@ -83,6 +95,21 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
 double layer_kept_act_bytes(const Layer& layer, const UnitCostKey& key, Recompute r,
                             bool unit_has_blocks);
 double full_recompute_input_bytes(const GraphInfo& info, const UnitCostKey& key);
+
+// Context parallelism on an attention core, per micro-batch on one rank: the bytes of the
+// rank's K/V block, and the exchange time left on the critical path (forward, backward) given
+// the core's own compute times on the rank. Ring (p2p): cp − 1 hops hidden behind cp equal
+// attention steps, max(0, hop − step) each, the backward passing K/V and their gradients (twice
+// the bytes) plus one last hop of the gradients; all_gather: the gather before the forward and
+// before the backward, the reduce-scatter of the gradients after it. Zero for other layers.
+struct CpExchange {
+  double bytes = 0;
+  double fwd_s = 0;
+  double bwd_s = 0;
+};
+double cp_kv_bytes(const Layer& layer, const GraphInfo& info, const UnitCostKey& key);
+CpExchange cp_exchange_s(const Layer& layer, const GraphInfo& info, const Cluster& cluster,
+                         const UnitCostKey& key, double attn_fwd_s, double attn_bwd_s);
 
 // How many ways a layer's saved activations / its FLOPs are divided among t ranks.
 double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel);
