@@ -199,6 +199,20 @@ ExecModel ExecModel::from_config(const ModelConfig& c, const std::string& source
   return m;
 }
 
+std::vector<std::int32_t> context_chunk_positions(Eigen::Index seq, int cp, int cp_rank) {
+  PARALLAX_CHECK(cp >= 1 && cp_rank >= 0 && cp_rank < cp && seq % (2 * cp) == 0,
+                 "context parallelism splits the sequence into 2·cp equal chunks");
+  const Eigen::Index chunk = seq / (2 * cp);
+  std::vector<std::int32_t> out;
+  out.reserve(static_cast<std::size_t>(2 * chunk));
+  for (const Eigen::Index c : {Eigen::Index{cp_rank}, Eigen::Index{2 * cp - 1 - cp_rank}}) {
+    for (Eigen::Index i = 0; i < chunk; ++i) {
+      out.push_back(static_cast<std::int32_t>(c * chunk + i));
+    }
+  }
+  return out;
+}
+
 std::vector<BlockLayout> chunk_layout(const ExecModel& m, StageRange units, int tp, int tp_rank,
                                       int dp) {
   const ModelConfig& c = m.config;

@@ -88,7 +88,7 @@ struct CpuOps {
   void rope(Out q, Out k, int head_dim, const MicroBatch& mb, float theta, bool backward) const {
     std::vector<std::int32_t> pos(static_cast<std::size_t>(mb.batch * mb.seq));
     for (std::size_t r = 0; r < pos.size(); ++r)
-      pos[r] = static_cast<std::int32_t>(static_cast<Index>(r) % mb.seq);
+      pos[r] = mb.seq_position(static_cast<Index>(r) % mb.seq);
     const auto rotate = backward ? ops::rope_backward : ops::rope_forward;
     rotate(q, head_dim, pos, theta);
     rotate(k, head_dim, pos, theta);
@@ -106,10 +106,46 @@ struct CpuOps {
     parallax::moe_backward(m, b, tp, mb, t[block::kLn2Full], t, block::kNumSlots, dout, dx);
   }
 
+  // Context parallelism (the all-gather exchange): a K or V block [batch · seq, w] of every CP
+  // rank gathered into the whole sequences [batch · cp · seq, w] in position order, and the
+  // gradients of whole sequences summed back onto each rank's block.
+  Tensor cp_gather(const TpContext& tp, const MicroBatch& mb, const Tensor& local) const {
+    const int cp = tp.cp_size();
+    Tensor parts = make(local.rows() * cp, local.cols());
+    tp.cp_comm->all_gather(local.span(), parts.span());
+    Tensor full = make(local.rows() * cp, local.cols());
+    for_cp_rows(mb, cp, local.cols(), [&](Index part_row, Index full_row, Index w) {
+      std::copy_n(parts.data() + part_row * w, w, full.data() + full_row * w);
+    });
+    return full;
+  }
+  Tensor cp_reduce_scatter(const TpContext& tp, const MicroBatch& mb, const Tensor& full) const {
+    const int cp = tp.cp_size();
+    Tensor parts = make(full.rows(), full.cols());
+    for_cp_rows(mb, cp, full.cols(), [&](Index part_row, Index full_row, Index w) {
+      std::copy_n(full.data() + full_row * w, w, parts.data() + part_row * w);
+    });
+    Tensor local = make(full.rows() / cp, full.cols());
+    tp.cp_comm->reduce_scatter_sum(parts.span(), local.span());
+    return local;
+  }
+  // f(row in the rank-major blocks, row in the whole sequences, width) for every row.
+  template <class F> static void for_cp_rows(const MicroBatch& mb, int cp, Index w, F&& f) {
+    const Index full_seq = mb.seq * cp;
+    for (int r = 0; r < cp; ++r) {
+      const std::vector<std::int32_t> pos = context_chunk_positions(full_seq, cp, r);
+      for (Index b = 0; b < mb.batch; ++b) {
+        for (Index i = 0; i < mb.seq; ++i) {
+          f((r * mb.batch + b) * mb.seq + i, b * full_seq + pos[static_cast<std::size_t>(i)], w);
+        }
+      }
+    }
+  }
+
   // Attention keeps its probabilities (kProbs) unless told otherwise.
   void attention_forward(const Shape& shape, KeepMode keep, std::vector<Tensor>& t) const {
     using namespace block;
-    t[kProbs] = make(shape.batch * shape.heads, shape.seq * shape.seq);
+    t[kProbs] = make(shape.batch * shape.heads, shape.seq * shape.keys());
     ops::attention_forward(t[kQ], t[kK], t[kV], shape, t[kProbs], t[kAtt]);
     if (keep != KeepMode::all)
       t[kProbs].release();
@@ -120,14 +156,15 @@ struct CpuOps {
     t[kAtt].release();
     if (t[kProbs].empty()) {
       // Selective recomputation: the probabilities come back from q and k.
-      t[kProbs] = make(shape.batch * shape.heads, shape.seq * shape.seq);
+      t[kProbs] = make(shape.batch * shape.heads, shape.seq * shape.keys());
       ops::attention_probs(t[kQ], t[kK], shape, t[kProbs]);
     }
     ops::attention_backward(t[kQ], t[kK], t[kV], t[kProbs], datt, shape, dq, dk, dv);
     t[kProbs].release();
   }
 };
-static_assert(block::BlockOps<CpuOps> && block::RoutedExpertOps<CpuOps>);
+static_assert(block::BlockOps<CpuOps> && block::RoutedExpertOps<CpuOps> &&
+              block::ContextParallelOps<CpuOps>);
 
 constexpr CpuOps kCpu{};
 

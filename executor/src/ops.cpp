@@ -244,17 +244,20 @@ namespace {
 void check_attention(ConstMatRef q, ConstMatRef k, ConstMatRef v, const AttentionShape& s) {
   PARALLAX_CHECK(s.kv_heads > 0 && s.heads % s.kv_heads == 0,
                  "query heads must be a multiple of key/value heads");
+  PARALLAX_CHECK(s.q_positions.empty() || static_cast<Index>(s.q_positions.size()) == s.seq,
+                 "one position per query of a sequence");
   check_shape(q, s.batch * s.seq, Index{s.heads} * s.head_dim, "attention q");
-  check_shape(k, s.batch * s.seq, Index{s.kv_heads} * s.head_dim, "attention k");
+  check_shape(k, s.batch * s.keys(), Index{s.kv_heads} * s.head_dim, "attention k");
   if (v)
-    check_shape(v, s.batch * s.seq, Index{s.kv_heads} * s.head_dim, "attention v");
+    check_shape(v, s.batch * s.keys(), Index{s.kv_heads} * s.head_dim, "attention v");
 }
 
 } // namespace
 
 void attention_probs(ConstMatRef q, ConstMatRef k, const AttentionShape& s, MatRef probs) {
   check_attention(q, k, ConstMatRef{}, s);
-  check_shape(probs, s.batch * s.heads, s.seq * s.seq, "attention probabilities");
+  const Index keys = s.keys();
+  check_shape(probs, s.batch * s.heads, s.seq * keys, "attention probabilities");
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   const int group = s.heads / s.kv_heads;
   const auto qm = q.m();
@@ -262,15 +265,17 @@ void attention_probs(ConstMatRef q, ConstMatRef k, const AttentionShape& s, MatR
   for (Index b = 0; b < s.batch; ++b) {
     for (int h = 0; h < s.heads; ++h) {
       const int kvh = h / group;
-      MatMap p(probs.data + (b * s.heads + h) * s.seq * s.seq, s.seq, s.seq);
+      MatMap p(probs.data + (b * s.heads + h) * s.seq * keys, s.seq, keys);
       p.noalias() = qm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim) *
-                    km.block(b * s.seq, Index{kvh} * s.head_dim, s.seq, s.head_dim).transpose();
+                    km.block(b * keys, Index{kvh} * s.head_dim, keys, s.head_dim).transpose();
       for (Index i = 0; i < s.seq; ++i) {
         auto row = p.row(i);
-        const float mx = row.head(i + 1).maxCoeff() * scale;
-        row.head(i + 1) = (row.head(i + 1).array() * scale - mx).exp().matrix();
-        row.head(i + 1) /= row.head(i + 1).sum();
-        row.tail(s.seq - i - 1).setZero();
+        const Index seen = s.query_position(i) + 1;
+        PARALLAX_CHECK(seen >= 1 && seen <= keys, "a query position outside the sequence");
+        const float mx = row.head(seen).maxCoeff() * scale;
+        row.head(seen) = (row.head(seen).array() * scale - mx).exp().matrix();
+        row.head(seen) /= row.head(seen).sum();
+        row.tail(keys - seen).setZero();
       }
     }
   }
@@ -282,13 +287,14 @@ void attention_forward(ConstMatRef q, ConstMatRef k, ConstMatRef v, const Attent
   check_shape(out, s.batch * s.seq, Index{s.heads} * s.head_dim, "attention output");
   attention_probs(q, k, s, probs);
   const int group = s.heads / s.kv_heads;
+  const Index keys = s.keys();
   const auto vm = v.m();
   auto om = out.m();
   for (Index b = 0; b < s.batch; ++b) {
     for (int h = 0; h < s.heads; ++h) {
-      ConstMatMap p(probs.data + (b * s.heads + h) * s.seq * s.seq, s.seq, s.seq);
+      ConstMatMap p(probs.data + (b * s.heads + h) * s.seq * keys, s.seq, keys);
       om.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim).noalias() =
-          p * vm.block(b * s.seq, Index{h / group} * s.head_dim, s.seq, s.head_dim);
+          p * vm.block(b * keys, Index{h / group} * s.head_dim, keys, s.head_dim);
     }
   }
 }
@@ -297,7 +303,8 @@ void attention_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, ConstMatRef
                         ConstMatRef dout, const AttentionShape& s, MatRef dq, MatRef dk,
                         MatRef dv) {
   check_attention(q, k, v, s);
-  check_shape(probs, s.batch * s.heads, s.seq * s.seq, "attention probabilities");
+  const Index keys = s.keys();
+  check_shape(probs, s.batch * s.heads, s.seq * keys, "attention probabilities");
   check_shape(dout, q.rows, q.cols, "attention output gradient");
   check_shape(dq, q.rows, q.cols, "attention q gradient");
   check_shape(dk, k.rows, k.cols, "attention k gradient");
@@ -313,21 +320,21 @@ void attention_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, ConstMatRef
   auto dvm = dv.m();
   dkm.setZero();
   dvm.setZero();
-  Mat dp(s.seq, s.seq);
+  Mat dp(s.seq, keys);
   for (Index b = 0; b < s.batch; ++b) {
     for (int h = 0; h < s.heads; ++h) {
       const Index kvh = h / group;
-      ConstMatMap p(probs.data + (b * s.heads + h) * s.seq * s.seq, s.seq, s.seq);
+      ConstMatMap p(probs.data + (b * s.heads + h) * s.seq * keys, s.seq, keys);
       const auto d_o = dom.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim);
-      const auto vb = vm.block(b * s.seq, kvh * s.head_dim, s.seq, s.head_dim);
-      dvm.block(b * s.seq, kvh * s.head_dim, s.seq, s.head_dim).noalias() += p.transpose() * d_o;
+      const auto vb = vm.block(b * keys, kvh * s.head_dim, keys, s.head_dim);
+      dvm.block(b * keys, kvh * s.head_dim, keys, s.head_dim).noalias() += p.transpose() * d_o;
       dp.noalias() = d_o * vb.transpose();
       // Softmax backward: dS = P ⊙ (dP − Σ_j P ⊙ dP), then the 1/√d scale.
       const Eigen::VectorXf rowdot = (dp.array() * p.array()).rowwise().sum();
       dp = (p.array() * (dp.array().colwise() - rowdot.array()) * scale).matrix();
       dqm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim).noalias() =
-          dp * km.block(b * s.seq, kvh * s.head_dim, s.seq, s.head_dim);
-      dkm.block(b * s.seq, kvh * s.head_dim, s.seq, s.head_dim).noalias() +=
+          dp * km.block(b * keys, kvh * s.head_dim, keys, s.head_dim);
+      dkm.block(b * keys, kvh * s.head_dim, keys, s.head_dim).noalias() +=
           dp.transpose() * qm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim);
     }
   }

@@ -131,10 +131,10 @@ void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size
                      "parallelism is planned and simulated, not yet executed)",
                      std::to_string(plan.ep), "plan with --ep 1 to train");
   }
-  if (plan.cp > 1) {
+  if (plan.cp > 1 && model.config.moe.enabled()) {
     throw InputError(plan_source, "/cp",
-                     "1: the executor runs every sequence whole on a rank (context parallelism "
-                     "is planned and simulated, not yet executed)",
+                     "1 for a mixture of experts (its sequence-wise load-balancing loss needs "
+                     "whole sequences on a rank; context parallelism trains dense models)",
                      std::to_string(plan.cp), "plan with --cp 1 to train");
   }
 }

@@ -11,6 +11,7 @@
 //
 // Letters: n rows (tokens = B·s), h features, V vocab, d head_dim.
 #include "parallax/core/error.hpp"
+#include "parallax/executor/model.hpp"
 #include "parallax/executor/ops.hpp"
 
 #include <gtest/gtest.h>
@@ -535,6 +536,78 @@ TEST(OpsAttention, GradientCheckGroupedQuery) {
 
 TEST(OpsAttention, GradientCheckMultiHead) {
   check_attention_gradients(kMha, 211);
+}
+
+// Context parallelism with causal load balancing: chunks i and 2·cp − 1 − i of 2·cp, so every
+// rank's queries see the same number of keys in all.
+TEST(OpsAttention, ContextChunksBalanceTheCausalWork) {
+  EXPECT_EQ(context_chunk_positions(8, 2, 0), (std::vector<std::int32_t>{0, 1, 6, 7}));
+  EXPECT_EQ(context_chunk_positions(8, 2, 1), (std::vector<std::int32_t>{2, 3, 4, 5}));
+  for (const int cp : {1, 2, 4, 8}) {
+    std::vector<int> seen(64, 0);
+    std::int64_t work0 = -1;
+    for (int r = 0; r < cp; ++r) {
+      std::int64_t work = 0;
+      for (const std::int32_t p : context_chunk_positions(64, cp, r)) {
+        ++seen[static_cast<std::size_t>(p)];
+        work += p + 1; // keys a query at position p attends to
+      }
+      work0 = r == 0 ? work : work0;
+      EXPECT_EQ(work, work0) << "cp " << cp << " rank " << r;
+    }
+    EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), 64) << "cp " << cp;
+  }
+  EXPECT_THROW(context_chunk_positions(10, 2, 0), std::logic_error); // 10 tokens, 4 chunks
+}
+
+// A context-parallel rank's queries (at their positions) against the keys of whole sequences
+// give exactly those rows of whole-sequence attention, and the ranks' key / value gradients
+// sum to the whole-sequence ones.
+TEST(OpsAttention, QueriesAtPositionsAgainstWholeSequences) {
+  const ops::AttentionShape s{.batch = 2, .seq = 8, .heads = 4, .kv_heads = 2, .head_dim = 4};
+  const AttentionInputs in = random_attention_inputs(s, 221);
+  const Tensor dout = random_tensor(in.q.rows(), in.q.cols(), 222);
+  Tensor probs(s.batch * s.heads, s.seq * s.seq);
+  Tensor out(in.q.rows(), in.q.cols());
+  ops::attention_forward(in.q, in.k, in.v, s, probs, out);
+  Tensor dq(in.q.rows(), in.q.cols());
+  Tensor dk(in.k.rows(), in.k.cols());
+  Tensor dv(in.v.rows(), in.v.cols());
+  ops::attention_backward(in.q, in.k, in.v, probs, dout, s, dq, dk, dv);
+  const int cp = 2;
+  Tensor dk_sum(in.k.rows(), in.k.cols());
+  Tensor dv_sum(in.v.rows(), in.v.cols());
+  dk_sum.m().setZero();
+  dv_sum.m().setZero();
+  for (int r = 0; r < cp; ++r) {
+    const std::vector<std::int32_t> pos = context_chunk_positions(s.seq, cp, r);
+    ops::AttentionShape local = s;
+    local.seq = static_cast<Index>(pos.size());
+    local.kv_seq = s.seq;
+    local.q_positions = pos;
+    const auto rows = [&](const Tensor& full) {
+      Tensor t(s.batch * local.seq, full.cols());
+      for (Index b = 0; b < s.batch; ++b)
+        for (Index i = 0; i < local.seq; ++i)
+          t.m().row(b * local.seq + i) = full.m().row(b * s.seq + pos[static_cast<std::size_t>(i)]);
+      return t;
+    };
+    const Tensor q = rows(in.q);
+    const Tensor d_o = rows(dout);
+    Tensor p(s.batch * s.heads, local.seq * s.seq);
+    Tensor o(q.rows(), q.cols());
+    ops::attention_forward(q, in.k, in.v, local, p, o);
+    expect_near(o, rows(out).m().cast<double>(), 1e-6, "rank's attention output");
+    Tensor dq_r(q.rows(), q.cols());
+    Tensor dk_r(in.k.rows(), in.k.cols());
+    Tensor dv_r(in.v.rows(), in.v.cols());
+    ops::attention_backward(q, in.k, in.v, p, d_o, local, dq_r, dk_r, dv_r);
+    expect_near(dq_r, rows(dq).m().cast<double>(), 1e-5, "rank's query gradient");
+    dk_sum.m() += dk_r.m();
+    dv_sum.m() += dv_r.m();
+  }
+  expect_near(dk_sum, dk.m().cast<double>(), 1e-5, "summed key gradients");
+  expect_near(dv_sum, dv.m().cast<double>(), 1e-5, "summed value gradients");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ inline fs::path model_file(const std::string& family) {
 struct Case {
   std::string family = "gpt";
   int dp = 1, tp = 1, pp = 1;
+  int cp = 1; // context parallelism
   int zero = 0;
   std::string schedule = "1f1b";
   int v = 1;
@@ -116,7 +117,8 @@ struct Case {
 };
 
 inline std::string case_name(const Case& c) {
-  return fmt::format("{}_d{}t{}p{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp, c.zero,
+  return fmt::format("{}_d{}t{}p{}{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp,
+                     c.cp > 1 ? fmt::format("c{}", c.cp) : "", c.zero,
                      c.schedule == "1f1b" ? "onefoneb" : c.schedule,
                      c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "",
                      c.micro, c.sync == "allreduce" ? "" : "_" + c.sync,
@@ -163,6 +165,8 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
                      {"grad_sync", c.sync},
                      {"overlap_grad_reduce", c.overlap}};
   Json doc = plan;
+  if (c.cp > 1)
+    doc["cp"] = c.cp;
   if (c.even_stages) {
     for (const parallax::StageRange& r : parallax::stages_even(8, c.pp * c.v))
       doc["stages"].push_back({r.first, r.second});
@@ -179,7 +183,7 @@ inline TrainRun train(const Case& c, const TrainArgs& a = {}) {
     fs::remove_all(dir);
   fs::create_directories(dir);
   const fs::path plan = write_plan(c, dir / fmt::format("plan-{}.json", case_name(c)));
-  const int np = c.dp * c.tp * c.pp;
+  const int np = c.dp * c.cp * c.tp * c.pp;
   const Result r = shell(fmt::format(
       "{} {}{} train --model {} --plan {} --steps {} --seed 7 --lr 1e-3 --warmup-steps 2 "
       "--decay-steps 20 --checkpoint-dir {} --log {} --comm-timeout {} {}",

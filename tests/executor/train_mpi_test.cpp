@@ -86,6 +86,14 @@ std::vector<Case> equivalence_cases() {
     // Parameter-server gradient sync (data-parallel rank 0 reduces, updates and broadcasts).
     cases.push_back({.family = family, .dp = 4, .sync = "parameter_server"});
     cases.push_back({.family = family, .dp = 2, .tp = 2, .pp = 2, .sync = "parameter_server"});
+    // Context parallelism: every sequence in 2·cp chunks (the 32-token sequences in 4 or 8),
+    // alone and with tensor, pipeline and data parallelism, ZeRO and full recomputation.
+    cases.push_back({.family = family, .cp = 2});
+    cases.push_back({.family = family, .cp = 4});
+    cases.push_back({.family = family, .tp = 2, .pp = 2, .cp = 2, .sp = family == "llama"});
+    cases.push_back({.family = family, .cp = 2, .recompute = "full"});
+    if (family == "gpt")
+      cases.push_back({.family = family, .dp = 2, .cp = 2, .zero = 3});
     // Gradient accumulation over many micro-batches vs one big batch.
     cases.push_back({.family = family, .micro = 1});
     // A stack that reduces gradients after the backward pass instead of during it.

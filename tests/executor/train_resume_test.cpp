@@ -34,6 +34,21 @@ TEST(TrainResume, ContinuesUnderAnotherPlanAndRankCount) {
   }
 }
 
+// Checkpoints hold whole tensors whatever the context-parallel split: a cp = 2 run resumes
+// under cp = 1 (and more data parallelism) where an uninterrupted run would be.
+TEST(TrainResume, ContextParallelRunResumesWithoutIt) {
+  const TrainRun straight = train({.family = "llama"}, {.steps = 10, .dir = "cp-straight"});
+  const TrainRun first =
+      train({.family = "llama", .cp = 2, .zero = 1}, {.steps = 5, .dir = "cp-resumed"});
+  ASSERT_EQ(first.final_state.step, 5);
+  const TrainRun second =
+      train({.family = "llama", .dp = 2, .zero = 2},
+            {.extra = "--resume", .steps = 10, .dir = "cp-resumed", .fresh = false});
+  ASSERT_EQ(second.steps.size(), 10u) << second.output;
+  EXPECT_NE(second.output.find("resumed from step 5"), std::string::npos) << second.output;
+  expect_same_training(second, straight, 1e-4);
+}
+
 std::optional<Checkpoint> latest(const fs::path& dir) {
   try {
     return parallax::read_latest_checkpoint(dir);

@@ -371,6 +371,11 @@ std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
     throw InputError(plan_source, "/moe", "a dense model for the CUDA trainer",
                      "a mixture of experts (routed experts train on the CPU backend so far)");
   }
+  if (plan.cp > 1) {
+    throw InputError(plan_source, "/cp", "1 for the CUDA trainer",
+                     std::to_string(plan.cp) +
+                         " (context parallelism trains on the CPU backend so far)");
+  }
   if (!gpu_available()) {
     throw std::runtime_error("the CUDA trainer needs a CUDA device, and this process sees none");
   }

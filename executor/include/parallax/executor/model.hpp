@@ -104,7 +104,16 @@ struct TpContext {
   std::function<void(const char* what, double start_s, double end_s, double bytes)> on_comm;
   int size() const { return comm ? comm->size() : 1; }
   int rank() const { return comm ? comm->rank() : 0; }
+  // Context parallelism: the ranks holding the other chunks of the same sequences (null: cp 1).
+  Communicator* cp_comm = nullptr;
+  int cp_size() const { return cp_comm ? cp_comm->size() : 1; }
+  int cp_rank() const { return cp_comm ? cp_comm->rank() : 0; }
 };
+
+// Context parallelism with causal load balancing: a sequence of `seq` tokens split into 2·cp
+// chunks, of which rank i holds chunks i and 2·cp − 1 − i, in that order. The positions in the
+// whole sequence of the rank's seq / cp tokens.
+std::vector<std::int32_t> context_chunk_positions(Eigen::Index seq, int cp, int cp_rank);
 
 // One micro-batch's data as every chunk sees it: rows = batch · seq, batch-major.
 struct MicroBatch {
@@ -113,6 +122,13 @@ struct MicroBatch {
   std::vector<std::int32_t> inputs;    // batch · seq tokens
   std::vector<std::int32_t> targets;   // batch · seq next tokens
   std::vector<std::int32_t> positions; // position of each row of this rank's activations
+  // Context parallelism: the position in the whole sequence of each of this rank's seq tokens
+  // of a sequence (context_chunk_positions); empty: 0 … seq − 1.
+  std::vector<std::int32_t> seq_positions;
+  std::int32_t seq_position(Eigen::Index i) const {
+    return seq_positions.empty() ? static_cast<std::int32_t>(i)
+                                 : seq_positions[static_cast<std::size_t>(i)];
+  }
   // The gradient scale of one token's loss (1 / tokens of the global batch): a mixture of
   // experts' load-balancing loss is weighted like the token loss.
   float loss_scale = 0;

@@ -48,16 +48,25 @@ void rope_backward(MatRef dx, int head_dim, std::span<const std::int32_t> positi
 
 struct AttentionShape {
   Eigen::Index batch = 1;
-  Eigen::Index seq = 1;
-  int heads = 1;    // query heads (local to this tensor-parallel rank)
-  int kv_heads = 1; // key/value heads; query head j reads kv head j / (heads / kv_heads)
+  Eigen::Index seq = 1; // queries per sequence
+  int heads = 1;        // query heads (local to this tensor-parallel rank)
+  int kv_heads = 1;     // key/value heads; query head j reads kv head j / (heads / kv_heads)
   int head_dim = 1;
+  // Context parallelism: the keys of the whole sequence (kv_seq of them, 0: seq) against this
+  // rank's queries, query i of a sequence sitting at position q_positions[i] of it (empty:
+  // position i). Query i sees the keys at positions <= its own.
+  Eigen::Index kv_seq = 0;
+  std::span<const std::int32_t> q_positions;
+  Eigen::Index keys() const { return kv_seq > 0 ? kv_seq : seq; }
+  Eigen::Index query_position(Eigen::Index i) const {
+    return q_positions.empty() ? i : q_positions[static_cast<std::size_t>(i)];
+  }
 };
 
-// Causal softmax(q·kᵀ/√d) probabilities: probs is [batch·heads, seq·seq] (row i·seq + j of the
-// flattened square holds query i, key j; zero above the diagonal).
+// Causal softmax(q·kᵀ/√d) probabilities: probs is [batch·heads, seq·keys] (row i·keys + j of
+// the flattened rectangle holds query i, key j; zero where key j comes after query i).
 void attention_probs(ConstMatRef q, ConstMatRef k, const AttentionShape& shape, MatRef probs);
-// out = probs·v per head. q: [batch·seq, heads·d], k and v: [batch·seq, kv_heads·d].
+// out = probs·v per head. q: [batch·seq, heads·d], k and v: [batch·keys, kv_heads·d].
 void attention_forward(ConstMatRef q, ConstMatRef k, ConstMatRef v, const AttentionShape& shape,
                        MatRef probs, MatRef out);
 // dq, dk, dv overwritten from the saved (or recomputed) probs.

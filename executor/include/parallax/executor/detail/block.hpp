@@ -105,13 +105,34 @@ typename O::Out opt_grad(const O& o, const ExecModel& m, const BlockBuffers& b,
   return m.config.bias ? o.grad(b, s) : typename O::Out{};
 }
 
+// Context parallelism: the backend gathers every CP rank's K / V block into whole sequences
+// and sums their gradients back (the all-gather exchange; a ring with overlap is what the
+// planner can also cost), and its attention takes keys of the whole sequence against queries at
+// given positions (AttentionShape::kv_seq, q_positions). A backend without them (CUDA, for
+// now) refuses cp > 1 plans.
+template <class O>
+concept ContextParallelOps = requires(const O& o, const TpContext& tp, const MicroBatch& mb,
+                                      const typename O::Tensor& ct, typename O::Shape& shape) {
+  { o.cp_gather(tp, mb, ct) } -> std::same_as<typename O::Tensor>;
+  { o.cp_reduce_scatter(tp, mb, ct) } -> std::same_as<typename O::Tensor>;
+  shape.kv_seq;
+  shape.q_positions;
+};
+
 template <BlockOps O>
 typename O::Shape attention_shape(const ExecModel& m, const TpContext& tp, const MicroBatch& mb) {
-  return {.batch = mb.batch,
-          .seq = mb.seq,
-          .heads = m.config.num_attention_heads / tp.size(),
-          .kv_heads = m.config.num_kv_heads / tp.size(),
-          .head_dim = static_cast<int>(m.config.head_dim())};
+  typename O::Shape s{.batch = mb.batch,
+                      .seq = mb.seq,
+                      .heads = m.config.num_attention_heads / tp.size(),
+                      .kv_heads = m.config.num_kv_heads / tp.size(),
+                      .head_dim = static_cast<int>(m.config.head_dim())};
+  if constexpr (ContextParallelOps<O>) {
+    if (tp.cp_size() > 1) {
+      s.kv_seq = mb.seq * tp.cp_size();
+      s.q_positions = mb.seq_positions;
+    }
+  }
+  return s;
 }
 
 // ---- Megatron's conjugate pair around a tensor-parallel region ----
@@ -170,6 +191,40 @@ typename O::Tensor tp_reduce(const O& o, const TpContext& tp, typename O::Tensor
   tp.comm->reduce_scatter_sum(o.floats(static_cast<const typename O::Tensor&>(x)), o.floats(part));
   comm_done(o, tp, "tp reduce-scatter", start, x.size());
   return part;
+}
+
+// ---- context parallelism ----
+
+// K or V of this rank's tokens → of the whole sequences (a no-op without context parallelism).
+template <BlockOps O>
+typename O::Tensor cp_gather_kv(const O& o, const TpContext& tp, const MicroBatch& mb,
+                                typename O::Tensor x) {
+  if (tp.cp_size() == 1)
+    return x;
+  if constexpr (ContextParallelOps<O>) {
+    const double start = comm_start(o, tp);
+    typename O::Tensor full = o.cp_gather(tp, mb, x);
+    comm_done(o, tp, "cp all-gather", start, full.size());
+    return full;
+  } else {
+    PARALLAX_CHECK(false, "this backend has no context-parallel ops");
+    return x;
+  }
+}
+template <BlockOps O>
+typename O::Tensor cp_scatter_grad(const O& o, const TpContext& tp, const MicroBatch& mb,
+                                   typename O::Tensor dx) {
+  if (tp.cp_size() == 1)
+    return dx;
+  if constexpr (ContextParallelOps<O>) {
+    const double start = comm_start(o, tp);
+    typename O::Tensor local = o.cp_reduce_scatter(tp, mb, dx);
+    comm_done(o, tp, "cp reduce-scatter", start, dx.size());
+    return local;
+  } else {
+    PARALLAX_CHECK(false, "this backend has no context-parallel ops");
+    return dx;
+  }
 }
 
 // ---- the MLP sub-layer ----
@@ -273,6 +328,10 @@ typename O::Tensor layer_forward(const O& o, const ExecModel& m, const BlockBuff
   o.linear(t[kLn1Full], o.param(b, "attn.wv"), opt_param(o, m, b, "attn.bv"), t[kV]);
   if (m.rope())
     o.rope(t[kQ], t[kK], static_cast<int>(d), mb, m.rope_theta, false);
+  // Context parallelism: this rank's queries against the keys and values of whole sequences
+  // (kept so for the backward).
+  t[kK] = cp_gather_kv(o, tp, host, std::move(t[kK]));
+  t[kV] = cp_gather_kv(o, tp, host, std::move(t[kV]));
   t[kAtt] = o.make(n, shape.heads * d);
   o.attention_forward(shape, keep, t);
   T out = o.make(n, h);
@@ -379,9 +438,11 @@ typename O::Tensor layer_backward(const O& o, const ExecModel& m, const BlockBuf
   T datt = o.make(n, t[kAtt].cols());
   o.linear_grad(t[kAtt], o.param(b, "attn.wo"), do_full, datt, o.grad(b, "attn.wo"), Out{}, false);
   T dq = o.make(n, t[kQ].cols());
-  T dk = o.make(n, t[kK].cols());
-  T dv = o.make(n, t[kV].cols());
+  T dk = o.make(t[kK].rows(), t[kK].cols()); // whole sequences under context parallelism
+  T dv = o.make(t[kV].rows(), t[kV].cols());
   o.attention_backward(shape, t, datt, dq, dk, dv);
+  dk = cp_scatter_grad(o, tp, o.host(mb), std::move(dk));
+  dv = cp_scatter_grad(o, tp, o.host(mb), std::move(dv));
   if (m.rope())
     o.rope(dq, dk, shape.head_dim, mb, m.rope_theta, true);
   T dln1_full = o.make(n, h);

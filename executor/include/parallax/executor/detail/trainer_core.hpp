@@ -179,7 +179,8 @@ private:
                    double e, double bytes);
   void resolve_marks();
   int chunk_rank(int chunk) const {
-    return rank_of(plan_, {.dp = me_.dp, .pp = chunk_pp_rank(plan_, chunk), .tp = me_.tp});
+    return rank_of(plan_,
+                   {.dp = me_.dp, .pp = chunk_pp_rank(plan_, chunk), .tp = me_.tp, .cp = me_.cp});
   }
   int tag(int chunk, std::int64_t mb, int dir) const {
     return static_cast<int>((static_cast<std::int64_t>(chunk) * m_ + mb) * 2 + dir);
@@ -202,7 +203,7 @@ private:
   Act receive(int chunk_from, std::int64_t k, int dir, Eigen::Index rows);
   void send(Act x, int chunk_to, int chunk_from, std::int64_t k, int dir);
   Eigen::Index local_rows() const {
-    const Eigen::Index n = plan_.micro_batch_size * model_.config.seq_length;
+    const Eigen::Index n = plan_.micro_batch_size * model_.config.seq_length / plan_.cp;
     return plan_.sequence_parallel ? n / plan_.tp : n;
   }
   KeepMode keep_mode() const;
@@ -237,10 +238,14 @@ private:
 
   std::unique_ptr<Communicator> world_; // MPI: host values, pipeline messages, checkpoints
   std::unique_ptr<Communicator> tp_comm_;
+  // The dp·cp ranks holding the same parameters: gradient reductions, ZeRO shards, publishes.
   std::unique_ptr<Communicator> dp_comm_;
+  std::unique_ptr<Communicator> cp_comm_;    // context parallelism (null when cp = 1)
   std::unique_ptr<Communicator> embed_comm_; // first and last pipeline rank (tied embeddings)
   RankCoords me_;
   int rank_ = 0;
+  // This rank's index among the dp·cp ranks holding its parameters (its ZeRO shard).
+  int replica_ = 0;
   std::int64_t m_ = 1;        // micro-batches per replica
   std::vector<Chunk> chunks_; // local chunks, by local index
   // [local chunk][unit − chunk's first unit]: the unit's block indices.
@@ -293,11 +298,16 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
   m_ = plan.num_microbatches();
   // Pipeline messages go point to point over the world communicator (any two chunks' ranks).
   tp_comm_ = be_.group(tp_group(plan, rank_), "tp", options.comm_timeout);
-  dp_comm_ = be_.group(dp_group(plan, rank_), "dp", options.comm_timeout);
+  dp_comm_ = be_.group(dp_cp_group(plan, rank_), "dp", options.comm_timeout);
+  replica_ = me_.dp * plan.cp + me_.cp;
+  if (plan.cp > 1) {
+    cp_comm_ = be_.group(cp_group(plan, rank_), "cp", options.comm_timeout);
+  }
   if (c.tied_embeddings && plan.pp > 1 && (me_.pp == 0 || me_.pp == plan.pp - 1)) {
-    embed_comm_ = be_.group({rank_of(plan, {.dp = me_.dp, .pp = 0, .tp = me_.tp}),
-                             rank_of(plan, {.dp = me_.dp, .pp = plan.pp - 1, .tp = me_.tp})},
-                            "embedding", options.comm_timeout);
+    embed_comm_ =
+        be_.group({rank_of(plan, {.dp = me_.dp, .pp = 0, .tp = me_.tp, .cp = me_.cp}),
+                   rank_of(plan, {.dp = me_.dp, .pp = plan.pp - 1, .tp = me_.tp, .cp = me_.cp})},
+                  "embedding", options.comm_timeout);
   }
   data_ = options.data_path.empty()
               ? make_synthetic_source(c.vocab_size, options.seed)
@@ -309,12 +319,12 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
     Chunk ch;
     ch.index = lc * plan.pp + me_.pp;
     ch.units = plan.stages[static_cast<std::size_t>(ch.index)];
-    for (BlockLayout& layout : chunk_layout(model, ch.units, plan.tp, me_.tp, plan.dp)) {
+    for (BlockLayout& layout : chunk_layout(model, ch.units, plan.tp, me_.tp, plan.dp_cp())) {
       Block b;
       b.layout = std::move(layout);
       const std::int64_t padded = b.layout.padded;
-      b.own_size = z == 0 ? padded : padded / plan.dp;
-      b.own_begin = z == 0 ? 0 : b.own_size * me_.dp;
+      b.own_size = z == 0 ? padded : padded / plan.dp_cp();
+      b.own_begin = z == 0 ? 0 : b.own_size * replica_;
       Buffer full(static_cast<std::size_t>(padded), 0.0f);
       init_block(b.layout, options.seed, {full.data(), full.size()});
       if (z == 3) {
@@ -365,6 +375,7 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
 
 template <TrainerBackend B> TpContext TrainerCore<B>::tp() {
   TpContext t{.comm = tp_comm_.get(), .sequence_parallel = plan_.sequence_parallel};
+  t.cp_comm = cp_comm_.get();
   if (recording_) {
     // Named after the op they run in, as the simulator names an op's TP collective.
     t.on_comm = [this](const char* /*what*/, double s, double e, double bytes) {
@@ -423,23 +434,29 @@ template <TrainerBackend B> MicroBatch TrainerCore<B>::micro_batch(std::int64_t 
   const ModelConfig& c = model_.config;
   MicroBatch mb;
   mb.batch = plan_.micro_batch_size;
-  mb.seq = c.seq_length;
+  mb.seq = c.seq_length / plan_.cp; // this rank's tokens of each sequence
   mb.loss_scale =
       static_cast<float>(1.0 / static_cast<double>(plan_.global_batch_size * c.seq_length));
+  if (plan_.cp > 1) {
+    mb.seq_positions = context_chunk_positions(c.seq_length, plan_.cp, me_.cp);
+  }
   const std::int64_t base =
       samples_consumed_ + me_.dp * (m_ * plan_.micro_batch_size) + k * plan_.micro_batch_size;
-  std::vector<std::int32_t> sample(static_cast<std::size_t>(mb.seq + 1));
+  std::vector<std::int32_t> sample(static_cast<std::size_t>(c.seq_length + 1));
   for (Eigen::Index b = 0; b < mb.batch; ++b) {
     data_->sample(base + b, sample);
-    mb.inputs.insert(mb.inputs.end(), sample.begin(), sample.end() - 1);
-    mb.targets.insert(mb.targets.end(), sample.begin() + 1, sample.end());
+    for (Eigen::Index i = 0; i < mb.seq; ++i) {
+      const auto at = static_cast<std::size_t>(mb.seq_position(i));
+      mb.inputs.push_back(sample[at]);
+      mb.targets.push_back(sample[at + 1]);
+    }
   }
   const Eigen::Index n = mb.batch * mb.seq;
   const int t = plan_.sequence_parallel ? plan_.tp : 1;
   const Eigen::Index local = n / t;
   const Eigen::Index first = plan_.sequence_parallel ? local * me_.tp : 0;
   for (Eigen::Index r = 0; r < local; ++r) {
-    mb.positions.push_back(static_cast<std::int32_t>((first + r) % mb.seq));
+    mb.positions.push_back(mb.seq_position((first + r) % mb.seq));
   }
   return mb;
 }

@@ -32,7 +32,7 @@ template <TrainerBackend B> Buffer TrainerCore<B>::assemble(const Block& b, cons
   const std::int64_t padded = b.layout.padded;
   Flat full = be_.zeros(padded);
   be_.copy(B::data(full) + b.own_begin, owned, b.own_size);
-  if (plan_.zero_stage > 0 && plan_.dp > 1) {
+  if (plan_.zero_stage > 0 && plan_.dp_cp() > 1) {
     const std::span<float> all = span_of(full);
     dp_comm_->all_gather(
         all.subspan(static_cast<std::size_t>(b.own_begin), static_cast<std::size_t>(b.own_size)),
@@ -112,7 +112,7 @@ template <TrainerBackend B> Checkpoint TrainerCore<B>::checkpoint() {
       for (int lc = 0; lc < plan_.virtual_stages; ++lc) {
         const int chunk = lc * plan_.pp + pr;
         const auto layouts = chunk_layout(model_, plan_.stages[static_cast<std::size_t>(chunk)],
-                                          plan_.tp, tr, plan_.dp);
+                                          plan_.tp, tr, plan_.dp_cp());
         for (std::size_t bi = 0; bi < layouts.size(); ++bi) {
           if (rank_ == src && src == 0) {
             const HostFlat& f = flats[static_cast<std::size_t>(lc)][bi];

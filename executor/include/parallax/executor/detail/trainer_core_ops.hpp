@@ -78,7 +78,7 @@ template <TrainerBackend B> bool TrainerCore<B>::shared_with_head(const Block& e
 
 // ZeRO-2/3 without data parallelism: the micro-batch's gradients go straight to the owned ones.
 template <TrainerBackend B> void TrainerCore<B>::accumulate_local(Block& b) {
-  if (plan_.zero_stage < 2 || plan_.dp > 1 || b.alias)
+  if (plan_.zero_stage < 2 || plan_.dp_cp() > 1 || b.alias)
     return;
   be_.add(B::data(b.grad_shard), B::data(b.grads), B::size(b.grad_shard));
   b.grads = Flat();

@@ -101,7 +101,7 @@ template <TrainerBackend B> void TrainerCore<B>::sp_sync() {
 
 template <TrainerBackend B> double TrainerCore<B>::gradient_norm() {
   Ranges ranges;
-  const bool count_dp = plan_.zero_stage > 0 || me_.dp == 0;
+  const bool count_dp = plan_.zero_stage > 0 || replica_ == 0;
   if (count_dp) {
     for (Chunk& c : chunks_) {
       for (Block& b : c.blocks) {
@@ -122,7 +122,7 @@ template <TrainerBackend B> double TrainerCore<B>::gradient_norm() {
 }
 
 template <TrainerBackend B> void TrainerCore<B>::adamw(double lr, double clip_coef) {
-  if (parameter_server() && me_.dp != 0)
+  if (parameter_server() && replica_ != 0)
     return; // the server updates, the others receive
   for (Chunk& c : chunks_) {
     for (Block& b : c.blocks) {
