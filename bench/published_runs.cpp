@@ -19,6 +19,54 @@ using namespace published_detail;
 
 namespace {
 
+// A whole number in `object` (the row's model.moe or model.mla) at `key`, or `fallback`.
+std::int64_t nested_integer(const Row& r, const Json& object, const char* section, const char* key,
+                            std::int64_t fallback) {
+  if (!object.contains(key) || object[key].is_null()) {
+    return fallback;
+  }
+  const Json& v = object[key];
+  if (!v.is_number_integer() || v.get<std::int64_t>() < 0 || v.get<std::int64_t>() > (1 << 24)) {
+    r.fail(fmt::format("/model/{}/{}", section, key), "a whole number in [0, 16777216]",
+           json_describe(v));
+  }
+  return v.get<std::int64_t>();
+}
+
+// The row's mixture of experts and latent attention, as the model zoo's files state them.
+void moe_and_mla_of(const Row& r, ModelConfig& c) {
+  if (const Json* moe = r.at("model", "moe"); moe != nullptr && moe->is_object()) {
+    c.moe.num_experts = static_cast<int>(nested_integer(r, *moe, "moe", "num_experts", 0));
+    c.moe.experts_per_token =
+        static_cast<int>(nested_integer(r, *moe, "moe", "experts_per_token", 0));
+    c.moe.expert_ffn_hidden_size = nested_integer(r, *moe, "moe", "expert_ffn_hidden_size", 0);
+    c.moe.shared_experts = static_cast<int>(nested_integer(r, *moe, "moe", "shared_experts", 0));
+    c.moe.first_dense_layers =
+        static_cast<int>(nested_integer(r, *moe, "moe", "first_dense_layers", 0));
+    if (c.moe.num_experts < 1 || c.moe.experts_per_token < 1 ||
+        c.moe.experts_per_token > c.moe.num_experts || c.moe.expert_ffn_hidden_size < 1) {
+      r.fail("/model/moe", "num_experts >= experts_per_token >= 1 and expert_ffn_hidden_size >= 1",
+             r.describe("model", "moe"));
+    }
+    if (moe->contains("router_scoring") && (*moe)["router_scoring"].is_string()) {
+      c.moe.router_scoring = has(lower((*moe)["router_scoring"].get<std::string>()), "sigmoid")
+                                 ? "sigmoid"
+                                 : "softmax";
+    }
+  }
+  if (const Json* mla = r.at("model", "mla"); mla != nullptr && mla->is_object()) {
+    c.mla.q_lora_rank = nested_integer(r, *mla, "mla", "q_lora_rank", 0);
+    c.mla.kv_lora_rank = nested_integer(r, *mla, "mla", "kv_lora_rank", 0);
+    c.mla.qk_nope_head_dim = nested_integer(r, *mla, "mla", "qk_nope_head_dim", 0);
+    c.mla.qk_rope_head_dim = nested_integer(r, *mla, "mla", "qk_rope_head_dim", 0);
+    c.mla.v_head_dim = nested_integer(r, *mla, "mla", "v_head_dim", 0);
+  }
+  if (const std::optional<std::int64_t> d = r.integer("model", "head_dim")) {
+    c.head_dim_stated = *d;
+  }
+  c.qk_norm = r.boolean("model", "qk_layernorm").value_or(false);
+}
+
 ModelConfig model_of(const Row& r, const Stack& stack_kernels) {
   ModelConfig c;
   c.name = r.text("model", "name");
@@ -76,6 +124,7 @@ ModelConfig model_of(const Row& r, const Stack& stack_kernels) {
     r.fail("/model/num_kv_heads", "a divisor of num_attention_heads",
            r.describe("model", "num_kv_heads"));
   }
+  moe_and_mla_of(r, c);
   return c;
 }
 
@@ -171,13 +220,6 @@ std::optional<Recompute> recompute_of(const std::string& stated) {
 }
 
 void pin_parallelism(const Row& r, PlanPins& pins, int gpus) {
-  for (const char* key : {"cp", "ep"}) {
-    if (r.integer("parallel", key).value_or(1) > 1) {
-      r.fail(Row::path("parallel", key), "1 or null", r.describe("parallel", key),
-             std::string(key) == "cp" ? "context parallelism is not modelled"
-                                      : "expert parallelism is not modelled");
-    }
-  }
   auto dim = [&](const char* key) -> std::optional<int> {
     const std::optional<std::int64_t> v = r.integer("parallel", key);
     if (v && (*v > gpus || gpus % *v != 0)) {
@@ -189,9 +231,17 @@ void pin_parallelism(const Row& r, PlanPins& pins, int gpus) {
   pins.tp = dim("tp");
   pins.pp = dim("pp");
   pins.dp = dim("dp");
-  if (pins.tp && pins.pp && pins.dp && *pins.tp * *pins.pp * *pins.dp != gpus) {
-    r.fail("/parallel", fmt::format("tp × pp × dp = {} GPUs", gpus),
-           fmt::format("{} × {} × {}", *pins.tp, *pins.pp, *pins.dp));
+  // Context parallelism splits sequences over cp ranks beside dp (Megatron-Core's
+  // --context-parallel-size, world = tp·cp·dp·pp); expert parallelism is carved out of dp.
+  pins.cp = dim("cp").value_or(1);
+  pins.ep = dim("ep").value_or(1);
+  if (*pins.cp > 1) { // Megatron-Core's default exchange, and ring attention's
+    pins.cp_comm = has(lower(r.text("parallel", "cp_comm_type")), "all_gather") ? CpComm::all_gather
+                                                                                : CpComm::p2p;
+  }
+  if (pins.tp && pins.pp && pins.dp && *pins.tp * *pins.pp * *pins.dp * *pins.cp != gpus) {
+    r.fail("/parallel", fmt::format("tp × pp × dp × cp = {} GPUs", gpus),
+           fmt::format("{} × {} × {} × {}", *pins.tp, *pins.pp, *pins.dp, *pins.cp));
   }
   if (const std::optional<double> z = r.number("parallel", "zero_stage")) {
     if (*z > 3 || *z != std::floor(*z)) {
@@ -387,6 +437,10 @@ PublishedCase published_case(const Json& row, const std::string& file) {
 
   PlanPins& pins = req.pins;
   pin_parallelism(r, pins, req.gpus);
+  if (*pins.ep > 1 && !out.model.moe.enabled()) {
+    r.fail("/parallel/ep", "1 (the model states no mixture of experts)",
+           r.describe("parallel", "ep"));
+  }
   if (!pins.sequence_parallel && year && *year <= 2021) {
     // Sequence parallelism was published in 2022 (Korthikanti et al.): earlier runs lack it.
     pins.sequence_parallel = false;

@@ -92,22 +92,19 @@ std::vector<int> pp_group(const Plan& plan, int rank) {
 }
 
 std::vector<int> ep_group(const Plan& plan, int rank) {
-  RankCoords c = rank_coords(plan, rank);
-  std::vector<int> out;
-  const int first = c.dp - c.dp % plan.ep;
-  for (int i = 0; i < plan.ep; ++i) {
-    out.push_back(rank_of(plan, {first + i, c.pp, c.tp, c.cp}));
-  }
-  return out;
+  const std::vector<int> replicas = dp_cp_group(plan, rank);
+  const RankCoords c = rank_coords(plan, rank);
+  const int me = c.dp * plan.cp + c.cp;
+  const int first = me - me % plan.ep;
+  return {replicas.begin() + first, replicas.begin() + first + plan.ep};
 }
 
 std::vector<int> expert_dp_group(const Plan& plan, int rank) {
-  RankCoords c = rank_coords(plan, rank);
+  const std::vector<int> replicas = dp_cp_group(plan, rank);
+  const RankCoords c = rank_coords(plan, rank);
   std::vector<int> out;
-  for (int d = c.dp % plan.ep; d < plan.dp; d += plan.ep) {
-    for (int i = 0; i < plan.cp; ++i) {
-      out.push_back(rank_of(plan, {d, c.pp, c.tp, i}));
-    }
+  for (int i = (c.dp * plan.cp + c.cp) % plan.ep; i < plan.dp_cp(); i += plan.ep) {
+    out.push_back(replicas[static_cast<std::size_t>(i)]);
   }
   return out;
 }

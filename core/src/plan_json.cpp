@@ -165,7 +165,7 @@ std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp) {
   return std::nullopt;
 }
 
-std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp, int ep) {
+std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp_cp, int ep) {
   if (ep == 1) {
     return std::nullopt;
   }
@@ -173,8 +173,9 @@ std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp, int ep) {
     return PlanProblem{"/ep", "1 (the model has no mixture-of-experts layers)", std::to_string(ep),
                        ""};
   }
-  if (dp % ep != 0) {
-    return PlanProblem{"/ep", fmt::format("a divisor of dp = {}", dp), std::to_string(ep), ""};
+  if (dp_cp % ep != 0) {
+    return PlanProblem{"/ep", fmt::format("a divisor of dp·cp = {}", dp_cp), std::to_string(ep),
+                       ""};
   }
   if (info.num_experts % ep != 0) {
     return PlanProblem{"/ep", fmt::format("a divisor of the model's {} experts", info.num_experts),
@@ -206,7 +207,7 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
   if (auto tp = tp_problem(info, p.tp)) {
     return tp;
   }
-  if (auto ep = ep_problem(info, p.dp, p.ep)) {
+  if (auto ep = ep_problem(info, p.dp_cp(), p.ep)) {
     return ep;
   }
   if (auto cp = cp_problem(info, p.cp)) {

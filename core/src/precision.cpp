@@ -2,7 +2,9 @@
 
 namespace parallax {
 
-std::string_view precision_name(Precision p) { return kPrecisionNames.at(static_cast<int>(p)); }
+std::string_view precision_name(Precision p) {
+  return kPrecisionNames.at(static_cast<int>(p));
+}
 
 std::optional<Precision> precision_parse(std::string_view name) {
   for (std::size_t i = 0; i < kPrecisionNames.size(); ++i) {

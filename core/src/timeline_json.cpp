@@ -29,12 +29,14 @@ Json timeline_to_chrome_trace(const Timeline& t) {
                       {"args", {{"name", fmt::format("rank {}", rank)}}}});
     if (static_cast<std::size_t>(rank) < t.peak_memory_bytes.size()) {
       // A counter track: Perfetto draws the rank's peak memory above its streams.
-      events.push_back({{"name", "peak memory"},
-                        {"ph", "C"},
-                        {"pid", rank},
-                        {"ts", 0},
-                        {"args", {{"GiB", static_cast<double>(t.peak_memory_bytes[static_cast<std::size_t>(rank)]) /
-                                              (1024.0 * 1024.0 * 1024.0)}}}});
+      events.push_back(
+          {{"name", "peak memory"},
+           {"ph", "C"},
+           {"pid", rank},
+           {"ts", 0},
+           {"args",
+            {{"GiB", static_cast<double>(t.peak_memory_bytes[static_cast<std::size_t>(rank)]) /
+                         (1024.0 * 1024.0 * 1024.0)}}}});
     }
     for (std::size_t s = 0; s < kStreamNames.size(); ++s) {
       events.push_back({{"name", "thread_name"},

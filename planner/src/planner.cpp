@@ -236,7 +236,7 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
             continue;
           }
           for (auto [schedule, v] : schedules_for(pins, pp, units, local / mb)) {
-            for (int ep : pinned_or(pins.ep, expert_parallel_sizes(info, dp))) {
+            for (int ep : pinned_or(pins.ep, expert_parallel_sizes(info, dp * cp))) {
               for (CpComm cp_comm : cp_comms) {
                 for (int zero :
                      pinned_or(pins.zero_stage,

@@ -235,7 +235,7 @@ GroupSpan cp_span(const Plan& p, const Cluster& c) {
 }
 
 GroupSpan ep_span(const Plan& p, const Cluster& c) {
-  return group_span(p.ep, p.tp * p.cp, c.node.devices_per_node);
+  return group_span(p.ep, p.tp, c.node.devices_per_node); // consecutive dp·cp ranks
 }
 
 GroupSpan expert_dp_span(const Plan& p, const Cluster& c) {

@@ -143,7 +143,7 @@ double layer_ep_comm_s(const Layer& layer, const Cluster& cluster, const UnitCos
   const bool dispatch = layer.tp_split == TpSplit::column;        // up: tokens in; down: tokens out
   const double width = static_cast<double>(dispatch ? g.k : g.n); // the hidden size
   const double elems = static_cast<double>(g.batch * g.m) * width * key.local_sequences() / key.tp;
-  const GroupSpan span = group_span(key.ep, key.tp * key.cp, cluster.node.devices_per_node);
+  const GroupSpan span = group_span(key.ep, key.tp, cluster.node.devices_per_node);
   return collective_time_s(cluster, Collective::all_to_all,
                            elems * precision_storage_bytes(key.precision), span);
 }

@@ -299,8 +299,13 @@ TEST(PublishedRuns, RowsThatCannotBeModelledNameTheirField) {
     const char* field;
   };
   const Refused cases[] = {
-      {"context parallelism", R"({"parallel": {"cp": 2}})", "/parallel/cp"},
-      {"expert parallelism", R"({"parallel": {"ep": 8}})", "/parallel/ep"},
+      {"context parallelism not dividing the GPUs", R"({"parallel": {"cp": 3}})", "/parallel/cp"},
+      {"2 x 1 x 64 x 2 is not 128", R"({"parallel": {"cp": 2}})", "/parallel"},
+      {"expert parallelism of a dense model", R"({"parallel": {"ep": 8}})", "/parallel/ep"},
+      {"more experts per token than experts",
+       R"({"model": {"moe": {"num_experts": 4, "experts_per_token": 8,
+                             "expert_ffn_hidden_size": 64}}})",
+       "/model/moe"},
       {"hybrid sharding",
        R"({"parallel": {"fsdp": true, "fsdp_sharding_strategy": "HYBRID_SHARD"}})",
        "/parallel/fsdp_sharding_strategy"},
@@ -345,8 +350,8 @@ TEST(PublishedRuns, FileDefaultsAreMergedUnderEveryRow) {
   EXPECT_EQ(rows[1]["training"]["framework"], "Megatron-LM");
   // A plain array is its own rows; anything else names the field.
   EXPECT_EQ(published_rows(Json::array({Json{{"id", "x"}}}), "runs.json").size(), 1U);
-  for (const char* bad : {R"({"rows": []})", R"({"runs": {}})",
-                          R"({"runs": [], "defaults": []})", R"({"runs": [], "extra": 1})", "3"}) {
+  for (const char* bad : {R"({"rows": []})", R"({"runs": {}})", R"({"runs": [], "defaults": []})",
+                          R"({"runs": [], "extra": 1})", "3"}) {
     SCOPED_TRACE(bad);
     EXPECT_THROW(published_rows(Json::parse(bad), "runs.json"), InputError);
   }

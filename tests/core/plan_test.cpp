@@ -126,7 +126,7 @@ TEST(RankMapping, EveryRankOnceAndGroupsConsistent) {
     p.tp = 1 << (rng() % 4);
     p.pp = 1 + static_cast<int>(rng() % 5);
     p.cp = 1 << (rng() % 3);
-    p.ep = 1 << (rng() % (1 + std::countr_zero(static_cast<unsigned>(p.dp))));
+    p.ep = 1 << (rng() % (1 + std::countr_zero(static_cast<unsigned>(p.dp * p.cp))));
     std::set<std::tuple<int, int, int, int>> seen;
     for (int r = 0; r < p.world_size(); ++r) {
       RankCoords c = rank_coords(p, r);
@@ -155,16 +155,21 @@ TEST(RankMapping, EveryRankOnceAndGroupsConsistent) {
         const RankCoords o = rank_coords(p, m);
         EXPECT_TRUE(o.pp == c.pp && o.tp == c.tp);
       }
-      // Expert parallelism: ep groups partition the data-parallel group; the expert-DP group
-      // holds the same experts (dp % ep) over every cp rank.
+      // Expert parallelism: ep groups are consecutive ranks of the dp·cp group; the expert-DP
+      // group holds the same experts (the same dp·cp index mod ep).
       auto ep = ep_group(p, r);
       auto edp = expert_dp_group(p, r);
+      const auto index = [&](int m) {
+        const RankCoords o = rank_coords(p, m);
+        return o.dp * p.cp + o.cp;
+      };
       ASSERT_EQ(static_cast<int>(ep.size()), p.ep);
       ASSERT_EQ(static_cast<int>(edp.size()), p.dp * p.cp / p.ep);
-      EXPECT_EQ(ep[c.dp % p.ep], r);
+      EXPECT_EQ(ep[index(r) % p.ep], r);
+      EXPECT_EQ(ep.back() - ep.front(), (p.ep - 1) * p.tp);
       EXPECT_NE(std::find(edp.begin(), edp.end(), r), edp.end());
       for (int m : edp) {
-        EXPECT_EQ(rank_coords(p, m).dp % p.ep, c.dp % p.ep);
+        EXPECT_EQ(index(m) % p.ep, index(r) % p.ep);
       }
     }
     EXPECT_EQ(static_cast<int>(seen.size()), p.world_size());

@@ -80,8 +80,9 @@ std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
           dot_quote(fmt::format(
               "rank {} · GPU {}\ndp{}{} pp{} tp{}{}\n{}", r, rank_device(r, per_node).device, c.dp,
               plan.cp > 1 ? fmt::format(" cp{}", c.cp) : std::string(), c.pp, c.tp,
-              plan.ep > 1 ? fmt::format("\nexperts {}/{} of EP group {}", c.dp % plan.ep + 1,
-                                        plan.ep, c.dp / plan.ep)
+              plan.ep > 1 ? fmt::format("\nexperts {}/{} of EP group {}",
+                                        (c.dp * plan.cp + c.cp) % plan.ep + 1, plan.ep,
+                                        (c.dp * plan.cp + c.cp) / plan.ep)
                           : std::string(),
               stage_text(plan, c.pp))));
     }
@@ -103,7 +104,8 @@ std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
     }
     if (c.dp + 1 < plan.dp) {
       // Inside an expert-parallel group the neighbours hold different experts.
-      const bool ep_peer = plan.ep > 1 && (c.dp + 1) % plan.ep != 0;
+      const int replica = c.dp * plan.cp + c.cp; // EP groups are consecutive dp·cp ranks
+      const bool ep_peer = plan.ep > 1 && replica / plan.ep == (replica + plan.cp) / plan.ep;
       out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp + 1, c.pp, c.tp, c.cp}),
                          ep_peer ? kEpEdge : kDpEdge);
     }

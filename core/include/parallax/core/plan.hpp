@@ -45,7 +45,8 @@ struct Plan {
   int tp = 1;
   int pp = 1;
   // Expert parallelism: each MoE layer's routed experts spread over ep ranks of the
-  // data-parallel group (ep divides dp; Megatron-Core's expert-model-parallel size). Tokens reach
+  // data- and context-parallel ranks (ep divides dp·cp; Megatron-Core's expert-model-parallel
+  // size). Tokens reach
   // their experts through all-to-all; expert gradients are reduced over the dp / ep ranks that
   // hold the same experts (the expert-data-parallel group).
   int ep = 1;
@@ -110,8 +111,9 @@ std::vector<int> pp_group(const Plan& plan, int rank);
 std::vector<int> cp_group(const Plan& plan, int rank);
 // The dp·cp ranks holding the rank's parameters, in rank order.
 std::vector<int> dp_cp_group(const Plan& plan, int rank);
-// Expert parallelism: the ep consecutive data-parallel ranks splitting the experts (expert
-// rank = dp % ep), and the dp·cp / ep ranks holding the same experts, in rank order.
+// Expert parallelism: the ep consecutive ranks of the dp·cp group splitting the experts (expert
+// rank = (dp·cp + cp) % ep; Megatron-Core carves EP out of DP×CP), and the dp·cp / ep ranks
+// holding the same experts, in rank order.
 std::vector<int> ep_group(const Plan& plan, int rank);
 std::vector<int> expert_dp_group(const Plan& plan, int rank);
 

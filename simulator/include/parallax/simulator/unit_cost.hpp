@@ -63,7 +63,7 @@ struct UnitCostKey {
   bool sequence_parallel = false;
   std::int64_t micro_batch_size = 1;
   Precision precision = Precision::bf16;
-  int ep = 1; // expert parallelism (experts over ep data-parallel ranks, at stride tp·cp)
+  int ep = 1; // expert parallelism (experts over ep dp·cp ranks, at stride tp)
   int cp = 1; // context parallelism (each rank holds 1/cp of every sequence; CP peers at stride tp)
   CpComm cp_comm = CpComm::p2p;
   // Sequences' worth of tokens a rank computes per micro-batch: B / cp.
