@@ -44,14 +44,19 @@ std::vector<int> expert_parallel_sizes(const GraphInfo& info, int dp) {
   return out;
 }
 
-// Context-parallel degrees worth trying on `ranks` model-parallel-free ranks: those whose 2·cp
-// chunks split the sequence and leave each rank at least kMinContextTokens tokens of it (below
-// that the K/V exchange of a ring step outweighs its attention block on any current device).
+// Context-parallel degrees worth trying on `ranks` model-parallel-free ranks: for sequences of
+// at least kLongSequence tokens (shorter ones gain nothing a micro-batch of fewer sequences
+// would not give, and the search stays as fast as without cp), those whose 2·cp chunks split
+// the sequence and leave each rank at least kMinContextTokens of it (below that the K/V
+// exchange of a ring step outweighs its attention block on any current device). A pin tries
+// any cp.
 std::vector<int> context_parallel_sizes(const GraphInfo& info, int ranks) {
+  constexpr std::int64_t kLongSequence = 8192;
   constexpr std::int64_t kMinContextTokens = 2048;
   std::vector<int> out;
   for (int cp : divisors(ranks, ranks)) {
-    if (cp == 1 || (!cp_problem(info, cp) && info.seq_length / cp >= kMinContextTokens)) {
+    if (cp == 1 || (info.seq_length >= kLongSequence && !cp_problem(info, cp) &&
+                    info.seq_length / cp >= kMinContextTokens)) {
       out.push_back(cp);
     }
   }

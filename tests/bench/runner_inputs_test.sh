@@ -1,6 +1,7 @@
 #!/bin/sh
 # validate_published on rows the published file does not hold: the H100/FP8/Llama row is
-# predicted, the three it cannot model are listed with their reasons, and it exits 0.
+# predicted, the three it cannot model (a cp not dividing the GPUs among them) are listed with
+# their reasons, and it exits 0.
 set -eu
 out=$("$1" "$2")
 printf '%s\n' "$out"
