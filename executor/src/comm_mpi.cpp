@@ -6,9 +6,12 @@
 #include <fmt/format.h>
 #include <mpi.h>
 
+#include <array>
 #include <climits>
 #include <cstdlib>
+#include <memory>
 #include <thread>
+#include <vector>
 
 namespace parallax {
 
@@ -54,8 +57,10 @@ namespace {
 
 class MpiRequest final : public CommRequest::Impl {
 public:
-  MpiRequest(MPI_Request request, std::string what, std::chrono::duration<double> timeout)
-      : request_(request), what_(std::move(what)), timeout_(timeout) {}
+  // `keep`: what MPI reads until completion (an all-to-all's counts), released with the request.
+  MpiRequest(MPI_Request request, std::string what, std::chrono::duration<double> timeout,
+             std::shared_ptr<const void> keep = nullptr)
+      : request_(request), what_(std::move(what)), timeout_(timeout), keep_(std::move(keep)) {}
 
   bool test() override {
     int done = 0;
@@ -84,6 +89,7 @@ private:
   MPI_Request request_;
   std::string what_;
   std::chrono::duration<double> timeout_;
+  std::shared_ptr<const void> keep_;
 };
 
 class MpiCommunicator final : public Communicator {
@@ -131,6 +137,35 @@ public:
                              out.data(), mpi_count(in.size()), MPI_FLOAT, comm_, &r),
               "Iallgather");
     return wrap(r, "all-gather", out.size());
+  }
+  CommRequest iall_to_allv(std::span<const float> in, std::span<const int> send_counts,
+                           std::span<float> out, std::span<const int> recv_counts) override {
+    const auto n = static_cast<std::size_t>(size_);
+    PARALLAX_CHECK(send_counts.size() == n && recv_counts.size() == n,
+                   "all-to-all needs one send and one receive count per rank");
+    // MPI reads the counts and displacements until the operation completes: the request
+    // keeps them.
+    auto layout = std::make_shared<std::array<std::vector<int>, 4>>();
+    auto& [sc, sd, rc, rd] = *layout;
+    sc.assign(send_counts.begin(), send_counts.end());
+    rc.assign(recv_counts.begin(), recv_counts.end());
+    sd.assign(n, 0);
+    rd.assign(n, 0);
+    for (std::size_t i = 1; i < n; ++i) {
+      sd[i] = sd[i - 1] + sc[i - 1];
+      rd[i] = rd[i - 1] + rc[i - 1];
+    }
+    PARALLAX_CHECK(static_cast<std::size_t>(sd[n - 1] + sc[n - 1]) == in.size() &&
+                       static_cast<std::size_t>(rd[n - 1] + rc[n - 1]) == out.size(),
+                   "all-to-all buffers must hold the sum of their counts");
+    MPI_Request r{};
+    mpi_check(MPI_Ialltoallv(in.data(), sc.data(), sd.data(), MPI_FLOAT, out.data(), rc.data(),
+                             rd.data(), MPI_FLOAT, comm_, &r),
+              "Ialltoallv");
+    return CommRequest(std::make_unique<MpiRequest>(
+        r,
+        fmt::format("all-to-all of {} floats on the {} group ({} ranks)", in.size(), name_, size_),
+        timeout_, std::move(layout)));
   }
   CommRequest ibroadcast(std::span<float> data, int root) override {
     MPI_Request r{};

@@ -125,12 +125,6 @@ void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size
   }
   // The rest is the one feasibility rule every part of Parallax applies.
   plan_validate(plan, transformer_build_graph(model.config), world_size, plan_source);
-  if (plan.ep > 1) {
-    throw InputError(plan_source, "/ep",
-                     "1: the executor holds every expert on each data-parallel rank (expert "
-                     "parallelism is planned and simulated, not yet executed)",
-                     std::to_string(plan.ep), "plan with --ep 1 to train");
-  }
   if (plan.cp > 1 && model.config.moe.enabled()) {
     throw InputError(plan_source, "/cp",
                      "1 for a mixture of experts (its sequence-wise load-balancing loss needs "

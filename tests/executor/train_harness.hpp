@@ -105,6 +105,7 @@ struct Case {
   std::string family = "gpt";
   int dp = 1, tp = 1, pp = 1;
   int cp = 1; // context parallelism
+  int ep = 1; // expert parallelism (divides dp · cp)
   int zero = 0;
   std::string schedule = "1f1b";
   int v = 1;
@@ -117,12 +118,12 @@ struct Case {
 };
 
 inline std::string case_name(const Case& c) {
-  return fmt::format("{}_d{}t{}p{}{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp,
-                     c.cp > 1 ? fmt::format("c{}", c.cp) : "", c.zero,
-                     c.schedule == "1f1b" ? "onefoneb" : c.schedule,
-                     c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "",
-                     c.micro, c.sync == "allreduce" ? "" : "_" + c.sync,
-                     c.overlap ? "" : "_serial_reduce");
+  return fmt::format(
+      "{}_d{}t{}p{}{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp,
+      (c.cp > 1 ? fmt::format("c{}", c.cp) : "") + (c.ep > 1 ? fmt::format("e{}", c.ep) : ""),
+      c.zero, c.schedule == "1f1b" ? "onefoneb" : c.schedule,
+      c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "", c.micro,
+      c.sync == "allreduce" ? "" : "_" + c.sync, c.overlap ? "" : "_serial_reduce");
 }
 
 // gtest prints parameters in test names and failure messages with this.
@@ -167,6 +168,8 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
   Json doc = plan;
   if (c.cp > 1)
     doc["cp"] = c.cp;
+  if (c.ep > 1)
+    doc["ep"] = c.ep;
   if (c.even_stages) {
     for (const parallax::StageRange& r : parallax::stages_even(8, c.pp * c.v))
       doc["stages"].push_back({r.first, r.second});

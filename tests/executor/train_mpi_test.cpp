@@ -113,6 +113,13 @@ std::vector<Case> equivalence_cases() {
   cases.push_back(
       {.family = "moe", .tp = 2, .pp = 2, .zero = 0, .schedule = "interleaved", .v = 2});
   cases.push_back({.family = "moe", .dp = 2, .tp = 2, .pp = 2, .zero = 3});
+  // Expert parallelism: tokens dispatched to the experts' ranks and combined back (MPI
+  // all-to-all), alone and with tensor parallelism, ZeRO and pipelines.
+  cases.push_back({.family = "moe", .dp = 2, .ep = 2});
+  cases.push_back({.family = "moe", .dp = 4, .ep = 4});
+  cases.push_back({.family = "moe", .dp = 2, .tp = 2, .ep = 2, .zero = 1});
+  cases.push_back({.family = "moe", .dp = 2, .pp = 2, .ep = 2});
+  cases.push_back({.family = "moe", .dp = 4, .ep = 2, .zero = 3, .recompute = "full"});
   return cases;
 }
 

@@ -49,6 +49,20 @@ TEST(TrainResume, ContextParallelRunResumesWithoutIt) {
   expect_same_training(second, straight, 1e-4);
 }
 
+// Experts are logical tensors in the checkpoint: an ep = 2 run resumes under ep = 1.
+TEST(TrainResume, ExpertParallelRunResumesWithoutIt) {
+  const TrainRun straight = train({.family = "moe"}, {.steps = 10, .dir = "ep-straight"});
+  const TrainRun first =
+      train({.family = "moe", .dp = 2, .ep = 2, .zero = 1}, {.steps = 5, .dir = "ep-resumed"});
+  ASSERT_EQ(first.final_state.step, 5);
+  const TrainRun second =
+      train({.family = "moe", .dp = 2, .zero = 2},
+            {.extra = "--resume", .steps = 10, .dir = "ep-resumed", .fresh = false});
+  ASSERT_EQ(second.steps.size(), 10u) << second.output;
+  EXPECT_NE(second.output.find("resumed from step 5"), std::string::npos) << second.output;
+  expect_same_training(second, straight, 1e-4);
+}
+
 std::optional<Checkpoint> latest(const fs::path& dir) {
   try {
     return parallax::read_latest_checkpoint(dir);

@@ -183,6 +183,34 @@ public:
     return finish("reduce");
   }
 
+  CommRequest iall_to_allv(std::span<const float> in, std::span<const int> send_counts,
+                           std::span<float> out, std::span<const int> recv_counts) override {
+    const auto n = static_cast<std::size_t>(size_);
+    PARALLAX_CHECK(send_counts.size() == n && recv_counts.size() == n,
+                   "all-to-all needs one send and one receive count per rank");
+    // One grouped send and receive per peer (NCCL has no all-to-all-v of its own).
+    const ncclComm_t comm = begin("all-to-all");
+    PARALLAX_NCCL_CHECK(ncclGroupStart());
+    std::size_t sent = 0;
+    std::size_t received = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto sc = static_cast<std::size_t>(send_counts[i]);
+      const auto rc = static_cast<std::size_t>(recv_counts[i]);
+      if (sc > 0)
+        PARALLAX_NCCL_CHECK(
+            ncclSend(in.data() + sent, sc, ncclFloat32, static_cast<int>(i), comm, stream_));
+      if (rc > 0)
+        PARALLAX_NCCL_CHECK(
+            ncclRecv(out.data() + received, rc, ncclFloat32, static_cast<int>(i), comm, stream_));
+      sent += sc;
+      received += rc;
+    }
+    PARALLAX_NCCL_CHECK(ncclGroupEnd());
+    PARALLAX_CHECK(sent == in.size() && received == out.size(),
+                   "all-to-all buffers must hold the sum of their counts");
+    return finish("all-to-all");
+  }
+
   CommRequest isend(std::span<const float> data, int dest, int /*tag*/) override {
     const ncclComm_t comm = begin("send");
     PARALLAX_NCCL_CHECK(ncclSend(data.data(), data.size(), ncclFloat32, dest, comm, stream_));

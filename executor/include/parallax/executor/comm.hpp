@@ -65,6 +65,12 @@ public:
   virtual CommRequest ibroadcast(std::span<float> data, int root) = 0;
   // Element-wise sum over the group into `root`'s data (in place there; others' data unchanged).
   virtual CommRequest ireduce_sum(std::span<float> data, int root) = 0;
+  // All-to-all of uneven blocks (MoE token dispatch and combine): `in` holds send_counts[i]
+  // floats for rank i, one block after the other in rank order, and `out` receives
+  // recv_counts[i] floats from rank i the same way. Every rank passes size() counts of each;
+  // rank i's send count for j must equal rank j's receive count for i.
+  virtual CommRequest iall_to_allv(std::span<const float> in, std::span<const int> send_counts,
+                                   std::span<float> out, std::span<const int> recv_counts) = 0;
   virtual CommRequest isend(std::span<const float> data, int dest, int tag) = 0;
   virtual CommRequest irecv(std::span<float> data, int source, int tag) = 0;
   virtual CommRequest ibarrier() = 0;
@@ -75,6 +81,10 @@ public:
     ireduce_scatter_sum(in, out).wait();
   }
   void all_gather(std::span<const float> in, std::span<float> out) { iall_gather(in, out).wait(); }
+  void all_to_allv(std::span<const float> in, std::span<const int> send_counts,
+                   std::span<float> out, std::span<const int> recv_counts) {
+    iall_to_allv(in, send_counts, out, recv_counts).wait();
+  }
   void broadcast(std::span<float> data, int root) { ibroadcast(data, root).wait(); }
   void send(std::span<const float> data, int dest, int tag) { isend(data, dest, tag).wait(); }
   void recv(std::span<float> data, int source, int tag) { irecv(data, source, tag).wait(); }

@@ -108,6 +108,11 @@ struct TpContext {
   Communicator* cp_comm = nullptr;
   int cp_size() const { return cp_comm ? cp_comm->size() : 1; }
   int cp_rank() const { return cp_comm ? cp_comm->rank() : 0; }
+  // Expert parallelism: the ranks (of the same tensor-parallel rank) splitting the routed
+  // experts, experts [r·E/ep, (r+1)·E/ep) computed on EP rank r (null: ep 1).
+  Communicator* ep_comm = nullptr;
+  int ep_size() const { return ep_comm ? ep_comm->size() : 1; }
+  int ep_rank() const { return ep_comm ? ep_comm->rank() : 0; }
 };
 
 // Context parallelism with causal load balancing: a sequence of `seq` tokens split into 2·cp

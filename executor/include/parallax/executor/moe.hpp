@@ -14,12 +14,17 @@
 
 namespace parallax {
 
-// Cache slots beyond the dense layer's (block::kNumSlots): routing, then four per expert.
+// Cache slots beyond the dense layer's (block::kNumSlots): routing, then five per expert.
 inline constexpr std::size_t kMoeScores = 0;  // [rows, E] router scores (softmax or sigmoid)
 inline constexpr std::size_t kMoeChosen = 1;  // [rows, k] chosen experts (as floats)
 inline constexpr std::size_t kMoeWeights = 2; // [rows, k] their normalised weights
-inline constexpr std::size_t kMoeExpertSlots = 3;
-inline constexpr std::size_t kMoePerExpert = 4; // gate, up, activation, output of one expert
+inline constexpr std::size_t kMoeCounts = 3;  // [ep, E / ep] rows each EP rank sent my experts
+inline constexpr std::size_t kMoeExpertSlots = 4;
+// Per expert: on the rank computing it, its gate, up and activation over every row routed to
+// it (from all EP ranks) and those rows (input); on every rank, its output for the rank's own
+// rows routed to it (returned by the combine).
+inline constexpr std::size_t kMoePerExpert = 5;
+inline constexpr std::size_t kMoeGate = 0, kMoeUp = 1, kMoeAct = 2, kMoeOut = 3, kMoeIn = 4;
 
 // The MoE slots past `first`, and the first slot of expert j.
 inline std::size_t moe_slot_count(const MoeConfig& moe) {
@@ -31,8 +36,12 @@ inline std::size_t moe_expert_slot(std::size_t first, int j) {
 
 // out (+)= the routed experts' contribution for the rows of x (ln2 output, full rows); fills
 // the slots from `first_slot` on (t holds at least first_slot + moe_slot_count of them).
-void moe_forward(const ExecModel& model, const BlockBuffers& b, const Tensor& x,
-                 std::vector<Tensor>& t, std::size_t first_slot, Tensor& out);
+// Under expert parallelism (tp.ep_comm) the rows routed to another EP rank's experts go there
+// and their outputs come back (dispatch and combine, MPI all-to-all); every rank keeps every
+// expert's weights, and the experts it does not compute get no gradient there, so the
+// data-parallel reduction of the gradients is the expert-data-parallel one.
+void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
+                 const Tensor& x, std::vector<Tensor>& t, std::size_t first_slot, Tensor& out);
 // dx (+)= ∂/∂x of the routed part given dout (full rows), accumulating the experts' and the
 // router's gradients; the router's input gradient on tensor-parallel rank 0 only (dx is summed
 // over the group afterwards). Releases the slots.

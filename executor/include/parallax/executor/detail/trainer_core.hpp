@@ -241,6 +241,7 @@ private:
   // The dp·cp ranks holding the same parameters: gradient reductions, ZeRO shards, publishes.
   std::unique_ptr<Communicator> dp_comm_;
   std::unique_ptr<Communicator> cp_comm_;    // context parallelism (null when cp = 1)
+  std::unique_ptr<Communicator> ep_comm_;    // expert parallelism (null when ep = 1)
   std::unique_ptr<Communicator> embed_comm_; // first and last pipeline rank (tied embeddings)
   RankCoords me_;
   int rank_ = 0;
@@ -302,6 +303,9 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
   replica_ = me_.dp * plan.cp + me_.cp;
   if (plan.cp > 1) {
     cp_comm_ = be_.group(cp_group(plan, rank_), "cp", options.comm_timeout);
+  }
+  if (plan.ep > 1) {
+    ep_comm_ = be_.group(ep_group(plan, rank_), "ep", options.comm_timeout);
   }
   if (c.tied_embeddings && plan.pp > 1 && (me_.pp == 0 || me_.pp == plan.pp - 1)) {
     embed_comm_ =
@@ -376,6 +380,7 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
 template <TrainerBackend B> TpContext TrainerCore<B>::tp() {
   TpContext t{.comm = tp_comm_.get(), .sequence_parallel = plan_.sequence_parallel};
   t.cp_comm = cp_comm_.get();
+  t.ep_comm = ep_comm_.get();
   if (recording_) {
     // Named after the op they run in, as the simulator names an op's TP collective.
     t.on_comm = [this](const char* /*what*/, double s, double e, double bytes) {
