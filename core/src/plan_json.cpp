@@ -236,6 +236,12 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
                        fmt::format("micro_batch_size × seq_length / cp divisible by tp = {}", p.tp),
                        "true", ""};
   }
+  if (p.grad_sync == GradSync::parameter_server && p.ep > 1) {
+    return PlanProblem{"/grad_sync",
+                       "\"allreduce\", \"tree\" or \"hierarchical\" with expert parallelism (the "
+                       "server holds one copy of every parameter)",
+                       "\"parameter_server\" with ep " + std::to_string(p.ep), ""};
+  }
   if (p.grad_sync == GradSync::parameter_server && p.zero_stage != 0 && p.dp_cp() > 1) {
     return PlanProblem{"/grad_sync",
                        "\"allreduce\", \"tree\" or \"hierarchical\" with ZeRO (a parameter "

@@ -122,14 +122,9 @@ BlockLayout layer_layout(const ExecModel& m, int unit, int tp, int tp_rank, int 
     // The router is whole on every tensor-parallel rank and sees the full rows: its gradient
     // is complete on each (no sequence-parallel sum). The routed experts split like a dense
     // MLP; the shared experts are the layer's dense MLP.
+    // The routed experts are a block of their own (experts_layout).
     b.add("moe.router", h, moe.num_experts, ShardDim::none, Init::normal);
     b.block.params.back().sp_partial = false;
-    const std::int64_t fe = moe.expert_ffn_hidden_size;
-    for (int j = 0; j < moe.num_experts; ++j) {
-      b.add(fmt::format("moe.e{}.wg", j), h, fe, ShardDim::cols, Init::normal);
-      b.add(fmt::format("moe.e{}.wu", j), h, fe, ShardDim::cols, Init::normal);
-      b.add(fmt::format("moe.e{}.w2", j), fe, h, ShardDim::rows, Init::normal, out_std);
-    }
     if (moe.shared_experts == 0)
       return b.finish(dp);
   }
@@ -146,6 +141,30 @@ BlockLayout layer_layout(const ExecModel& m, int unit, int tp, int tp_rank, int 
   b.add("mlp.w2", fm, h, ShardDim::rows, Init::normal, out_std);
   if (c.bias)
     b.add("mlp.b2", 1, h, ShardDim::none, Init::zeros);
+  return b.finish(dp);
+}
+
+// The routed experts [ep_rank·E/ep, (ep_rank+1)·E/ep) of MoE layer `unit`, split over TP like
+// a dense MLP, padded for `dp` ranks (the expert-data-parallel ones).
+BlockLayout experts_layout(const ExecModel& m, int unit, int tp, int tp_rank, int dp, int ep,
+                           int ep_rank) {
+  const ModelConfig& c = m.config;
+  const MoeConfig& moe = c.moe;
+  PARALLAX_CHECK(moe.num_experts % ep == 0 && ep_rank >= 0 && ep_rank < ep,
+                 "expert parallelism must divide the experts");
+  const std::int64_t h = c.hidden_size;
+  const std::int64_t fe = moe.expert_ffn_hidden_size;
+  const float out_std = 0.02f / std::sqrt(2.0f * static_cast<float>(c.num_layers));
+  LayoutBuilder b{
+      .block = {.kind = BlockKind::experts, .name = fmt::format("block{}", unit), .unit = unit},
+      .tp = tp,
+      .tp_rank = tp_rank};
+  const int local = moe.num_experts / ep;
+  for (int j = ep_rank * local; j < (ep_rank + 1) * local; ++j) {
+    b.add(fmt::format("moe.e{}.wg", j), h, fe, ShardDim::cols, Init::normal);
+    b.add(fmt::format("moe.e{}.wu", j), h, fe, ShardDim::cols, Init::normal);
+    b.add(fmt::format("moe.e{}.w2", j), fe, h, ShardDim::rows, Init::normal, out_std);
+  }
   return b.finish(dp);
 }
 
@@ -214,7 +233,8 @@ std::vector<std::int32_t> context_chunk_positions(Eigen::Index seq, int cp, int 
 }
 
 std::vector<BlockLayout> chunk_layout(const ExecModel& m, StageRange units, int tp, int tp_rank,
-                                      int dp) {
+                                      int dp, int ep, int ep_rank) {
+  PARALLAX_CHECK(ep >= 1 && dp % ep == 0, "expert parallelism must divide the dp·cp ranks");
   const ModelConfig& c = m.config;
   const std::int64_t h = c.hidden_size;
   std::vector<BlockLayout> blocks;
@@ -234,6 +254,9 @@ std::vector<BlockLayout> chunk_layout(const ExecModel& m, StageRange units, int 
   }
   for (int u = units.first; u < units.second; ++u) {
     blocks.push_back(layer_layout(m, u, tp, tp_rank, dp));
+    if (c.moe.is_moe_layer(u)) {
+      blocks.push_back(experts_layout(m, u, tp, tp_rank, dp / ep, ep, ep_rank));
+    }
   }
   if (units.second == c.num_layers) {
     const int last = c.num_layers - 1;
@@ -302,12 +325,26 @@ double steady_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+namespace {
+bool expert_param(std::string_view suffix) {
+  return suffix.starts_with("moe.e");
+}
+} // namespace
+
 ConstMatRef BlockBuffers::p(std::string_view suffix) const {
+  if (experts_layout != nullptr && expert_param(suffix)) {
+    const ParamInfo& i = experts_layout->param(suffix);
+    return {experts_params + i.offset, i.local_rows, i.local_cols};
+  }
   const ParamInfo& i = layout->param(suffix);
   return {params + i.offset, i.local_rows, i.local_cols};
 }
 
 MatRef BlockBuffers::g(std::string_view suffix) const {
+  if (experts_layout != nullptr && expert_param(suffix)) {
+    const ParamInfo& i = experts_layout->param(suffix);
+    return {experts_grads + i.offset, i.local_rows, i.local_cols};
+  }
   const ParamInfo& i = layout->param(suffix);
   return {grads + i.offset, i.local_rows, i.local_cols};
 }

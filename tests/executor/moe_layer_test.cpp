@@ -40,7 +40,17 @@ struct MoeBlock {
     c.moe.router_scoring = scoring;
     c.moe.aux_loss_coef = aux;
     model = ExecModel::from_config(c, "moe-tiny");
-    layout = chunk_layout(model, {1, 2}, 1, 0, 1).front(); // block1, a MoE layer
+    // block1, a MoE layer, and its experts block, as one layout (the experts after the rest).
+    const std::vector<BlockLayout> blocks = chunk_layout(model, {1, 2}, 1, 0, 1);
+    EXPECT_EQ(blocks.size(), 2u);
+    EXPECT_EQ(blocks[1].kind, BlockKind::experts);
+    layout = blocks[0];
+    for (ParamInfo p : blocks[1].params) {
+      p.offset += layout.numel;
+      layout.params.push_back(p);
+    }
+    layout.numel += blocks[1].numel;
+    layout.padded = layout.numel;
     params.assign(static_cast<std::size_t>(layout.padded), 0.0f);
     grads.assign(params.size(), 0.0f);
     init_block(layout, 7, params);

@@ -185,6 +185,39 @@ TEST(ExecModel, LogicalParametersMatchTheModelsParameterCount) {
   }
 }
 
+// Expert parallelism: an EP rank's experts blocks hold only its E / ep experts, padded for
+// the dp / ep ranks holding them; over the EP and TP ranks they tile every expert once.
+TEST(ExecModel, ExpertsBlocksSplitTheExpertsOverEpRanks) {
+  LoadedModel m = model_load("moe-tiny");
+  const ExecModel e = ExecModel::from_config(*m.config, m.source);
+  const int layers = e.config.num_layers;
+  for (int tp : {1, 2}) {
+    for (int ep : {1, 2, 4}) {
+      std::map<std::string, std::int64_t> covered;
+      for (int r = 0; r < ep; ++r) {
+        for (int t = 0; t < tp; ++t) {
+          for (const BlockLayout& b : chunk_layout(e, {0, layers}, tp, t, 8, ep, r)) {
+            if (b.kind == BlockKind::experts) {
+              EXPECT_EQ(b.padded % (8 / ep), 0);
+              EXPECT_EQ(b.params.size(),
+                        3u * static_cast<std::size_t>(e.config.moe.num_experts / ep));
+            } else if (r > 0) {
+              continue; // the same on every EP rank
+            }
+            for (const ParamInfo& p : b.params) {
+              if (p.split == ShardDim::none && t > 0)
+                continue;
+              covered[p.name] += p.local_size();
+            }
+          }
+        }
+      }
+      for (const ParamInfo& p : logical_params(e))
+        EXPECT_EQ(covered[p.name], p.rows * p.cols) << p.name << " tp " << tp << " ep " << ep;
+    }
+  }
+}
+
 TEST(ExecModel, ShardsTileTheLogicalTensorsExactly) {
   LoadedModel m = model_load("llama-tiny");
   const ExecModel e = ExecModel::from_config(*m.config, m.source);

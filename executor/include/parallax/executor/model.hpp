@@ -50,7 +50,10 @@ struct ParamInfo {
   std::int64_t valid_cols() const { return std::clamp<std::int64_t>(cols - col0, 0, local_cols); }
 };
 
-enum class BlockKind { embedding, positions, layer, final_norm, head };
+// `experts`: a mixture-of-experts layer's routed experts (those of this rank's EP rank), in a
+// block of their own after their layer's, sharded and reduced over the expert-data-parallel
+// ranks; it runs with its layer.
+enum class BlockKind { embedding, positions, layer, experts, final_norm, head };
 
 struct BlockLayout {
   BlockKind kind = BlockKind::layer;
@@ -75,9 +78,11 @@ struct ExecModel {
 };
 
 // The blocks of stage chunk `units` ([first, last) layers) on a rank at tensor-parallel rank
-// tp_rank of tp, padded for dp data-parallel ranks.
+// tp_rank of tp, padded for dp data-parallel ranks (dp·cp). Under expert parallelism the
+// experts blocks hold experts [ep_rank·E/ep, (ep_rank+1)·E/ep), padded for the dp / ep ranks
+// holding them.
 std::vector<BlockLayout> chunk_layout(const ExecModel& model, StageRange units, int tp, int tp_rank,
-                                      int dp);
+                                      int dp, int ep = 1, int ep_rank = 0);
 
 // Every logical parameter of the model (name, shape), in model order; the tied copy excluded.
 std::vector<ParamInfo> logical_params(const ExecModel& model);
@@ -149,6 +154,10 @@ struct BlockBuffers {
   const BlockLayout* layout = nullptr;
   const float* params = nullptr;
   float* grads = nullptr;
+  // A mixture-of-experts layer's experts block (its "moe.e<j>.*" parameters), when it has one.
+  const BlockLayout* experts_layout = nullptr;
+  const float* experts_params = nullptr;
+  float* experts_grads = nullptr;
   ConstMatRef p(std::string_view suffix) const;
   MatRef g(std::string_view suffix) const;
 };

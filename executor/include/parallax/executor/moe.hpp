@@ -37,9 +37,8 @@ inline std::size_t moe_expert_slot(std::size_t first, int j) {
 // out (+)= the routed experts' contribution for the rows of x (ln2 output, full rows); fills
 // the slots from `first_slot` on (t holds at least first_slot + moe_slot_count of them).
 // Under expert parallelism (tp.ep_comm) the rows routed to another EP rank's experts go there
-// and their outputs come back (dispatch and combine, MPI all-to-all); every rank keeps every
-// expert's weights, and the experts it does not compute get no gradient there, so the
-// data-parallel reduction of the gradients is the expert-data-parallel one.
+// and their outputs come back (dispatch and combine, MPI all-to-all); a rank holds only its EP
+// rank's experts (BlockBuffers::experts_layout), reduced over the ranks holding the same ones.
 void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
                  const Tensor& x, std::vector<Tensor>& t, std::size_t first_slot, Tensor& out);
 // dx (+)= ∂/∂x of the routed part given dout (full rows), accumulating the experts' and the

@@ -140,10 +140,23 @@ private:
     // The LM head's tied embedding when the embedding lives on the same rank: no storage of
     // its own, it reads and writes the embedding block's buffers.
     Block* alias = nullptr;
+    // The ranks holding the same parameters, over which gradients reduce and ZeRO shards: the
+    // dp·cp ranks, or for an experts block the dp·cp / ep ranks holding its experts.
+    Communicator* comm = nullptr;
 
     BlockBuffers buffers() const {
       const Block& s = alias ? *alias : *this;
       return {.layout = &layout, .params = B::data(s.params), .grads = B::data(s.grads)};
+    }
+    // A layer's buffers with its experts block (the next block, when it is one).
+    BlockBuffers buffers(const Block* experts) const {
+      BlockBuffers b = buffers();
+      if (experts != nullptr) {
+        b.experts_layout = &experts->layout;
+        b.experts_params = B::data(experts->params);
+        b.experts_grads = B::data(experts->grads);
+      }
+      return b;
     }
     // Reduced gradients of the owned slice (valid after the step's reduction).
     float* owned_grads(int zero) const {
@@ -221,6 +234,12 @@ private:
   double learning_rate(std::int64_t step) const;
   template <class F> static void for_owned(const Block& b, F&& f);
   Block* find_block(BlockKind kind);
+  // The experts block of the layer at ch.blocks[i] (the block after it), or null.
+  static Block* experts_of(Chunk& ch, std::size_t i) {
+    return i + 1 < ch.blocks.size() && ch.blocks[i + 1].layout.kind == BlockKind::experts
+               ? &ch.blocks[i + 1]
+               : nullptr;
+  }
   void embedding_sync();
   void sp_sync();
   double gradient_norm();
@@ -242,6 +261,7 @@ private:
   std::unique_ptr<Communicator> dp_comm_;
   std::unique_ptr<Communicator> cp_comm_;    // context parallelism (null when cp = 1)
   std::unique_ptr<Communicator> ep_comm_;    // expert parallelism (null when ep = 1)
+  std::unique_ptr<Communicator> edp_comm_;   // the ranks holding my experts (null when ep = 1)
   std::unique_ptr<Communicator> embed_comm_; // first and last pipeline rank (tied embeddings)
   RankCoords me_;
   int rank_ = 0;
@@ -306,6 +326,7 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
   }
   if (plan.ep > 1) {
     ep_comm_ = be_.group(ep_group(plan, rank_), "ep", options.comm_timeout);
+    edp_comm_ = be_.group(expert_dp_group(plan, rank_), "expert-dp", options.comm_timeout);
   }
   if (c.tied_embeddings && plan.pp > 1 && (me_.pp == 0 || me_.pp == plan.pp - 1)) {
     embed_comm_ =
@@ -323,12 +344,15 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
     Chunk ch;
     ch.index = lc * plan.pp + me_.pp;
     ch.units = plan.stages[static_cast<std::size_t>(ch.index)];
-    for (BlockLayout& layout : chunk_layout(model, ch.units, plan.tp, me_.tp, plan.dp_cp())) {
+    for (BlockLayout& layout : chunk_layout(model, ch.units, plan.tp, me_.tp, plan.dp_cp(), plan.ep,
+                                            replica_ % plan.ep)) {
       Block b;
       b.layout = std::move(layout);
+      const bool experts = b.layout.kind == BlockKind::experts && plan.ep > 1;
+      b.comm = experts ? edp_comm_.get() : dp_comm_.get();
       const std::int64_t padded = b.layout.padded;
-      b.own_size = z == 0 ? padded : padded / plan.dp_cp();
-      b.own_begin = z == 0 ? 0 : b.own_size * replica_;
+      b.own_size = z == 0 ? padded : padded / b.comm->size();
+      b.own_begin = z == 0 ? 0 : b.own_size * b.comm->rank();
       Buffer full(static_cast<std::size_t>(padded), 0.0f);
       init_block(b.layout, options.seed, {full.data(), full.size()});
       if (z == 3) {

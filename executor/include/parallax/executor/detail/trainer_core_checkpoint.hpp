@@ -32,9 +32,9 @@ template <TrainerBackend B> Buffer TrainerCore<B>::assemble(const Block& b, cons
   const std::int64_t padded = b.layout.padded;
   Flat full = be_.zeros(padded);
   be_.copy(B::data(full) + b.own_begin, owned, b.own_size);
-  if (plan_.zero_stage > 0 && plan_.dp_cp() > 1) {
+  if (plan_.zero_stage > 0 && b.comm->size() > 1) {
     const std::span<float> all = span_of(full);
-    dp_comm_->all_gather(
+    b.comm->all_gather(
         all.subspan(static_cast<std::size_t>(b.own_begin), static_cast<std::size_t>(b.own_size)),
         all);
   }
@@ -106,29 +106,36 @@ template <TrainerBackend B> Checkpoint TrainerCore<B>::checkpoint() {
       }
     }
   };
+  // Experts blocks come from each EP rank (the first ep ranks of the dp·cp group), the rest
+  // from the first.
   for (int pr = 0; pr < plan_.pp; ++pr) {
     for (int tr = 0; tr < plan_.tp; ++tr) {
-      const int src = rank_of(plan_, {.dp = 0, .pp = pr, .tp = tr});
-      for (int lc = 0; lc < plan_.virtual_stages; ++lc) {
-        const int chunk = lc * plan_.pp + pr;
-        const auto layouts = chunk_layout(model_, plan_.stages[static_cast<std::size_t>(chunk)],
-                                          plan_.tp, tr, plan_.dp_cp());
-        for (std::size_t bi = 0; bi < layouts.size(); ++bi) {
-          if (rank_ == src && src == 0) {
-            const HostFlat& f = flats[static_cast<std::size_t>(lc)][bi];
-            place(layouts[bi], f.p.data(), f.m1.data(), f.m2.data());
-          } else if (rank_ == src) {
-            HostFlat& f = flats[static_cast<std::size_t>(lc)][bi];
-            world_->send(f.p, 0, 0);
-            world_->send(f.m1, 0, 1);
-            world_->send(f.m2, 0, 2);
-          } else if (rank_ == 0) {
-            const auto n = static_cast<std::size_t>(layouts[bi].padded);
-            Buffer p(n, 0.0f), m1(n, 0.0f), m2(n, 0.0f);
-            world_->recv({p.data(), n}, src, 0);
-            world_->recv({m1.data(), n}, src, 1);
-            world_->recv({m2.data(), n}, src, 2);
-            place(layouts[bi], p.data(), m1.data(), m2.data());
+      for (int er = 0; er < plan_.ep; ++er) {
+        const int src =
+            rank_of(plan_, {.dp = er / plan_.cp, .pp = pr, .tp = tr, .cp = er % plan_.cp});
+        for (int lc = 0; lc < plan_.virtual_stages; ++lc) {
+          const int chunk = lc * plan_.pp + pr;
+          const auto layouts = chunk_layout(model_, plan_.stages[static_cast<std::size_t>(chunk)],
+                                            plan_.tp, tr, plan_.dp_cp(), plan_.ep, er);
+          for (std::size_t bi = 0; bi < layouts.size(); ++bi) {
+            if (er > 0 && layouts[bi].kind != BlockKind::experts)
+              continue; // taken from EP rank 0
+            if (rank_ == src && src == 0) {
+              const HostFlat& f = flats[static_cast<std::size_t>(lc)][bi];
+              place(layouts[bi], f.p.data(), f.m1.data(), f.m2.data());
+            } else if (rank_ == src) {
+              HostFlat& f = flats[static_cast<std::size_t>(lc)][bi];
+              world_->send(f.p, 0, 0);
+              world_->send(f.m1, 0, 1);
+              world_->send(f.m2, 0, 2);
+            } else if (rank_ == 0) {
+              const auto n = static_cast<std::size_t>(layouts[bi].padded);
+              Buffer p(n, 0.0f), m1(n, 0.0f), m2(n, 0.0f);
+              world_->recv({p.data(), n}, src, 0);
+              world_->recv({m1.data(), n}, src, 1);
+              world_->recv({m2.data(), n}, src, 2);
+              place(layouts[bi], p.data(), m1.data(), m2.data());
+            }
           }
         }
       }

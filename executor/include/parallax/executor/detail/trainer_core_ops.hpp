@@ -17,10 +17,10 @@ template <TrainerBackend B> void TrainerCore<B>::gather_params(Block& blk, const
     return; // gathered by the op's gather
   const Mark s = mark();
   b.params = be_.zeros(b.layout.padded);
-  if (dp_comm_->size() == 1) {
+  if (b.comm->size() == 1) {
     be_.copy(B::data(b.params), B::data(b.param_shard), B::size(b.param_shard));
   } else {
-    dp_comm_->all_gather(span_of(b.param_shard), span_of(b.params));
+    b.comm->all_gather(span_of(b.param_shard), span_of(b.params));
   }
   if (op) {
     record(Stream::dp_comm, Category::dp_comm, op->name(), op->unit, op->micro_batch, s, mark(), 0,
@@ -93,7 +93,7 @@ void TrainerCore<B>::launch_reduction(Block& b, std::int64_t /*k*/, int op) {
   switch (program_.ops[static_cast<std::size_t>(op)].collective) {
   case StepCollective::reduce_scatter:
     b.rs_out = be_.zeros(b.own_size);
-    b.pending = dp_comm_->ireduce_scatter_sum(span_of(b.grads), span_of(b.rs_out));
+    b.pending = b.comm->ireduce_scatter_sum(span_of(b.grads), span_of(b.rs_out));
     b.rs_pending = true;
     scattering_.push_back(&b);
     while (plan_.zero_stage >= 2 && scattering_.size() > kReduceScatterWindow) {
@@ -101,10 +101,10 @@ void TrainerCore<B>::launch_reduction(Block& b, std::int64_t /*k*/, int op) {
     }
     break;
   case StepCollective::reduce_to_root: // a parameter server: data-parallel rank 0 updates
-    b.pending = dp_comm_->ireduce_sum(span_of(b.grads), 0);
+    b.pending = b.comm->ireduce_sum(span_of(b.grads), 0);
     break;
   case StepCollective::all_reduce:
-    b.pending = dp_comm_->iall_reduce_sum(span_of(b.grads));
+    b.pending = b.comm->iall_reduce_sum(span_of(b.grads));
     break;
   default:
     PARALLAX_CHECK(false, "a gradient reduction with no reducing collective");
@@ -173,11 +173,19 @@ template <TrainerBackend B> void TrainerCore<B>::forward_unit(const StepOp& op, 
         release_params(*pos);
       break;
     }
-    case BlockKind::layer:
+    case BlockKind::layer: {
+      Block* experts = experts_of(ch, i);
       gather_params(b);
-      x = be_.layer_forward(model_, b.buffers(), tpc, mb, x, keep_mode(), cache[i]);
+      if (experts)
+        gather_params(*experts);
+      x = be_.layer_forward(model_, b.buffers(experts), tpc, mb, x, keep_mode(), cache[i]);
       release_params(b);
+      if (experts)
+        release_params(*experts);
       break;
+    }
+    case BlockKind::experts:
+      break; // run with their layer
     case BlockKind::final_norm: {
       Block& head = ch.blocks[i + 1];
       gather_params(b);
@@ -211,8 +219,11 @@ template <TrainerBackend B> void TrainerCore<B>::recompute_unit(const StepOp& op
     Block& b = ch.blocks[i];
     if (b.layout.kind != BlockKind::layer)
       continue;
+    Block* experts = experts_of(ch, i);
     gather_params(b);
-    be_.layer_recompute(model_, b.buffers(), tpc, mb, cache[i]);
+    if (experts)
+      gather_params(*experts);
+    be_.layer_recompute(model_, b.buffers(experts), tpc, mb, cache[i]);
   }
   record(Stream::compute, Category::recompute, op.name(), op.unit, op.micro_batch, s, mark());
 }
@@ -250,13 +261,25 @@ void TrainerCore<B>::backward_unit(const StepOp& op, const Batch& mb, float loss
       accumulate_local(norm);
       break;
     }
-    case BlockKind::layer:
+    case BlockKind::layer: {
+      Block* experts = experts_of(ch, i);
       gather_params(b);
       prepare_grads(b);
-      dy = be_.layer_backward(model_, b.buffers(), tpc, mb, dy, cache[i]);
+      if (experts) {
+        gather_params(*experts);
+        prepare_grads(*experts);
+      }
+      dy = be_.layer_backward(model_, b.buffers(experts), tpc, mb, dy, cache[i]);
       release_params(b);
       accumulate_local(b);
+      if (experts) {
+        release_params(*experts);
+        accumulate_local(*experts);
+      }
       break;
+    }
+    case BlockKind::experts:
+      break; // run with their layer
     case BlockKind::embedding: {
       Block* pos = i + 1 < ch.blocks.size() && ch.blocks[i + 1].layout.kind == BlockKind::positions
                        ? &ch.blocks[i + 1]

@@ -101,11 +101,11 @@ template <TrainerBackend B> void TrainerCore<B>::sp_sync() {
 
 template <TrainerBackend B> double TrainerCore<B>::gradient_norm() {
   Ranges ranges;
-  const bool count_dp = plan_.zero_stage > 0 || replica_ == 0;
-  if (count_dp) {
+  // Each parameter once: its owned slices under ZeRO, else the first of its holders' copy.
+  {
     for (Chunk& c : chunks_) {
       for (Block& b : c.blocks) {
-        if (b.alias)
+        if (b.alias || (plan_.zero_stage == 0 && b.comm->rank() != 0))
           continue;
         const float* g = b.owned_grads(plan_.zero_stage) - b.own_begin;
         for_owned(b, [&](const ParamInfo& p, std::int64_t s, std::int64_t e) {
@@ -156,11 +156,11 @@ template <TrainerBackend B> void TrainerCore<B>::publish_params(StepCollective h
         continue;
       const std::span<float> all = span_of(b.params);
       if (how == StepCollective::broadcast) {
-        dp_comm_->broadcast(all, 0);
+        b.comm->broadcast(all, 0);
       } else {
-        dp_comm_->all_gather(all.subspan(static_cast<std::size_t>(b.own_begin),
-                                         static_cast<std::size_t>(b.own_size)),
-                             all);
+        b.comm->all_gather(all.subspan(static_cast<std::size_t>(b.own_begin),
+                                       static_cast<std::size_t>(b.own_size)),
+                           all);
       }
     }
   }
