@@ -79,7 +79,11 @@ private:
   void build_rank(RankSim& r);
   void run_op(RankSim& r, int i);
   void wait_for(RankSim& r, const StepOp& op, Id task);
-  Id tp_collective(RankSim& r, const StepOp& op, int i, double seconds, Id trigger);
+  // The op's in-layer collectives after it on the rank's chain: `seconds` of them, of which
+  // `ep_s` are expert-parallel all-to-alls (a flow on the node's NICs when the EP group spans
+  // nodes, sharing them with the data-parallel traffic).
+  Id tp_collective(RankSim& r, const StepOp& op, int i, double seconds, Id trigger,
+                   double ep_s = 0.0);
   double unit_reduction_bytes(int unit) const;
   Id node_link(int node);
   double replicas_on_node(const RankSim& r) const;

@@ -106,17 +106,23 @@ void IterationBuilder::wait_for(RankSim& r, const StepOp& op, Id task) {
 }
 
 // A compute op's tensor-parallel collectives, after it on the rank's chain.
-Id IterationBuilder::tp_collective(RankSim& r, const StepOp& op, int i, double seconds,
-                                   Id trigger) {
+Id IterationBuilder::tp_collective(RankSim& r, const StepOp& op, int i, double seconds, Id trigger,
+                                   double ep_s) {
   // With tp = 1 there is still the expert-parallel all-to-all and the context-parallel K/V
   // exchange (both costed inside the layer's collectives).
-  if (seconds <= 0) {
-    return trigger;
+  const bool ep_network = ep_s > 0 && ep_span(plan_, cluster_).nodes > 1;
+  const double local = ep_network ? seconds - ep_s : seconds;
+  Id last = trigger;
+  if (local > 0) {
+    last = add_comm(r, op, i, {0.0, local, false}, 0, true);
+    chain(last);
+    record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, trigger, last);
   }
-  const Id t = add_comm(r, op, i, {0.0, seconds, false}, 0, true);
-  chain(t);
-  record_group(0, rank_of(plan_, {r.dp, r.pp_rank, 0}), r, trigger, t);
-  return t;
+  if (ep_network) {
+    last = add_comm(r, op, i, {0.0, ep_s, true}, 0, true);
+    chain(last);
+  }
+  return last;
 }
 
 double IterationBuilder::unit_reduction_bytes(int unit) const {
@@ -142,7 +148,7 @@ void IterationBuilder::run_op(RankSim& r, int i) {
   case StepOpKind::forward:
     anchor = add_compute(r, cost->fwd_s, op, i, cost->model_flops / 3.0);
     wait_for(r, op, anchor);
-    tp_collective(r, op, i, cost->tp_fwd_s, anchor);
+    tp_collective(r, op, i, cost->tp_fwd_s, anchor, cost->ep_fwd_s);
     break;
   case StepOpKind::recompute:
     anchor = add_compute(r, cost->full_recompute_s, op, i, 0);
@@ -156,7 +162,7 @@ void IterationBuilder::run_op(RankSim& r, int i) {
         model_.grad_accumulation_s(plan_, cost->params);
     anchor = add_compute(r, cost->bwd_s + extra, op, i, cost->model_flops * 2.0 / 3.0);
     wait_for(r, op, anchor);
-    tp_collective(r, op, i, cost->tp_bwd_s, anchor);
+    tp_collective(r, op, i, cost->tp_bwd_s, anchor, cost->ep_bwd_s);
     break;
   }
   case StepOpKind::send: {

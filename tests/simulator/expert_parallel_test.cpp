@@ -6,6 +6,7 @@
 #include "parallax/planner/planner.hpp"
 #include "parallax/simulator/collectives.hpp"
 #include "parallax/simulator/cost_model.hpp"
+#include "parallax/simulator/iteration_simulator.hpp"
 #include "parallax/simulator/unit_cost.hpp"
 
 #include "hand_cluster.hpp"
@@ -118,6 +119,58 @@ TEST(ExpertParallel, TheSearchProposesOnlyFeasibleEpAndHonoursThePin) {
   for (const RankedPlan& r : pinned.plans) {
     EXPECT_EQ(r.estimate.plan.ep, 4);
   }
+}
+
+// An EP group spanning nodes sends its all-to-alls through the NICs, as flows sharing them with
+// the data-parallel traffic: a separate in-layer event of the op, as long as the cost model's
+// all-to-all when nothing else uses the link. Inside a node it stays with the TP collectives.
+TEST(ExpertParallel, AllToAllAcrossNodesIsAFlowOnTheNetwork) {
+  const LayerGraph g = model_load("moe-tiny").graph;
+  const auto tp_events = [&](int gpus, int ep) {
+    const Cluster c = hand_cluster(gpus);
+    CostModel model(g, c);
+    Plan p = moe_plan(gpus, ep);
+    p.overlap_grad_reduce = false; // nothing else on the links during the forward
+    const SimulationResult r = simulate_iteration(model, p);
+    std::vector<double> durations;
+    for (const Event& e : r.timeline.events) {
+      if (e.rank == 0 && e.category == Category::tp_comm && e.name.starts_with("forward u1 mb0"))
+        durations.push_back(e.duration_s());
+    }
+    return std::pair{durations, unit_costs(g, c, unit_cost_key(p))[1].ep_fwd_s};
+  };
+  const auto [inside, inside_ep] = tp_events(8, 8);
+  ASSERT_EQ(inside.size(), 1u);
+  EXPECT_NEAR(inside[0], inside_ep, 1e-12);
+  const auto [across, across_ep] = tp_events(16, 16);
+  ASSERT_EQ(across.size(), 1u); // tp = 1: the all-to-all is the layer's only collective
+  EXPECT_NEAR(across[0], across_ep, 1e-9 * across_ep);
+  EXPECT_GT(across_ep, inside_ep); // the NIC is slower than the node's links
+}
+
+// With the data-parallel reductions overlapping the backward, an all-to-all on the NICs
+// shares them with a reduction and takes longer than alone; one on the node's links does not.
+TEST(ExpertParallel, AllToAllAcrossNodesSharesTheNicWithGradientReductions) {
+  const LayerGraph g = model_load("moe-tiny").graph;
+  const auto slowest = [&](int ep) {
+    // 4 GPUs per node: 4 NICs (32 GB/s attained) are slower than the node's links (50 GB/s),
+    // so the data-parallel ring is bound by the NICs.
+    Cluster c = hand_cluster(16);
+    c.node.devices_per_node = 4;
+    c.network.num_nodes = 4;
+    CostModel model(g, c);
+    const Plan p = moe_plan(16, ep); // ZeRO-0: reductions after the last micro-batch
+    const SimulationResult r = simulate_iteration(model, p);
+    const double alone = unit_costs(g, c, unit_cost_key(p))[1].ep_bwd_s;
+    double worst = 0;
+    for (const Event& e : r.timeline.events) {
+      if (e.rank == 0 && e.category == Category::tp_comm && e.name.starts_with("backward u1 mb3"))
+        worst = std::max(worst, e.duration_s() / alone);
+    }
+    return worst;
+  };
+  EXPECT_NEAR(slowest(4), 1.0, 1e-9);
+  EXPECT_GT(slowest(16), 1.0 + 1e-3);
 }
 
 } // namespace
