@@ -190,15 +190,14 @@ ExecModel ExecModel::from_config(const ModelConfig& c, const std::string& source
           "\"gelu\" or \"swiglu\"", c.activation);
   require(c.position_embedding == "learned" || c.position_embedding == "rope", source,
           "/position_embedding", "\"learned\" or \"rope\" for training", c.position_embedding);
-  // Mixtures of experts train dropless, with normalised top-k weights and no selection bias or
-  // shared-expert gate; latent attention and QK norms are planned and simulated, not trained.
-  require(!c.moe.enabled() ||
-              (!c.moe.router_bias && !c.moe.shared_expert_gate && c.moe.capacity_factor == 0),
-          source, "/moe",
-          "a dropless mixture (capacity_factor 0) without router_bias or shared_expert_gate for "
-          "training (plan and simulate take all)",
-          fmt::format("router_bias {}, shared_expert_gate {}, capacity_factor {}",
-                      c.moe.router_bias, c.moe.shared_expert_gate, c.moe.capacity_factor));
+  // Mixtures of experts train dropless or with a capacity factor, with normalised top-k weights
+  // and no selection bias or shared-expert gate; latent attention and QK norms are planned and
+  // simulated, not trained.
+  require(!c.moe.enabled() || (!c.moe.router_bias && !c.moe.shared_expert_gate), source, "/moe",
+          "a mixture without router_bias or shared_expert_gate for training (plan and simulate "
+          "take both)",
+          fmt::format("router_bias {}, shared_expert_gate {}", c.moe.router_bias,
+                      c.moe.shared_expert_gate));
   require(!c.mla.enabled(), source, "/mla",
           "absent: the executor does not train multi-head latent attention yet (plan and "
           "simulate do)",

@@ -97,9 +97,9 @@ struct CpuOps {
   void set_zero(Tensor& x) const { x.m().setZero(); }
   // Routed experts (executor/src/moe.cpp) over the rows of slot kLn2Full.
   void moe_forward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
-                   const MicroBatch& /*mb*/, std::vector<Tensor>& t, Tensor& out) const {
+                   const MicroBatch& mb, std::vector<Tensor>& t, Tensor& out) const {
     t.resize(block::kNumSlots + moe_slot_count(m.config.moe)); // before referring into t
-    parallax::moe_forward(m, b, tp, t[block::kLn2Full], t, block::kNumSlots, out);
+    parallax::moe_forward(m, b, tp, mb.seq, t[block::kLn2Full], t, block::kNumSlots, out);
   }
   void moe_backward(const ExecModel& m, const BlockBuffers& b, const TpContext& tp,
                     const MicroBatch& mb, std::vector<Tensor>& t, In dout, Tensor& dx) const {

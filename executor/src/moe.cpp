@@ -187,6 +187,43 @@ private:
   std::vector<float> received_; // [ep][L]: rows source s routes to local expert l
 };
 
+// With a capacity factor an expert takes at most C = ⌈cf · s·k / E⌉ of each sequence's routed
+// copies (GShard's capacity with the sequence as the group, as the layer graph costs it, so
+// the drops do not depend on how sequences are batched or laid out): those with the largest
+// weights, the earlier row first on a tie; the others are dropped (they add nothing and get no
+// gradient). Dropless (cf = 0) keeps every copy.
+void drop_over_capacity(std::vector<Routed>& routed, const Tensor& weights, const MoeConfig& moe,
+                        Index seq) {
+  if (moe.capacity_factor <= 0)
+    return;
+  const double fair = static_cast<double>(seq) * moe.experts_per_token / moe.num_experts;
+  const auto capacity = static_cast<std::size_t>(
+      std::max<long long>(1, std::llround(std::ceil(moe.capacity_factor * fair))));
+  const auto w = weights.m();
+  for (Routed& r : routed) {
+    Routed kept;
+    for (std::size_t a = 0; a < r.rows.size();) {
+      std::size_t e = a; // [a, e): the copies of one sequence (rows are in row order)
+      while (e < r.rows.size() && r.rows[e] / seq == r.rows[a] / seq)
+        ++e;
+      std::vector<std::size_t> order(e - a);
+      std::iota(order.begin(), order.end(), a);
+      std::stable_sort(order.begin(), order.end(), [&](std::size_t x, std::size_t y) {
+        return w(r.rows[x], r.slot[x]) > w(r.rows[y], r.slot[y]);
+      });
+      if (order.size() > capacity)
+        order.resize(capacity);
+      std::sort(order.begin(), order.end());
+      for (std::size_t q : order) {
+        kept.rows.push_back(r.rows[q]);
+        kept.slot.push_back(r.slot[q]);
+      }
+      a = e;
+    }
+    r = std::move(kept);
+  }
+}
+
 Tensor gather_rows(ConstMatRef x, const std::vector<Index>& rows) {
   Tensor g(static_cast<Index>(rows.size()), x.cols, Tensor::uninitialized);
   auto gm = g.m();
@@ -198,7 +235,7 @@ Tensor gather_rows(ConstMatRef x, const std::vector<Index>& rows) {
 
 } // namespace
 
-void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
+void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp, Index seq,
                  const Tensor& x, std::vector<Tensor>& t, std::size_t first, Tensor& out) {
   const MoeConfig& moe = model.config.moe;
   const int E = moe.num_experts;
@@ -242,7 +279,8 @@ void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext&
 
   // Each expert over the rows routed to it, on the EP rank holding it; the weighted outputs
   // add into `out` (partial over TP ranks).
-  const std::vector<Routed> routed = routing(chosen, E);
+  std::vector<Routed> routed = routing(chosen, E);
+  drop_over_capacity(routed, weights, moe, seq);
   const ExpertExchange xchg(tp, E, routed);
   const Index h = model.config.hidden_size;
   std::vector<Tensor> inputs = xchg.dispatch(
@@ -297,7 +335,8 @@ void moe_backward(const ExecModel& model, const BlockBuffers& b, const TpContext
   PARALLAX_CHECK(t.size() >= first + moe_slot_count(moe), "MoE backward without its forward");
   const Tensor& scores = t[first + kMoeScores];
   const Tensor& weights = t[first + kMoeWeights];
-  const std::vector<Routed> routed = routing(t[first + kMoeChosen], E);
+  std::vector<Routed> routed = routing(t[first + kMoeChosen], E);
+  drop_over_capacity(routed, weights, moe, mb.seq);
   const auto dm = dout.m();
 
   // Experts: dy_j = w·dout on this rank's rows; the weights' gradient <dout, y_j> (partial

@@ -61,30 +61,34 @@ inline fs::path work_dir() {
 inline fs::path model_file(const std::string& family) {
   const fs::path path = work_dir() / (family + "-8l.json");
   if (!fs::exists(path)) {
-    Json m = family != "llama" && family != "moe"
-                 ? Json{{"name", "gpt-tiny-8l"},
-                        {"family", "gpt"},
-                        {"activation", "gelu"},
-                        {"norm", "layernorm"},
-                        {"position_embedding", "learned"},
-                        {"bias", true},
-                        {"tied_embeddings", true},
-                        {"num_kv_heads", 4},
-                        {"ffn_hidden_size", 256}}
-                 : Json{{"name", "llama-tiny-8l"},      {"family", "llama"},
-                        {"activation", "swiglu"},       {"norm", "rmsnorm"},
-                        {"position_embedding", "rope"}, {"bias", false},
-                        {"tied_embeddings", false},     {"num_kv_heads", 2},
-                        {"ffn_hidden_size", 176}};
+    const bool moe = family == "moe" || family == "moecap";
+    Json m = family != "llama" && !moe ? Json{{"name", "gpt-tiny-8l"},
+                                              {"family", "gpt"},
+                                              {"activation", "gelu"},
+                                              {"norm", "layernorm"},
+                                              {"position_embedding", "learned"},
+                                              {"bias", true},
+                                              {"tied_embeddings", true},
+                                              {"num_kv_heads", 4},
+                                              {"ffn_hidden_size", 256}}
+                                       : Json{{"name", "llama-tiny-8l"},      {"family", "llama"},
+                                              {"activation", "swiglu"},       {"norm", "rmsnorm"},
+                                              {"position_embedding", "rope"}, {"bias", false},
+                                              {"tied_embeddings", false},     {"num_kv_heads", 2},
+                                              {"ffn_hidden_size", 176}};
     m["num_layers"] = 8;
     m["hidden_size"] = 64;
     m["num_attention_heads"] = 4;
     m["vocab_size"] = 256;
-    if (family == "moe") { // Llama blocks, the first dense, then 8 experts (top-2) + 1 shared
+    if (moe) { // Llama blocks, the first dense, then 8 experts (top-2) + 1 shared
       m["name"] = "moe-tiny-8l";
       m["ffn_hidden_size"] = 128;
       m["moe"] = {{"num_experts", 8},    {"experts_per_token", 2},  {"expert_ffn_hidden_size", 32},
                   {"shared_experts", 1}, {"first_dense_layers", 1}, {"aux_loss_coef", 0.01}};
+    }
+    if (family == "moecap") { // the same with a capacity: at most 8 of a sequence's copies each
+      m["name"] = "moe-tiny-8l-capacity";
+      m["moe"]["capacity_factor"] = 1.0;
     }
     if (family == "oddgpt") { // a prime vocabulary (padded for tp) and 6 heads
       m["name"] = "gpt-odd-8l";

@@ -120,6 +120,10 @@ std::vector<Case> equivalence_cases() {
   cases.push_back({.family = "moe", .dp = 2, .tp = 2, .ep = 2, .zero = 1});
   cases.push_back({.family = "moe", .dp = 2, .pp = 2, .ep = 2});
   cases.push_back({.family = "moe", .dp = 4, .ep = 2, .zero = 3, .recompute = "full"});
+  // A capacity factor (copies over an expert's capacity dropped per sequence) trains the same
+  // under every layout.
+  cases.push_back({.family = "moecap", .dp = 2, .ep = 2});
+  cases.push_back({.family = "moecap", .tp = 2, .pp = 2, .sp = true});
   return cases;
 }
 

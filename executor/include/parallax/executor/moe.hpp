@@ -39,8 +39,10 @@ inline std::size_t moe_expert_slot(std::size_t first, int j) {
 // Under expert parallelism (tp.ep_comm) the rows routed to another EP rank's experts go there
 // and their outputs come back (dispatch and combine, MPI all-to-all); a rank holds only its EP
 // rank's experts (BlockBuffers::experts_layout), reduced over the ranks holding the same ones.
+// `seq`: rows per sequence (the capacity factor's group).
 void moe_forward(const ExecModel& model, const BlockBuffers& b, const TpContext& tp,
-                 const Tensor& x, std::vector<Tensor>& t, std::size_t first_slot, Tensor& out);
+                 Eigen::Index seq, const Tensor& x, std::vector<Tensor>& t, std::size_t first_slot,
+                 Tensor& out);
 // dx (+)= ∂/∂x of the routed part given dout (full rows), accumulating the experts' and the
 // router's gradients; the router's input gradient on tensor-parallel rank 0 only (dx is summed
 // over the group afterwards). Releases the slots.
