@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -129,6 +130,97 @@ struct CpuOps {
     tp.cp_comm->reduce_scatter_sum(parts.span(), local.span());
     return local;
   }
+  // Ring attention: the rank's K/V block passes around the CP ring (sent on to the next rank
+  // while this one computes on it), each block folded into a running softmax; the output and
+  // its log-sum-exp (kAtt, kLse) are kept, with the rank's own K and V, for the backward.
+  void cp_ring_forward(const TpContext& tp, const MicroBatch& mb, const Shape& shape,
+                       std::vector<Tensor>& t) const {
+    using namespace block;
+    const int cp = tp.cp_size();
+    const int me = tp.cp_rank();
+    Communicator& comm = *tp.cp_comm;
+    const Index kv_rows = t[kK].rows();
+    const Index kv_cols = t[kK].cols();
+    const Index half = kv_rows * kv_cols;
+    std::vector<float> current(static_cast<std::size_t>(2 * half));
+    std::copy(t[kK].span().begin(), t[kK].span().end(), current.begin());
+    std::copy(t[kV].span().begin(), t[kV].span().end(), current.begin() + half);
+    std::vector<float> incoming(current.size());
+    Tensor m(shape.batch * shape.heads, shape.seq, Tensor::uninitialized);
+    m.m().setConstant(-std::numeric_limits<float>::infinity());
+    Tensor l(shape.batch * shape.heads, shape.seq); // zeros
+    t[kAtt].m().setZero();
+    for (int step = 0; step < cp; ++step) {
+      const int src = (me - step + cp) % cp;
+      CommRequest sent, received;
+      if (step + 1 < cp) {
+        sent = comm.isend(current, (me + 1) % cp, 0);
+        received = comm.irecv(incoming, (me - 1 + cp) % cp, 0);
+      }
+      const std::vector<std::int32_t> pos = context_chunk_positions(mb.seq * cp, cp, src);
+      const ConstMatRef k{current.data(), kv_rows, kv_cols};
+      const ConstMatRef v{current.data() + half, kv_rows, kv_cols};
+      ops::attention_block_forward(t[kQ], k, v, shape, pos, m, l, t[kAtt]);
+      received.wait();
+      sent.wait();
+      std::swap(current, incoming);
+    }
+    t[kLse] = make(shape.batch * shape.heads, shape.seq);
+    ops::attention_block_finish(m, l, shape, t[kAtt], t[kLse]);
+  }
+  // Its backward: the blocks come around again with their gradient accumulators, and after the
+  // last step each block's gradients take one more hop home.
+  void cp_ring_backward(const TpContext& tp, const MicroBatch& mb, const Shape& shape,
+                        std::vector<Tensor>& t, const Tensor& datt, Tensor& dq, Tensor& dk,
+                        Tensor& dv) const {
+    using namespace block;
+    const int cp = tp.cp_size();
+    const int me = tp.cp_rank();
+    Communicator& comm = *tp.cp_comm;
+    const Index kv_rows = t[kK].rows();
+    const Index kv_cols = t[kK].cols();
+    const Index part = kv_rows * kv_cols;
+    std::vector<float> current(static_cast<std::size_t>(4 * part), 0.0f); // K, V, dK, dV
+    std::copy(t[kK].span().begin(), t[kK].span().end(), current.begin());
+    std::copy(t[kV].span().begin(), t[kV].span().end(), current.begin() + part);
+    std::vector<float> incoming(current.size());
+    Tensor delta(shape.batch * shape.heads, shape.seq, Tensor::uninitialized);
+    ops::attention_delta(datt, t[kAtt], shape, delta);
+    dq.m().setZero();
+    for (int step = 0; step < cp; ++step) {
+      const int src = (me - step + cp) % cp;
+      const std::vector<std::int32_t> pos = context_chunk_positions(mb.seq * cp, cp, src);
+      float* base = current.data();
+      ops::attention_block_backward(
+          t[kQ], ConstMatRef{base, kv_rows, kv_cols}, ConstMatRef{base + part, kv_rows, kv_cols},
+          datt, t[kLse], delta, shape, pos, dq, MatRef{base + 2 * part, kv_rows, kv_cols},
+          MatRef{base + 3 * part, kv_rows, kv_cols});
+      if (step + 1 < cp) {
+        CommRequest sent = comm.isend(current, (me + 1) % cp, 1);
+        CommRequest received = comm.irecv(incoming, (me - 1 + cp) % cp, 1);
+        received.wait();
+        sent.wait();
+        std::swap(current, incoming);
+      }
+    }
+    // The block held now is the next rank's, its gradients complete; ours come from the last.
+    std::vector<float> mine(static_cast<std::size_t>(2 * part));
+    if (cp > 1) {
+      CommRequest sent =
+          comm.isend(std::span<const float>(current).subspan(static_cast<std::size_t>(2 * part)),
+                     (me + 1) % cp, 2);
+      CommRequest received = comm.irecv(mine, (me - 1 + cp) % cp, 2);
+      received.wait();
+      sent.wait();
+    } else {
+      std::copy(current.begin() + 2 * part, current.end(), mine.begin());
+    }
+    std::copy_n(mine.data(), part, dk.data());
+    std::copy_n(mine.data() + part, part, dv.data());
+    t[kAtt].release();
+    t[kLse].release();
+  }
+
   // f(row in the rank-major blocks, row in the whole sequences, width) for every row.
   template <class F> static void for_cp_rows(const MicroBatch& mb, int cp, Index w, F&& f) {
     const Index full_seq = mb.seq * cp;

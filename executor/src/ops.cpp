@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 
 namespace parallax::ops {
 namespace {
@@ -336,6 +337,143 @@ void attention_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, ConstMatRef
           dp * km.block(b * keys, kvh * s.head_dim, keys, s.head_dim);
       dkm.block(b * keys, kvh * s.head_dim, keys, s.head_dim).noalias() +=
           dp.transpose() * qm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim);
+    }
+  }
+}
+
+namespace {
+
+// Query i of a sequence sees key j of the block when the key is not after it.
+bool visible(const AttentionShape& s, std::span<const std::int32_t> k_positions, Index i, Index j) {
+  return k_positions[static_cast<std::size_t>(j)] <= s.query_position(i);
+}
+
+} // namespace
+
+void attention_block_forward(ConstMatRef q, ConstMatRef k, ConstMatRef v, const AttentionShape& s,
+                             std::span<const std::int32_t> k_positions, MatRef m, MatRef l,
+                             MatRef acc) {
+  check_attention(q, k, v, s);
+  PARALLAX_CHECK(static_cast<Index>(k_positions.size()) == s.keys(), "one position per key");
+  check_shape(m, s.batch * s.heads, s.seq, "ring attention row max");
+  check_shape(l, s.batch * s.heads, s.seq, "ring attention row sum");
+  check_shape(acc, q.rows, q.cols, "ring attention accumulator");
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const int group = s.heads / s.kv_heads;
+  const Index keys = s.keys();
+  const auto qm = q.m();
+  const auto km = k.m();
+  const auto vm = v.m();
+  auto mm = m.m();
+  auto lm = l.m();
+  auto am = acc.m();
+  Mat p(s.seq, keys);
+  for (Index b = 0; b < s.batch; ++b) {
+    for (int h = 0; h < s.heads; ++h) {
+      const Index kvh = h / group;
+      const Index row = b * s.heads + h;
+      p.noalias() = qm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim) *
+                    km.block(b * keys, kvh * s.head_dim, keys, s.head_dim).transpose();
+      for (Index i = 0; i < s.seq; ++i) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (Index j = 0; j < keys; ++j) {
+          p(i, j) = visible(s, k_positions, i, j) ? p(i, j) * scale
+                                                  : -std::numeric_limits<float>::infinity();
+          mx = std::max(mx, p(i, j));
+        }
+        if (mx == -std::numeric_limits<float>::infinity()) {
+          p.row(i).setZero(); // nothing of this block is visible to the query
+          continue;
+        }
+        const float old = mm(row, i);
+        const float next = std::max(old, mx);
+        const float keep =
+            old == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(old - next);
+        p.row(i) = (p.row(i).array() - next).exp().matrix();
+        lm(row, i) = lm(row, i) * keep + p.row(i).sum();
+        am.block(b * s.seq + i, Index{h} * s.head_dim, 1, s.head_dim) *= keep;
+        mm(row, i) = next;
+      }
+      am.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim).noalias() +=
+          p * vm.block(b * keys, kvh * s.head_dim, keys, s.head_dim);
+    }
+  }
+}
+
+void attention_block_finish(ConstMatRef m, ConstMatRef l, const AttentionShape& s, MatRef out,
+                            MatRef lse) {
+  check_shape(lse, s.batch * s.heads, s.seq, "ring attention log-sum-exp");
+  const auto mm = m.m();
+  const auto lm = l.m();
+  auto om = out.m();
+  auto em = lse.m();
+  for (Index b = 0; b < s.batch; ++b) {
+    for (int h = 0; h < s.heads; ++h) {
+      const Index row = b * s.heads + h;
+      for (Index i = 0; i < s.seq; ++i) {
+        PARALLAX_CHECK(lm(row, i) > 0, "a query that sees no key (it sees at least itself)");
+        om.block(b * s.seq + i, Index{h} * s.head_dim, 1, s.head_dim) /= lm(row, i);
+        em(row, i) = mm(row, i) + std::log(lm(row, i));
+      }
+    }
+  }
+}
+
+void attention_delta(ConstMatRef dout, ConstMatRef out, const AttentionShape& s, MatRef delta) {
+  check_shape(delta, s.batch * s.heads, s.seq, "ring attention delta");
+  const auto dm = dout.m();
+  const auto om = out.m();
+  auto d = delta.m();
+  for (Index b = 0; b < s.batch; ++b)
+    for (int h = 0; h < s.heads; ++h)
+      for (Index i = 0; i < s.seq; ++i)
+        d(b * s.heads + h, i) =
+            dm.block(b * s.seq + i, Index{h} * s.head_dim, 1, s.head_dim)
+                .cwiseProduct(om.block(b * s.seq + i, Index{h} * s.head_dim, 1, s.head_dim))
+                .sum();
+}
+
+void attention_block_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, ConstMatRef dout,
+                              ConstMatRef lse, ConstMatRef delta, const AttentionShape& s,
+                              std::span<const std::int32_t> k_positions, MatRef dq, MatRef dk,
+                              MatRef dv) {
+  check_attention(q, k, v, s);
+  PARALLAX_CHECK(static_cast<Index>(k_positions.size()) == s.keys(), "one position per key");
+  check_shape(dq, q.rows, q.cols, "ring attention q gradient");
+  check_shape(dk, k.rows, k.cols, "ring attention k gradient");
+  check_shape(dv, v.rows, v.cols, "ring attention v gradient");
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const int group = s.heads / s.kv_heads;
+  const Index keys = s.keys();
+  const auto qm = q.m();
+  const auto km = k.m();
+  const auto vm = v.m();
+  const auto dom = dout.m();
+  const auto em = lse.m();
+  const auto dl = delta.m();
+  auto dqm = dq.m();
+  auto dkm = dk.m();
+  auto dvm = dv.m();
+  Mat p(s.seq, keys);
+  Mat dp(s.seq, keys);
+  for (Index b = 0; b < s.batch; ++b) {
+    for (int h = 0; h < s.heads; ++h) {
+      const Index kvh = h / group;
+      const Index row = b * s.heads + h;
+      const auto qb = qm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim);
+      const auto kb = km.block(b * keys, kvh * s.head_dim, keys, s.head_dim);
+      const auto vb = vm.block(b * keys, kvh * s.head_dim, keys, s.head_dim);
+      const auto d_o = dom.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim);
+      p.noalias() = qb * kb.transpose();
+      for (Index i = 0; i < s.seq; ++i)
+        for (Index j = 0; j < keys; ++j)
+          p(i, j) = visible(s, k_positions, i, j) ? std::exp(p(i, j) * scale - em(row, i)) : 0.0f;
+      dvm.block(b * keys, kvh * s.head_dim, keys, s.head_dim).noalias() += p.transpose() * d_o;
+      dp.noalias() = d_o * vb.transpose();
+      for (Index i = 0; i < s.seq; ++i)
+        dp.row(i) = (p.row(i).array() * (dp.row(i).array() - dl(row, i)) * scale).matrix();
+      dqm.block(b * s.seq, Index{h} * s.head_dim, s.seq, s.head_dim).noalias() += dp * kb;
+      dkm.block(b * keys, kvh * s.head_dim, keys, s.head_dim).noalias() += dp.transpose() * qb;
     }
   }
 }

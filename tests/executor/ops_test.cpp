@@ -538,6 +538,72 @@ TEST(OpsAttention, GradientCheckMultiHead) {
   check_attention_gradients(kMha, 211);
 }
 
+// Ring attention: a rank's queries folded over every rank's K/V block with the running softmax
+// give its rows of whole-sequence attention, and the block backward gives its query gradient
+// and, summed over the ranks, each block's key and value gradients.
+TEST(OpsAttention, RingBlocksMatchWholeSequenceAttention) {
+  const ops::AttentionShape s{.batch = 2, .seq = 8, .heads = 4, .kv_heads = 2, .head_dim = 4};
+  const AttentionInputs in = random_attention_inputs(s, 231);
+  const Tensor dout = random_tensor(in.q.rows(), in.q.cols(), 232);
+  Tensor probs(s.batch * s.heads, s.seq * s.seq);
+  Tensor out(in.q.rows(), in.q.cols());
+  ops::attention_forward(in.q, in.k, in.v, s, probs, out);
+  Tensor dq(in.q.rows(), in.q.cols());
+  Tensor dk(in.k.rows(), in.k.cols());
+  Tensor dv(in.v.rows(), in.v.cols());
+  ops::attention_backward(in.q, in.k, in.v, probs, dout, s, dq, dk, dv);
+  const int cp = 2;
+  const auto rows = [&](const Tensor& full, const std::vector<std::int32_t>& pos) {
+    Tensor t(s.batch * static_cast<Index>(pos.size()), full.cols());
+    for (Index b = 0; b < s.batch; ++b)
+      for (std::size_t i = 0; i < pos.size(); ++i)
+        t.m().row(b * static_cast<Index>(pos.size()) + static_cast<Index>(i)) =
+            full.m().row(b * s.seq + pos[i]);
+    return t;
+  };
+  std::vector<Tensor> dk_block, dv_block; // zeros: the block backwards add
+  for (int r = 0; r < cp; ++r) {
+    dk_block.emplace_back(s.batch * s.seq / cp, in.k.cols());
+    dv_block.emplace_back(s.batch * s.seq / cp, in.v.cols());
+  }
+  for (int r = 0; r < cp; ++r) {
+    const std::vector<std::int32_t> pos = context_chunk_positions(s.seq, cp, r);
+    ops::AttentionShape local = s;
+    local.seq = s.seq / cp;
+    local.q_positions = pos;
+    const Tensor q = rows(in.q, pos);
+    const Tensor d_o = rows(dout, pos);
+    Tensor m(s.batch * s.heads, local.seq);
+    m.m().setConstant(-std::numeric_limits<float>::infinity());
+    Tensor l(s.batch * s.heads, local.seq);
+    Tensor acc(q.rows(), q.cols());
+    for (int src = 0; src < cp; ++src) {
+      const std::vector<std::int32_t> kpos = context_chunk_positions(s.seq, cp, src);
+      ops::attention_block_forward(q, rows(in.k, kpos), rows(in.v, kpos), local, kpos, m, l, acc);
+    }
+    Tensor lse(s.batch * s.heads, local.seq);
+    ops::attention_block_finish(m, l, local, acc, lse);
+    expect_near(acc, rows(out, pos).m().cast<double>(), 1e-6, "ring output");
+    Tensor delta(s.batch * s.heads, local.seq);
+    ops::attention_delta(d_o, acc, local, delta);
+    Tensor dq_r(q.rows(), q.cols()); // zeros: the block backward adds
+    for (int src = 0; src < cp; ++src) {
+      const std::vector<std::int32_t> kpos = context_chunk_positions(s.seq, cp, src);
+      ops::attention_block_backward(q, rows(in.k, kpos), rows(in.v, kpos), d_o, lse, delta, local,
+                                    kpos, dq_r, dk_block[static_cast<std::size_t>(src)],
+                                    dv_block[static_cast<std::size_t>(src)]);
+    }
+    expect_near(dq_r, rows(dq, pos).m().cast<double>(), 1e-5, "ring query gradient");
+  }
+  for (int src = 0; src < cp; ++src) {
+    const std::vector<std::int32_t> kpos = context_chunk_positions(s.seq, cp, src);
+    expect_near(dk_block[static_cast<std::size_t>(src)], rows(dk, kpos).m().cast<double>(), 1e-5,
+                "ring key gradient");
+    expect_near(dv_block[static_cast<std::size_t>(src)], rows(dv, kpos).m().cast<double>(), 1e-5,
+                "ring value gradient");
+  }
+}
+
 // Context parallelism with causal load balancing: chunks i and 2·cp − 1 − i of 2·cp, so every
 // rank's queries see the same number of keys in all.
 TEST(OpsAttention, ContextChunksBalanceTheCausalWork) {

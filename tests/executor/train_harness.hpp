@@ -108,8 +108,9 @@ inline fs::path model_file(const std::string& family) {
 struct Case {
   std::string family = "gpt";
   int dp = 1, tp = 1, pp = 1;
-  int cp = 1; // context parallelism
-  int ep = 1; // expert parallelism (divides dp · cp)
+  int cp = 1;                 // context parallelism
+  bool cp_all_gather = false; // its K/V exchange: all-gathered (else the ring)
+  int ep = 1;                 // expert parallelism (divides dp · cp)
   int zero = 0;
   std::string schedule = "1f1b";
   int v = 1;
@@ -122,12 +123,13 @@ struct Case {
 };
 
 inline std::string case_name(const Case& c) {
-  return fmt::format(
-      "{}_d{}t{}p{}{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp,
-      (c.cp > 1 ? fmt::format("c{}", c.cp) : "") + (c.ep > 1 ? fmt::format("e{}", c.ep) : ""),
-      c.zero, c.schedule == "1f1b" ? "onefoneb" : c.schedule,
-      c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "", c.micro,
-      c.sync == "allreduce" ? "" : "_" + c.sync, c.overlap ? "" : "_serial_reduce");
+  return fmt::format("{}_d{}t{}p{}{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp,
+                     (c.cp > 1 ? fmt::format("c{}{}", c.cp, c.cp_all_gather ? "ag" : "") : "") +
+                         (c.ep > 1 ? fmt::format("e{}", c.ep) : ""),
+                     c.zero, c.schedule == "1f1b" ? "onefoneb" : c.schedule,
+                     c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "",
+                     c.micro, c.sync == "allreduce" ? "" : "_" + c.sync,
+                     c.overlap ? "" : "_serial_reduce");
 }
 
 // gtest prints parameters in test names and failure messages with this.
@@ -170,8 +172,10 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
                      {"grad_sync", c.sync},
                      {"overlap_grad_reduce", c.overlap}};
   Json doc = plan;
-  if (c.cp > 1)
+  if (c.cp > 1) {
     doc["cp"] = c.cp;
+    doc["cp_comm"] = c.cp_all_gather ? "all_gather" : "p2p";
+  }
   if (c.ep > 1)
     doc["ep"] = c.ep;
   if (c.even_stages) {

@@ -87,9 +87,14 @@ std::vector<Case> equivalence_cases() {
     cases.push_back({.family = family, .dp = 4, .sync = "parameter_server"});
     cases.push_back({.family = family, .dp = 2, .tp = 2, .pp = 2, .sync = "parameter_server"});
     // Context parallelism: every sequence in 2·cp chunks (the 32-token sequences in 4 or 8),
-    // alone and with tensor, pipeline and data parallelism, ZeRO and full recomputation.
+    // over the ring unless said otherwise, alone and with tensor, pipeline and data
+    // parallelism, ZeRO and recomputation.
     cases.push_back({.family = family, .cp = 2});
     cases.push_back({.family = family, .cp = 4});
+    // The all-gather exchange.
+    cases.push_back({.family = family, .cp = 2, .cp_all_gather = true});
+    cases.push_back(
+        {.family = family, .tp = 2, .cp = 4, .cp_all_gather = true, .recompute = "selective"});
     cases.push_back({.family = family, .tp = 2, .pp = 2, .cp = 2, .sp = family == "llama"});
     cases.push_back({.family = family, .cp = 2, .recompute = "full"});
     if (family == "gpt")

@@ -111,6 +111,9 @@ struct TpContext {
   int rank() const { return comm ? comm->rank() : 0; }
   // Context parallelism: the ranks holding the other chunks of the same sequences (null: cp 1).
   Communicator* cp_comm = nullptr;
+  // How the CP ranks exchange K/V: passed around the ring with a running softmax (the plan's
+  // cp_comm p2p), or all-gathered.
+  bool cp_ring = true;
   int cp_size() const { return cp_comm ? cp_comm->size() : 1; }
   int cp_rank() const { return cp_comm ? cp_comm->rank() : 0; }
   // Expert parallelism: the ranks (of the same tensor-parallel rank) splitting the routed

@@ -74,6 +74,25 @@ void attention_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, ConstMatRef
                         ConstMatRef dout, const AttentionShape& shape, MatRef dq, MatRef dk,
                         MatRef dv);
 
+// Ring attention (context parallelism): this rank's queries (at shape.q_positions) against one
+// K/V block of shape.seq keys per sequence at k_positions, folded into a running softmax —
+// row max m and row sum l ([batch·heads, seq]) and the unnormalised output acc ([batch·seq,
+// heads·d]); start from m = −∞, l = 0, acc = 0. attention_block_finish turns them into the
+// output and the log-sum-exp ([batch·heads, seq]).
+void attention_block_forward(ConstMatRef q, ConstMatRef k, ConstMatRef v, const AttentionShape& s,
+                             std::span<const std::int32_t> k_positions, MatRef m, MatRef l,
+                             MatRef acc);
+void attention_block_finish(ConstMatRef m, ConstMatRef l, const AttentionShape& s, MatRef out,
+                            MatRef lse);
+// Its backward on one block: adds to dq, and to the block's dk and dv, from the output
+// gradient, the log-sum-exp and delta = Σ_d dout ⊙ out per query and head ([batch·heads, seq]).
+void attention_block_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, ConstMatRef dout,
+                              ConstMatRef lse, ConstMatRef delta, const AttentionShape& s,
+                              std::span<const std::int32_t> k_positions, MatRef dq, MatRef dk,
+                              MatRef dv);
+// delta for attention_block_backward.
+void attention_delta(ConstMatRef dout, ConstMatRef out, const AttentionShape& s, MatRef delta);
+
 // Vocabulary-parallel embedding: table holds rows [vocab_begin, vocab_begin + table.rows) of
 // the full table; out row r = table[tokens[r] − vocab_begin], or zero when the token is another
 // rank's.

@@ -112,9 +112,13 @@ typename O::Out opt_grad(const O& o, const ExecModel& m, const BlockBuffers& b,
 // now) refuses cp > 1 plans.
 template <class O>
 concept ContextParallelOps = requires(const O& o, const TpContext& tp, const MicroBatch& mb,
-                                      const typename O::Tensor& ct, typename O::Shape& shape) {
+                                      const typename O::Tensor& ct, typename O::Tensor& t,
+                                      std::vector<typename O::Tensor>& slots,
+                                      typename O::Shape& shape) {
   { o.cp_gather(tp, mb, ct) } -> std::same_as<typename O::Tensor>;
   { o.cp_reduce_scatter(tp, mb, ct) } -> std::same_as<typename O::Tensor>;
+  o.cp_ring_forward(tp, mb, shape, slots);
+  o.cp_ring_backward(tp, mb, shape, slots, ct, t, t, t);
   shape.kv_seq;
   shape.q_positions;
 };
@@ -194,6 +198,21 @@ typename O::Tensor tp_reduce(const O& o, const TpContext& tp, typename O::Tensor
 }
 
 // ---- context parallelism ----
+
+// Whether the layer's attention runs around the CP ring (a backend with the ring ops, cp > 1,
+// the plan's p2p exchange); the ring's blocks each hold one rank's keys (no kv_seq).
+template <BlockOps O> bool cp_ring(const TpContext& tp) {
+  if constexpr (ContextParallelOps<O>) {
+    return tp.cp_size() > 1 && tp.cp_ring;
+  } else {
+    PARALLAX_CHECK(tp.cp_size() == 1, "this backend has no context-parallel ops");
+    return false;
+  }
+}
+template <class S> S ring_shape(S s) {
+  s.kv_seq = 0;
+  return s;
+}
 
 // K or V of this rank's tokens → of the whole sequences (a no-op without context parallelism).
 template <BlockOps O>
@@ -328,12 +347,18 @@ typename O::Tensor layer_forward(const O& o, const ExecModel& m, const BlockBuff
   o.linear(t[kLn1Full], o.param(b, "attn.wv"), opt_param(o, m, b, "attn.bv"), t[kV]);
   if (m.rope())
     o.rope(t[kQ], t[kK], static_cast<int>(d), mb, m.rope_theta, false);
-  // Context parallelism: this rank's queries against the keys and values of whole sequences
-  // (kept so for the backward).
-  t[kK] = cp_gather_kv(o, tp, host, std::move(t[kK]));
-  t[kV] = cp_gather_kv(o, tp, host, std::move(t[kV]));
   t[kAtt] = o.make(n, shape.heads * d);
-  o.attention_forward(shape, keep, t);
+  if (cp_ring<O>(tp)) {
+    // Context parallelism over the ring: the rank's queries against each rank's block in turn.
+    if constexpr (ContextParallelOps<O>)
+      o.cp_ring_forward(tp, host, ring_shape(shape), t);
+  } else {
+    // All-gathered: this rank's queries against the keys and values of whole sequences (kept
+    // so for the backward).
+    t[kK] = cp_gather_kv(o, tp, host, std::move(t[kK]));
+    t[kV] = cp_gather_kv(o, tp, host, std::move(t[kV]));
+    o.attention_forward(shape, keep, t);
+  }
   T out = o.make(n, h);
   o.linear(t[kAtt], o.param(b, "attn.wo"), typename O::In{}, out);
   out = tp_reduce(o, tp, std::move(out));
@@ -438,11 +463,16 @@ typename O::Tensor layer_backward(const O& o, const ExecModel& m, const BlockBuf
   T datt = o.make(n, t[kAtt].cols());
   o.linear_grad(t[kAtt], o.param(b, "attn.wo"), do_full, datt, o.grad(b, "attn.wo"), Out{}, false);
   T dq = o.make(n, t[kQ].cols());
-  T dk = o.make(t[kK].rows(), t[kK].cols()); // whole sequences under context parallelism
+  T dk = o.make(t[kK].rows(), t[kK].cols()); // whole sequences when CP all-gathers
   T dv = o.make(t[kV].rows(), t[kV].cols());
-  o.attention_backward(shape, t, datt, dq, dk, dv);
-  dk = cp_scatter_grad(o, tp, o.host(mb), std::move(dk));
-  dv = cp_scatter_grad(o, tp, o.host(mb), std::move(dv));
+  if (cp_ring<O>(tp)) {
+    if constexpr (ContextParallelOps<O>)
+      o.cp_ring_backward(tp, o.host(mb), ring_shape(shape), t, datt, dq, dk, dv);
+  } else {
+    o.attention_backward(shape, t, datt, dq, dk, dv);
+    dk = cp_scatter_grad(o, tp, o.host(mb), std::move(dk));
+    dv = cp_scatter_grad(o, tp, o.host(mb), std::move(dv));
+  }
   if (m.rope())
     o.rope(dq, dk, shape.head_dim, mb, m.rope_theta, true);
   T dln1_full = o.make(n, h);

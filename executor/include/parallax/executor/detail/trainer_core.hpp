@@ -404,6 +404,7 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
 template <TrainerBackend B> TpContext TrainerCore<B>::tp() {
   TpContext t{.comm = tp_comm_.get(), .sequence_parallel = plan_.sequence_parallel};
   t.cp_comm = cp_comm_.get();
+  t.cp_ring = plan_.cp_comm == CpComm::p2p;
   t.ep_comm = ep_comm_.get();
   if (recording_) {
     // Named after the op they run in, as the simulator names an op's TP collective.
