@@ -120,6 +120,37 @@ void check_shape(const ModelConfig& c, const JsonReader& r) {
     r.fail("num_attention_heads", fmt::format("a divisor of hidden_size {}", c.hidden_size),
            std::to_string(c.num_attention_heads));
   }
+  if (c.mla.enabled()) {
+    // Latent attention compresses: each rank below the width it stands for, RoPE on pairs.
+    const MlaConfig& m = c.mla;
+    // The field where it was read: the "mla" object of a model file, the top level of a Hugging
+    // Face config.
+    const auto fail = [&](const char* key, const std::string& expected, std::int64_t found) {
+      if (r.has("mla"))
+        r.child("mla").fail(key, expected, std::to_string(found));
+      r.fail(key, expected, std::to_string(found));
+    };
+    const std::int64_t kv_width =
+        static_cast<std::int64_t>(c.num_attention_heads) * (m.qk_nope_head_dim + m.v_head_dim);
+    const std::int64_t q_width = static_cast<std::int64_t>(c.num_attention_heads) *
+                                 (m.qk_nope_head_dim + m.qk_rope_head_dim);
+    if (m.kv_lora_rank >= std::min(c.hidden_size, kv_width)) {
+      fail("kv_lora_rank",
+           fmt::format("below hidden_size {} and heads × (qk_nope + v head dims) = {}",
+                       c.hidden_size, kv_width),
+           m.kv_lora_rank);
+    }
+    if (m.q_lora_rank >= std::min(c.hidden_size, q_width)) {
+      fail("q_lora_rank",
+           fmt::format("0 (no query compression) or below hidden_size {} and heads × query "
+                       "head dim = {}",
+                       c.hidden_size, q_width),
+           m.q_lora_rank);
+    }
+    if (m.qk_rope_head_dim % 2 != 0) {
+      fail("qk_rope_head_dim", "an even number (RoPE rotates pairs)", m.qk_rope_head_dim);
+    }
+  }
   if (c.num_attention_heads % c.num_kv_heads != 0) {
     r.fail("num_kv_heads",
            fmt::format("a divisor of num_attention_heads {}", c.num_attention_heads),

@@ -149,12 +149,15 @@ TEST(MoeConfigJson, RoundTripsAndRejectsWhatCannotBe) {
       {R"({"moe": {"experts": 8}})", "/moe/experts"},
       {R"({"activation": "gelu"})", "/activation"},
       {R"({"mla": {"kv_lora_rank": 0}})", "/mla/kv_lora_rank"},
+      {R"({"mla": {"kv_lora_rank": 64}})", "/mla/kv_lora_rank"}, // not below hidden_size 64
+      {R"({"mla": {"q_lora_rank": 96}})", "/mla/q_lora_rank"},
+      {R"({"mla": {"qk_rope_head_dim": 7}})", "/mla/qk_rope_head_dim"},
   };
   for (const auto& [patch, field] : bad) {
     SCOPED_TRACE(patch);
     Json doc = valid;
     if (std::string(patch).find("mla") != std::string::npos) {
-      doc["mla"] = {{"kv_lora_rank", 64},
+      doc["mla"] = {{"kv_lora_rank", 32},
                     {"qk_nope_head_dim", 16},
                     {"qk_rope_head_dim", 8},
                     {"v_head_dim", 16}};
