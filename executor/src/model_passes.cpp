@@ -130,6 +130,17 @@ struct CpuOps {
     tp.cp_comm->reduce_scatter_sum(parts.span(), local.span());
     return local;
   }
+  // What travels around the ring: the rank's K and V, then `extra` zeroed parts of their size
+  // (the backward's gradient accumulators).
+  static std::vector<float> ring_block(const std::vector<Tensor>& t, int extra) {
+    const std::span<const float> k = t[block::kK].span();
+    const std::span<const float> v = t[block::kV].span();
+    std::vector<float> out(k.size() * static_cast<std::size_t>(2 + extra), 0.0f);
+    std::copy(k.begin(), k.end(), out.begin());
+    std::copy(v.begin(), v.end(), out.begin() + static_cast<std::ptrdiff_t>(k.size()));
+    return out;
+  }
+
   // Ring attention: the rank's K/V block passes around the CP ring (sent on to the next rank
   // while this one computes on it), each block folded into a running softmax; the output and
   // its log-sum-exp (kAtt, kLse) are kept, with the rank's own K and V, for the backward.
@@ -142,9 +153,7 @@ struct CpuOps {
     const Index kv_rows = t[kK].rows();
     const Index kv_cols = t[kK].cols();
     const Index half = kv_rows * kv_cols;
-    std::vector<float> current(static_cast<std::size_t>(2 * half));
-    std::copy(t[kK].span().begin(), t[kK].span().end(), current.begin());
-    std::copy(t[kV].span().begin(), t[kV].span().end(), current.begin() + half);
+    std::vector<float> current = ring_block(t, 0);
     std::vector<float> incoming(current.size());
     Tensor m(shape.batch * shape.heads, shape.seq, Tensor::uninitialized);
     m.m().setConstant(-std::numeric_limits<float>::infinity());
@@ -180,9 +189,7 @@ struct CpuOps {
     const Index kv_rows = t[kK].rows();
     const Index kv_cols = t[kK].cols();
     const Index part = kv_rows * kv_cols;
-    std::vector<float> current(static_cast<std::size_t>(4 * part), 0.0f); // K, V, dK, dV
-    std::copy(t[kK].span().begin(), t[kK].span().end(), current.begin());
-    std::copy(t[kV].span().begin(), t[kV].span().end(), current.begin() + part);
+    std::vector<float> current = ring_block(t, 2); // K, V, dK, dV
     std::vector<float> incoming(current.size());
     Tensor delta(shape.batch * shape.heads, shape.seq, Tensor::uninitialized);
     ops::attention_delta(datt, t[kAtt], shape, delta);
