@@ -235,6 +235,15 @@ void pin_parallelism(const Row& r, PlanPins& pins, int gpus) {
   // --context-parallel-size, world = tp·cp·dp·pp); expert parallelism is carved out of dp.
   pins.cp = dim("cp").value_or(1);
   pins.ep = dim("ep").value_or(1);
+  // Megatron-Core's --expert-tensor-parallel-size: tp (the default) or 1 (whole experts).
+  if (const std::optional<std::int64_t> etp = r.integer("parallel", "expert_tensor_parallel")) {
+    if (*etp != 1 && (!pins.tp || *etp != *pins.tp)) {
+      r.fail("/parallel/expert_tensor_parallel", "1 or the row's tp",
+             r.describe("parallel", "expert_tensor_parallel"),
+             "other expert tensor-parallel sizes are not modelled");
+    }
+    pins.etp = *etp == 1 && pins.tp.value_or(1) > 1 ? 1 : 0;
+  }
   if (*pins.cp > 1) { // Megatron-Core's default exchange, and ring attention's
     pins.cp_comm = has(lower(r.text("parallel", "cp_comm_type")), "all_gather") ? CpComm::all_gather
                                                                                 : CpComm::p2p;

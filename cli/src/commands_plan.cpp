@@ -48,6 +48,7 @@ struct PlanFlags {
   bool explain = false;
   std::string out;
   int tp = 0, pp = 0, dp = 0, ep = 0, cp = 0, zero = -1, virtual_stages = 0;
+  int etp = -1;
   std::string cp_comm;
   std::int64_t micro_batch = 0;
   std::string schedule, recompute, sequence_parallel, precision, grad_sync, overlap_grad_reduce;
@@ -70,6 +71,8 @@ PlanPins pins_from(const PlanFlags& f) {
     p.ep = f.ep;
   if (f.cp > 0)
     p.cp = f.cp;
+  if (f.etp >= 0)
+    p.etp = f.etp;
   p.cp_comm = parse_choice<CpComm>("--cp-comm", f.cp_comm, kCpCommNames);
   if (f.zero >= 0)
     p.zero_stage = f.zero;
@@ -298,6 +301,10 @@ Run register_plan(CLI::App& app) {
                   "Pin expert-parallel size (mixture-of-experts models; divides dp and the "
                   "experts)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--etp", f->etp,
+                  "Pin expert tensor parallelism: 0 (experts split over tp like the MLP) or 1 "
+                  "(whole experts per TP rank; needs sequence parallelism)")
+      ->check(CLI::IsMember({0, 1}));
   cmd->add_option("--cp", f->cp,
                   "Pin context-parallel size (each sequence split over cp ranks in 2·cp chunks)")
       ->check(CLI::PositiveNumber);

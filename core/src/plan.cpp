@@ -91,20 +91,41 @@ std::vector<int> pp_group(const Plan& plan, int rank) {
   return out;
 }
 
-std::vector<int> ep_group(const Plan& plan, int rank) {
-  const std::vector<int> replicas = dp_cp_group(plan, rank);
+namespace {
+
+// The ranks the expert-parallel grid is carved from, in rank order, and this rank's index
+// among them: its dp·cp replicas (experts split over TP), or every rank of its pipeline stage
+// (whole experts per TP rank: expert_tp 1).
+std::pair<std::vector<int>, int> expert_ranks_of(const Plan& plan, int rank) {
   const RankCoords c = rank_coords(plan, rank);
-  const int me = c.dp * plan.cp + c.cp;
+  if (plan.expert_tp() == plan.tp) {
+    return {dp_cp_group(plan, rank), c.dp * plan.cp + c.cp};
+  }
+  const int stage = plan.tp * plan.cp * plan.dp;
+  std::vector<int> out(static_cast<std::size_t>(stage));
+  for (int i = 0; i < stage; ++i) {
+    out[static_cast<std::size_t>(i)] = c.pp * stage + i;
+  }
+  return {out, rank - c.pp * stage};
+}
+
+} // namespace
+
+int expert_rank_index(const Plan& plan, int rank) {
+  return expert_ranks_of(plan, rank).second;
+}
+
+std::vector<int> ep_group(const Plan& plan, int rank) {
+  const auto [ranks, me] = expert_ranks_of(plan, rank);
   const int first = me - me % plan.ep;
-  return {replicas.begin() + first, replicas.begin() + first + plan.ep};
+  return {ranks.begin() + first, ranks.begin() + first + plan.ep};
 }
 
 std::vector<int> expert_dp_group(const Plan& plan, int rank) {
-  const std::vector<int> replicas = dp_cp_group(plan, rank);
-  const RankCoords c = rank_coords(plan, rank);
+  const auto [ranks, me] = expert_ranks_of(plan, rank);
   std::vector<int> out;
-  for (int i = (c.dp * plan.cp + c.cp) % plan.ep; i < plan.dp_cp(); i += plan.ep) {
-    out.push_back(replicas[static_cast<std::size_t>(i)]);
+  for (int i = me % plan.ep; i < static_cast<int>(ranks.size()); i += plan.ep) {
+    out.push_back(ranks[static_cast<std::size_t>(i)]);
   }
   return out;
 }
@@ -127,6 +148,9 @@ std::string plan_label(const Plan& p) {
     sched += fmt::format("(v={})", p.virtual_stages);
   }
   std::string ep = p.ep > 1 ? fmt::format(" ep{}", p.ep) : "";
+  if (p.expert_tp() != p.tp) {
+    ep += fmt::format(" etp{}", p.expert_tp());
+  }
   if (p.cp > 1) {
     ep += fmt::format(" cp{}{}", p.cp, p.cp_comm == CpComm::all_gather ? "(ag)" : "");
   }

@@ -41,17 +41,18 @@ std::vector<StageRange> stages_from_json(const JsonReader& root) {
 
 Plan plan_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
-  r.reject_unknown({"dp", "tp", "pp", "ep", "cp", "cp_comm", "zero_stage", "micro_batch_size",
-                    "global_batch_size", "schedule", "virtual_stages", "recompute",
-                    "sequence_parallel", "precision", "grad_sync", "overlap_grad_reduce", "stages",
-                    "stack"});
+  r.reject_unknown({"dp", "tp", "pp", "ep", "etp", "cp", "cp_comm", "zero_stage",
+                    "micro_batch_size", "global_batch_size", "schedule", "virtual_stages",
+                    "recompute", "sequence_parallel", "precision", "grad_sync",
+                    "overlap_grad_reduce", "stages", "stack"});
   constexpr std::int64_t kMaxDegree = 1 << 20;
   Plan p;
   p.dp = static_cast<int>(r.integer("dp", 1, kMaxDegree));
   p.tp = static_cast<int>(r.integer("tp", 1, kMaxDegree));
   p.pp = static_cast<int>(r.integer("pp", 1, kMaxDegree));
-  p.ep = static_cast<int>(r.integer_or("ep", 1, 1, kMaxDegree)); // the rule: ep_problem
-  p.cp = static_cast<int>(r.integer_or("cp", 1, 1, kMaxDegree)); // the rule: cp_problem
+  p.ep = static_cast<int>(r.integer_or("ep", 1, 1, kMaxDegree));   // the rule: ep_problem
+  p.cp = static_cast<int>(r.integer_or("cp", 1, 1, kMaxDegree));   // the rule: cp_problem
+  p.etp = static_cast<int>(r.integer_or("etp", 0, 0, kMaxDegree)); // 0: tp; the rule: etp_problem
   p.cp_comm = *enum_from_name<CpComm>(kCpCommNames, r.choice_or("cp_comm", kCpCommNames, "p2p"));
   p.zero_stage = static_cast<int>(r.integer_or("zero_stage", 0, 0, 3));
   p.micro_batch_size = r.integer_or("micro_batch_size", 1, 1, 1 << 20);
@@ -120,6 +121,9 @@ Json plan_to_json(const Plan& p) {
   if (p.ep > 1) { // written only when it departs from the default
     doc["ep"] = p.ep;
   }
+  if (p.etp > 0 && p.etp != p.tp) {
+    doc["etp"] = p.etp;
+  }
   if (p.cp > 1) {
     doc["cp"] = p.cp;
     doc["cp_comm"] = std::string(cp_comm_name(p.cp_comm));
@@ -174,8 +178,11 @@ std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp_cp, int ep) 
                        ""};
   }
   if (dp_cp % ep != 0) {
-    return PlanProblem{"/ep", fmt::format("a divisor of dp·cp = {}", dp_cp), std::to_string(ep),
-                       ""};
+    return PlanProblem{"/ep",
+                       fmt::format("a divisor of the {} ranks experts are spread over (dp·cp, "
+                                   "or tp·dp·cp with etp 1)",
+                                   dp_cp),
+                       std::to_string(ep), ""};
   }
   if (info.num_experts % ep != 0) {
     return PlanProblem{"/ep", fmt::format("a divisor of the model's {} experts", info.num_experts),
@@ -207,7 +214,21 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
   if (auto tp = tp_problem(info, p.tp)) {
     return tp;
   }
-  if (auto ep = ep_problem(info, p.dp_cp(), p.ep)) {
+  if (p.etp != 0 && p.etp != p.tp && p.etp != 1) {
+    return PlanProblem{"/etp", fmt::format("0 or tp = {} (experts split like the MLP) or 1", p.tp),
+                       std::to_string(p.etp), ""};
+  }
+  if (p.expert_tp() != p.tp && info.num_experts == 0) {
+    return PlanProblem{"/etp", "0 (the model has no mixture-of-experts layers)",
+                       std::to_string(p.etp), ""};
+  }
+  if (p.expert_tp() != p.tp && !p.sequence_parallel) {
+    return PlanProblem{"/etp",
+                       "tp with sequence_parallel off (whole experts per TP rank take the "
+                       "sequence-parallel share of the tokens)",
+                       std::to_string(p.etp), "turn sequence parallelism on"};
+  }
+  if (auto ep = ep_problem(info, p.expert_ranks(), p.ep)) {
     return ep;
   }
   if (auto cp = cp_problem(info, p.cp)) {

@@ -125,6 +125,13 @@ void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size
   }
   // The rest is the one feasibility rule every part of Parallax applies.
   plan_validate(plan, transformer_build_graph(model.config), world_size, plan_source);
+  if (plan.expert_tp() != plan.tp) {
+    throw InputError(plan_source, "/etp",
+                     fmt::format("0 or tp = {}: the executor splits every expert over the "
+                                 "tensor-parallel ranks (etp 1 is planned and simulated)",
+                                 plan.tp),
+                     std::to_string(plan.etp), "plan with --etp 0 to train");
+  }
   if (plan.cp > 1 && model.config.moe.enabled()) {
     throw InputError(plan_source, "/cp",
                      "1 for a mixture of experts (its sequence-wise load-balancing loss needs "

@@ -240,8 +240,18 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
           if (local % mb != 0) {
             continue;
           }
+          // Experts split over TP like the MLP (etp 0), or whole on each TP rank (etp 1) with
+          // the EP group over the stage's tp·dp·cp ranks.
+          std::vector<std::pair<int, int>> expert_layouts; // (etp, ep)
+          for (int etp : info.num_experts > 0 && tp > 1 ? pinned_or(pins.etp, {0, 1})
+                                                        : std::vector<int>{pins.etp.value_or(0)}) {
+            for (int ep :
+                 pinned_or(pins.ep, expert_parallel_sizes(info, (etp == 1 ? tp : 1) * dp * cp))) {
+              expert_layouts.emplace_back(etp, ep);
+            }
+          }
           for (auto [schedule, v] : schedules_for(pins, pp, units, local / mb)) {
-            for (int ep : pinned_or(pins.ep, expert_parallel_sizes(info, dp * cp))) {
+            for (auto [etp, ep] : expert_layouts) {
               for (CpComm cp_comm : cp_comms) {
                 for (int zero :
                      pinned_or(pins.zero_stage,
@@ -254,6 +264,7 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                              .tp = tp,
                              .pp = pp,
                              .ep = ep,
+                             .etp = etp,
                              .cp = cp,
                              .cp_comm = cp_comm,
                              .zero_stage = zero,

@@ -235,7 +235,8 @@ GroupSpan cp_span(const Plan& p, const Cluster& c) {
 }
 
 GroupSpan ep_span(const Plan& p, const Cluster& c) {
-  return group_span(p.ep, p.tp, c.node.devices_per_node); // consecutive dp·cp ranks
+  // Consecutive dp·cp ranks (stride tp), or consecutive ranks with whole experts per TP rank.
+  return group_span(p.ep, p.expert_tp() == p.tp ? p.tp : 1, c.node.devices_per_node);
 }
 
 GroupSpan expert_dp_span(const Plan& p, const Cluster& c) {

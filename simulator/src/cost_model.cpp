@@ -133,8 +133,11 @@ MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_
   MemoryBreakdown m;
   // ZeRO shards a routed expert's state over the dp·cp / ep ranks holding that expert, not over
   // dp·cp: as if the rank held ep times its experts, sharded over dp·cp.
+  // With whole experts per TP rank (etp 1) that group also spans the TP ranks.
+  const double expert_scale = static_cast<double>(p.ep) * p.expert_tp() / p.tp;
   const auto zero_sharded = [&](int from_stage) {
-    return p.zero_stage >= from_stage ? r.params + r.expert_params * (p.ep - 1) : r.params;
+    return p.zero_stage >= from_stage ? r.params + r.expert_params * (expert_scale - 1.0)
+                                      : r.params;
   };
   m.params = zero_sharded(3) * per_param.params;
   m.grads = zero_sharded(2) * per_param.grads;

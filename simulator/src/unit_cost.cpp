@@ -20,7 +20,10 @@ Gemm gemm_on_rank(const Layer& layer, const Gemm& g, const UnitCostKey& key) {
   const std::int64_t B = key.micro_batch_size;
   Gemm out = g;
   const bool heads = layer.tp_split == TpSplit::heads;
-  if (heads) {
+  if (layer.experts > 0 && key.whole_experts) {
+    // Whole experts on this rank's 1/tp of the tokens.
+    out.m = std::max<std::int64_t>(1, g.m * B / (key.cp * static_cast<std::int64_t>(tp)));
+  } else if (heads) {
     out.batch = std::max<std::int64_t>(1, g.batch * B / tp);
     out.m = std::max<std::int64_t>(1, g.m / key.cp);
   } else {
@@ -107,7 +110,7 @@ std::pair<double, double> layer_compute_s(const Layer& layer, const Cluster& clu
 // Tensor-parallel collective time of one layer for one micro-batch: (forward, backward).
 std::pair<double, double> layer_tp_comm_s(const Layer& layer, const Cluster& cluster,
                                           const UnitCostKey& key, const Stack& stack) {
-  if (key.tp <= 1) {
+  if (key.tp <= 1 || (layer.experts > 0 && key.whole_experts)) {
     return {0.0, 0.0};
   }
   const GroupSpan span = group_span(key.tp, 1, cluster.node.devices_per_node);
@@ -143,7 +146,8 @@ double layer_ep_comm_s(const Layer& layer, const Cluster& cluster, const UnitCos
   const bool dispatch = layer.tp_split == TpSplit::column;        // up: tokens in; down: tokens out
   const double width = static_cast<double>(dispatch ? g.k : g.n); // the hidden size
   const double elems = static_cast<double>(g.batch * g.m) * width * key.local_sequences() / key.tp;
-  const GroupSpan span = group_span(key.ep, key.tp, cluster.node.devices_per_node);
+  const GroupSpan span =
+      group_span(key.ep, key.whole_experts ? 1 : key.tp, cluster.node.devices_per_node);
   return collective_time_s(cluster, Collective::all_to_all,
                            elems * precision_storage_bytes(key.precision), span);
 }
@@ -217,11 +221,14 @@ double layer_activation_divisor(const Layer& layer, int tp, bool sequence_parall
   return layer.tp_split == TpSplit::replicated ? 1.0 : tp;
 }
 
-double layer_param_divisor(const Layer& layer, int tp, int ep) {
+double layer_param_divisor(const Layer& layer, int tp, int ep, bool whole_experts) {
   // Norm weights are replicated; row-parallel biases too (a negligible share).
   const double tp_div =
       layer.tp_split == TpSplit::sequence || layer.tp_split == TpSplit::replicated ? 1.0 : tp;
-  return layer.experts > 0 ? tp_div * ep : tp_div;
+  if (layer.experts > 0) {
+    return (whole_experts ? 1.0 : tp_div) * ep;
+  }
+  return tp_div;
 }
 
 double layer_kept_act_bytes(const Layer& layer, const UnitCostKey& key, Recompute r,
@@ -292,12 +299,12 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
       u.full_recompute_s += fwd;
       u.full_recompute_tp_s += tp_fwd;
     }
-    const double pdiv = layer_param_divisor(layer, key.tp, key.ep);
+    const double pdiv = layer_param_divisor(layer, key.tp, key.ep, key.whole_experts);
     u.params += static_cast<double>(layer.params) / pdiv;
     if (layer.experts > 0) {
       u.expert_params += static_cast<double>(layer.params) / pdiv;
     }
-    if (pdiv == 1.0) {
+    if (pdiv == 1.0 && layer.experts == 0) { // whole experts reduce over their expert-DP group
       u.replicated_params += static_cast<double>(layer.params);
     }
     u.max_layer_params = std::max(u.max_layer_params, static_cast<double>(layer.params) / pdiv);

@@ -107,18 +107,73 @@ TEST(ExpertParallel, TheSearchProposesOnlyFeasibleEpAndHonoursThePin) {
   req.simulate_top = 0;
   const PlanSearchResult all = plan_search(g, c, req);
   bool some_ep = false;
+  bool some_whole = false;
   for (const RankedPlan& r : all.plans) {
-    EXPECT_EQ(r.estimate.plan.dp % r.estimate.plan.ep, 0);
+    EXPECT_EQ(r.estimate.plan.expert_ranks() % r.estimate.plan.ep, 0);
     EXPECT_EQ(8 % r.estimate.plan.ep, 0);
     some_ep = some_ep || r.estimate.plan.ep > 1;
+    some_whole = some_whole || r.estimate.plan.expert_tp() != r.estimate.plan.tp;
   }
   EXPECT_TRUE(some_ep);
+  EXPECT_TRUE(some_whole); // etp 1 is searched
   req.pins.ep = 4;
   const PlanSearchResult pinned = plan_search(g, c, req);
   ASSERT_FALSE(pinned.plans.empty());
   for (const RankedPlan& r : pinned.plans) {
     EXPECT_EQ(r.estimate.plan.ep, 4);
   }
+}
+
+// Expert tensor parallelism 1 (Megatron-Core's MoE parallel folding): with tp 2, each TP rank
+// holds whole experts, computes them on its half of the tokens with no TP collective, and the
+// EP group runs over consecutive ranks; the experts' state shards over the tp·dp / ep ranks.
+TEST(ExpertParallel, WholeExpertsPerTensorParallelRank) {
+  const LayerGraph g = model_load("moe-tiny").graph;
+  const Cluster c = hand_cluster(8);
+  Plan split = moe_plan(4, 4);
+  split.tp = 2;
+  split.sequence_parallel = true;
+  Plan whole = split;
+  whole.etp = 1;
+  whole.ep = 8;
+  EXPECT_FALSE(plan_problem(whole, g, 8)); // ep 8 divides tp·dp = 8
+  EXPECT_EQ(plan_problem(split, g, 8), std::nullopt);
+  Plan too_wide = split;
+  too_wide.ep = 8; // experts split over TP: ep must divide dp = 4
+  EXPECT_EQ(plan_problem(too_wide, g, 8)->field, "/ep");
+  const UnitCost us = unit_costs(g, c, unit_cost_key(split))[1];
+  const UnitCost uw = unit_costs(g, c, unit_cost_key(whole))[1];
+  const double experts = 8.0 * 3 * 64 * 32;                        // one MoE layer's routed experts
+  EXPECT_DOUBLE_EQ(us.expert_params, experts / (2 * 4));           // 1/tp of each of E/ep experts
+  EXPECT_DOUBLE_EQ(uw.expert_params, experts / 8);                 // whole experts, E/ep of them
+  EXPECT_LT(uw.tp_fwd_s - uw.ep_fwd_s, us.tp_fwd_s - us.ep_fwd_s); // no TP collective in them
+  EXPECT_EQ(ep_group(whole, 5), (std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7}));
+  EXPECT_EQ(expert_dp_group(whole, 5), (std::vector<int>{5}));
+  Plan whole4 = whole;
+  whole4.ep = 4;
+  EXPECT_EQ(ep_group(whole4, 5), (std::vector<int>{4, 5, 6, 7}));
+  EXPECT_EQ(expert_dp_group(whole4, 5), (std::vector<int>{1, 5})); // across a TP pair too
+  EXPECT_EQ(ep_span(whole4, c), (GroupSpan{4, 4, 1, 1}));
+  // ZeRO-1: the experts' optimizer state over the tp·dp / ep = 2 ranks holding them.
+  whole4.zero_stage = 1;
+  CostModel model(g, c);
+  const std::vector<CostModel::RankLoad> loads = model.rank_loads(whole4, {{0, 4}});
+  const MemoryBreakdown m = model.rank_memory(whole4, loads[0], 0);
+  const double dense = loads[0].params - loads[0].expert_params;
+  EXPECT_NEAR(m.optimizer, (dense / 4 + loads[0].expert_params / 2) * 12.0, 1e-6);
+  // The rule and the plan file.
+  Plan no_sp = whole;
+  no_sp.sequence_parallel = false;
+  EXPECT_EQ(plan_problem(no_sp, g, 8)->field, "/etp");
+  Plan odd = whole;
+  odd.etp = 3;
+  EXPECT_EQ(plan_problem(odd, g, 8)->field, "/etp");
+  Plan dense_whole = whole;
+  dense_whole.ep = 1;
+  EXPECT_EQ(plan_problem(dense_whole, model_load("llama-tiny").graph, 8)->field, "/etp");
+  EXPECT_EQ(plan_to_json(whole).at("etp"), 1);
+  EXPECT_EQ(plan_from_json(plan_to_json(whole), "p.json"), whole);
+  EXPECT_FALSE(plan_to_json(split).contains("etp"));
 }
 
 // An EP group spanning nodes sends its all-to-alls through the NICs, as flows sharing them with

@@ -83,7 +83,8 @@ static UnitCostKey unit_key(const Plan& plan) {
 
 LayerMemory layer_memory(const Layer& layer, const Plan& plan) {
   LayerMemory m;
-  m.params = static_cast<double>(layer.params) / layer_param_divisor(layer, plan.tp, plan.ep);
+  m.params = static_cast<double>(layer.params) /
+             layer_param_divisor(layer, plan.tp, plan.ep, plan.tp > 1 && plan.expert_tp() == 1);
   m.state_bytes = m.params * param_state_bytes(plan).total();
   // The simulator's rule; under full recomputation each block's input, which the block group
   // shows, is kept beside the layers outside blocks.

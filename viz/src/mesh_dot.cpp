@@ -81,8 +81,8 @@ std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
               "rank {} · GPU {}\ndp{}{} pp{} tp{}{}\n{}", r, rank_device(r, per_node).device, c.dp,
               plan.cp > 1 ? fmt::format(" cp{}", c.cp) : std::string(), c.pp, c.tp,
               plan.ep > 1 ? fmt::format("\nexperts {}/{} of EP group {}",
-                                        (c.dp * plan.cp + c.cp) % plan.ep + 1, plan.ep,
-                                        (c.dp * plan.cp + c.cp) / plan.ep)
+                                        expert_rank_index(plan, r) % plan.ep + 1, plan.ep,
+                                        expert_rank_index(plan, r) / plan.ep)
                           : std::string(),
               stage_text(plan, c.pp))));
     }
@@ -104,10 +104,10 @@ std::string mesh_expanded(const Plan& plan, const Cluster& cluster) {
     }
     if (c.dp + 1 < plan.dp) {
       // Inside an expert-parallel group the neighbours hold different experts.
-      const int replica = c.dp * plan.cp + c.cp; // EP groups are consecutive dp·cp ranks
-      const bool ep_peer = plan.ep > 1 && replica / plan.ep == (replica + plan.cp) / plan.ep;
-      out += fmt::format("  rank{} -> rank{} {};\n", r, rank_of(plan, {c.dp + 1, c.pp, c.tp, c.cp}),
-                         ep_peer ? kEpEdge : kDpEdge);
+      const int next = rank_of(plan, {c.dp + 1, c.pp, c.tp, c.cp});
+      const bool ep_peer = plan.ep > 1 && expert_rank_index(plan, r) / plan.ep ==
+                                              expert_rank_index(plan, next) / plan.ep;
+      out += fmt::format("  rank{} -> rank{} {};\n", r, next, ep_peer ? kEpEdge : kDpEdge);
     }
   }
   return out;

@@ -50,6 +50,15 @@ struct Plan {
   // their experts through all-to-all; expert gradients are reduced over the dp / ep ranks that
   // hold the same experts (the expert-data-parallel group).
   int ep = 1;
+  // Expert tensor parallelism: how many of a TP group's ranks split each routed expert. 0 (the
+  // default, Megatron-Core's): all tp of them, like a dense MLP. 1: none — each TP rank
+  // computes whole experts on its sequence-parallel share of the tokens, and the EP group
+  // spans the stage's tp·dp·cp ranks (Megatron-Core's --expert-tensor-parallel-size 1, "MoE
+  // parallel folding"); needs sequence parallelism when tp > 1.
+  int etp = 0;
+  // The ranks splitting each expert, and the ranks the EP group is carved from.
+  int expert_tp() const { return etp > 0 ? etp : tp; }
+  int expert_ranks() const { return tp / expert_tp() * dp * cp; }
   // Context parallelism: every sequence split over cp ranks, in 2·cp chunks of which rank i holds
   // chunks i and 2·cp − 1 − i (so each does the same causal attention work). The cp ranks hold
   // the same parameters: gradients are reduced, and ZeRO shards, over the dp·cp ranks.
@@ -115,6 +124,9 @@ std::vector<int> dp_cp_group(const Plan& plan, int rank);
 // rank = (dp·cp + cp) % ep; Megatron-Core carves EP out of DP×CP), and the dp·cp / ep ranks
 // holding the same experts, in rank order.
 std::vector<int> ep_group(const Plan& plan, int rank);
+// The rank's index among the ranks its stage's experts are spread over (its EP rank is this
+// mod ep, its EP group this / ep).
+int expert_rank_index(const Plan& plan, int rank);
 std::vector<int> expert_dp_group(const Plan& plan, int rank);
 
 // Which pipeline rank runs stage chunk c (chunks are assigned round-robin for interleaving).

@@ -34,8 +34,8 @@ struct PlanProblem {
 std::optional<PlanProblem> plan_problem(const Plan& plan, const LayerGraph& graph, int world_size);
 // Of that rule, the part about tp alone (the planner prunes with it before enumerating more).
 std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp);
-// Expert parallelism: ep divides the dp·cp ranks (`dp_cp`) and the model's experts (1 for
-// dense models).
+// Expert parallelism: ep divides the ranks the experts are spread over (`dp_cp`: dp·cp, or
+// tp·dp·cp with etp 1) and the model's experts (1 for dense models).
 std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp_cp, int ep);
 // Context parallelism: the sequence splits into 2·cp equal chunks.
 std::optional<PlanProblem> cp_problem(const GraphInfo& info, int cp);

@@ -26,8 +26,9 @@ struct PlanPins {
   std::optional<int> tp;
   std::optional<int> pp;
   std::optional<int> dp;
-  std::optional<int> ep; // expert parallelism (mixture-of-experts models)
-  std::optional<int> cp; // context parallelism
+  std::optional<int> ep;  // expert parallelism (mixture-of-experts models)
+  std::optional<int> etp; // expert tensor parallelism: 0 (= tp) or 1
+  std::optional<int> cp;  // context parallelism
   std::optional<CpComm> cp_comm;
   std::optional<int> zero_stage;
   std::optional<std::int64_t> micro_batch_size;

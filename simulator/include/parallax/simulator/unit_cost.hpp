@@ -66,6 +66,9 @@ struct UnitCostKey {
   int ep = 1; // expert parallelism (experts over ep dp·cp ranks, at stride tp)
   int cp = 1; // context parallelism (each rank holds 1/cp of every sequence; CP peers at stride tp)
   CpComm cp_comm = CpComm::p2p;
+  // Expert tensor parallelism 1 with tp > 1: each TP rank computes whole experts on its 1/tp of
+  // the tokens (no TP split or collective inside the routed experts; EP peers at stride 1).
+  bool whole_experts = false;
   // Sequences' worth of tokens a rank computes per micro-batch: B / cp.
   double local_sequences() const { return static_cast<double>(micro_batch_size) / cp; }
   auto operator<=>(const UnitCostKey&) const = default;
@@ -73,13 +76,15 @@ struct UnitCostKey {
 
 // The key of a plan's unit costs.
 inline UnitCostKey unit_cost_key(const Plan& plan) {
-  return {plan.tp,
-          plan.sequence_parallel,
-          plan.micro_batch_size,
-          plan.precision,
-          plan.ep,
-          plan.cp,
-          plan.cp > 1 ? plan.cp_comm : CpComm::p2p};
+  UnitCostKey k{plan.tp,
+                plan.sequence_parallel,
+                plan.micro_batch_size,
+                plan.precision,
+                plan.ep,
+                plan.cp,
+                plan.cp > 1 ? plan.cp_comm : CpComm::p2p};
+  k.whole_experts = plan.tp > 1 && plan.expert_tp() == 1;
+  return k;
 }
 
 // Costs of every unit of `graph` (index = unit) under the software stack `stack` (its host
@@ -114,6 +119,7 @@ CpExchange cp_exchange_s(const Layer& layer, const GraphInfo& info, const Cluste
 // How many ways a layer's saved activations / its FLOPs are divided among t ranks.
 double layer_flop_divisor(const Layer& layer, int tp, bool sequence_parallel);
 double layer_activation_divisor(const Layer& layer, int tp, bool sequence_parallel);
-double layer_param_divisor(const Layer& layer, int tp, int ep = 1); // routed experts: also / ep
+// Routed experts: also / ep, and not / tp when whole_experts.
+double layer_param_divisor(const Layer& layer, int tp, int ep = 1, bool whole_experts = false);
 
 } // namespace parallax
