@@ -6,6 +6,7 @@
 #include "parallax/core/error.hpp"
 #include "parallax/core/json_reader.hpp"
 #include "parallax/core/stack.hpp"
+#include "parallax/models/model_config.hpp"
 
 #include <fmt/format.h>
 
@@ -157,5 +158,9 @@ std::optional<int> year_in_text(const std::string& text);
 
 // The zoo stack entry of a framework text published in `year` (nullptr when none matches).
 const FrameworkStack* framework_entry(const std::string& framework, std::optional<int> year);
+
+// The row's mixture of experts (model.moe), latent attention (model.mla), stated head
+// dimension and QK norms, into `c` (published_model.cpp).
+void moe_and_mla_of(const Row& r, ModelConfig& c);
 
 } // namespace parallax::published_detail
