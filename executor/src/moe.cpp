@@ -45,29 +45,24 @@ std::vector<Routed> routing(const Tensor& chosen, int experts) {
 // results back the same way reversed. With ep = 1 both are local copies.
 class ExpertExchange {
 public:
-  ExpertExchange(const TpContext& tp, int experts, const std::vector<Routed>& routed)
+  // The forward: exchanges the per-expert row counts. The backward passes the counts the
+  // forward received (its kMoeCounts slot) and exchanges nothing for them.
+  ExpertExchange(const TpContext& tp, int experts, const std::vector<Routed>& routed,
+                 const Tensor* received_counts = nullptr)
       : tp_(&tp), comm_(tp.ep_comm), ep_(tp.ep_size()), me_(tp.ep_rank()),
         local_(experts / tp.ep_size()) {
     PARALLAX_CHECK(experts % ep_ == 0, "expert parallelism must divide the experts");
-    // Rows this rank sends each owner, per expert, and (exchanged) receives per local expert.
-    sent_.assign(static_cast<std::size_t>(experts), 0.0f);
-    for (int j = 0; j < experts; ++j)
-      sent_[static_cast<std::size_t>(j)] =
-          static_cast<float>(routed[static_cast<std::size_t>(j)].rows.size());
+    // Rows this rank sends each owner, per expert, and receives per local expert.
+    for (const Routed& r : routed)
+      sent_.push_back(static_cast<float>(r.rows.size()));
+    if (received_counts != nullptr) {
+      PARALLAX_CHECK(received_counts->size() == experts, "MoE backward: one count per expert");
+      received_.assign(received_counts->span().begin(), received_counts->span().end());
+      return;
+    }
     received_.assign(static_cast<std::size_t>(experts), 0.0f);
     exchange(sent_, std::vector<int>(static_cast<std::size_t>(ep_), local_), received_,
              std::vector<int>(static_cast<std::size_t>(ep_), local_));
-  }
-  ExpertExchange(const TpContext& tp, int experts, const std::vector<Routed>& routed,
-                 const Tensor& received_counts)
-      : tp_(&tp), comm_(tp.ep_comm), ep_(tp.ep_size()), me_(tp.ep_rank()),
-        local_(experts / tp.ep_size()) {
-    PARALLAX_CHECK(received_counts.size() == experts, "MoE backward: one count per expert");
-    sent_.assign(static_cast<std::size_t>(experts), 0.0f);
-    for (int j = 0; j < experts; ++j)
-      sent_[static_cast<std::size_t>(j)] =
-          static_cast<float>(routed[static_cast<std::size_t>(j)].rows.size());
-    received_.assign(received_counts.span().begin(), received_counts.span().end());
   }
 
   int first_local() const { return me_ * local_; }
@@ -357,7 +352,7 @@ void moe_backward(const ExecModel& model, const BlockBuffers& b, const TpContext
     dys.push_back(std::move(dy));
     t[moe_expert_slot(first, j) + kMoeOut].release();
   }
-  const ExpertExchange xchg(tp, E, routed, t[first + kMoeCounts]);
+  const ExpertExchange xchg(tp, E, routed, &t[first + kMoeCounts]);
   std::vector<Tensor> dy_local =
       xchg.dispatch(dout.cols, [&](int j) { return std::move(dys[static_cast<std::size_t>(j)]); });
   std::vector<Tensor> dx_local;

@@ -538,6 +538,17 @@ TEST(OpsAttention, GradientCheckMultiHead) {
   check_attention_gradients(kMha, 211);
 }
 
+// The rows of `full` (batch sequences of seq rows) at positions `pos` of every sequence.
+Tensor rows_at_positions(const Tensor& full, Index batch, Index seq,
+                         const std::vector<std::int32_t>& pos) {
+  const auto n = static_cast<Index>(pos.size());
+  Tensor t(batch * n, full.cols());
+  for (Index b = 0; b < batch; ++b)
+    for (Index i = 0; i < n; ++i)
+      t.m().row(b * n + i) = full.m().row(b * seq + pos[static_cast<std::size_t>(i)]);
+  return t;
+}
+
 // Ring attention: a rank's queries folded over every rank's K/V block with the running softmax
 // give its rows of whole-sequence attention, and the block backward gives its query gradient
 // and, summed over the ranks, each block's key and value gradients.
@@ -554,12 +565,7 @@ TEST(OpsAttention, RingBlocksMatchWholeSequenceAttention) {
   ops::attention_backward(in.q, in.k, in.v, probs, dout, s, dq, dk, dv);
   const int cp = 2;
   const auto rows = [&](const Tensor& full, const std::vector<std::int32_t>& pos) {
-    Tensor t(s.batch * static_cast<Index>(pos.size()), full.cols());
-    for (Index b = 0; b < s.batch; ++b)
-      for (std::size_t i = 0; i < pos.size(); ++i)
-        t.m().row(b * static_cast<Index>(pos.size()) + static_cast<Index>(i)) =
-            full.m().row(b * s.seq + pos[i]);
-    return t;
+    return rows_at_positions(full, s.batch, s.seq, pos);
   };
   std::vector<Tensor> dk_block, dv_block; // zeros: the block backwards add
   for (int r = 0; r < cp; ++r) {
@@ -652,11 +658,7 @@ TEST(OpsAttention, QueriesAtPositionsAgainstWholeSequences) {
     local.kv_seq = s.seq;
     local.q_positions = pos;
     const auto rows = [&](const Tensor& full) {
-      Tensor t(s.batch * local.seq, full.cols());
-      for (Index b = 0; b < s.batch; ++b)
-        for (Index i = 0; i < local.seq; ++i)
-          t.m().row(b * local.seq + i) = full.m().row(b * s.seq + pos[static_cast<std::size_t>(i)]);
-      return t;
+      return rows_at_positions(full, s.batch, s.seq, pos);
     };
     const Tensor q = rows(in.q);
     const Tensor d_o = rows(dout);
