@@ -52,6 +52,7 @@ struct PlanFlags {
   std::string cp_comm;
   std::int64_t micro_batch = 0;
   std::string schedule, recompute, sequence_parallel, precision, grad_sync, overlap_grad_reduce;
+  std::string grad_compression;
   std::string objective = "throughput";
   std::string stack;
   double train_tokens = 0;
@@ -84,6 +85,16 @@ PlanPins pins_from(const PlanFlags& f) {
   p.recompute = parse_choice<Recompute>("--recompute", f.recompute, kRecomputeNames);
   p.precision = parse_choice<Precision>("--precision", f.precision, kPrecisionNames);
   p.grad_sync = parse_choice<GradSync>("--grad-sync", f.grad_sync, kGradSyncNames);
+  if (f.grad_compression == "auto") {
+    p.search_compression = true;
+  } else if (!f.grad_compression.empty()) {
+    std::string why;
+    p.grad_compression = grad_compression_parse(f.grad_compression, &why);
+    if (!p.grad_compression) {
+      throw InputError("command line", "--grad-compression", why + ", or \"auto\" (search)",
+                       f.grad_compression);
+    }
+  }
   if (!f.sequence_parallel.empty()) {
     auto sp = parse_choice<int>("--sequence-parallel", f.sequence_parallel,
                                 std::array<std::string_view, 2>{"off", "on"});
@@ -321,6 +332,9 @@ Run register_plan(CLI::App& app) {
   cmd->add_option("--precision", f->precision, "Pin precision: fp32, tf32, fp16, bf16, fp8");
   cmd->add_option("--grad-sync", f->grad_sync,
                   "Gradient sync: allreduce, tree, hierarchical, parameter_server");
+  cmd->add_option("--grad-compression", f->grad_compression,
+                  "Pin gradient compression: none, bf16, topk:<fraction>, powersgd:<rank>; or "
+                  "auto (also try bf16, powersgd:4, topk:0.01; lossy, so never by default)");
   cmd->add_option("--overlap-grad-reduce", f->overlap_grad_reduce,
                   "Whether the training stack overlaps gradient reduction with the backward "
                   "pass: on (default), off");

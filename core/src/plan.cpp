@@ -154,9 +154,14 @@ std::string plan_label(const Plan& p) {
   if (p.cp > 1) {
     ep += fmt::format(" cp{}{}", p.cp, p.cp_comm == CpComm::all_gather ? "(ag)" : "");
   }
-  return fmt::format("dp{}{} tp{} pp{} z{} B{} {} rc={} sp={} {}", p.dp, ep, p.tp, p.pp,
+  std::string gc;
+  if (p.grad_compression.enabled()) {
+    gc = " gc=" + grad_compression_name(p.grad_compression) +
+         (p.grad_compression.lossy() && !p.error_feedback ? "(no-ef)" : "");
+  }
+  return fmt::format("dp{}{} tp{} pp{} z{} B{} {} rc={} sp={} {}{}", p.dp, ep, p.tp, p.pp,
                      p.zero_stage, p.micro_batch_size, sched, recompute_name(p.recompute),
-                     p.sequence_parallel ? "on" : "off", precision_name(p.precision));
+                     p.sequence_parallel ? "on" : "off", precision_name(p.precision), gc);
 }
 
 } // namespace parallax

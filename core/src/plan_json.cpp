@@ -41,10 +41,28 @@ std::vector<StageRange> stages_from_json(const JsonReader& root) {
 
 Plan plan_from_json(const Json& doc, const std::string& source) {
   JsonReader r(doc, source);
-  r.reject_unknown({"dp", "tp", "pp", "ep", "etp", "cp", "cp_comm", "zero_stage",
-                    "micro_batch_size", "global_batch_size", "schedule", "virtual_stages",
-                    "recompute", "sequence_parallel", "precision", "grad_sync",
-                    "overlap_grad_reduce", "stages", "stack"});
+  r.reject_unknown({"dp",
+                    "tp",
+                    "pp",
+                    "ep",
+                    "etp",
+                    "cp",
+                    "cp_comm",
+                    "zero_stage",
+                    "micro_batch_size",
+                    "global_batch_size",
+                    "schedule",
+                    "virtual_stages",
+                    "recompute",
+                    "sequence_parallel",
+                    "precision",
+                    "grad_sync",
+                    "overlap_grad_reduce",
+                    "grad_compression",
+                    "error_feedback",
+                    "compression_warmup_steps",
+                    "stages",
+                    "stack"});
   constexpr std::int64_t kMaxDegree = 1 << 20;
   Plan p;
   p.dp = static_cast<int>(r.integer("dp", 1, kMaxDegree));
@@ -69,6 +87,18 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   p.grad_sync = *enum_from_name<GradSync>(kGradSyncNames,
                                           r.choice_or("grad_sync", kGradSyncNames, "allreduce"));
   p.overlap_grad_reduce = r.boolean_or("overlap_grad_reduce", true);
+  if (r.has("grad_compression")) {
+    const std::string text = r.string("grad_compression");
+    std::string why;
+    const auto c = grad_compression_parse(text, &why);
+    if (!c) {
+      r.fail("grad_compression", why, "\"" + text + "\"");
+    }
+    p.grad_compression = *c;
+  }
+  p.error_feedback = r.boolean_or("error_feedback", true);
+  p.compression_warmup_steps =
+      static_cast<int>(r.integer_or("compression_warmup_steps", 0, 0, 1 << 30));
   p.stack = r.string_or("stack", "");
 
   if (static_cast<std::int64_t>(p.dp) * p.cp * p.tp * p.pp > kMaxDegree) {
@@ -130,6 +160,15 @@ Json plan_to_json(const Plan& p) {
   }
   if (!p.overlap_grad_reduce) { // written only when it departs from the default
     doc["overlap_grad_reduce"] = false;
+  }
+  if (p.grad_compression.enabled()) {
+    doc["grad_compression"] = grad_compression_name(p.grad_compression);
+  }
+  if (!p.error_feedback) {
+    doc["error_feedback"] = false;
+  }
+  if (p.compression_warmup_steps > 0) {
+    doc["compression_warmup_steps"] = p.compression_warmup_steps;
   }
   if (!p.stack.empty()) {
     doc["stack"] = p.stack;
@@ -204,6 +243,32 @@ std::optional<PlanProblem> cp_problem(const GraphInfo& info, int cp) {
   return std::nullopt;
 }
 
+// Where the executor and the cost model compress: a data-parallel all-reduce of whole
+// gradients (ZeRO shards, a parameter server's reduce to its root and the expert-data-parallel
+// groups of expert parallelism are left uncompressed, so they are refused rather than ignored).
+std::optional<PlanProblem> compression_problem(const Plan& p) {
+  if (!p.grad_compression.enabled()) {
+    return std::nullopt;
+  }
+  const std::string found = "\"" + grad_compression_name(p.grad_compression) + "\"";
+  if (p.zero_stage != 0) {
+    return PlanProblem{"/grad_compression",
+                       "\"none\" with zero_stage 1-3 (compression applies "
+                       "to the all-reduce of whole gradients)",
+                       found + " with zero_stage " + std::to_string(p.zero_stage),
+                       "set zero_stage 0 or drop the compression"};
+  }
+  if (p.grad_sync == GradSync::parameter_server) {
+    return PlanProblem{"/grad_compression", "\"none\" with grad_sync \"parameter_server\"", found,
+                       "use grad_sync allreduce, tree or hierarchical"};
+  }
+  if (p.ep > 1) {
+    return PlanProblem{"/grad_compression", "\"none\" with expert parallelism",
+                       found + " with ep " + std::to_string(p.ep), ""};
+  }
+  return std::nullopt;
+}
+
 std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, int world_size) {
   const GraphInfo& info = graph.info();
   if (p.world_size() != world_size) {
@@ -268,6 +333,9 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
                        "\"allreduce\", \"tree\" or \"hierarchical\" with ZeRO (a parameter "
                        "server holds the whole optimizer state)",
                        "\"parameter_server\" with zero_stage " + std::to_string(p.zero_stage), ""};
+  }
+  if (auto c = compression_problem(p)) {
+    return c;
   }
   return std::nullopt;
 }

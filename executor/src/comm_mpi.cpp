@@ -1,6 +1,7 @@
 #include "parallax/executor/comm.hpp"
 
 #include "parallax/core/error.hpp"
+#include "parallax/executor/grad_compression.hpp"
 #include "parallax/executor/mpi_check.hpp"
 
 #include <fmt/format.h>
@@ -92,6 +93,25 @@ private:
   std::shared_ptr<const void> keep_;
 };
 
+// MPI has no bfloat16 type: a user operation over 16-bit words, adding in fp32 and rounding
+// back (round to nearest even), created once.
+void bf16_sum(void* in, void* inout, int* len, MPI_Datatype* /*type*/) {
+  const auto* a = static_cast<const std::uint16_t*>(in);
+  auto* b = static_cast<std::uint16_t*>(inout);
+  for (int i = 0; i < *len; ++i) {
+    b[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+  }
+}
+
+MPI_Op bf16_sum_op() {
+  static const MPI_Op op = [] {
+    MPI_Op o{};
+    mpi_check(MPI_Op_create(&bf16_sum, 1, &o), "Op_create");
+    return o;
+  }();
+  return op;
+}
+
 class MpiCommunicator final : public Communicator {
 public:
   MpiCommunicator(MPI_Comm comm, bool owned, std::string name,
@@ -118,6 +138,13 @@ public:
   }
   CommRequest iall_reduce_max(std::span<float> data) override {
     return reduce(data, MPI_MAX, "all-reduce(max)");
+  }
+  CommRequest iall_reduce_sum_bf16(std::span<std::uint16_t> data) override {
+    MPI_Request r{};
+    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, data.data(), mpi_count(data.size()), MPI_UINT16_T,
+                             bf16_sum_op(), comm_, &r),
+              "Iallreduce");
+    return wrap(r, "all-reduce(sum, bf16)", data.size());
   }
   CommRequest ireduce_scatter_sum(std::span<const float> in, std::span<float> out) override {
     PARALLAX_CHECK(in.size() == out.size() * static_cast<std::size_t>(size_),

@@ -161,6 +161,23 @@ void consider(SearchState& st, CostModel& model, StageCache& stages, Plan plan, 
 }
 
 // Every schedule / virtual-stage choice valid for this pp and micro-batch count.
+// The gradient compressions to try for plan `p`: the pinned one, none, or with
+// search_compression also the methods compression_problem allows for it.
+std::vector<GradCompression> compressions_for(const PlanPins& pins, const Plan& p) {
+  if (pins.grad_compression) {
+    return {*pins.grad_compression};
+  }
+  if (!pins.search_compression || p.dp_cp() <= 1 ||
+      compression_problem(Plan{.zero_stage = p.zero_stage,
+                               .grad_sync = p.grad_sync,
+                               .grad_compression = {.kind = CompressionKind::bf16}})) {
+    return {GradCompression{}};
+  }
+  return {GradCompression{}, GradCompression{.kind = CompressionKind::bf16},
+          GradCompression{.kind = CompressionKind::powersgd, .rank = 4},
+          GradCompression{.kind = CompressionKind::topk, .fraction = 0.01}};
+}
+
 std::vector<std::pair<Schedule, int>> schedules_for(const PlanPins& pins, int pp, int units,
                                                     std::int64_t m) {
   std::vector<std::pair<Schedule, int>> out;
@@ -279,11 +296,16 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                              .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(
                                  req.stack.overlaps_grad_reduce(zero)),
                              .stack = req.stack.name};
-                      // The one feasibility rule (core plan_problem): what is proposed trains.
-                      if (plan_problem(p, graph, gpus)) {
-                        continue;
+                      for (const GradCompression& gc : compressions_for(pins, p)) {
+                        Plan q = p;
+                        q.grad_compression = gc;
+                        // The one feasibility rule (core plan_problem): what is proposed
+                        // trains.
+                        if (plan_problem(q, graph, gpus)) {
+                          continue;
+                        }
+                        consider(st, model, stages, std::move(q), gpus);
                       }
-                      consider(st, model, stages, std::move(p), gpus);
                     }
                   }
                 }

@@ -1,4 +1,5 @@
 #include "parallax/simulator/cost_model.hpp"
+#include "parallax/simulator/grad_compression_cost.hpp"
 
 #include "parallax/core/error.hpp"
 #include "parallax/simulator/collectives.hpp"
@@ -37,6 +38,8 @@ void add_unit(RankLoad& r, const UnitCost& u, Recompute recompute) {
   r.params += u.params;
   r.expert_params += u.expert_params;
   r.max_layer_params = std::max(r.max_layer_params, u.max_layer_params);
+  r.matrix_params += u.matrix_params;
+  r.matrix_dims += u.matrix_dims;
 }
 
 // Per-micro-batch ZeRO communication that must overlap that micro-batch's compute.
@@ -74,7 +77,11 @@ double dp_iteration_comm_s(const Plan& p, const Cluster& c, const Stack& stack, 
   const double g_bytes = grad_element_bytes(p, stack);
   const double w_bytes = precision_storage_bytes(p.precision);
   double t = 0;
-  if (rule.gradients != StepCollective::none && !rule.per_micro_batch) {
+  if (rule.gradients == StepCollective::all_reduce) {
+    t += gradient_all_reduce_cost(c, p, {r.params, r.matrix_params, r.matrix_dims}, g_bytes,
+                                  r.expert_params)
+             .total_s();
+  } else if (rule.gradients != StepCollective::none && !rule.per_micro_batch) {
     t += data_parallel_cost(c, p, collective_of(rule.gradients), r.params * g_bytes,
                             r.expert_params * g_bytes, p.grad_sync)
              .total_s();

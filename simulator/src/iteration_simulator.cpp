@@ -7,6 +7,7 @@
 #include "parallax/core/error.hpp"
 #include "parallax/simulator/collectives.hpp"
 #include "parallax/simulator/compute_model.hpp"
+#include "parallax/simulator/grad_compression_cost.hpp"
 
 #include <algorithm>
 
@@ -179,9 +180,14 @@ void IterationBuilder::run_op(RankSim& r, int i) {
     break;
   case StepOpKind::reduce: {
     const double bytes = unit_reduction_bytes(op.unit);
-    const CollectiveCost cc = data_parallel_cost(
-        cluster_, plan_, collective_of(op.collective), bytes,
-        cost->expert_params * grad_element_bytes(plan_, model_.stack()), plan_.grad_sync);
+    const double g_bytes = grad_element_bytes(plan_, model_.stack());
+    const CollectiveCost cc =
+        op.collective == StepCollective::all_reduce
+            ? gradient_all_reduce_cost(cluster_, plan_,
+                                       {cost->params, cost->matrix_params, cost->matrix_dims},
+                                       g_bytes, cost->expert_params)
+            : data_parallel_cost(cluster_, plan_, collective_of(op.collective), bytes,
+                                 cost->expert_params * g_bytes, plan_.grad_sync);
     const Id trigger = op.async ? r.anchor[static_cast<std::size_t>(op.after[0])] : prev_;
     anchor = add_comm(r, op, i, cc, bytes);
     if (op.async) {

@@ -231,6 +231,43 @@ double layer_param_divisor(const Layer& layer, int tp, int ep, bool whole_expert
   return tp_div;
 }
 
+// The weight matrices of a layer as one rank holds them: Σ rows·cols and Σ (rows + cols). A
+// linear layer's GEMM (batch, m, n, k) multiplies batch weights of k × n (one per expert);
+// column-parallel and vocabulary-parallel layers split n over tp, row-parallel ones k; routed
+// experts are spread over ep (and kept whole per TP rank with whole_experts). An embedding
+// table is a vocabulary × hidden matrix (split over tp by vocabulary).
+std::pair<double, double> layer_matrices(const Layer& layer, const GraphInfo& info,
+                                         const UnitCostKey& key) {
+  if (layer.params <= 0) {
+    return {0.0, 0.0};
+  }
+  const double tp = key.tp;
+  if (layer.kind == LayerKind::embedding) {
+    const double cols = static_cast<double>(info.hidden_size);
+    const double rows = static_cast<double>(layer.params) / cols / tp;
+    return {rows * cols, rows + cols};
+  }
+  if (layer.kind != LayerKind::linear) {
+    return {0.0, 0.0};
+  }
+  const bool whole = layer.experts > 0 && key.whole_experts;
+  double params = 0;
+  double dims = 0;
+  for (const Gemm& g : layer.gemms) {
+    double rows = static_cast<double>(g.k);
+    double cols = static_cast<double>(g.n);
+    if (!whole && (layer.tp_split == TpSplit::column || layer.tp_split == TpSplit::vocab)) {
+      cols /= tp;
+    } else if (!whole && layer.tp_split == TpSplit::row) {
+      rows /= tp;
+    }
+    const double count = static_cast<double>(g.batch) / (layer.experts > 0 ? key.ep : 1);
+    params += count * rows * cols;
+    dims += count * (rows + cols);
+  }
+  return {params, dims};
+}
+
 double layer_kept_act_bytes(const Layer& layer, const UnitCostKey& key, Recompute r,
                             bool unit_has_blocks) {
   if (r == Recompute::full && (layer.block >= 0 || !unit_has_blocks)) {
@@ -308,6 +345,9 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
       u.replicated_params += static_cast<double>(layer.params);
     }
     u.max_layer_params = std::max(u.max_layer_params, static_cast<double>(layer.params) / pdiv);
+    const auto [mat_params, mat_dims] = layer_matrices(layer, graph.info(), key);
+    u.matrix_params += mat_params;
+    u.matrix_dims += mat_dims;
     const double adiv = layer_activation_divisor(layer, key.tp, key.sequence_parallel);
     const bool blocks = has_block[static_cast<std::size_t>(layer.unit)];
     u.act_bytes += layer_kept_act_bytes(layer, key, Recompute::none, blocks);

@@ -34,6 +34,17 @@ TEST(PlanJson, ContractExampleRoundTripsExactly) {
   p.overlap_grad_reduce = false;
   EXPECT_EQ(plan_to_json(p)["overlap_grad_reduce"], false);
   EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
+  // Gradient compression, written only when on.
+  EXPECT_FALSE(plan_to_json(p).contains("grad_compression"));
+  for (const char* name : {"bf16", "topk:0.05", "topk:1", "powersgd:4"}) {
+    p.grad_compression = *grad_compression_parse(name, nullptr);
+    EXPECT_EQ(plan_to_json(p)["grad_compression"], name);
+    EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
+  }
+  p.error_feedback = false;
+  p.compression_warmup_steps = 10;
+  EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
+  EXPECT_EQ(plan_label(p).substr(plan_label(p).find("gc=")), "gc=powersgd:4(no-ef)");
 }
 
 TEST(PlanJson, DefaultsForOptionalFields) {
@@ -71,6 +82,16 @@ TEST(PlanJson, MalformedInputsNameTheField) {
       {"stage gap", R"({"stages": [[0, 3], [4, 6]]})", "/stages/1"},
       {"stage empty", R"({"stages": [[0, 0]]})", "/stages/0"},
       {"stage not pair", R"({"stages": [[0, 1, 2]]})", "/stages/0"},
+      {"compression unknown", R"({"grad_compression": "zip"})", "/grad_compression"},
+      {"top-k fraction 0", R"({"grad_compression": "topk:0"})", "/grad_compression"},
+      {"top-k fraction above 1", R"({"grad_compression": "topk:1.5"})", "/grad_compression"},
+      {"top-k fraction nan", R"({"grad_compression": "topk:nan"})", "/grad_compression"},
+      {"powersgd rank 0", R"({"grad_compression": "powersgd:0"})", "/grad_compression"},
+      {"powersgd rank negative", R"({"grad_compression": "powersgd:-2"})", "/grad_compression"},
+      {"powersgd rank missing", R"({"grad_compression": "powersgd"})", "/grad_compression"},
+      {"powersgd rank fraction", R"({"grad_compression": "powersgd:2.5"})", "/grad_compression"},
+      {"error feedback not bool", R"({"error_feedback": 1})", "/error_feedback"},
+      {"negative warm-up", R"({"compression_warmup_steps": -1})", "/compression_warmup_steps"},
   };
   for (const auto& bad : cases) {
     SCOPED_TRACE(bad.what);
@@ -112,6 +133,17 @@ TEST(PlanValidate, AgainstModelAndWorld) {
   Plan bad_stages = p;
   bad_stages.stages = stages_even(90, 32);
   EXPECT_EQ(field_of(bad_stages, 1024), "/stages");
+
+  // Compression is refused where the plan does not all-reduce whole gradients.
+  Plan compressed = p;
+  compressed.grad_compression = {.kind = CompressionKind::powersgd, .rank = 4};
+  compressed.zero_stage = 1;
+  EXPECT_EQ(field_of(compressed, 1024), "/grad_compression");
+  compressed.zero_stage = 0;
+  compressed.grad_sync = GradSync::parameter_server;
+  EXPECT_EQ(field_of(compressed, 1024), "/grad_compression");
+  compressed.grad_sync = GradSync::allreduce;
+  EXPECT_EQ(field_of(compressed, 1024), "accepted");
 
   LoadedModel llama = model_load("llama2-70b");
   Plan gqa{.dp = 1, .tp = 16, .pp = 1, .global_batch_size = 16};

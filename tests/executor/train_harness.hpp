@@ -120,7 +120,21 @@ struct Case {
   std::string sync = "allreduce";
   bool overlap = true;      // the plan's overlap_grad_reduce
   bool even_stages = false; // write the stages (an even split) into the plan
+  std::string compression = "none"; // the plan's grad_compression
+  bool error_feedback = true;
+  int compression_warmup = 0;
 };
+
+// `text` with only letters, digits and underscores ("topk:0.05" -> "topk_0p05").
+inline std::string word(std::string text) {
+  for (char& ch : text) {
+    if (ch == '.')
+      ch = 'p';
+    else if (!std::isalnum(static_cast<unsigned char>(ch)))
+      ch = '_';
+  }
+  return text;
+}
 
 inline std::string case_name(const Case& c) {
   return fmt::format("{}_d{}t{}p{}{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp,
@@ -129,7 +143,11 @@ inline std::string case_name(const Case& c) {
                      c.zero, c.schedule == "1f1b" ? "onefoneb" : c.schedule,
                      c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "",
                      c.micro, c.sync == "allreduce" ? "" : "_" + c.sync,
-                     c.overlap ? "" : "_serial_reduce");
+                     c.overlap ? "" : "_serial_reduce") +
+         (c.compression == "none"
+              ? ""
+              : fmt::format("_gc_{}{}_w{}", word(c.compression), c.error_feedback ? "" : "_noef",
+                            c.compression_warmup));
 }
 
 // gtest prints parameters in test names and failure messages with this.
@@ -178,6 +196,11 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
   }
   if (c.ep > 1)
     doc["ep"] = c.ep;
+  if (c.compression != "none") {
+    doc["grad_compression"] = c.compression;
+    doc["error_feedback"] = c.error_feedback;
+    doc["compression_warmup_steps"] = c.compression_warmup;
+  }
   if (c.even_stages) {
     for (const parallax::StageRange& r : parallax::stages_even(8, c.pp * c.v))
       doc["stages"].push_back({r.first, r.second});

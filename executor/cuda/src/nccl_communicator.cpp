@@ -142,6 +142,13 @@ public:
     return finish("all-reduce sum");
   }
 
+  CommRequest iall_reduce_sum_bf16(std::span<std::uint16_t> data) override {
+    const ncclComm_t comm = begin("all-reduce sum (bf16)");
+    PARALLAX_NCCL_CHECK(ncclAllReduce(data.data(), data.data(), data.size(), ncclBfloat16,
+                                      ncclSum, comm, stream_));
+    return finish("all-reduce sum (bf16)");
+  }
+
   CommRequest iall_reduce_max(std::span<float> data) override {
     const ncclComm_t comm = begin("all-reduce max");
     PARALLAX_NCCL_CHECK(

@@ -376,6 +376,11 @@ std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                      std::to_string(plan.cp) +
                          " (context parallelism trains on the CPU backend so far)");
   }
+  if (plan.grad_compression.enabled()) {
+    throw InputError(plan_source, "/grad_compression", "\"none\" for the CUDA trainer",
+                     "\"" + grad_compression_name(plan.grad_compression) +
+                         "\" (gradient compression trains on the CPU backend so far)");
+  }
   if (!gpu_available()) {
     throw std::runtime_error("the CUDA trainer needs a CUDA device, and this process sees none");
   }

@@ -7,6 +7,7 @@
 // and rank r sits on node r / devices_per_node, device r % devices_per_node.
 #pragma once
 
+#include "parallax/core/grad_compression.hpp"
 #include "parallax/core/precision.hpp"
 
 #include <array>
@@ -78,6 +79,14 @@ struct Plan {
   // the rank's backward pass has finished, and the next compute waits for them (Megatron-LM's
   // local DDP before 2023, llm.c before its asynchronous reduction).
   bool overlap_grad_reduce = true;
+  // Compression of the data-parallel gradient reduction (grad_compression.hpp), and whether the
+  // lossy methods keep what they did not send for the next step (error feedback).
+  GradCompression grad_compression;
+  bool error_feedback = true;
+  // Optimizer steps reduced uncompressed before compression starts: early training is the
+  // most sensitive to compression error (PyTorch's PowerSGD start_powerSGD_iter, DGC's
+  // warm-up). The simulator predicts the steady state, after it.
+  int compression_warmup_steps = 0;
   // pp × virtual_stages ranges in model order; chunk c runs on pipeline rank c % pp. Empty: the
   // planner's balanced partition.
   std::vector<StageRange> stages;

@@ -39,6 +39,8 @@ std::optional<PlanProblem> tp_problem(const GraphInfo& info, int tp);
 std::optional<PlanProblem> ep_problem(const GraphInfo& info, int dp_cp, int ep);
 // Context parallelism: the sequence splits into 2·cp equal chunks.
 std::optional<PlanProblem> cp_problem(const GraphInfo& info, int cp);
+// Gradient compression where the plan reduces gradients some other way than one all-reduce.
+std::optional<PlanProblem> compression_problem(const Plan& plan);
 
 // plan_problem as an input error naming `source`.
 void plan_validate(const Plan& plan, const LayerGraph& graph, int world_size,

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <stdexcept>
@@ -57,6 +58,9 @@ public:
   // Element-wise sum (or max) over the group, in place.
   virtual CommRequest iall_reduce_sum(std::span<float> data) = 0;
   virtual CommRequest iall_reduce_max(std::span<float> data) = 0;
+  // Sum of bfloat16 values (16-bit words), in place: each addition in fp32, rounded back to
+  // bfloat16 (16-bit gradient communication).
+  virtual CommRequest iall_reduce_sum_bf16(std::span<std::uint16_t> data) = 0;
   // in.size() == out.size() · size(); rank i receives the sum of every rank's block i.
   virtual CommRequest ireduce_scatter_sum(std::span<const float> in, std::span<float> out) = 0;
   // out.size() == in.size() · size(); block i of out is rank i's in. `in` may alias block
@@ -77,6 +81,7 @@ public:
 
   void all_reduce_sum(std::span<float> data) { iall_reduce_sum(data).wait(); }
   void all_reduce_max(std::span<float> data) { iall_reduce_max(data).wait(); }
+  void all_reduce_sum_bf16(std::span<std::uint16_t> data) { iall_reduce_sum_bf16(data).wait(); }
   void reduce_scatter_sum(std::span<const float> in, std::span<float> out) {
     ireduce_scatter_sum(in, out).wait();
   }

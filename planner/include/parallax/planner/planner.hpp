@@ -38,6 +38,11 @@ struct PlanPins {
   std::optional<bool> sequence_parallel;
   std::optional<Precision> precision;
   std::optional<GradSync> grad_sync;
+  // Gradient compression (lossy: changes convergence, so never chosen unless asked). Pinned,
+  // or with search_compression tried beside none where the plan reduces whole gradients over
+  // data-parallel ranks: bf16, powersgd:4 and topk:0.01.
+  std::optional<GradCompression> grad_compression;
+  bool search_compression = false;
   // A property of the training stack, never searched: overrides the stack's own.
   std::optional<bool> overlap_grad_reduce;
 };

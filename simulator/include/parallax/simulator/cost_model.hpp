@@ -62,6 +62,8 @@ public:
     double params = 0;
     double expert_params = 0; // of params, the routed experts' (sharded over dp / ep by ZeRO)
     double max_layer_params = 0;
+    double matrix_params = 0; // of params, in weight matrices (gradient compression)
+    double matrix_dims = 0;   // Σ (rows + cols) of those matrices
     double act_per_mb = 0;  // activations kept per micro-batch over all this rank's chunks
     double act_working = 0; // transient activations of one unit's blocks (full recomputation)
     double act_outside_blocks = 0; // per micro-batch, kept under full recomputation

@@ -32,6 +32,10 @@ struct UnitCost {
   // gradients are summed over the tensor-parallel group.
   double replicated_params = 0;
   double max_layer_params = 0;
+  // Of params, those in weight matrices, and Σ (rows + cols) of those matrices as this rank
+  // holds them (PowerSGD factorises each into rows·r + cols·r values).
+  double matrix_params = 0;
+  double matrix_dims = 0;
   double act_bytes = 0;           // activations kept per micro-batch without recomputation
   double act_selective_bytes = 0; // with selective recomputation
   // With full recomputation: the unit's input, plus the activations of its layers outside
@@ -97,6 +101,9 @@ std::vector<UnitCost> unit_costs(const LayerGraph& graph, const Cluster& cluster
 // nothing (full) — except layers outside transformer blocks (embedding, final norm, LM head,
 // loss) in a unit that holds blocks, which full recomputation does not rerun and so keep theirs.
 // A unit under full recomputation also keeps its input (full_recompute_input_bytes).
+// A layer's weight matrices as one rank holds them: {Σ rows·cols, Σ (rows + cols)}.
+std::pair<double, double> layer_matrices(const Layer& layer, const GraphInfo& info,
+                                         const UnitCostKey& key);
 double layer_kept_act_bytes(const Layer& layer, const UnitCostKey& key, Recompute r,
                             bool unit_has_blocks);
 double full_recompute_input_bytes(const GraphInfo& info, const UnitCostKey& key);

@@ -26,6 +26,7 @@
 #include "parallax/core/step_program.hpp"
 #include "parallax/core/timeline_json.hpp"
 #include "parallax/executor/adamw.hpp"
+#include "parallax/executor/grad_compression.hpp"
 #include "parallax/executor/trainer.hpp"
 
 #include <fmt/format.h>
@@ -143,6 +144,8 @@ private:
     // The ranks holding the same parameters, over which gradients reduce and ZeRO shards: the
     // dp·cp ranks, or for an experts block the dp·cp / ep ranks holding its experts.
     Communicator* comm = nullptr;
+    // The plan's gradient compression of this block's all-reduce, with its state (CPU only).
+    std::unique_ptr<GradCompressor> compressor;
 
     BlockBuffers buffers() const {
       const Block& s = alias ? *alias : *this;
@@ -367,6 +370,13 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
         b.grad_shard = be_.zeros(b.own_size);
       b.exp_avg = be_.zeros(b.own_size);
       b.exp_avg_sq = be_.zeros(b.own_size);
+      if (plan.grad_compression.enabled() && b.comm->size() > 1) {
+        // The same Q factors on every rank of the block's group: drawn from the block's place.
+        const auto place = static_cast<std::uint64_t>(b.layout.unit) * 8 +
+                           static_cast<std::uint64_t>(b.layout.kind);
+        b.compressor = std::make_unique<GradCompressor>(plan.grad_compression, plan.error_feedback,
+                                                        b.layout, options.seed * 1000003 + place);
+      }
       ch.blocks.push_back(std::move(b));
     }
     chunks_.push_back(std::move(ch));

@@ -104,6 +104,15 @@ void TrainerCore<B>::launch_reduction(Block& b, std::int64_t /*k*/, int op) {
     b.pending = b.comm->ireduce_sum(span_of(b.grads), 0);
     break;
   case StepCollective::all_reduce:
+    if (b.compressor && step_count_ >= plan_.compression_warmup_steps) {
+      // Compressed: its collectives run to completion here (the next op waits anyway).
+      const double bytes = b.compressor->all_reduce(*b.comm, span_of(b.grads));
+      const StepOp& o = program_.ops[static_cast<std::size_t>(op)];
+      record(Stream::dp_comm, Category::dp_comm, o.name(), o.unit, o.micro_batch, b.reduce_start,
+             mark(), 0, bytes);
+      b.reduce_op = -1;
+      break;
+    }
     b.pending = b.comm->iall_reduce_sum(span_of(b.grads));
     break;
   default:

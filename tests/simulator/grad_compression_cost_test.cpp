@@ -1,0 +1,139 @@
+// The compressed gradient all-reduce's cost, by hand on the hand cluster (no latencies:
+// communication is bytes over bandwidth), and what it does to a communication-bound plan.
+#include <gtest/gtest.h>
+
+#include "hand_cluster.hpp"
+#include "parallax/core/plan_json.hpp"
+#include "parallax/hardware_profiles/cluster_loader.hpp"
+#include "parallax/hardware_profiles/stack_loader.hpp"
+#include "parallax/models/model_loader.hpp"
+#include "parallax/planner/planner.hpp"
+#include "parallax/simulator/compute_model.hpp"
+#include "parallax/simulator/grad_compression_cost.hpp"
+#include "parallax/simulator/unit_cost.hpp"
+
+namespace {
+
+using namespace parallax;
+using parallax::test_support::hand_cluster;
+
+Plan dp8(GradCompression gc) {
+  return {.dp = 8, .global_batch_size = 8, .grad_compression = gc};
+}
+
+// 1M gradients, of which 0.9M in matrices with Σ(rows + cols) = 6000 (e.g. three 300 × 1000).
+const ReducedGradients kGrads{.params = 1e6, .matrix_params = 9e5, .matrix_dims = 6000};
+
+TEST(GradCompressionCost, ElementsOnTheWire) {
+  EXPECT_DOUBLE_EQ(compressed_elements(dp8({}), kGrads), 1e6);
+  EXPECT_DOUBLE_EQ(
+      compressed_elements(dp8({.kind = CompressionKind::topk, .fraction = 0.01}), kGrads), 2 * 1e4);
+  // The vectors whole (1e5) and r·Σ(rows + cols) = 4·6000 for the factors.
+  EXPECT_DOUBLE_EQ(compressed_elements(dp8({.kind = CompressionKind::powersgd, .rank = 4}), kGrads),
+                   1e5 + 24000);
+}
+
+TEST(GradCompressionCost, WireTimeByHand) {
+  const Cluster c = hand_cluster(8); // ring bus bandwidth 100 GB/s · 0.5 inside the node
+  const double bw = 50e9;
+  const double ring = 2.0 * 7 / 8; // all-reduce bus factor over 8 ranks
+  const auto wire = [&](GradCompression gc) {
+    const Plan p = dp8(gc);
+    return gradient_all_reduce_cost(c, p, kGrads, 4.0).total_s() -
+           compression_compute_s(c, p, kGrads);
+  };
+  EXPECT_NEAR(wire({}), ring * 4e6 / bw, 1e-12);
+  EXPECT_NEAR(wire({.kind = CompressionKind::bf16}), ring * 2e6 / bw, 1e-12);
+  // Top-k 1 %: an all-gather of 8 ranks' 1e4 (value, index) pairs of 8 bytes.
+  EXPECT_NEAR(wire({.kind = CompressionKind::topk, .fraction = 0.01}), 7.0 / 8 * 8 * 1e4 * 8 / bw,
+              1e-12);
+  // PowerSGD 4: all-reduces of (1e5 + 12000) and 12000 floats.
+  EXPECT_NEAR(wire({.kind = CompressionKind::powersgd, .rank = 4}), ring * (1e5 + 24000) * 4 / bw,
+              1e-12);
+}
+
+TEST(GradCompressionCost, ComputeIsMemoryBound) {
+  const Cluster c = hand_cluster(8); // 1000 GB/s at 50 %: 500 GB/s for element-wise passes
+  const double mem = 500e9;
+  const double overhead = kernel_overhead_s(c.device);
+  const Plan bf16 = dp8({.kind = CompressionKind::bf16});
+  EXPECT_NEAR(compression_compute_s(c, bf16, kGrads), 12 * 1e6 / mem + 2 * overhead, 1e-12);
+  // PowerSGD: error feedback (12 B) and its passes over the matrices (24 B); the 6·r FLOPs per
+  // element at 50 TFLOP/s fp32 take less than the memory traffic.
+  const Plan psgd = dp8({.kind = CompressionKind::powersgd, .rank = 4});
+  EXPECT_NEAR(compression_compute_s(c, psgd, kGrads), 36 * 9e5 / mem + 6 * overhead, 1e-12);
+  Plan no_ef = psgd;
+  no_ef.error_feedback = false;
+  EXPECT_LT(compression_compute_s(c, no_ef, kGrads), compression_compute_s(c, psgd, kGrads));
+}
+
+TEST(GradCompressionCost, TopkLosesToTheRingOnceEnoughRanksGatherIt) {
+  // A ring all-reduce moves about 2·N·4 bytes per rank whatever n; gathering n·k pairs of 8
+  // bytes grows with n: at 1 % the break-even is n = 100.
+  Cluster c = hand_cluster(8);
+  const ReducedGradients g{.params = 1e8};
+  Plan p{.dp = 8,
+         .global_batch_size = 8,
+         .grad_compression = {.kind = CompressionKind::topk, .fraction = 0.01}};
+  const double topk8 = gradient_all_reduce_cost(c, p, g, 4.0).transfer_s;
+  p.grad_compression = {};
+  EXPECT_LT(topk8, gradient_all_reduce_cost(c, p, g, 4.0).transfer_s);
+  Cluster big = hand_cluster(256);
+  p = Plan{.dp = 256,
+           .global_batch_size = 256,
+           .grad_compression = {.kind = CompressionKind::topk, .fraction = 0.01}};
+  const double topk256 = gradient_all_reduce_cost(big, p, g, 4.0).transfer_s;
+  p.grad_compression = {};
+  EXPECT_GT(topk256, gradient_all_reduce_cost(big, p, g, 4.0).transfer_s);
+}
+
+TEST(GradCompressionCost, UnitMatricesFollowTheTensorParallelSplit) {
+  LoadedModel m = model_load("gpt2-1.5b");
+  const GraphInfo& info = m.graph.info();
+  const double h = static_cast<double>(info.hidden_size);
+  const double f = static_cast<double>(info.ffn_hidden_size);
+  for (int tp : {1, 2}) {
+    const auto units = unit_costs(m.graph, hand_cluster(8), {.tp = tp});
+    // A block's matrices: QKV h × 3h and MLP-up h × f (columns split), proj h × h and MLP-down
+    // f × h (rows split).
+    const UnitCost& block = units[1];
+    EXPECT_DOUBLE_EQ(block.matrix_params, (3 * h * h + h * h + 2 * h * f) / tp);
+    EXPECT_DOUBLE_EQ(block.matrix_dims,
+                     (h + 3 * h / tp) + (h / tp + h) + (h + f / tp) + (f / tp + h));
+    EXPECT_LT(block.matrix_params, block.params); // biases and norms stay vectors
+  }
+}
+
+TEST(GradCompressionCost, PowerSgdShortensACommunicationBoundDataParallelStep) {
+  // GPT-2 1.5B on 64 A100-40GB, dp 64, one sequence per replica: the gradient all-reduce is
+  // most of the step.
+  LoadedModel m = model_load("gpt2-1.5b");
+  const Cluster c = cluster_load("dgx-a100-40g");
+  PlanRequest req;
+  req.gpus = 64;
+  req.global_batch_size = 64;
+  req.pins.dp = 64;
+  req.pins.zero_stage = 0;
+  req.pins.recompute = Recompute::none;
+  req.top_k = 2;
+  req.stack = stack_load(stack_default_name(c)); // as `parallax plan` does
+  const auto step = [&](std::optional<GradCompression> gc) {
+    req.pins.grad_compression = gc;
+    const PlanSearchResult r = plan_search(m.graph, c, req);
+    EXPECT_FALSE(r.plans.empty());
+    return r.plans.empty() ? 0.0 : r.plans.front().estimate.iteration_time_s;
+  };
+  const double none = step(std::nullopt);
+  EXPECT_LT(step(GradCompression{.kind = CompressionKind::powersgd, .rank = 4}), 0.95 * none);
+  EXPECT_LT(step(GradCompression{.kind = CompressionKind::bf16}), none);
+  // topk:0.01 over 64 ranks gathers 64 % of the gradient's size in pairs of 8 bytes: slower.
+  EXPECT_GT(step(GradCompression{.kind = CompressionKind::topk, .fraction = 0.01}), none);
+  // Asked to search, the planner takes a compression here.
+  req.pins.grad_compression.reset();
+  req.pins.search_compression = true;
+  const PlanSearchResult searched = plan_search(m.graph, c, req);
+  ASSERT_FALSE(searched.plans.empty());
+  EXPECT_TRUE(searched.plans.front().estimate.plan.grad_compression.enabled());
+}
+
+} // namespace
