@@ -30,20 +30,47 @@ void orthonormalize(Eigen::Map<ColMajor> p) {
   }
 }
 
-} // namespace
-
-std::uint16_t float_to_bf16(float x) {
-  const auto bits = std::bit_cast<std::uint32_t>(x);
-  if (std::isnan(x)) {
-    return static_cast<std::uint16_t>((bits >> 16) | 0x40u); // quiet NaN
+// The indices of the k elements of g largest in magnitude (ties: the lower index), by a radix
+// select on the magnitude's bits: one pass counts the top 16 bits, a second collects the
+// elements above the bucket holding the k-th and the candidates inside it, and only those
+// candidates are ordered. Two memory-bound passes, like a GPU radix select.
+std::vector<std::uint32_t> largest_magnitudes(std::span<const float> g, std::size_t k) {
+  const auto key = [&](std::size_t i) { return std::bit_cast<std::uint32_t>(g[i]) & 0x7fffffffu; };
+  std::vector<std::uint32_t> out;
+  if (k == 0) {
+    return out;
   }
-  const std::uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u); // to nearest, ties to even
-  return static_cast<std::uint16_t>((bits + rounding) >> 16);
+  std::vector<std::size_t> count(1u << 15, 0);
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    ++count[key(i) >> 16];
+  }
+  std::size_t above = 0;
+  std::size_t bucket = count.size();
+  while (bucket > 0 && above + count[bucket - 1] < k) {
+    above += count[--bucket];
+  }
+  --bucket; // the bucket holding the k-th largest
+  std::vector<std::uint32_t> candidates;
+  out.reserve(k);
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    const std::size_t b = key(i) >> 16;
+    if (b > bucket) {
+      out.push_back(static_cast<std::uint32_t>(i));
+    } else if (b == bucket) {
+      candidates.push_back(static_cast<std::uint32_t>(i));
+    }
+  }
+  const std::size_t need = k - out.size();
+  const auto larger = [&](std::uint32_t a, std::uint32_t b) {
+    return key(a) > key(b) || (key(a) == key(b) && a < b);
+  };
+  std::nth_element(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(need),
+                   candidates.end(), larger);
+  out.insert(out.end(), candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(need));
+  return out;
 }
 
-float bf16_to_float(std::uint16_t b) {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
-}
+} // namespace
 
 GradCompressor::GradCompressor(GradCompression method, bool error_feedback,
                                const BlockLayout& layout, std::uint64_t seed)
@@ -125,16 +152,7 @@ double GradCompressor::all_reduce_topk(Communicator& comm, std::span<float> grad
   const std::size_t n = grads.size();
   const auto k = std::min<std::size_t>(
       n, static_cast<std::size_t>(std::ceil(method_.fraction * static_cast<double>(n))));
-  std::vector<std::uint32_t> order(n);
-  std::iota(order.begin(), order.end(), 0u);
-  // The k largest magnitudes; ties broken by index, so every run picks the same ones.
-  const auto larger = [&](std::uint32_t a, std::uint32_t b) {
-    const float x = std::abs(grads[a]);
-    const float y = std::abs(grads[b]);
-    return x > y || (x == y && a < b);
-  };
-  std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
-                   larger);
+  const std::vector<std::uint32_t> order = largest_magnitudes(grads, k);
   // (index, value) pairs; the index travels bit for bit in a float slot.
   std::vector<float> mine(2 * k);
   for (std::size_t i = 0; i < k; ++i) {

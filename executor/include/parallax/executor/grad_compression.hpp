@@ -12,15 +12,25 @@
 #include "parallax/executor/comm.hpp"
 #include "parallax/executor/model.hpp"
 
+#include <bit>
 #include <cstdint>
 #include <span>
 #include <vector>
 
 namespace parallax {
 
-// bfloat16 <-> float, round to nearest even (NaN stays NaN).
-std::uint16_t float_to_bf16(float x);
-float bf16_to_float(std::uint16_t b);
+// bfloat16 <-> float, round to nearest even (NaN stays NaN). Inline and branch-free, so the
+// conversion loops (and MPI's 16-bit sum) vectorise.
+inline std::uint16_t float_to_bf16(float x) {
+  const auto bits = std::bit_cast<std::uint32_t>(x);
+  const std::uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u); // to nearest, ties to even
+  const auto rounded = static_cast<std::uint16_t>((bits + rounding) >> 16);
+  const auto quiet_nan = static_cast<std::uint16_t>((bits >> 16) | 0x40u);
+  return (bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+}
+inline float bf16_to_float(std::uint16_t b) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
+}
 
 class GradCompressor {
 public:
