@@ -96,6 +96,13 @@ Json step_json(const StepStats& s) {
           {"peak_memory_bytes", s.peak_memory_bytes}};
 }
 
+Json step_line(const StepStats& s) {
+  Json j = step_json(s);
+  if (s.staleness >= 0)
+    j["staleness"] = s.staleness;
+  return j;
+}
+
 struct Setup {
   ExecModel model;
   Plan plan;
@@ -234,6 +241,7 @@ struct Fault {
   bool hang = false;
   int rank = -1;
   std::int64_t step = -1;
+  int slow_ms = 0; // "slow:RANK:MS": rank RANK sleeps MS ms before each step (a straggler)
 };
 
 std::optional<Fault> fault_from_environment() {
@@ -244,8 +252,13 @@ std::optional<Fault> fault_from_environment() {
   int rank = -1;
   long long step = -1;
   if (std::sscanf(spec, "%4[a-z]:%d:%lld", kind, &rank, &step) != 3 ||
-      (std::string(kind) != "kill" && std::string(kind) != "hang")) {
-    throw InputError("environment", "PARALLAX_FAULT", "kill:RANK:STEP or hang:RANK:STEP", spec);
+      (std::string(kind) != "kill" && std::string(kind) != "hang" && std::string(kind) != "slow") ||
+      rank < 0 || step < 0 || (std::string(kind) == "slow" && step > 600000)) {
+    throw InputError("environment", "PARALLAX_FAULT",
+                     "kill:RANK:STEP, hang:RANK:STEP or slow:RANK:MS (MS <= 600000)", spec);
+  }
+  if (std::string(kind) == "slow") {
+    return Fault{.rank = rank, .slow_ms = static_cast<int>(step)};
   }
   return Fault{.hang = std::string(kind) == "hang", .rank = rank, .step = step};
 }
@@ -325,13 +338,31 @@ int run_train(const TrainFlags& f) {
         write_checkpoint(f.checkpoint_dir, ck, f.keep);
       }
     };
+    // Rank 0 prints each step once its figures are complete (at once, or under the
+    // asynchronous parameter server when the servers have applied it).
+    const auto print = [&](const std::vector<StepStats>& steps) {
+      for (const StepStats& st : steps) {
+        const std::string line = step_line(st).dump();
+        std::cout << line << "\n" << std::flush;
+        if (log)
+          log << line << "\n" << std::flush;
+        if (terminal) {
+          std::cerr << fmt::format("\rstep {}/{}  loss {:.4f}  {:.0f} tokens/s  MFU {:.1f}%   ",
+                                   st.step, f.steps, st.loss, st.tokens_per_s, 100 * st.mfu)
+                    << (st.step == f.steps ? "\n" : "") << std::flush;
+        }
+      }
+    };
     std::map<std::pair<int, std::string>, Json> op_seconds; // (rank, op) → its times per step
     int op_steps = 0;
     while (trainer.steps_done() < f.steps) {
       const bool last = trainer.steps_done() + 1 == f.steps;
       // The first step warms caches and the allocator: op times come from the others.
       const bool timed = !f.op_times.empty() && (trainer.steps_done() > 0 || f.steps == 1);
-      const StepStats st = trainer.step((last && !f.trace.empty()) || timed);
+      if (fault && fault->slow_ms > 0 && fault->rank == rank)
+        std::this_thread::sleep_for(std::chrono::milliseconds(fault->slow_ms));
+      trainer.step((last && !f.trace.empty()) || timed);
+      const std::int64_t done = trainer.steps_done();
       if (timed) {
         const Timeline t = trainer.timeline();
         if (rank == 0) {
@@ -351,28 +382,21 @@ int run_train(const TrainFlags& f) {
             json_write_file(f.trace, timeline_to_chrome_trace(t));
         }
       }
-      if (rank == 0) {
-        const std::string line = step_json(st).dump();
-        std::cout << line << "\n" << std::flush;
-        if (log)
-          log << line << "\n" << std::flush;
-        if (terminal) {
-          std::cerr << fmt::format("\rstep {}/{}  loss {:.4f}  {:.0f} tokens/s  MFU {:.1f}%   ",
-                                   st.step, f.steps, st.loss, st.tokens_per_s, 100 * st.mfu)
-                    << (last ? "\n" : "") << std::flush;
-        }
-      }
+      print(trainer.finished_steps());
       if (!f.checkpoint_dir.empty() &&
-          ((f.checkpoint_every > 0 && st.step % f.checkpoint_every == 0) || last)) {
+          ((f.checkpoint_every > 0 && done % f.checkpoint_every == 0) || last)) {
         save();
+        print(trainer.finished_steps());
       }
-      if (fault && fault->rank == rank && fault->step == st.step) {
+      if (fault && fault->slow_ms == 0 && fault->rank == rank && fault->step == done) {
         if (!fault->hang)
           std::raise(SIGKILL);
         for (;;)
           std::this_thread::sleep_for(std::chrono::seconds(1));
       }
     }
+    trainer.drain();
+    print(trainer.finished_steps());
     if (!f.trace.empty() && f.op_times.empty()) {
       const Timeline t = trainer.timeline();
       if (rank == 0)

@@ -61,6 +61,8 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
                     "grad_compression",
                     "error_feedback",
                     "compression_warmup_steps",
+                    "max_staleness",
+                    "ps_deterministic",
                     "stages",
                     "stack"});
   constexpr std::int64_t kMaxDegree = 1 << 20;
@@ -99,6 +101,8 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   p.error_feedback = r.boolean_or("error_feedback", true);
   p.compression_warmup_steps =
       static_cast<int>(r.integer_or("compression_warmup_steps", 0, 0, 1 << 30));
+  p.max_staleness = static_cast<int>(r.integer_or("max_staleness", 1, 0, 1 << 20));
+  p.ps_deterministic = r.boolean_or("ps_deterministic", false);
   p.stack = r.string_or("stack", "");
 
   if (static_cast<std::int64_t>(p.dp) * p.cp * p.tp * p.pp > kMaxDegree) {
@@ -169,6 +173,12 @@ Json plan_to_json(const Plan& p) {
   }
   if (p.compression_warmup_steps > 0) {
     doc["compression_warmup_steps"] = p.compression_warmup_steps;
+  }
+  if (p.grad_sync == GradSync::parameter_server_async) {
+    doc["max_staleness"] = p.max_staleness;
+    if (p.ps_deterministic) {
+      doc["ps_deterministic"] = true;
+    }
   }
   if (!p.stack.empty()) {
     doc["stack"] = p.stack;
@@ -258,8 +268,8 @@ std::optional<PlanProblem> compression_problem(const Plan& p) {
                        found + " with zero_stage " + std::to_string(p.zero_stage),
                        "set zero_stage 0 or drop the compression"};
   }
-  if (p.grad_sync == GradSync::parameter_server) {
-    return PlanProblem{"/grad_compression", "\"none\" with grad_sync \"parameter_server\"", found,
+  if (is_parameter_server(p.grad_sync)) {
+    return PlanProblem{"/grad_compression", "\"none\" with a parameter server", found,
                        "use grad_sync allreduce, tree or hierarchical"};
   }
   if (p.ep > 1) {
@@ -322,13 +332,20 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
                        fmt::format("micro_batch_size × seq_length / cp divisible by tp = {}", p.tp),
                        "true", ""};
   }
-  if (p.grad_sync == GradSync::parameter_server && p.ep > 1) {
+  if (p.grad_sync == GradSync::parameter_server_async && p.tp * p.pp * p.cp > 1) {
+    return PlanProblem{"/grad_sync",
+                       "\"parameter_server_async\" with tp = pp = cp = 1 (the asynchronous "
+                       "server runs pure data parallelism: every worker holds the whole model)",
+                       fmt::format("tp {} pp {} cp {}", p.tp, p.pp, p.cp),
+                       "use grad_sync parameter_server or an all-reduce"};
+  }
+  if (is_parameter_server(p.grad_sync) && p.ep > 1) {
     return PlanProblem{"/grad_sync",
                        "\"allreduce\", \"tree\" or \"hierarchical\" with expert parallelism (the "
                        "server holds one copy of every parameter)",
                        "\"parameter_server\" with ep " + std::to_string(p.ep), ""};
   }
-  if (p.grad_sync == GradSync::parameter_server && p.zero_stage != 0 && p.dp_cp() > 1) {
+  if (is_parameter_server(p.grad_sync) && p.zero_stage != 0 && p.dp_cp() > 1) {
     return PlanProblem{"/grad_sync",
                        "\"allreduce\", \"tree\" or \"hierarchical\" with ZeRO (a parameter "
                        "server holds the whole optimizer state)",

@@ -305,7 +305,7 @@ DataParallelComm data_parallel_comm(const Plan& plan, bool reshard_after_forward
   if (plan.dp_cp() <= 1) {
     return {};
   }
-  const bool server = plan.grad_sync == GradSync::parameter_server;
+  const bool server = is_parameter_server(plan.grad_sync);
   switch (plan.zero_stage) {
   case 0:
     return {.gradients = server ? StepCollective::reduce_to_root : StepCollective::all_reduce,

@@ -45,6 +45,13 @@ void CommRequest::wait() {
   impl_.reset();
 }
 
+void CommRequest::cancel() {
+  if (!impl_)
+    return;
+  impl_->cancel();
+  impl_.reset();
+}
+
 bool CommRequest::test() {
   if (!impl_)
     return true;
@@ -62,6 +69,15 @@ public:
   MpiRequest(MPI_Request request, std::string what, std::chrono::duration<double> timeout,
              std::shared_ptr<const void> keep = nullptr)
       : request_(request), what_(std::move(what)), timeout_(timeout), keep_(std::move(keep)) {}
+
+  void cancel() override {
+    int done = 0;
+    mpi_check(MPI_Test(&request_, &done, MPI_STATUS_IGNORE), "test");
+    if (done == 0) {
+      mpi_check(MPI_Cancel(&request_), "Cancel");
+      mpi_check(MPI_Wait(&request_, MPI_STATUS_IGNORE), "Wait");
+    }
+  }
 
   bool test() override {
     int done = 0;

@@ -172,4 +172,12 @@ Timeline Trainer::timeline() {
   return impl_->timeline();
 }
 
+std::vector<StepStats> Trainer::finished_steps() {
+  return impl_->finished_steps();
+}
+
+void Trainer::drain() {
+  impl_->drain();
+}
+
 } // namespace parallax

@@ -179,6 +179,7 @@ CollectiveCost collective_cost(const Cluster& c, Collective kind, double bytes, 
             rs.transfer_s + ar.transfer_s + ag.transfer_s, network};
   }
   case GradSync::parameter_server:
+  case GradSync::parameter_server_async:
     // Push gradients to and pull parameters from servers sharded over all nodes: every worker
     // moves 2·S through its NIC (intra-node when the group fits in one node).
     return {2 * (network ? alpha_inter(c) : alpha_intra(c)),

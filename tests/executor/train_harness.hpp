@@ -123,6 +123,8 @@ struct Case {
   std::string compression = "none"; // the plan's grad_compression
   bool error_feedback = true;
   int compression_warmup = 0;
+  int max_staleness = 1; // the asynchronous parameter server's bound
+  bool ps_deterministic = false;
 };
 
 // `text` with only letters, digits and underscores ("topk:0.05" -> "topk_0p05").
@@ -142,7 +144,12 @@ inline std::string case_name(const Case& c) {
                          (c.ep > 1 ? fmt::format("e{}", c.ep) : ""),
                      c.zero, c.schedule == "1f1b" ? "onefoneb" : c.schedule,
                      c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "",
-                     c.micro, c.sync == "allreduce" ? "" : "_" + c.sync,
+                     c.micro,
+                     c.sync == "allreduce" ? ""
+                     : c.sync == "parameter_server_async"
+                         ? fmt::format("_psasync_k{}{}", c.max_staleness,
+                                       c.ps_deterministic ? "_det" : "")
+                         : "_" + c.sync,
                      c.overlap ? "" : "_serial_reduce") +
          (c.compression == "none"
               ? ""
@@ -196,6 +203,10 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
   }
   if (c.ep > 1)
     doc["ep"] = c.ep;
+  if (c.sync == "parameter_server_async") {
+    doc["max_staleness"] = c.max_staleness;
+    doc["ps_deterministic"] = c.ps_deterministic;
+  }
   if (c.compression != "none") {
     doc["grad_compression"] = c.compression;
     doc["error_feedback"] = c.error_feedback;

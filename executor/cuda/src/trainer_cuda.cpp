@@ -376,6 +376,11 @@ std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                      std::to_string(plan.cp) +
                          " (context parallelism trains on the CPU backend so far)");
   }
+  if (plan.grad_sync == GradSync::parameter_server_async) {
+    throw InputError(plan_source, "/grad_sync", "a synchronous reduction for the CUDA trainer",
+                     "\"parameter_server_async\" (the asynchronous server trains on the CPU "
+                     "backend so far)");
+  }
   if (plan.grad_compression.enabled()) {
     throw InputError(plan_source, "/grad_compression", "\"none\" for the CUDA trainer",
                      "\"" + grad_compression_name(plan.grad_compression) +

@@ -21,7 +21,10 @@ namespace parallax {
 
 enum class Schedule { gpipe, one_f_one_b, interleaved };
 enum class Recompute { none, selective, full };
-enum class GradSync { allreduce, tree, hierarchical, parameter_server };
+// parameter_server: gradients reduced to data-parallel rank 0, which updates and broadcasts.
+// parameter_server_async: every data-parallel rank serves a shard and workers push and pull
+// without a barrier, at most max_staleness steps apart (executor/async_ps.hpp).
+enum class GradSync { allreduce, tree, hierarchical, parameter_server, parameter_server_async };
 // How context-parallel ranks exchange keys and values: passed around the CP ring while the
 // attention blocks run (ring attention; Megatron-Core's --cp-comm-type p2p), or all-gathered
 // before the attention and reduce-scattered after its backward (all_gather).
@@ -29,8 +32,11 @@ enum class CpComm { p2p, all_gather };
 
 inline constexpr std::array<std::string_view, 3> kScheduleNames = {"gpipe", "1f1b", "interleaved"};
 inline constexpr std::array<std::string_view, 3> kRecomputeNames = {"none", "selective", "full"};
-inline constexpr std::array<std::string_view, 4> kGradSyncNames = {
-    "allreduce", "tree", "hierarchical", "parameter_server"};
+inline constexpr std::array<std::string_view, 5> kGradSyncNames = {
+    "allreduce", "tree", "hierarchical", "parameter_server", "parameter_server_async"};
+inline bool is_parameter_server(GradSync g) {
+  return g == GradSync::parameter_server || g == GradSync::parameter_server_async;
+}
 inline constexpr std::array<std::string_view, 2> kCpCommNames = {"p2p", "all_gather"};
 
 std::string_view schedule_name(Schedule s);
@@ -87,6 +93,12 @@ struct Plan {
   // most sensitive to compression error (PyTorch's PowerSGD start_powerSGD_iter, DGC's
   // warm-up). The simulator predicts the steady state, after it.
   int compression_warmup_steps = 0;
+  // The asynchronous parameter server: how many steps a worker may run ahead of the version
+  // it computes on (stale synchronous parallel; 0 is the synchronous result), and whether each
+  // step takes exactly the oldest version allowed (a fixed arrival order, for tests) instead of
+  // the newest that has arrived.
+  int max_staleness = 1;
+  bool ps_deterministic = false;
   // pp × virtual_stages ranges in model order; chunk c runs on pipeline rank c % pp. Empty: the
   // planner's balanced partition.
   std::vector<StageRange> stages;

@@ -32,6 +32,9 @@ public:
     virtual ~Impl() = default;
     virtual void wait() = 0;
     virtual bool test() = 0;
+    // Withdraws a receive that will never be matched (default: waits, for operations that
+    // always complete).
+    virtual void cancel() { wait(); }
   };
   CommRequest() = default;
   explicit CommRequest(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -41,6 +44,8 @@ public:
 
   void wait();
   bool test();
+  // Cancels a pending receive (MPI_Cancel) and forgets it.
+  void cancel();
   bool pending() const { return impl_ != nullptr; }
 
 private:

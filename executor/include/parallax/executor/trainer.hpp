@@ -44,6 +44,9 @@ struct StepStats {
   double tokens_per_s = 0;
   double mfu = 0;
   std::int64_t peak_memory_bytes = 0; // largest rank, executor's own accounting
+  // The asynchronous parameter server: the most steps any worker's parameters lagged in this
+  // step (−1: a synchronous plan).
+  int staleness = -1;
 };
 
 // Checks a plan for training on `world_size` processes: dp·tp·pp equal to the process count,
@@ -64,6 +67,8 @@ public:
     virtual Checkpoint checkpoint() = 0;
     virtual void restore(const Checkpoint& ckpt, const std::string& source) = 0;
     virtual Timeline timeline() = 0;
+    virtual std::vector<StepStats> finished_steps() = 0;
+    virtual void drain() = 0;
   };
 
   // The CPU backend (Eigen ops on host memory, MPI). Collective over MPI_COMM_WORLD, whose
@@ -90,6 +95,15 @@ public:
 
   // Collective: the recorded step's events of every rank, on world rank 0.
   Timeline timeline();
+
+  // The steps whose figures (every rank's loss, the gradient norm) are complete since the
+  // last call, in order, on world rank 0: the step just done, or under the asynchronous
+  // parameter server each step once the servers have applied it (possibly none, possibly
+  // several). Empty on the other ranks.
+  std::vector<StepStats> finished_steps();
+  // Collective: waits until every rank's steps are applied and every rank holds the newest
+  // parameters (a no-op for synchronous plans); call before the end of a run.
+  void drain();
 
 private:
   std::unique_ptr<Impl> impl_;

@@ -26,6 +26,8 @@
 #include "parallax/core/step_program.hpp"
 #include "parallax/core/timeline_json.hpp"
 #include "parallax/executor/adamw.hpp"
+#include "parallax/executor/async_ps.hpp"
+#include "parallax/executor/detail/trainer_backend.hpp"
 #include "parallax/executor/grad_compression.hpp"
 #include "parallax/executor/trainer.hpp"
 
@@ -46,64 +48,6 @@
 
 namespace parallax::detail {
 
-using Ranges = std::vector<std::pair<const float*, std::int64_t>>;
-
-// The backend contract.
-//   types   Flat (a flat fp32 buffer), Act (an activation matrix), Cache (what a block keeps
-//           from its forward for its backward), Batch (a micro-batch as the model functions
-//           read it), Mark (a point in the recorded step: a steady-clock time or a device event)
-//   memory  zeros, upload, download (host copy), set_zero; data / size of a Flat, act_size
-//   math    add (dst += src), copy, sum_squares (Σ x² over the ranges, in order, in double),
-//           adamw
-//   comm    group (collectives over the backend's memory); recv_act; send_act (non-blocking,
-//           the backend keeps the data alive until finish_sends)
-//   model   batch (upload a MicroBatch); the passes of parallax/executor/model.hpp with Act,
-//           Cache and Batch in place of Tensor, BlockCache and MicroBatch
-//   time    synchronize (all enqueued work done; no-op on the CPU); begin_recording(t0) (the
-//           step starts at steady time t0, nothing in flight); mark; seconds(mark) (valid once
-//           the step's work is done); reset_peak / peak_bytes (the backend's own accounting)
-template <class B>
-concept TrainerBackend = requires(B b, typename B::Flat& flat, const typename B::Flat& cflat,
-                                  typename B::Act act, const typename B::Act& cact,
-                                  typename B::Cache& cache, const typename B::Batch& batch,
-                                  typename B::Mark mark, float* p, const float* cp, std::int64_t n,
-                                  std::span<const float> host, const Ranges& ranges,
-                                  const ops::AdamwHyper& hyper, Communicator& world,
-                                  const std::vector<int>& ranks, const std::string& name,
-                                  std::chrono::duration<double> timeout, const ExecModel& m,
-                                  const BlockBuffers& bb, const TpContext& tp, MicroBatch mb,
-                                  KeepMode keep, float scale, double t0) {
-  { B::data(cflat) } -> std::same_as<float*>;
-  { B::size(cflat) } -> std::convertible_to<std::int64_t>;
-  { B::act_size(cact) } -> std::convertible_to<std::int64_t>;
-  { b.zeros(n) } -> std::same_as<typename B::Flat>;
-  { b.upload(host) } -> std::same_as<typename B::Flat>;
-  b.download(cp, n, p);
-  b.set_zero(flat);
-  b.add(p, cp, n);
-  b.copy(p, cp, n);
-  { b.sum_squares(ranges) } -> std::same_as<double>;
-  b.adamw(p, cp, p, p, n, hyper);
-  { b.group(ranks, name, timeout) } -> std::same_as<std::unique_ptr<Communicator>>;
-  { b.recv_act(world, 0, 0, n, n) } -> std::same_as<typename B::Act>;
-  b.send_act(world, std::move(act), 0, 0);
-  b.finish_sends();
-  { b.batch(std::move(mb)) } -> std::same_as<typename B::Batch>;
-  { b.embedding_forward(m, bb, &bb, tp, batch) } -> std::same_as<typename B::Act>;
-  b.embedding_backward(m, bb, &bb, tp, batch, cact);
-  { b.layer_forward(m, bb, tp, batch, cact, keep, cache) } -> std::same_as<typename B::Act>;
-  b.layer_recompute(m, bb, tp, batch, cache);
-  { b.layer_backward(m, bb, tp, batch, cact, cache) } -> std::same_as<typename B::Act>;
-  { b.head_forward(m, bb, bb, tp, batch, cact, cache) } -> std::same_as<double>;
-  { b.head_backward(m, bb, bb, tp, batch, scale, cache) } -> std::same_as<typename B::Act>;
-  b.synchronize();
-  b.begin_recording(t0);
-  { b.mark() } -> std::same_as<typename B::Mark>;
-  { b.seconds(mark) } -> std::same_as<double>;
-  b.reset_peak();
-  { b.peak_bytes() } -> std::convertible_to<std::int64_t>;
-};
-
 template <TrainerBackend B> class TrainerCore final : public Trainer::Impl {
 public:
   using Flat = typename B::Flat;
@@ -120,6 +64,8 @@ public:
   Checkpoint checkpoint() override;
   void restore(const Checkpoint& ckpt, const std::string& source) override;
   Timeline timeline() override;
+  std::vector<StepStats> finished_steps() override;
+  void drain() override;
 
 private:
   // One parameter block on this rank: its flat buffers and optimizer state.
@@ -247,6 +193,14 @@ private:
   void sp_sync();
   double gradient_norm();
   bool parameter_server() const { return plan_.grad_sync == GradSync::parameter_server; }
+  // The asynchronous parameter server (trainer_core_async.hpp).
+  bool async_server() const {
+    return plan_.grad_sync == GradSync::parameter_server_async && plan_.dp_cp() > 1;
+  }
+  StepStats async_step(bool record);
+  void ps_update(std::int64_t clock, std::span<const std::span<float>> grad_sum,
+                 std::span<const std::span<float>> master, double grad_norm);
+  StepStats stats_of(const PsClockReport& r);
   void adamw(double lr, double clip_coef);
   void publish_params(StepCollective how);
   // The full local flat buffer of an owned slice, assembled over data parallelism, on the host.
@@ -276,6 +230,8 @@ private:
   std::vector<std::vector<std::vector<std::size_t>>> unit_blocks_;
   StepProgram program_;
   std::int64_t step_count_ = 0;
+  std::unique_ptr<AsyncParameterServer> ps_; // built at the first step (after any restore)
+  std::vector<StepStats> finished_;          // for finished_steps()
   std::int64_t samples_consumed_ = 0; // global samples of the steps done (the data position)
   double flops_per_sequence_ = 0;
 
@@ -354,8 +310,10 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
       const bool experts = b.layout.kind == BlockKind::experts && plan.ep > 1;
       b.comm = experts ? edp_comm_.get() : dp_comm_.get();
       const std::int64_t padded = b.layout.padded;
-      b.own_size = z == 0 ? padded : padded / b.comm->size();
-      b.own_begin = z == 0 ? 0 : b.own_size * b.comm->rank();
+      // ZeRO and the asynchronous server's shards: each rank owns 1/dp of every block.
+      const bool sharded = z > 0 || async_server();
+      b.own_size = sharded ? padded / b.comm->size() : padded;
+      b.own_begin = sharded ? b.own_size * b.comm->rank() : 0;
       Buffer full(static_cast<std::size_t>(padded), 0.0f);
       init_block(b.layout, options.seed, {full.data(), full.size()});
       if (z == 3) {
@@ -495,3 +453,4 @@ template <TrainerBackend B> KeepMode TrainerCore<B>::keep_mode() const {
 #include "parallax/executor/detail/trainer_core_data.hpp"
 #include "parallax/executor/detail/trainer_core_ops.hpp"
 #include "parallax/executor/detail/trainer_core_update.hpp"
+#include "parallax/executor/detail/trainer_core_async.hpp"

@@ -32,7 +32,7 @@ template <TrainerBackend B> Buffer TrainerCore<B>::assemble(const Block& b, cons
   const std::int64_t padded = b.layout.padded;
   Flat full = be_.zeros(padded);
   be_.copy(B::data(full) + b.own_begin, owned, b.own_size);
-  if (plan_.zero_stage > 0 && b.comm->size() > 1) {
+  if ((plan_.zero_stage > 0 || async_server()) && b.comm->size() > 1) {
     const std::span<float> all = span_of(full);
     b.comm->all_gather(
         all.subspan(static_cast<std::size_t>(b.own_begin), static_cast<std::size_t>(b.own_size)),
@@ -44,6 +44,7 @@ template <TrainerBackend B> Buffer TrainerCore<B>::assemble(const Block& b, cons
 }
 
 template <TrainerBackend B> Checkpoint TrainerCore<B>::checkpoint() {
+  drain(); // the asynchronous server: every rank at the same, newest version
   const int z = plan_.zero_stage;
   // Full local flat vectors (params, moments) of every block, assembled over data parallelism.
   struct HostFlat {
@@ -151,6 +152,7 @@ template <TrainerBackend B> Checkpoint TrainerCore<B>::checkpoint() {
 
 template <TrainerBackend B>
 void TrainerCore<B>::restore(const Checkpoint& ck, const std::string& source) {
+  ps_.reset(); // rebuilt at the next step, from the restored step and parameters
   if (ck.model != model_.config.name) {
     throw InputError(source, "model",
                      fmt::format("a checkpoint of model \"{}\"", model_.config.name),

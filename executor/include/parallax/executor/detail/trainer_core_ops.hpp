@@ -342,6 +342,14 @@ template <TrainerBackend B>
 void TrainerCore<B>::run_op(int i, std::map<std::int64_t, Batch>& batches, float loss_scale) {
   const StepOp& op = program_.ops[static_cast<std::size_t>(i)];
   op_ = i;
+  if (ps_) {
+    // The asynchronous server: gradients are pushed, and the update and the new parameters
+    // come from the servers, after the step's ops; meanwhile this rank's shard is served.
+    ps_->progress();
+    if (op.kind == StepOpKind::reduce || op.kind == StepOpKind::optimizer ||
+        op.kind == StepOpKind::publish)
+      return;
+  }
   wait_for(op);
   const auto batch = [&]() -> const Batch& {
     auto it = batches.find(op.micro_batch);
@@ -425,6 +433,8 @@ template <TrainerBackend B> void TrainerCore<B>::optimizer_op(const StepOp& op) 
 // ---- step ----
 
 template <TrainerBackend B> StepStats TrainerCore<B>::step(bool record_step) {
+  if (async_server())
+    return async_step(record_step);
   recording_ = record_step;
   events_.clear();
   marked_.clear();
@@ -481,6 +491,8 @@ template <TrainerBackend B> StepStats TrainerCore<B>::step(bool record_step) {
                               maxes[0], plan_.world_size(), opt_.peak_flops_per_rank);
   st.peak_memory_bytes = static_cast<std::int64_t>(maxes[1]);
   recording_ = false;
+  if (rank_ == 0)
+    finished_.push_back(st);
   return st;
 }
 
