@@ -53,6 +53,7 @@ struct PlanFlags {
   std::int64_t micro_batch = 0;
   std::string schedule, recompute, sequence_parallel, precision, grad_sync, overlap_grad_reduce;
   std::string grad_compression;
+  int max_staleness = -1;
   std::string objective = "throughput";
   std::string stack;
   double train_tokens = 0;
@@ -84,7 +85,13 @@ PlanPins pins_from(const PlanFlags& f) {
   p.schedule = parse_choice<Schedule>("--schedule", f.schedule, kScheduleNames);
   p.recompute = parse_choice<Recompute>("--recompute", f.recompute, kRecomputeNames);
   p.precision = parse_choice<Precision>("--precision", f.precision, kPrecisionNames);
-  p.grad_sync = parse_choice<GradSync>("--grad-sync", f.grad_sync, kGradSyncNames);
+  if (f.grad_sync == "auto") {
+    p.search_grad_sync = true;
+  } else {
+    p.grad_sync = parse_choice<GradSync>("--grad-sync", f.grad_sync, kGradSyncNames);
+  }
+  if (f.max_staleness >= 0)
+    p.max_staleness = f.max_staleness;
   if (f.grad_compression == "auto") {
     p.search_compression = true;
   } else if (!f.grad_compression.empty()) {
@@ -331,7 +338,12 @@ Run register_plan(CLI::App& app) {
   cmd->add_option("--sequence-parallel", f->sequence_parallel, "Pin sequence parallel: on, off");
   cmd->add_option("--precision", f->precision, "Pin precision: fp32, tf32, fp16, bf16, fp8");
   cmd->add_option("--grad-sync", f->grad_sync,
-                  "Gradient sync: allreduce, tree, hierarchical, parameter_server");
+                  "Gradient sync: allreduce, tree, hierarchical, parameter_server, "
+                  "parameter_server_async; or auto (try them all)");
+  cmd->add_option("--max-staleness", f->max_staleness,
+                  "The asynchronous parameter server's bound: steps a worker may run ahead of "
+                  "its parameters (default 1; 0 is the synchronous result)")
+      ->check(CLI::Range(0, 1 << 20));
   cmd->add_option("--grad-compression", f->grad_compression,
                   "Pin gradient compression: none, bf16, topk:<fraction>, powersgd:<rank>; or "
                   "auto (also try bf16, powersgd:4, topk:0.01; lossy, so never by default)");

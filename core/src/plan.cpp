@@ -155,8 +155,13 @@ std::string plan_label(const Plan& p) {
     ep += fmt::format(" cp{}{}", p.cp, p.cp_comm == CpComm::all_gather ? "(ag)" : "");
   }
   std::string gc;
+  if (p.grad_sync == GradSync::parameter_server_async) {
+    gc += fmt::format(" ps-async(k={}{})", p.max_staleness, p.ps_deterministic ? ",det" : "");
+  } else if (p.grad_sync != GradSync::allreduce) {
+    gc += fmt::format(" {}", grad_sync_name(p.grad_sync));
+  }
   if (p.grad_compression.enabled()) {
-    gc = " gc=" + grad_compression_name(p.grad_compression) +
+    gc += " gc=" + grad_compression_name(p.grad_compression) +
          (p.grad_compression.lossy() && !p.error_feedback ? "(no-ef)" : "");
   }
   return fmt::format("dp{}{} tp{} pp{} z{} B{} {} rc={} sp={} {}{}", p.dp, ep, p.tp, p.pp,

@@ -161,6 +161,10 @@ void consider(SearchState& st, CostModel& model, StageCache& stages, Plan plan, 
 }
 
 // Every schedule / virtual-stage choice valid for this pp and micro-batch count.
+constexpr GradSync kGradSyncs[] = {GradSync::allreduce, GradSync::tree, GradSync::hierarchical,
+                                   GradSync::parameter_server,
+                                   GradSync::parameter_server_async};
+
 // The gradient compressions to try for plan `p`: the pinned one, none, or with
 // search_compression also the methods compression_problem allows for it.
 std::vector<GradCompression> compressions_for(const PlanPins& pins, const Plan& p) {
@@ -176,6 +180,24 @@ std::vector<GradCompression> compressions_for(const PlanPins& pins, const Plan& 
   return {GradCompression{}, GradCompression{.kind = CompressionKind::bf16},
           GradCompression{.kind = CompressionKind::powersgd, .rank = 4},
           GradCompression{.kind = CompressionKind::topk, .fraction = 0.01}};
+}
+
+// Every (gradient synchronisation, compression) to try for plan `p`.
+std::vector<std::pair<GradSync, GradCompression>> reductions_for(const PlanPins& pins,
+                                                                 const Plan& p) {
+  std::vector<GradSync> syncs = {p.grad_sync};
+  if (!pins.grad_sync && pins.search_grad_sync && p.dp_cp() > 1) {
+    syncs.assign(std::begin(kGradSyncs), std::end(kGradSyncs));
+  }
+  std::vector<std::pair<GradSync, GradCompression>> out;
+  for (const GradSync sync : syncs) {
+    Plan q = p;
+    q.grad_sync = sync;
+    for (const GradCompression& gc : compressions_for(pins, q)) {
+      out.emplace_back(sync, gc);
+    }
+  }
+  return out;
 }
 
 std::vector<std::pair<Schedule, int>> schedules_for(const PlanPins& pins, int pp, int units,
@@ -296,9 +318,11 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                              .overlap_grad_reduce = pins.overlap_grad_reduce.value_or(
                                  req.stack.overlaps_grad_reduce(zero)),
                              .stack = req.stack.name};
-                      for (const GradCompression& gc : compressions_for(pins, p)) {
+                      for (const auto& [sync, gc] : reductions_for(pins, p)) {
                         Plan q = p;
+                        q.grad_sync = sync;
                         q.grad_compression = gc;
+                        q.max_staleness = pins.max_staleness.value_or(q.max_staleness);
                         // The one feasibility rule (core plan_problem): what is proposed
                         // trains.
                         if (plan_problem(q, graph, gpus)) {

@@ -276,8 +276,23 @@ double CostModel::memory_capacity_bytes() const {
   return cluster_->memory_bytes();
 }
 
+AsyncServerStep async_server_step(double compute_s, double round_trip_s, int max_staleness) {
+  if (max_staleness <= 0) {
+    return {compute_s + round_trip_s, 0.0};
+  }
+  const double step = std::max(compute_s, round_trip_s / max_staleness);
+  const double lag = step > 0 ? std::ceil(round_trip_s / step - 1e-9) : 0.0;
+  return {step, std::clamp(lag, 0.0, static_cast<double>(max_staleness))};
+}
+
+double CostModel::server_round_trip_s(const Plan& plan, const RankLoad& r) const {
+  return dp_iteration_comm_s(plan, *cluster_, stack_, r) + optimizer_time_s(plan, r);
+}
+
 double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
-  const double local_params = r.params / (plan.zero_stage >= 1 ? plan.dp_cp() : 1);
+  // ZeRO and the asynchronous server's shards: each rank updates 1/(dp·cp) of the state.
+  const bool sharded = plan.zero_stage >= 1 || plan.grad_sync == GradSync::parameter_server_async;
+  const double local_params = r.params / (sharded ? plan.dp_cp() : 1);
   double bytes =
       local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
   if (plan.precision == Precision::fp8) {
@@ -384,6 +399,15 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
   e.plan = plan;
   e.plan.stages = stages;
   e.iteration_time_s = pipe + dp_exposed + optimizer;
+  if (plan.grad_sync == GradSync::parameter_server_async && plan.dp_cp() > 1) {
+    // No barrier and no overlap with the backward: the round trip runs beside the next steps.
+    const AsyncServerStep a =
+        async_server_step(pipe, server_round_trip_s(plan, ranks[slowest]), plan.max_staleness);
+    e.iteration_time_s = a.step_s;
+    e.staleness = a.staleness;
+    dp_exposed = a.step_s - pipe;
+    optimizer = 0;
+  }
   const RankLoad& s = ranks[slowest];
   e.breakdown.compute = m * s.compute_s;
   e.breakdown.tp_comm = m * s.tp_s;

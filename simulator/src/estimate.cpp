@@ -7,7 +7,7 @@ namespace parallax {
 Json estimate_to_json(const PlanEstimate& e) {
   const auto& m = e.memory;
   const auto& b = e.breakdown;
-  return {{"plan", plan_to_json(e.plan)},
+  Json j = {{"plan", plan_to_json(e.plan)},
           {"iteration_time_s", e.iteration_time_s},
           {"tokens_per_s", e.tokens_per_s},
           {"tflops_per_gpu", e.tflops_per_gpu},
@@ -34,6 +34,10 @@ Json estimate_to_json(const PlanEstimate& e) {
             {"bubble", b.bubble},
             {"optimizer", b.optimizer}}},
           {"bottleneck", e.bottleneck}};
+  if (e.plan.grad_sync == GradSync::parameter_server_async) {
+    j["staleness"] = e.staleness;
+  }
+  return j;
 }
 
 } // namespace parallax

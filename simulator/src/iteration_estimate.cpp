@@ -96,6 +96,16 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
                                 optimizer[static_cast<std::size_t>(critical)],
                                 comm[static_cast<std::size_t>(critical)], makespan - interference);
   e.breakdown.dp_comm += interference;
+  if (plan_.grad_sync == GradSync::parameter_server_async && plan_.dp_cp() > 1) {
+    // The simulated step is the compute alone; the round trip of the gradients to the servers
+    // and back sets the pace only when k steps of compute cannot hide it.
+    const AsyncServerStep a = async_server_step(
+        makespan, model_.server_round_trip_s(plan_, loads_.front()), plan_.max_staleness);
+    e.breakdown.dp_comm += a.step_s - makespan;
+    makespan = a.step_s;
+    e.iteration_time_s = makespan;
+    e.staleness = a.staleness;
+  }
   std::array<std::pair<double, const char*>, 6> parts = {{{e.breakdown.compute, "compute"},
                                                           {e.breakdown.tp_comm, "tp_comm"},
                                                           {e.breakdown.pp_comm, "pp_comm"},

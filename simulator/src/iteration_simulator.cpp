@@ -135,6 +135,13 @@ void IterationBuilder::run_op(RankSim& r, int i) {
   const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
   const UnitCost* cost = op.unit >= 0 ? &units_[static_cast<std::size_t>(op.unit)] : nullptr;
   Id& anchor = r.anchor[static_cast<std::size_t>(i)];
+  if (plan_.grad_sync == GradSync::parameter_server_async && plan_.dp_cp() > 1 &&
+      (op.kind == StepOpKind::reduce || op.kind == StepOpKind::optimizer ||
+       op.kind == StepOpKind::publish)) {
+    // The asynchronous server's round trip runs beside the next steps (estimate_from).
+    anchor = prev_;
+    return;
+  }
   switch (op.kind) {
   case StepOpKind::gather: {
     const double bytes = cost->params * w_bytes_;

@@ -92,6 +92,10 @@ TEST(PlanJson, MalformedInputsNameTheField) {
       {"powersgd rank fraction", R"({"grad_compression": "powersgd:2.5"})", "/grad_compression"},
       {"error feedback not bool", R"({"error_feedback": 1})", "/error_feedback"},
       {"negative warm-up", R"({"compression_warmup_steps": -1})", "/compression_warmup_steps"},
+      {"negative staleness", R"({"max_staleness": -1})", "/max_staleness"},
+      {"staleness not an integer", R"({"max_staleness": 1.5})", "/max_staleness"},
+      {"deterministic not bool", R"({"ps_deterministic": "yes"})", "/ps_deterministic"},
+      {"unknown grad sync", R"({"grad_sync": "gossip"})", "/grad_sync"},
   };
   for (const auto& bad : cases) {
     SCOPED_TRACE(bad.what);
@@ -144,6 +148,15 @@ TEST(PlanValidate, AgainstModelAndWorld) {
   EXPECT_EQ(field_of(compressed, 1024), "/grad_compression");
   compressed.grad_sync = GradSync::allreduce;
   EXPECT_EQ(field_of(compressed, 1024), "accepted");
+  // The asynchronous server runs pure data parallelism, without ZeRO.
+  Plan async{.dp = 64, .global_batch_size = 64, .grad_sync = GradSync::parameter_server_async};
+  EXPECT_EQ(field_of(async, 64), "accepted");
+  async.zero_stage = 1;
+  EXPECT_EQ(field_of(async, 64), "/grad_sync");
+  Plan async_tp = p; // tp 8, pp 16
+  async_tp.zero_stage = 0;
+  async_tp.grad_sync = GradSync::parameter_server_async;
+  EXPECT_EQ(field_of(async_tp, 1024), "/grad_sync");
 
   LoadedModel llama = model_load("llama2-70b");
   Plan gqa{.dp = 1, .tp = 16, .pp = 1, .global_batch_size = 16};

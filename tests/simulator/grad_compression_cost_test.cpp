@@ -10,6 +10,7 @@
 #include "parallax/planner/planner.hpp"
 #include "parallax/simulator/compute_model.hpp"
 #include "parallax/simulator/grad_compression_cost.hpp"
+#include "parallax/simulator/estimate.hpp"
 #include "parallax/simulator/unit_cost.hpp"
 
 namespace {
@@ -134,6 +135,61 @@ TEST(GradCompressionCost, PowerSgdShortensACommunicationBoundDataParallelStep) {
   const PlanSearchResult searched = plan_search(m.graph, c, req);
   ASSERT_FALSE(searched.plans.empty());
   EXPECT_TRUE(searched.plans.front().estimate.plan.grad_compression.enabled());
+}
+
+} // namespace
+
+namespace {
+
+using namespace parallax;
+
+TEST(AsyncServerCost, StepAndStalenessByHand) {
+  // k = 0: the step waits for its round trip.
+  EXPECT_DOUBLE_EQ(async_server_step(1.0, 0.5, 0).step_s, 1.5);
+  EXPECT_DOUBLE_EQ(async_server_step(1.0, 0.5, 0).staleness, 0.0);
+  // A round trip shorter than a step: hidden, one step stale.
+  EXPECT_DOUBLE_EQ(async_server_step(1.0, 0.5, 3).step_s, 1.0);
+  EXPECT_DOUBLE_EQ(async_server_step(1.0, 0.5, 3).staleness, 1.0);
+  // 2.5 steps of round trip: three in flight.
+  EXPECT_DOUBLE_EQ(async_server_step(1.0, 2.5, 3).step_s, 1.0);
+  EXPECT_DOUBLE_EQ(async_server_step(1.0, 2.5, 3).staleness, 3.0);
+  // Longer than k steps: the bound sets the pace (round trip / k), at staleness k.
+  EXPECT_DOUBLE_EQ(async_server_step(1.0, 6.0, 3).step_s, 2.0);
+  EXPECT_DOUBLE_EQ(async_server_step(1.0, 6.0, 3).staleness, 3.0);
+}
+
+TEST(AsyncServerCost, StalenessHidesTheServerRoundTrip) {
+  // GPT-2 1.5B on 64 A100-40GB, dp 64: a flat parameter server moves 2·S(n − 1)/n through
+  // every NIC, several times the NVLink-aware ring's share, so synchronously it loses to the
+  // ring; asynchronously each k more steps in flight hide another part of it.
+  LoadedModel m = model_load("gpt2-1.5b");
+  const Cluster c = cluster_load("dgx-a100-40g");
+  PlanRequest req;
+  req.gpus = 64;
+  req.global_batch_size = 64;
+  req.pins.dp = 64;
+  req.pins.zero_stage = 0;
+  req.pins.recompute = Recompute::none;
+  req.top_k = 2;
+  req.stack = stack_load(stack_default_name(c));
+  const auto best = [&](GradSync sync, int k) {
+    req.pins.grad_sync = sync;
+    req.pins.max_staleness = k;
+    const PlanSearchResult r = plan_search(m.graph, c, req);
+    EXPECT_FALSE(r.plans.empty());
+    return r.plans.empty() ? PlanEstimate{} : r.plans.front().estimate;
+  };
+  const double ring = best(GradSync::allreduce, 1).iteration_time_s;
+  const double sync_ps = best(GradSync::parameter_server, 1).iteration_time_s;
+  const PlanEstimate k0 = best(GradSync::parameter_server_async, 0);
+  const PlanEstimate k3 = best(GradSync::parameter_server_async, 3);
+  const PlanEstimate k8 = best(GradSync::parameter_server_async, 8);
+  EXPECT_GT(sync_ps, 2 * ring);
+  EXPECT_NEAR(k0.iteration_time_s, sync_ps, 0.1 * sync_ps); // no barrier, same round trip
+  EXPECT_LT(k3.iteration_time_s, 0.5 * k0.iteration_time_s);
+  EXPECT_EQ(k3.staleness, 3.0);
+  EXPECT_LT(k8.iteration_time_s, ring); // enough steps in flight beat the ring here
+  EXPECT_EQ(estimate_to_json(k3)["staleness"], 3.0);
 }
 
 } // namespace

@@ -38,6 +38,11 @@ struct PlanPins {
   std::optional<bool> sequence_parallel;
   std::optional<Precision> precision;
   std::optional<GradSync> grad_sync;
+  // Try every gradient synchronisation (all-reduces and both parameter servers) instead of
+  // the default all-reduce; the asynchronous server with max_staleness (its steps train on
+  // stale parameters, so it is never chosen unasked).
+  bool search_grad_sync = false;
+  std::optional<int> max_staleness;
   // Gradient compression (lossy: changes convergence, so never chosen unless asked). Pinned,
   // or with search_compression tried beside none where the plan reduces whole gradients over
   // data-parallel ranks: bf16, powersgd:4 and topk:0.01.

@@ -30,6 +30,19 @@ struct MemoryModelConstants {
   static constexpr double kGradBucketBytes = 50e6; // DP gradient bucket (overlap granularity)
 };
 
+// A step under the asynchronous parameter server (stale synchronous parallel, bound k): a
+// worker computes for `compute_s` and its gradients take `round_trip_s` to come back as
+// parameters. With k = 0 each step waits for the previous one's (the synchronous step,
+// without a barrier); with k >= 1 a worker keeps k steps in flight, so the step is
+// max(compute, round trip / k), and it computes on parameters min(k, ⌈round trip / step⌉)
+// steps old. Homogeneous workers; a persistent straggler sets every worker's pace through
+// the bound.
+struct AsyncServerStep {
+  double step_s = 0;
+  double staleness = 0;
+};
+AsyncServerStep async_server_step(double compute_s, double round_trip_s, int max_staleness);
+
 class CostModel {
 public:
   // Keeps references: `graph` and `cluster` must outlive the model; the stack is copied.
@@ -81,6 +94,9 @@ public:
   std::vector<MemoryBreakdown> memory_per_stage(const Plan& plan);
   // The optimizer step of pipeline rank `load` (a memory-bound pass over its local state).
   double optimizer_time_s(const Plan& plan, const RankLoad& load) const;
+  // The asynchronous parameter server's round trip of one step: the push of the gradients,
+  // the server's update of its shard and the pull of the new version.
+  double server_round_trip_s(const Plan& plan, const RankLoad& load) const;
   // Gradient-accumulation pass per micro-batch over `params` local parameters (0 when m = 1).
   double grad_accumulation_s(const Plan& plan, double params) const;
   // Memory of pipeline rank `pp_rank` carrying `load`, at the three levels of MemoryBreakdown.

@@ -50,6 +50,9 @@ struct PlanEstimate {
   TimeBreakdown breakdown;
   std::string bottleneck; // the largest share of the iteration ("compute", "dp_comm", ...)
   std::string stack;      // the software stack the figures assume
+  // The asynchronous parameter server: the steps a worker's parameters lag in the steady
+  // state (0 for every other plan).
+  double staleness = 0;
   bool operator==(const PlanEstimate&) const = default;
 };
 
