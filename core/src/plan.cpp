@@ -162,7 +162,7 @@ std::string plan_label(const Plan& p) {
   }
   if (p.grad_compression.enabled()) {
     gc += " gc=" + grad_compression_name(p.grad_compression) +
-         (p.grad_compression.lossy() && !p.error_feedback ? "(no-ef)" : "");
+          (p.grad_compression.lossy() && !p.error_feedback ? "(no-ef)" : "");
   }
   return fmt::format("dp{}{} tp{} pp{} z{} B{} {} rc={} sp={} {}{}", p.dp, ep, p.tp, p.pp,
                      p.zero_stage, p.micro_batch_size, sched, recompute_name(p.recompute),

@@ -162,8 +162,7 @@ void consider(SearchState& st, CostModel& model, StageCache& stages, Plan plan, 
 
 // Every schedule / virtual-stage choice valid for this pp and micro-batch count.
 constexpr GradSync kGradSyncs[] = {GradSync::allreduce, GradSync::tree, GradSync::hierarchical,
-                                   GradSync::parameter_server,
-                                   GradSync::parameter_server_async};
+                                   GradSync::parameter_server, GradSync::parameter_server_async};
 
 // The gradient compressions to try for plan `p`: the pinned one, none, or with
 // search_compression also the methods compression_problem allows for it.

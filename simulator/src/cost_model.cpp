@@ -132,9 +132,9 @@ ParamStateBytes param_state_bytes(const Plan& p, const Stack& stack) {
           .grads = grad_element_bytes(p, stack) / (p.zero_stage >= 2 ? d : 1),
           // The asynchronous server's shards hold 1/(dp·cp) of the optimizer state each (its
           // master copy and staging buffers live in host memory, as a server's do).
-          .optimizer = (precision_is_mixed(p.precision) ? 12.0 : 8.0) /
-                       (p.zero_stage >= 1 || p.grad_sync == GradSync::parameter_server_async ? d
-                                                                                             : 1)};
+          .optimizer =
+              (precision_is_mixed(p.precision) ? 12.0 : 8.0) /
+              (p.zero_stage >= 1 || p.grad_sync == GradSync::parameter_server_async ? d : 1)};
 }
 
 MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_rank) const {

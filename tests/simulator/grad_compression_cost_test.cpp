@@ -9,8 +9,8 @@
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
 #include "parallax/simulator/compute_model.hpp"
-#include "parallax/simulator/grad_compression_cost.hpp"
 #include "parallax/simulator/estimate.hpp"
+#include "parallax/simulator/grad_compression_cost.hpp"
 #include "parallax/simulator/unit_cost.hpp"
 
 namespace {
@@ -20,6 +20,20 @@ using parallax::test_support::hand_cluster;
 
 Plan dp8(GradCompression gc) {
   return {.dp = 8, .global_batch_size = 8, .grad_compression = gc};
+}
+
+// 64 GPUs of data parallelism, ZeRO 0, no recomputation, one sequence per replica, on the
+// cluster's own stack (as `parallax plan` does).
+PlanRequest dp64_request(const Cluster& c) {
+  PlanRequest req;
+  req.gpus = 64;
+  req.global_batch_size = 64;
+  req.pins.dp = 64;
+  req.pins.zero_stage = 0;
+  req.pins.recompute = Recompute::none;
+  req.top_k = 2;
+  req.stack = stack_load(stack_default_name(c));
+  return req;
 }
 
 // 1M gradients, of which 0.9M in matrices with Σ(rows + cols) = 6000 (e.g. three 300 × 1000).
@@ -110,14 +124,7 @@ TEST(GradCompressionCost, PowerSgdShortensACommunicationBoundDataParallelStep) {
   // most of the step.
   LoadedModel m = model_load("gpt2-1.5b");
   const Cluster c = cluster_load("dgx-a100-40g");
-  PlanRequest req;
-  req.gpus = 64;
-  req.global_batch_size = 64;
-  req.pins.dp = 64;
-  req.pins.zero_stage = 0;
-  req.pins.recompute = Recompute::none;
-  req.top_k = 2;
-  req.stack = stack_load(stack_default_name(c)); // as `parallax plan` does
+  PlanRequest req = dp64_request(c);
   const auto step = [&](std::optional<GradCompression> gc) {
     req.pins.grad_compression = gc;
     const PlanSearchResult r = plan_search(m.graph, c, req);
@@ -136,12 +143,6 @@ TEST(GradCompressionCost, PowerSgdShortensACommunicationBoundDataParallelStep) {
   ASSERT_FALSE(searched.plans.empty());
   EXPECT_TRUE(searched.plans.front().estimate.plan.grad_compression.enabled());
 }
-
-} // namespace
-
-namespace {
-
-using namespace parallax;
 
 TEST(AsyncServerCost, StepAndStalenessByHand) {
   // k = 0: the step waits for its round trip.
@@ -164,14 +165,7 @@ TEST(AsyncServerCost, StalenessHidesTheServerRoundTrip) {
   // ring; asynchronously each k more steps in flight hide another part of it.
   LoadedModel m = model_load("gpt2-1.5b");
   const Cluster c = cluster_load("dgx-a100-40g");
-  PlanRequest req;
-  req.gpus = 64;
-  req.global_batch_size = 64;
-  req.pins.dp = 64;
-  req.pins.zero_stage = 0;
-  req.pins.recompute = Recompute::none;
-  req.top_k = 2;
-  req.stack = stack_load(stack_default_name(c));
+  PlanRequest req = dp64_request(c);
   const auto best = [&](GradSync sync, int k) {
     req.pins.grad_sync = sync;
     req.pins.max_staleness = k;

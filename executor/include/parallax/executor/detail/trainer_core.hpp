@@ -202,6 +202,9 @@ private:
                  std::span<const std::span<float>> master, double grad_norm);
   StepStats stats_of(const PsClockReport& r);
   void adamw(double lr, double clip_coef);
+  void adamw_block(const Block& b, float* p, float* g, double lr, double clip_coef,
+                   std::int64_t step);
+  void begin_step_buffers();
   void publish_params(StepCollective how);
   // The full local flat buffer of an owned slice, assembled over data parallelism, on the host.
   Buffer assemble(const Block& b, const float* owned);
@@ -232,7 +235,7 @@ private:
   std::int64_t step_count_ = 0;
   std::unique_ptr<AsyncParameterServer> ps_; // built at the first step (after any restore)
   std::vector<StepStats> finished_;          // for finished_steps()
-  std::int64_t samples_consumed_ = 0; // global samples of the steps done (the data position)
+  std::int64_t samples_consumed_ = 0;        // global samples of the steps done (the data position)
   double flops_per_sequence_ = 0;
 
   // Measured events of the recorded step; those timed by marks until the step ends.
@@ -449,8 +452,8 @@ template <TrainerBackend B> KeepMode TrainerCore<B>::keep_mode() const {
 
 } // namespace parallax::detail
 
+#include "parallax/executor/detail/trainer_core_async.hpp"
 #include "parallax/executor/detail/trainer_core_checkpoint.hpp"
 #include "parallax/executor/detail/trainer_core_data.hpp"
 #include "parallax/executor/detail/trainer_core_ops.hpp"
 #include "parallax/executor/detail/trainer_core_update.hpp"
-#include "parallax/executor/detail/trainer_core_async.hpp"

@@ -21,21 +21,8 @@ void TrainerCore<B>::ps_update(std::int64_t clock, std::span<const std::span<flo
       if (b.alias)
         continue;
       // The shard's slices, addressed by flat offset like the block's own buffers.
-      float* p = master[i].data() - b.own_begin;
-      float* g = grad_sum[i].data() - b.own_begin;
-      float* m1 = B::data(b.exp_avg) - b.own_begin;
-      float* m2 = B::data(b.exp_avg_sq) - b.own_begin;
-      for_owned(b, [&](const ParamInfo& info, std::int64_t s, std::int64_t e) {
-        be_.adamw(p + s, g + s, m1 + s, m2 + s, e - s,
-                  ops::AdamwHyper{.lr = lr,
-                                  .beta1 = opt_.beta1,
-                                  .beta2 = opt_.beta2,
-                                  .eps = opt_.adam_eps,
-                                  .weight_decay = opt_.weight_decay,
-                                  .step = clock + 1,
-                                  .clip_coef = clip,
-                                  .decay = info.decay});
-      });
+      adamw_block(b, master[i].data() - b.own_begin, grad_sum[i].data() - b.own_begin, lr, clip,
+                  clock + 1);
       ++i;
     }
   }
@@ -72,15 +59,7 @@ template <TrainerBackend B> StepStats TrainerCore<B>::async_step(bool record_ste
   const Mark pulled_from = mark();
   const std::int64_t version = ps_->pull(t);
   record(Stream::dp_comm, Category::dp_comm, "pull params", -1, -1, pulled_from, mark());
-  for (Chunk& c : chunks_) {
-    for (Block& b : c.blocks)
-      be_.set_zero(b.grads);
-  }
-  loss_sum_ = 0;
-  caches_.clear();
-  caches_.resize(chunks_.size());
-  for (auto& per_chunk : caches_)
-    per_chunk.resize(static_cast<std::size_t>(m_));
+  begin_step_buffers();
   const double global_tokens =
       static_cast<double>(plan_.global_batch_size * model_.config.seq_length);
   std::map<std::int64_t, Batch> batches;

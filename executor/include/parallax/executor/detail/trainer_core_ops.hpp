@@ -446,17 +446,7 @@ template <TrainerBackend B> StepStats TrainerCore<B>::step(bool record_step) {
   if (recording_)
     be_.begin_recording(t0_);
 
-  const int z = plan_.zero_stage;
-  for (Chunk& c : chunks_) {
-    for (Block& b : c.blocks) {
-      be_.set_zero(z < 2 ? b.grads : b.grad_shard);
-    }
-  }
-  loss_sum_ = 0;
-  caches_.clear();
-  caches_.resize(chunks_.size());
-  for (auto& per_chunk : caches_)
-    per_chunk.resize(static_cast<std::size_t>(m_));
+  begin_step_buffers();
   const double global_tokens =
       static_cast<double>(plan_.global_batch_size * model_.config.seq_length);
   const float loss_scale = static_cast<float>(1.0 / global_tokens);

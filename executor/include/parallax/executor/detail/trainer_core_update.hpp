@@ -121,6 +121,26 @@ template <TrainerBackend B> double TrainerCore<B>::gradient_norm() {
   return std::sqrt(v[0]);
 }
 
+// AdamW on block b's owned slice: p, g, and the moments addressed by flat offset (the
+// block's own buffers, or an asynchronous server's shard), at optimizer step `step`.
+template <TrainerBackend B>
+void TrainerCore<B>::adamw_block(const Block& b, float* p, float* g, double lr, double clip_coef,
+                                 std::int64_t step) {
+  float* m1 = B::data(b.exp_avg) - b.own_begin;
+  float* m2 = B::data(b.exp_avg_sq) - b.own_begin;
+  for_owned(b, [&](const ParamInfo& info, std::int64_t s, std::int64_t e) {
+    be_.adamw(p + s, g + s, m1 + s, m2 + s, e - s,
+              ops::AdamwHyper{.lr = lr,
+                              .beta1 = opt_.beta1,
+                              .beta2 = opt_.beta2,
+                              .eps = opt_.adam_eps,
+                              .weight_decay = opt_.weight_decay,
+                              .step = step,
+                              .clip_coef = clip_coef,
+                              .decay = info.decay});
+  });
+}
+
 template <TrainerBackend B> void TrainerCore<B>::adamw(double lr, double clip_coef) {
   if (parameter_server() && replica_ != 0)
     return; // the server updates, the others receive
@@ -128,23 +148,24 @@ template <TrainerBackend B> void TrainerCore<B>::adamw(double lr, double clip_co
     for (Block& b : c.blocks) {
       if (b.alias)
         continue;
-      float* g = b.owned_grads(plan_.zero_stage) - b.own_begin;
-      float* p = b.owned_params(plan_.zero_stage) - b.own_begin;
-      float* m1 = B::data(b.exp_avg) - b.own_begin;
-      float* m2 = B::data(b.exp_avg_sq) - b.own_begin;
-      for_owned(b, [&](const ParamInfo& info, std::int64_t s, std::int64_t e) {
-        be_.adamw(p + s, g + s, m1 + s, m2 + s, e - s,
-                  ops::AdamwHyper{.lr = lr,
-                                  .beta1 = opt_.beta1,
-                                  .beta2 = opt_.beta2,
-                                  .eps = opt_.adam_eps,
-                                  .weight_decay = opt_.weight_decay,
-                                  .step = step_count_ + 1,
-                                  .clip_coef = clip_coef,
-                                  .decay = info.decay});
-      });
+      adamw_block(b, b.owned_params(plan_.zero_stage) - b.own_begin,
+                  b.owned_grads(plan_.zero_stage) - b.own_begin, lr, clip_coef, step_count_ + 1);
     }
   }
+}
+
+// A step's fresh start: zero gradients, no loss yet, empty per-micro-batch caches.
+template <TrainerBackend B> void TrainerCore<B>::begin_step_buffers() {
+  const int z = plan_.zero_stage;
+  for (Chunk& c : chunks_) {
+    for (Block& b : c.blocks)
+      be_.set_zero(z < 2 ? b.grads : b.grad_shard);
+  }
+  loss_sum_ = 0;
+  caches_.clear();
+  caches_.resize(chunks_.size());
+  for (auto& per_chunk : caches_)
+    per_chunk.resize(static_cast<std::size_t>(m_));
 }
 
 // The updated parameters to every data-parallel rank, as the program's publish op says: a
