@@ -65,8 +65,8 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
                         CostModel& cost, const Plan& plan, PlanSearchResult search) {
   viz::ReportInput in;
   in.title = fmt::format("Parallax plan for {}", model.graph.info().name);
-  in.context = fmt::format("{} on {} × {} ({}), {}, global batch {}", model.graph.info().name,
-                           cluster.num_devices(), cluster.device.name, cluster.name,
+  in.context = fmt::format("{} on {} ({}), {}, global batch {}", model.graph.info().name,
+                           devices_label(cluster, cluster.num_devices()), cluster.name,
                            stack_line(cost.stack()), plan.global_batch_size);
   in.memory_capacity_bytes = cost.memory_capacity_bytes();
   bool listed = false;

@@ -182,9 +182,9 @@ int run_plan(const PlanFlags& f) {
               << "\n";
     return 0;
   }
-  std::cout << fmt::format("{} on {} × {} ({}), {}, global batch {}: {} candidates, {} pruned "
+  std::cout << fmt::format("{} on {} ({}), {}, global batch {}: {} candidates, {} pruned "
                            "by memory, {} timed\n",
-                           model.graph.info().name, req.gpus, cluster.device.name, cluster.name,
+                           model.graph.info().name, devices_label(cluster, req.gpus), cluster.name,
                            stack_line(req.stack), req.global_batch_size, r.candidates,
                            r.pruned_memory, r.evaluated);
   print_table(r, std::cout);
@@ -237,8 +237,8 @@ int run_simulate(const SimulateFlags& f) {
     std::cout << estimate_to_json(e).dump(2) << "\n";
     return 0;
   }
-  std::cout << fmt::format("{} on {} × {}, {}: {}\n", model.graph.info().name,
-                           cluster.num_devices(), cluster.device.name, stack_line(stack),
+  std::cout << fmt::format("{} on {}, {}: {}\n", model.graph.info().name,
+                           devices_label(cluster, cluster.num_devices()), stack_line(stack),
                            plan_label(plan));
   std::cout << fmt::format("  iteration {:.4f} s, {:.0f} tokens/s, {:.1f} TFLOP/s per GPU, MFU "
                            "{:.1f}%, memory {} GiB allocated, {} GiB reserved, {} GiB on the "

@@ -69,35 +69,83 @@ Device device_from_json(const JsonReader& r) {
   return d;
 }
 
-} // namespace
-
-Cluster cluster_from_json(const Json& doc, const std::string& source) {
-  JsonReader root(doc, source);
-  root.reject_unknown(
-      {"name", "notes", "device", "node", "network", "collectives", "cost_per_device_hour_usd"});
-  Cluster c;
-  c.name = root.string("name");
-  c.notes = root.string_or("notes", "");
-  c.device = device_from_json(root.child("device"));
-
-  JsonReader node = root.child("node");
+Node node_from_json(const JsonReader& node) {
   node.reject_unknown(
       {"devices_per_node", "intra_bandwidth_gbps", "intra_latency_us", "measured_collectives"});
-  c.node.devices_per_node = static_cast<int>(node.integer("devices_per_node", 1, 1 << 16));
-  c.node.intra_bandwidth_gbps = node.positive("intra_bandwidth_gbps");
-  c.node.intra_latency_us = node.non_negative_or("intra_latency_us", 0.0);
+  Node n;
+  n.devices_per_node = static_cast<int>(node.integer("devices_per_node", 1, 1 << 16));
+  n.intra_bandwidth_gbps = node.positive("intra_bandwidth_gbps");
+  n.intra_latency_us = node.non_negative_or("intra_latency_us", 0.0);
   if (node.has("measured_collectives")) {
     JsonReader list = node.array("measured_collectives");
     for (std::size_t i = 0; i < list.array_size(); ++i) {
       JsonReader e = list.element(i);
       e.reject_unknown({"group_size", "stride", "latency_us", "bus_bandwidth_gbps"});
       MeasuredCollective m;
-      m.group_size = static_cast<int>(e.integer("group_size", 2, c.node.devices_per_node));
-      m.stride = static_cast<int>(e.integer_or("stride", 1, 1, c.node.devices_per_node));
+      m.group_size = static_cast<int>(e.integer("group_size", 2, n.devices_per_node));
+      m.stride = static_cast<int>(e.integer_or("stride", 1, 1, n.devices_per_node));
       m.latency_us = e.non_negative_or("latency_us", 0.0);
       m.bus_bandwidth_gbps = e.positive("bus_bandwidth_gbps");
-      c.node.measured_collectives.push_back(m);
+      n.measured_collectives.push_back(m);
     }
+  }
+  return n;
+}
+
+// Heterogeneous clusters: the groups in rank order, one device and node kind each.
+void groups_from_json(const JsonReader& root, Cluster& c) {
+  JsonReader list = root.array("node_groups");
+  if (list.array_size() == 0 || list.array_size() > 64) {
+    root.fail("node_groups", "1 to 64 groups", std::to_string(list.array_size()));
+  }
+  int nodes = 0;
+  for (std::size_t i = 0; i < list.array_size(); ++i) {
+    JsonReader g = list.element(i);
+    g.reject_unknown({"name", "num_nodes", "device", "node"});
+    NodeGroup group;
+    group.name = g.string("name");
+    group.num_nodes = static_cast<int>(g.integer("num_nodes", 1, 1 << 20));
+    group.device = device_from_json(g.child("device"));
+    group.node = node_from_json(g.child("node"));
+    if (!c.groups.empty() &&
+        group.node.devices_per_node != c.groups.front().node.devices_per_node) {
+      g.fail("node",
+             fmt::format("devices_per_node {} like the first group's (ranks fill whole "
+                         "nodes in order)",
+                         c.groups.front().node.devices_per_node),
+             std::to_string(group.node.devices_per_node));
+    }
+    nodes += group.num_nodes;
+    c.groups.push_back(std::move(group));
+  }
+  if (nodes != c.network.num_nodes) {
+    root.child("network").fail("num_nodes",
+                               fmt::format("the node groups' nodes added up ({})", nodes),
+                               std::to_string(c.network.num_nodes));
+  }
+  c.device = c.groups.front().device;
+  c.node = c.groups.front().node;
+}
+
+} // namespace
+
+Cluster cluster_from_json(const Json& doc, const std::string& source) {
+  JsonReader root(doc, source);
+  root.reject_unknown({"name", "notes", "device", "node", "node_groups", "network", "collectives",
+                       "cost_per_device_hour_usd"});
+  Cluster c;
+  c.name = root.string("name");
+  c.notes = root.string_or("notes", "");
+  if (root.has("node_groups")) {
+    for (const char* field : {"device", "node"}) {
+      if (root.has(field)) {
+        root.fail(field, "no top-level value when node_groups are given (each group has its own)",
+                  "one");
+      }
+    }
+  } else {
+    c.device = device_from_json(root.child("device"));
+    c.node = node_from_json(root.child("node"));
   }
 
   JsonReader net = root.child("network");
@@ -112,6 +160,9 @@ Cluster cluster_from_json(const Json& doc, const std::string& source) {
   if (c.network.oversubscription < 1.0) {
     net.fail("oversubscription", "a ratio >= 1 (1 = non-blocking)",
              fmt::format("{}", c.network.oversubscription));
+  }
+  if (root.has("node_groups")) {
+    groups_from_json(root, c);
   }
   if (c.num_devices() > (1 << 24)) {
     root.fail("network", "at most 16777216 devices in all", std::to_string(c.num_devices()));
@@ -132,45 +183,58 @@ Cluster cluster_from_json(const Json& doc, const std::string& source) {
   return c;
 }
 
-Json cluster_to_json(const Cluster& c) {
+namespace {
+
+Json device_to_json(const Device& d) {
   Json peaks = Json::object();
-  for (const auto& [p, tflops] : c.device.peak_tflops) {
+  for (const auto& [p, tflops] : d.peak_tflops) {
     peaks[std::string(precision_name(p))] = tflops;
   }
-  Json device = {{"name", c.device.name},
-                 {"kind", c.device.kind},
+  Json device = {{"name", d.name},
+                 {"kind", d.kind},
                  {"peak_tflops", peaks},
-                 {"memory_gib", c.device.memory_gib},
-                 {"memory_bandwidth_gbps", c.device.memory_bandwidth_gbps}};
-  if (!c.device.gemm_efficiency.empty()) {
+                 {"memory_gib", d.memory_gib},
+                 {"memory_bandwidth_gbps", d.memory_bandwidth_gbps}};
+  if (!d.gemm_efficiency.empty()) {
     Json curve = Json::array();
-    for (const auto& g : c.device.gemm_efficiency) {
+    for (const auto& g : d.gemm_efficiency) {
       curve.push_back({{"flops", g.flops}, {"efficiency", g.efficiency}});
     }
     device["gemm_efficiency"] = curve;
   }
-  if (c.device.elementwise_efficiency > 0) {
-    device["elementwise_efficiency"] = c.device.elementwise_efficiency;
+  if (d.elementwise_efficiency > 0) {
+    device["elementwise_efficiency"] = d.elementwise_efficiency;
   }
-  if (c.device.flash2_attention_efficiency > 0) {
-    device["flash2_attention_efficiency"] = c.device.flash2_attention_efficiency;
+  if (d.flash2_attention_efficiency > 0) {
+    device["flash2_attention_efficiency"] = d.flash2_attention_efficiency;
   }
-  if (c.device.optimizer_efficiency > 0) {
-    device["optimizer_efficiency"] = c.device.optimizer_efficiency;
+  if (d.optimizer_efficiency > 0) {
+    device["optimizer_efficiency"] = d.optimizer_efficiency;
   }
+  return device;
+}
+
+Json node_to_json(const Node& n) {
+  Json node = {{"devices_per_node", n.devices_per_node},
+               {"intra_bandwidth_gbps", n.intra_bandwidth_gbps},
+               {"intra_latency_us", n.intra_latency_us}};
   Json measured = Json::array();
-  for (const auto& m : c.node.measured_collectives) {
+  for (const auto& m : n.measured_collectives) {
     measured.push_back({{"group_size", m.group_size},
                         {"stride", m.stride},
                         {"latency_us", m.latency_us},
                         {"bus_bandwidth_gbps", m.bus_bandwidth_gbps}});
   }
+  if (!measured.empty()) {
+    node["measured_collectives"] = measured;
+  }
+  return node;
+}
+
+} // namespace
+
+Json cluster_to_json(const Cluster& c) {
   Json doc = {{"name", c.name},
-              {"device", device},
-              {"node",
-               {{"devices_per_node", c.node.devices_per_node},
-                {"intra_bandwidth_gbps", c.node.intra_bandwidth_gbps},
-                {"intra_latency_us", c.node.intra_latency_us}}},
               {"network",
                {{"num_nodes", c.network.num_nodes},
                 {"inter_bandwidth_gbps", c.network.inter_bandwidth_gbps},
@@ -180,8 +244,18 @@ Json cluster_to_json(const Cluster& c) {
   if (!c.notes.empty()) {
     doc["notes"] = c.notes;
   }
-  if (!measured.empty()) {
-    doc["node"]["measured_collectives"] = measured;
+  if (c.groups.empty()) {
+    doc["device"] = device_to_json(c.device);
+    doc["node"] = node_to_json(c.node);
+  } else {
+    Json groups = Json::array();
+    for (const NodeGroup& g : c.groups) {
+      groups.push_back({{"name", g.name},
+                        {"num_nodes", g.num_nodes},
+                        {"device", device_to_json(g.device)},
+                        {"node", node_to_json(g.node)}});
+    }
+    doc["node_groups"] = groups;
   }
   if (c.collectives.intra > 0 || c.collectives.inter > 0) {
     Json coll = Json::object();

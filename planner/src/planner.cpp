@@ -12,6 +12,7 @@
 #include <atomic>
 #include <exception>
 #include <map>
+#include <numeric>
 #include <thread>
 #include <tuple>
 
@@ -87,24 +88,39 @@ public:
     const int chunks = plan.pp * plan.virtual_stages;
     // Gradient accumulation costs per parameter and micro-batch, so it weighs in the balance.
     const double accum_per_param = model.grad_accumulation_s(plan, 1.0);
-    auto id = std::make_tuple(key, plan.recompute, chunks, accum_per_param);
+    // Each chunk's node group (heterogeneous clusters): a faster group's chunks take more.
+    std::vector<int> groups;
+    for (int c = 0; c < chunks; ++c) {
+      groups.push_back(model.stage_group(plan, chunk_pp_rank(plan, c)));
+    }
+    auto id = std::make_tuple(key, plan.recompute, chunks, accum_per_param, groups);
     auto it = cache_.find(id);
     if (it != cache_.end()) {
       return it->second;
     }
-    const auto& units = model.units(key);
-    std::vector<double> weights;
-    weights.reserve(units.size());
-    for (const UnitCost& u : units) {
-      const double recompute = u.recompute_s(plan.recompute) + u.recompute_tp_s(plan.recompute);
-      weights.push_back(u.fwd_s + u.bwd_s + u.tp_fwd_s + u.tp_bwd_s + recompute +
-                        accum_per_param * u.params);
+    const auto weights_on = [&](int group) {
+      std::vector<double> weights;
+      for (const UnitCost& u : model.units(key, group)) {
+        const double recompute = u.recompute_s(plan.recompute) + u.recompute_tp_s(plan.recompute);
+        weights.push_back(u.fwd_s + u.bwd_s + u.tp_fwd_s + u.tp_bwd_s + recompute +
+                          accum_per_param * u.params);
+      }
+      return weights;
+    };
+    const std::vector<double> weights = weights_on(0);
+    const double total = std::accumulate(weights.begin(), weights.end(), 0.0);
+    std::vector<double> scale;
+    for (const int g : groups) {
+      const std::vector<double> w = g == 0 ? weights : weights_on(g);
+      scale.push_back(total > 0 ? std::accumulate(w.begin(), w.end(), 0.0) / total : 1.0);
     }
-    return cache_.emplace(id, partition_min_max(weights, chunks)).first->second;
+    return cache_.emplace(id, partition_min_max(weights, chunks, scale)).first->second;
   }
 
 private:
-  std::map<std::tuple<UnitCostKey, Recompute, int, double>, std::vector<StageRange>> cache_;
+  std::map<std::tuple<UnitCostKey, Recompute, int, double, std::vector<int>>,
+           std::vector<StageRange>>
+      cache_;
 };
 
 double objective_value(const PlanRequest& req, const Cluster& c, const PlanEstimate& e, int gpus) {

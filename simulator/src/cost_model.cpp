@@ -245,24 +245,55 @@ double activations_in_flight(const Plan& p, int pp_rank) {
 
 CostModel::CostModel(const LayerGraph& graph, const Cluster& cluster, Stack stack)
     : graph_(&graph), cluster_(&cluster), stack_(std::move(stack)),
-      model_flops_per_sequence_(graph.model_flops_per_sequence()) {}
+      model_flops_per_sequence_(graph.model_flops_per_sequence()) {
+  for (int g = 0; g < cluster.num_groups(); ++g) {
+    groups_.push_back(cluster.group_view(g));
+  }
+}
 
-const std::vector<UnitCost>& CostModel::units(const UnitCostKey& key) {
-  auto it = cache_.find(key);
+const std::vector<UnitCost>& CostModel::units(const UnitCostKey& key, int group) {
+  auto it = cache_.find({key, group});
   if (it == cache_.end()) {
-    it = cache_.emplace(key, unit_costs(*graph_, *cluster_, key, stack_)).first;
+    it = cache_
+             .emplace(std::make_pair(key, group),
+                      unit_costs(*graph_, group_cluster(group), key, stack_))
+             .first;
   }
   return it->second;
+}
+
+int CostModel::stage_group(const Plan& plan, int pp_rank) const {
+  if (!cluster_->heterogeneous()) {
+    return 0;
+  }
+  const int per_stage = plan.tp * plan.cp * plan.dp;
+  const int first = cluster_->group_of_rank(pp_rank * per_stage);
+  const int last = cluster_->group_of_rank((pp_rank + 1) * per_stage - 1);
+  int slowest = first;
+  const auto peak = [&](int g) {
+    const auto& peaks = groups_[static_cast<std::size_t>(g)].device.peak_tflops;
+    const auto it = peaks.find(plan.precision);
+    return it == peaks.end() ? 0.0 : it->second;
+  };
+  for (int g = first + 1; g <= last; ++g) {
+    if (peak(g) < peak(slowest)) {
+      slowest = g;
+    }
+  }
+  return slowest;
 }
 
 std::vector<RankLoad> CostModel::rank_loads(const Plan& plan,
                                             const std::vector<StageRange>& stages) {
   const int chunks = plan.pp * plan.virtual_stages;
   PARALLAX_CHECK(static_cast<int>(stages.size()) == chunks, "one stage range per chunk");
-  const auto& units_ref = units(unit_cost_key(plan));
   std::vector<RankLoad> ranks(static_cast<std::size_t>(plan.pp));
+  for (int p = 0; p < plan.pp; ++p) {
+    ranks[static_cast<std::size_t>(p)].group = stage_group(plan, p);
+  }
   for (int chunk = 0; chunk < chunks; ++chunk) {
     RankLoad& r = ranks[static_cast<std::size_t>(chunk_pp_rank(plan, chunk))];
+    const auto& units_ref = units(unit_cost_key(plan), r.group);
     for (int u = stages[chunk].first; u < stages[chunk].second; ++u) {
       add_unit(r, units_ref[static_cast<std::size_t>(u)], plan.recompute);
     }
@@ -303,13 +334,13 @@ double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
     // every weight the rank computes with, an upper bound since embeddings and norms have none.
     bytes += r.params * kFp8WeightCastBytes;
   }
-  const Device& d = cluster_->device;
+  const Device& d = group_cluster(r.group).device;
   const double efficiency =
       d.optimizer_efficiency > 0 ? d.optimizer_efficiency : elementwise_efficiency(d);
   return bytes / (d.memory_bandwidth_gbps * 1e9 * efficiency) + kernel_overhead_s(d);
 }
 
-double CostModel::grad_accumulation_s(const Plan& plan, double params) const {
+double CostModel::grad_accumulation_s(const Plan& plan, double params, int group) const {
   if (plan.num_microbatches() <= 1) {
     return 0;
   }
@@ -317,7 +348,7 @@ double CostModel::grad_accumulation_s(const Plan& plan, double params) const {
   const double local = params / (plan.zero_stage >= 2 ? plan.dp_cp() : 1);
   const double bytes_per_param =
       precision_is_mixed(plan.precision) ? kGradAccumBytesMixed : kGradAccumBytesFp32;
-  return memory_time_s(*cluster_, local * bytes_per_param);
+  return memory_time_s(group_cluster(group), local * bytes_per_param);
 }
 
 std::vector<MemoryBreakdown> CostModel::memory_per_stage(const Plan& plan) {
@@ -356,7 +387,7 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
   const double p2p = p2p_time_s(plan, c, *graph_);
   const bool overlap = device_overlaps_communication(c.device);
   for (auto& r : ranks) {
-    r.compute_s += grad_accumulation_s(plan, r.params);
+    r.compute_s += grad_accumulation_s(plan, r.params, r.group);
     r.p2p_s = plan.pp > 1 ? 2.0 * plan.virtual_stages * p2p : 0.0;
     // Gathers are prefetched whatever the stack does with gradients; reductions overlap only
     // when the plan's stack overlaps them.
@@ -427,7 +458,7 @@ PlanEstimate CostModel::estimate(const Plan& plan) {
   e.tflops_per_gpu = model_flops_utilization(model_flops_per_sequence_, sequences,
                                              e.iteration_time_s, plan.world_size(), 1e12);
   e.mfu = model_flops_utilization(model_flops_per_sequence_, sequences, e.iteration_time_s,
-                                  plan.world_size(), c.peak_flops(plan.precision));
+                                  plan.world_size(), c.mean_peak_flops(plan.precision));
 
   for (int r = 0; r < plan.pp; ++r) {
     MemoryBreakdown mem = rank_memory(plan, ranks[static_cast<std::size_t>(r)], r);

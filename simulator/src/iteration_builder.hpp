@@ -97,9 +97,11 @@ private:
   const SimulationOptions& options_;
   const Cluster& cluster_;
   std::vector<StageRange> stages_;
-  const std::vector<UnitCost>& units_;
+  const std::vector<UnitCost>& units_; // the first node group's (sizes; the same on every group)
   double w_bytes_;
   std::vector<CostModel::RankLoad> loads_; // per pipeline rank
+  // Per pipeline rank: the unit costs on its node group's devices (heterogeneous clusters).
+  std::vector<const std::vector<UnitCost>*> stage_units_;
   StepShape shape_;
   EventEngine engine_;
   std::vector<TaskInfo> info_;

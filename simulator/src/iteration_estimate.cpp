@@ -121,7 +121,7 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
   e.tflops_per_gpu = model_flops_utilization(model_.model_flops_per_sequence(), sequences, makespan,
                                              plan_.world_size(), 1e12);
   e.mfu = model_flops_utilization(model_.model_flops_per_sequence(), sequences, makespan,
-                                  plan_.world_size(), cluster_.peak_flops(plan_.precision));
+                                  plan_.world_size(), cluster_.mean_peak_flops(plan_.precision));
 
   // Memory: the analytic static state plus the activations the simulated schedule kept alive.
   stage_peaks.assign(static_cast<std::size_t>(plan_.pp), 0.0);

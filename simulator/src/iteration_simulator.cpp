@@ -23,6 +23,9 @@ IterationBuilder::IterationBuilder(CostModel& model, const Plan& plan,
                   : plan.stages),
       units_(model.units(unit_cost_key(plan))), w_bytes_(precision_storage_bytes(plan.precision)),
       loads_(model.rank_loads(plan, stages_)) {
+  for (const CostModel::RankLoad& load : loads_) {
+    stage_units_.push_back(&model.units(unit_cost_key(plan), load.group));
+  }
   shape_.units = model.graph().num_units();
   shape_.unit_has_params.reserve(units_.size());
   for (const UnitCost& u : units_) {
@@ -133,7 +136,8 @@ double IterationBuilder::unit_reduction_bytes(int unit) const {
 void IterationBuilder::run_op(RankSim& r, int i) {
   const StepOp& op = r.program.ops[static_cast<std::size_t>(i)];
   const int dp_group = rank_of(plan_, {0, r.pp_rank, r.tp});
-  const UnitCost* cost = op.unit >= 0 ? &units_[static_cast<std::size_t>(op.unit)] : nullptr;
+  const std::vector<UnitCost>& units = *stage_units_[static_cast<std::size_t>(r.pp_rank)];
+  const UnitCost* cost = op.unit >= 0 ? &units[static_cast<std::size_t>(op.unit)] : nullptr;
   Id& anchor = r.anchor[static_cast<std::size_t>(i)];
   if (plan_.grad_sync == GradSync::parameter_server_async && plan_.dp_cp() > 1 &&
       (op.kind == StepOpKind::reduce || op.kind == StepOpKind::optimizer ||
@@ -167,7 +171,8 @@ void IterationBuilder::run_op(RankSim& r, int i) {
     // Selective recomputation runs inside the backward; full has its own op.
     const double extra =
         (plan_.recompute == Recompute::full ? 0.0 : cost->recompute_s(plan_.recompute)) +
-        model_.grad_accumulation_s(plan_, cost->params);
+        model_.grad_accumulation_s(plan_, cost->params,
+                                   loads_[static_cast<std::size_t>(r.pp_rank)].group);
     anchor = add_compute(r, cost->bwd_s + extra, op, i, cost->model_flops * 2.0 / 3.0);
     wait_for(r, op, anchor);
     tp_collective(r, op, i, cost->tp_bwd_s, anchor, cost->ep_bwd_s);

@@ -84,26 +84,51 @@ struct CollectiveEfficiency {
   bool operator==(const CollectiveEfficiency&) const = default;
 };
 
+// Nodes of one kind in a heterogeneous cluster: num_nodes nodes of `device` × `node`, placed
+// after the groups before it (ranks fill group 0's nodes first).
+struct NodeGroup {
+  std::string name;
+  int num_nodes = 1;
+  Device device;
+  Node node;
+  bool operator==(const NodeGroup&) const = default;
+};
+
 struct Cluster {
   std::string name;
   std::string notes;
-  Device device;
+  Device device; // with node groups: the first group's
   Node node;
   Network network;
   CollectiveEfficiency collectives;
   std::optional<double> cost_per_device_hour_usd;
+  // Empty: every node is `device` × `node`. Otherwise the node groups in rank order (their
+  // nodes add up to network.num_nodes; they share devices_per_node and the network).
+  std::vector<NodeGroup> groups;
+
+  bool heterogeneous() const { return groups.size() > 1; }
+  int num_groups() const { return groups.empty() ? 1 : static_cast<int>(groups.size()); }
+  // The group node `node` belongs to (0 without groups).
+  int group_of_node(int node) const;
+  int group_of_rank(int rank) const { return group_of_node(rank / node.devices_per_node); }
+  // This cluster as if every node were group g's (device, node): the costs of work on it.
+  Cluster group_view(int g) const;
 
   int num_devices() const { return node.devices_per_node * network.num_nodes; }
   bool supports(Precision p) const { return device.peak_tflops.contains(p); }
   // Peak FLOP/s of one device in precision p; throws InputError if the profile lacks it.
   double peak_flops(Precision p) const;
-  double memory_bytes() const;
+  // The mean peak over every device (the MFU reference of a heterogeneous cluster).
+  double mean_peak_flops(Precision p) const;
+  double memory_bytes() const; // with node groups: the smallest device's
   // The same cluster resized to `gpus` devices: num_nodes = gpus / devices_per_node, or one
   // partial node when gpus < devices_per_node. Other counts are an InputError.
   // This profile's devices, `ranks` of them, for the figures a run needs of its hardware (the
   // MFU reference, a stage partition's costs): with_devices when `ranks` fills whole nodes or
   // fits in one, else nodes of gcd(ranks, devices_per_node) devices — a CPU run on 3 processes
   // trains whatever the profile's node size.
+  // With node groups each keeps its share of the nodes (gpus must split in the groups'
+  // proportions, in whole nodes).
   Cluster for_ranks(int ranks) const;
   Cluster with_devices(int gpus) const;
 
@@ -111,5 +136,9 @@ struct Cluster {
 };
 
 std::string_view topology_name(Topology t);
+
+// "32 × A100-SXM4-80GB", or per node group "16 × A100-SXM4-80GB + 16 × H100-SXM5-80GB", for
+// `gpus` of the cluster's devices (resized as with_devices does).
+std::string devices_label(const Cluster& cluster, int gpus);
 
 } // namespace parallax

@@ -13,6 +13,10 @@ namespace parallax {
 // by dynamic programming over prefix sums with the best last cut found by bisection
 // (O(chunks · n · log n), n = units). Ties prefer earlier cut points.
 std::vector<StageRange> partition_min_max(const std::vector<double>& weights, int chunks);
+// The same with chunk k's weight scaled by chunk_scale[k] (> 0): a stage on a device twice as
+// fast has scale 0.5 and takes about twice the work (heterogeneous clusters).
+std::vector<StageRange> partition_min_max(const std::vector<double>& weights, int chunks,
+                                          const std::vector<double>& chunk_scale);
 
 // The weight of the heaviest range.
 double partition_max_weight(const std::vector<double>& weights,

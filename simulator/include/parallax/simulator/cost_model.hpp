@@ -58,7 +58,13 @@ public:
   MemoryBreakdown memory(const Plan& plan);
   double memory_capacity_bytes() const;
 
-  const std::vector<UnitCost>& units(const UnitCostKey& key);
+  // Unit costs on node group `group`'s devices (heterogeneous clusters; 0 otherwise).
+  const std::vector<UnitCost>& units(const UnitCostKey& key, int group = 0);
+  // The node group whose devices set pipeline rank `pp_rank`'s pace: the slowest (lowest peak
+  // in the plan's precision) among the groups its ranks sit in; 0 on a homogeneous cluster.
+  int stage_group(const Plan& plan, int pp_rank) const;
+  // Group g's view of the cluster (its device and node kind).
+  const Cluster& group_cluster(int g) const { return groups_[static_cast<std::size_t>(g)]; }
   const LayerGraph& graph() const { return *graph_; }
   const Cluster& cluster() const { return *cluster_; }
   const Stack& stack() const { return stack_; }
@@ -72,6 +78,7 @@ public:
     double tp_s = 0;
     double p2p_s = 0;
     double zero3_exposed_s = 0;
+    int group = 0; // the node group whose devices run it (heterogeneous clusters)
     double params = 0;
     double expert_params = 0; // of params, the routed experts' (sharded over dp / ep by ZeRO)
     double max_layer_params = 0;
@@ -98,7 +105,7 @@ public:
   // the server's update of its shard and the pull of the new version.
   double server_round_trip_s(const Plan& plan, const RankLoad& load) const;
   // Gradient-accumulation pass per micro-batch over `params` local parameters (0 when m = 1).
-  double grad_accumulation_s(const Plan& plan, double params) const;
+  double grad_accumulation_s(const Plan& plan, double params, int group = 0) const;
   // Memory of pipeline rank `pp_rank` carrying `load`, at the three levels of MemoryBreakdown.
   MemoryBreakdown rank_memory(const Plan& plan, const RankLoad& load, int pp_rank) const;
   // The allocator's slack over `activations` bytes of live activations on top of the long-lived
@@ -111,7 +118,8 @@ private:
   const Cluster* cluster_;
   Stack stack_;
   double model_flops_per_sequence_ = 0;
-  std::map<UnitCostKey, std::vector<UnitCost>> cache_;
+  std::vector<Cluster> groups_; // per node group: the cluster as if all its nodes were that kind
+  std::map<std::pair<UnitCostKey, int>, std::vector<UnitCost>> cache_;
 };
 
 // Bytes one rank keeps per parameter it holds (after the TP split): working weights, gradients,
