@@ -142,6 +142,15 @@ std::vector<StageRange> stages_even(int num_units, int num_chunks) {
   return out;
 }
 
+Plan replica_plan(const Plan& plan, int d) {
+  Plan out = plan;
+  if (!plan.dp_shares.empty()) {
+    out.global_batch_size = plan.microbatches_of(d) * plan.micro_batch_size * plan.dp;
+    out.dp_shares.clear();
+  }
+  return out;
+}
+
 std::string plan_label(const Plan& p) {
   std::string sched = std::string(schedule_name(p.schedule));
   if (p.schedule == Schedule::interleaved) {
@@ -159,6 +168,12 @@ std::string plan_label(const Plan& p) {
     gc += fmt::format(" ps-async(k={}{})", p.max_staleness, p.ps_deterministic ? ",det" : "");
   } else if (p.grad_sync != GradSync::allreduce) {
     gc += fmt::format(" {}", grad_sync_name(p.grad_sync));
+  }
+  if (!p.dp_shares.empty()) {
+    gc += " shares=";
+    for (std::size_t i = 0; i < p.dp_shares.size(); ++i) {
+      gc += fmt::format("{}{}", i > 0 ? ":" : "", p.dp_shares[i]);
+    }
   }
   if (p.grad_compression.enabled()) {
     gc += " gc=" + grad_compression_name(p.grad_compression) +

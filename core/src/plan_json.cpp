@@ -63,6 +63,7 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
                     "compression_warmup_steps",
                     "max_staleness",
                     "ps_deterministic",
+                    "dp_shares",
                     "stages",
                     "stack"});
   constexpr std::int64_t kMaxDegree = 1 << 20;
@@ -108,7 +109,30 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
   if (static_cast<std::int64_t>(p.dp) * p.cp * p.tp * p.pp > kMaxDegree) {
     r.fail("dp", "dp·cp·tp·pp <= 1048576", fmt::format("{}·{}·{}·{}", p.dp, p.cp, p.tp, p.pp));
   }
-  if (p.global_batch_size % (static_cast<std::int64_t>(p.dp) * p.micro_batch_size) != 0) {
+  if (r.has("dp_shares")) {
+    JsonReader list = r.array("dp_shares");
+    std::int64_t sum = 0;
+    for (std::size_t i = 0; i < list.array_size(); ++i) {
+      const Json& v = list.element(i).value();
+      if (!v.is_number_integer() || v.get<std::int64_t>() < 1 ||
+          v.get<std::int64_t>() > (1 << 30)) {
+        list.element(i).fail_here("a micro-batch count >= 1", json_describe(v));
+      }
+      p.dp_shares.push_back(v.get<std::int64_t>());
+      sum += p.dp_shares.back();
+    }
+    if (static_cast<int>(p.dp_shares.size()) != p.dp) {
+      r.fail("dp_shares", fmt::format("one micro-batch count per data-parallel replica ({})", p.dp),
+             fmt::format("{} counts", p.dp_shares.size()));
+    }
+    if (sum * p.micro_batch_size != p.global_batch_size) {
+      r.fail("dp_shares",
+             fmt::format("counts adding up to global_batch_size / micro_batch_size = {}",
+                         static_cast<double>(p.global_batch_size) /
+                             static_cast<double>(p.micro_batch_size)),
+             fmt::format("{}", sum));
+    }
+  } else if (p.global_batch_size % (static_cast<std::int64_t>(p.dp) * p.micro_batch_size) != 0) {
     r.fail("global_batch_size",
            fmt::format("a multiple of dp × micro_batch_size = {}", p.dp * p.micro_batch_size),
            std::to_string(p.global_batch_size));
@@ -179,6 +203,9 @@ Json plan_to_json(const Plan& p) {
     if (p.ps_deterministic) {
       doc["ps_deterministic"] = true;
     }
+  }
+  if (!p.dp_shares.empty()) {
+    doc["dp_shares"] = p.dp_shares;
   }
   if (!p.stack.empty()) {
     doc["stack"] = p.stack;
@@ -320,7 +347,21 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
                        fmt::format("ranges that end at the model's layer count {}", units),
                        fmt::format("ranges ending at {}", p.stages.back().second), ""};
   }
-  if (p.schedule == Schedule::interleaved && p.num_microbatches() % p.pp != 0) {
+  for (int d = 0; d < p.dp && !p.dp_shares.empty(); ++d) {
+    if (p.schedule == Schedule::interleaved && p.microbatches_of(d) % p.pp != 0) {
+      return PlanProblem{"/dp_shares",
+                         fmt::format("micro-batch counts that are multiples of pp = {} for the "
+                                     "interleaved schedule",
+                                     p.pp),
+                         std::to_string(p.microbatches_of(d)), ""};
+    }
+  }
+  if (!p.dp_shares.empty() && p.grad_sync == GradSync::parameter_server_async) {
+    return PlanProblem{"/dp_shares", "even shares with the asynchronous parameter server",
+                       "uneven shares", ""};
+  }
+  if (p.schedule == Schedule::interleaved && p.dp_shares.empty() &&
+      p.num_microbatches() % p.pp != 0) {
     return PlanProblem{"/global_batch_size",
                        fmt::format("micro-batches per replica (global / (dp·micro) = {}) a "
                                    "multiple of pp = {} for the interleaved schedule",

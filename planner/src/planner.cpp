@@ -11,6 +11,7 @@
 #include <array>
 #include <atomic>
 #include <exception>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <thread>
@@ -197,6 +198,66 @@ std::vector<GradCompression> compressions_for(const PlanPins& pins, const Plan& 
           GradCompression{.kind = CompressionKind::topk, .fraction = 0.01}};
 }
 
+// Heterogeneous clusters: micro-batch shares of the data-parallel replicas in proportion to
+// their devices' speed (each replica's compute time over its stages' node groups), in whole
+// micro-batches (multiples of pp when interleaved), at least one each; empty when the replicas
+// all sit on the same kind of devices.
+std::vector<std::int64_t> speed_shares(CostModel& model, const Plan& p) {
+  if (!model.cluster().heterogeneous() || p.dp <= 1) {
+    return {};
+  }
+  const UnitCostKey key = unit_cost_key(p);
+  std::map<int, double> group_time;
+  const auto time_on = [&](int g) {
+    auto it = group_time.find(g);
+    if (it == group_time.end()) {
+      double t = 0;
+      for (const UnitCost& u : model.units(key, g)) {
+        t += u.fwd_s + u.bwd_s;
+      }
+      it = group_time.emplace(g, t).first;
+    }
+    return it->second;
+  };
+  std::vector<double> speed;
+  bool uneven = false;
+  for (int d = 0; d < p.dp; ++d) {
+    double t = 0;
+    for (int s = 0; s < p.pp; ++s) {
+      t = std::max(t, time_on(model.stage_group(p, s, d)));
+    }
+    speed.push_back(t > 0 ? 1.0 / t : 1.0);
+    uneven = uneven || speed.back() != speed.front();
+  }
+  if (!uneven) {
+    return {};
+  }
+  const std::int64_t quantum = p.schedule == Schedule::interleaved ? p.pp : 1;
+  const std::int64_t total = p.global_batch_size / p.micro_batch_size / quantum;
+  if (total < p.dp) {
+    return {};
+  }
+  const double sum = std::accumulate(speed.begin(), speed.end(), 0.0);
+  std::vector<std::int64_t> shares;
+  std::vector<std::pair<double, int>> remainders;
+  std::int64_t given = 0;
+  for (int d = 0; d < p.dp; ++d) {
+    const double exact =
+        static_cast<double>(total - p.dp) * speed[static_cast<std::size_t>(d)] / sum;
+    shares.push_back(1 + static_cast<std::int64_t>(exact));
+    given += shares.back();
+    remainders.emplace_back(exact - std::floor(exact), d);
+  }
+  std::sort(remainders.begin(), remainders.end(), std::greater<>());
+  for (std::size_t i = 0; given < total; ++i, ++given) {
+    ++shares[static_cast<std::size_t>(remainders[i % remainders.size()].second)];
+  }
+  for (std::int64_t& s : shares) {
+    s *= quantum;
+  }
+  return shares;
+}
+
 // Every (gradient synchronisation, compression) to try for plan `p`.
 std::vector<std::pair<GradSync, GradCompression>> reductions_for(const PlanPins& pins,
                                                                  const Plan& p) {
@@ -343,7 +404,13 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                         if (plan_problem(q, graph, gpus)) {
                           continue;
                         }
+                        // Replicas on faster devices also tried with more of the batch.
+                        Plan shared = q;
+                        shared.dp_shares = speed_shares(model, q);
                         consider(st, model, stages, std::move(q), gpus);
+                        if (!shared.dp_shares.empty() && !plan_problem(shared, graph, gpus)) {
+                          consider(st, model, stages, std::move(shared), gpus);
+                        }
                       }
                     }
                   }

@@ -262,13 +262,16 @@ const std::vector<UnitCost>& CostModel::units(const UnitCostKey& key, int group)
   return it->second;
 }
 
-int CostModel::stage_group(const Plan& plan, int pp_rank) const {
+int CostModel::stage_group(const Plan& plan, int pp_rank, int replica) const {
   if (!cluster_->heterogeneous()) {
     return 0;
   }
-  const int per_stage = plan.tp * plan.cp * plan.dp;
-  const int first = cluster_->group_of_rank(pp_rank * per_stage);
-  const int last = cluster_->group_of_rank((pp_rank + 1) * per_stage - 1);
+  // Ranks are tp-cp-dp-pp ordered: a stage's (or one replica's part of it) are contiguous.
+  const int per_replica = plan.tp * plan.cp;
+  const int begin = pp_rank * per_replica * plan.dp + (replica >= 0 ? replica * per_replica : 0);
+  const int count = replica >= 0 ? per_replica : per_replica * plan.dp;
+  const int first = cluster_->group_of_rank(begin);
+  const int last = cluster_->group_of_rank(begin + count - 1);
   int slowest = first;
   const auto peak = [&](int g) {
     const auto& peaks = groups_[static_cast<std::size_t>(g)].device.peak_tflops;
@@ -283,13 +286,13 @@ int CostModel::stage_group(const Plan& plan, int pp_rank) const {
   return slowest;
 }
 
-std::vector<RankLoad> CostModel::rank_loads(const Plan& plan,
-                                            const std::vector<StageRange>& stages) {
+std::vector<RankLoad> CostModel::rank_loads(const Plan& plan, const std::vector<StageRange>& stages,
+                                            int replica) {
   const int chunks = plan.pp * plan.virtual_stages;
   PARALLAX_CHECK(static_cast<int>(stages.size()) == chunks, "one stage range per chunk");
   std::vector<RankLoad> ranks(static_cast<std::size_t>(plan.pp));
   for (int p = 0; p < plan.pp; ++p) {
-    ranks[static_cast<std::size_t>(p)].group = stage_group(plan, p);
+    ranks[static_cast<std::size_t>(p)].group = stage_group(plan, p, replica);
   }
   for (int chunk = 0; chunk < chunks; ++chunk) {
     RankLoad& r = ranks[static_cast<std::size_t>(chunk_pp_rank(plan, chunk))];
@@ -379,11 +382,44 @@ MemoryBreakdown CostModel::memory(const Plan& plan) {
 }
 
 PlanEstimate CostModel::estimate(const Plan& plan) {
+  if (plan.dp_shares.empty()) {
+    return estimate_replica(plan, -1);
+  }
+  PlanEstimate slowest;
+  MemoryBreakdown most;
+  bool fits = true;
+  for (int d = 0; d < plan.dp; ++d) {
+    PlanEstimate e = estimate_replica(replica_plan(plan, d), d);
+    fits = fits && e.fits;
+    if (e.memory.total() > most.total()) {
+      most = e.memory;
+    }
+    if (e.iteration_time_s > slowest.iteration_time_s) {
+      slowest = e;
+    }
+  }
+  slowest.memory = most;
+  slowest.fits = fits;
+  const double tokens = static_cast<double>(plan.global_batch_size * graph_->info().seq_length);
+  const double ratio = static_cast<double>(plan.global_batch_size) /
+                       static_cast<double>(slowest.plan.global_batch_size);
+  slowest.plan = [&] {
+    Plan p = plan;
+    p.stages = slowest.plan.stages;
+    return p;
+  }();
+  slowest.tokens_per_s = tokens / slowest.iteration_time_s;
+  slowest.tflops_per_gpu *= ratio;
+  slowest.mfu *= ratio;
+  return slowest;
+}
+
+PlanEstimate CostModel::estimate_replica(const Plan& plan, int replica) {
   const Cluster& c = *cluster_;
   const std::vector<StageRange> stages =
       plan.stages.empty() ? stages_even(graph_->num_units(), plan.pp * plan.virtual_stages)
                           : plan.stages;
-  std::vector<RankLoad> ranks = rank_loads(plan, stages);
+  std::vector<RankLoad> ranks = rank_loads(plan, stages, replica);
   const double p2p = p2p_time_s(plan, c, *graph_);
   const bool overlap = device_overlaps_communication(c.device);
   for (auto& r : ranks) {

@@ -66,7 +66,10 @@ struct GroupKey {
 
 class IterationBuilder {
 public:
-  IterationBuilder(CostModel& model, const Plan& plan, const SimulationOptions& options);
+  // `replica` >= 0: the plan is replica_plan(·, replica) of uneven dp_shares, costed on that
+  // replica's devices.
+  IterationBuilder(CostModel& model, const Plan& plan, const SimulationOptions& options,
+                   int replica = -1);
 
   SimulationResult run();
 

@@ -16,13 +16,13 @@ namespace parallax {
 namespace detail {
 
 IterationBuilder::IterationBuilder(CostModel& model, const Plan& plan,
-                                   const SimulationOptions& options)
+                                   const SimulationOptions& options, int replica)
     : model_(model), plan_(plan), options_(options), cluster_(model.cluster()),
       stages_(plan.stages.empty()
                   ? stages_even(model.graph().num_units(), plan.pp * plan.virtual_stages)
                   : plan.stages),
       units_(model.units(unit_cost_key(plan))), w_bytes_(precision_storage_bytes(plan.precision)),
-      loads_(model.rank_loads(plan, stages_)) {
+      loads_(model.rank_loads(plan, stages_, replica)) {
   for (const CostModel::RankLoad& load : loads_) {
     stage_units_.push_back(&model.units(unit_cost_key(plan), load.group));
   }
@@ -393,8 +393,31 @@ SimulationResult IterationBuilder::run() {
 
 SimulationResult simulate_iteration(CostModel& model, const Plan& plan,
                                     const SimulationOptions& options) {
-  detail::IterationBuilder builder(model, plan, options);
-  return builder.run();
+  if (plan.dp_shares.empty()) {
+    detail::IterationBuilder builder(model, plan, options);
+    return builder.run();
+  }
+  // Uneven data parallelism: every replica on its own devices with its own micro-batches; the
+  // slowest sets the step (the gradient reduction waits for it).
+  SimulationResult slowest;
+  for (int d = 0; d < plan.dp; ++d) {
+    const Plan view = replica_plan(plan, d);
+    detail::IterationBuilder builder(model, view, options, d);
+    SimulationResult r = builder.run();
+    if (r.estimate.iteration_time_s > slowest.estimate.iteration_time_s) {
+      slowest = std::move(r);
+    }
+  }
+  PlanEstimate& e = slowest.estimate;
+  const double ratio =
+      static_cast<double>(plan.global_batch_size) / static_cast<double>(e.plan.global_batch_size);
+  std::vector<StageRange> stages = e.plan.stages;
+  e.plan = plan;
+  e.plan.stages = std::move(stages);
+  e.tokens_per_s *= ratio;
+  e.tflops_per_gpu *= ratio;
+  e.mfu *= ratio;
+  return slowest;
 }
 
 } // namespace parallax

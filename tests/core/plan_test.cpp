@@ -44,6 +44,14 @@ TEST(PlanJson, ContractExampleRoundTripsExactly) {
   p.error_feedback = false;
   p.compression_warmup_steps = 10;
   EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
+  // Uneven data-parallel shares (contract plan: dp 8, micro 1, global 1536, pp 16).
+  p.dp_shares = {96, 96, 96, 96, 288, 288, 288, 288};
+  EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
+  EXPECT_EQ(p.microbatches_of(4), 288);
+  EXPECT_EQ(p.first_microbatch_of(5), 4 * 96 + 288);
+  EXPECT_EQ(replica_plan(p, 4).num_microbatches(), 288);
+  EXPECT_TRUE(replica_plan(p, 4).dp_shares.empty());
+  p.dp_shares.clear();
   EXPECT_EQ(plan_label(p).substr(plan_label(p).find("gc=")), "gc=powersgd:4(no-ef)");
 }
 
@@ -96,6 +104,10 @@ TEST(PlanJson, MalformedInputsNameTheField) {
       {"staleness not an integer", R"({"max_staleness": 1.5})", "/max_staleness"},
       {"deterministic not bool", R"({"ps_deterministic": "yes"})", "/ps_deterministic"},
       {"unknown grad sync", R"({"grad_sync": "gossip"})", "/grad_sync"},
+      {"shares of the wrong count", R"({"dp_shares": [96, 96]})", "/dp_shares"},
+      {"shares not adding up", R"({"dp_shares": [1, 1, 1, 1, 1, 1, 1, 1]})", "/dp_shares"},
+      {"a share of zero", R"({"dp_shares": [0, 192, 192, 192, 192, 192, 192, 384]})",
+       "/dp_shares/0"},
   };
   for (const auto& bad : cases) {
     SCOPED_TRACE(bad.what);

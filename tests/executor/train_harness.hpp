@@ -118,13 +118,14 @@ struct Case {
   bool sp = false;
   int micro = 2;
   std::string sync = "allreduce";
-  bool overlap = true;      // the plan's overlap_grad_reduce
-  bool even_stages = false; // write the stages (an even split) into the plan
+  bool overlap = true;              // the plan's overlap_grad_reduce
+  bool even_stages = false;         // write the stages (an even split) into the plan
   std::string compression = "none"; // the plan's grad_compression
   bool error_feedback = true;
   int compression_warmup = 0;
   int max_staleness = 1; // the asynchronous parameter server's bound
   bool ps_deterministic = false;
+  std::vector<int> shares; // uneven micro-batches per data-parallel replica (dp_shares)
 };
 
 // `text` with only letters, digits and underscores ("topk:0.05" -> "topk_0p05").
@@ -139,18 +140,25 @@ inline std::string word(std::string text) {
 }
 
 inline std::string case_name(const Case& c) {
-  return fmt::format("{}_d{}t{}p{}{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp,
-                     (c.cp > 1 ? fmt::format("c{}{}", c.cp, c.cp_all_gather ? "ag" : "") : "") +
-                         (c.ep > 1 ? fmt::format("e{}", c.ep) : ""),
-                     c.zero, c.schedule == "1f1b" ? "onefoneb" : c.schedule,
-                     c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "",
-                     c.micro,
-                     c.sync == "allreduce" ? ""
-                     : c.sync == "parameter_server_async"
-                         ? fmt::format("_psasync_k{}{}", c.max_staleness,
-                                       c.ps_deterministic ? "_det" : "")
-                         : "_" + c.sync,
-                     c.overlap ? "" : "_serial_reduce") +
+  return fmt::format(
+             "{}_d{}t{}p{}{}_z{}_{}{}_{}{}_mb{}{}{}", c.family, c.dp, c.tp, c.pp,
+             (c.cp > 1 ? fmt::format("c{}{}", c.cp, c.cp_all_gather ? "ag" : "") : "") +
+                 (c.ep > 1 ? fmt::format("e{}", c.ep) : ""),
+             c.zero, c.schedule == "1f1b" ? "onefoneb" : c.schedule,
+             c.v > 1 ? fmt::format("v{}", c.v) : "", c.recompute, c.sp ? "_sp" : "", c.micro,
+             c.sync == "allreduce" ? ""
+             : c.sync == "parameter_server_async"
+                 ? fmt::format("_psasync_k{}{}", c.max_staleness, c.ps_deterministic ? "_det" : "")
+                 : "_" + c.sync,
+             c.overlap ? "" : "_serial_reduce") +
+         (c.shares.empty() ? ""
+                           : "_shares" +
+                                 [&] {
+                                   std::string out;
+                                   for (int v : c.shares)
+                                     out += fmt::format("_{}", v);
+                                   return out;
+                                 }()) +
          (c.compression == "none"
               ? ""
               : fmt::format("_gc_{}{}_w{}", word(c.compression), c.error_feedback ? "" : "_noef",
@@ -203,6 +211,8 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
   }
   if (c.ep > 1)
     doc["ep"] = c.ep;
+  if (!c.shares.empty())
+    doc["dp_shares"] = c.shares;
   if (c.sync == "parameter_server_async") {
     doc["max_staleness"] = c.max_staleness;
     doc["ps_deterministic"] = c.ps_deterministic;

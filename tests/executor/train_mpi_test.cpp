@@ -54,6 +54,11 @@ std::vector<Case> equivalence_cases() {
         }
       }
     }
+    // Uneven data-parallel shares (heterogeneous clusters): 8 micro-batches of 2 split 2 + 6,
+    // with pipelining 3 + 5, and over four replicas.
+    cases.push_back({.family = family, .dp = 2, .shares = {2, 6}});
+    cases.push_back({.family = family, .dp = 2, .pp = 2, .shares = {3, 5}});
+    cases.push_back({.family = family, .dp = 4, .zero = 1, .shares = {1, 1, 3, 3}});
     // Schedules.
     cases.push_back({.family = family, .pp = 2, .schedule = "gpipe"});
     cases.push_back({.family = family, .dp = 2, .pp = 4, .schedule = "gpipe"});

@@ -105,4 +105,34 @@ TEST(NodeGroups, MixedClusterPlansBetweenItsTwoKindsWithMoreLayersOnTheFasterSta
   EXPECT_LT(simulated, 1.2 * a100.iteration_time_s);
 }
 
+TEST(NodeGroups, DataParallelReplicasOnFasterDevicesTakeMoreOfTheBatch) {
+  // pp 1 on the mixed cluster: every data-parallel replica on its own kind of node. Even
+  // shares wait for the A100 replicas; shares by speed give the H100 replicas more.
+  LoadedModel m = model_load("llama2-7b");
+  const Cluster c = cluster_load("mixed-a100-h100");
+  PlanRequest req;
+  req.gpus = 32;
+  req.global_batch_size = 64;
+  req.pins.tp = 4;
+  req.pins.pp = 1;
+  req.pins.zero_stage = 1;
+  req.pins.micro_batch_size = 1;
+  req.top_k = 50;
+  req.stack = stack_load(stack_default_name(c));
+  const PlanSearchResult r = plan_search(m.graph, c, req);
+  ASSERT_FALSE(r.plans.empty());
+  const Plan& best = r.plans.front().estimate.plan;
+  ASSERT_EQ(best.dp_shares.size(), 8u) << plan_label(best);
+  // Replicas 0-3 on A100 nodes, 4-7 on H100 nodes.
+  EXPECT_GT(best.dp_shares[4], 1.5 * static_cast<double>(best.dp_shares[0]));
+  double even = 0;
+  for (const RankedPlan& p : r.plans) {
+    if (p.estimate.plan.dp_shares.empty() &&
+        p.estimate.plan.sequence_parallel == best.sequence_parallel)
+      even = p.estimate.iteration_time_s;
+  }
+  ASSERT_GT(even, 0);
+  EXPECT_LT(r.plans.front().estimate.iteration_time_s, 0.9 * even);
+}
+
 } // namespace

@@ -99,6 +99,11 @@ struct Plan {
   // the newest that has arrived.
   int max_staleness = 1;
   bool ps_deterministic = false;
+  // Uneven data parallelism (heterogeneous clusters): micro-batches of each data-parallel
+  // replica per step, in replica order, adding up to global / micro_batch_size. Empty: every
+  // replica takes global / (dp · micro_batch_size). Gradients are summed as always, so each
+  // sample weighs the same whatever replica computes it.
+  std::vector<std::int64_t> dp_shares;
   // pp × virtual_stages ranges in model order; chunk c runs on pipeline rank c % pp. Empty: the
   // planner's balanced partition.
   std::vector<StageRange> stages;
@@ -110,8 +115,29 @@ struct Plan {
   // Ranks holding the same parameters, over which gradients are reduced and ZeRO shards: the
   // data-parallel ranks with their context-parallel ranks (Megatron-Core's DP-CP group).
   int dp_cp() const { return dp * cp; }
-  // Micro-batches per data-parallel replica per iteration (m).
-  std::int64_t num_microbatches() const { return global_batch_size / (dp * micro_batch_size); }
+  // Micro-batches per data-parallel replica per iteration (m; with dp_shares the largest).
+  std::int64_t num_microbatches() const {
+    if (!dp_shares.empty()) {
+      std::int64_t most = 0;
+      for (const std::int64_t s : dp_shares) {
+        most = most > s ? most : s;
+      }
+      return most;
+    }
+    return global_batch_size / (dp * micro_batch_size);
+  }
+  // Micro-batches of replica d, and the first of them in the step's global order.
+  std::int64_t microbatches_of(int d) const {
+    return dp_shares.empty() ? global_batch_size / (dp * micro_batch_size)
+                             : dp_shares[static_cast<std::size_t>(d)];
+  }
+  std::int64_t first_microbatch_of(int d) const {
+    std::int64_t first = 0;
+    for (int i = 0; i < d; ++i) {
+      first += microbatches_of(i);
+    }
+    return first;
+  }
 
   bool operator==(const Plan&) const = default;
 };
@@ -149,6 +175,11 @@ std::vector<int> ep_group(const Plan& plan, int rank);
 // mod ep, its EP group this / ep).
 int expert_rank_index(const Plan& plan, int rank);
 std::vector<int> expert_dp_group(const Plan& plan, int rank);
+
+// Replica d's view of a plan with dp_shares: the same plan with every replica taking d's
+// micro-batches (global_batch_size = dp · micro · its share) and no shares; `plan` itself
+// without shares. Programs, schedules and per-replica costs are built from it.
+Plan replica_plan(const Plan& plan, int d);
 
 // Which pipeline rank runs stage chunk c (chunks are assigned round-robin for interleaving).
 inline int chunk_pp_rank(const Plan& plan, int chunk) {

@@ -53,6 +53,8 @@ public:
 
   // Estimates `plan` on the cluster. The plan's stages are used when given, else an even split.
   // The plan must be valid for the model and the cluster's device count (plan_validate).
+  // With dp_shares every replica is estimated on its own devices with its own micro-batches and
+  // the slowest sets the step (the gradient reduction waits for it).
   PlanEstimate estimate(const Plan& plan);
   // Only the memory of the most loaded rank (cheap: the planner prunes with it before timing).
   MemoryBreakdown memory(const Plan& plan);
@@ -62,7 +64,8 @@ public:
   const std::vector<UnitCost>& units(const UnitCostKey& key, int group = 0);
   // The node group whose devices set pipeline rank `pp_rank`'s pace: the slowest (lowest peak
   // in the plan's precision) among the groups its ranks sit in; 0 on a homogeneous cluster.
-  int stage_group(const Plan& plan, int pp_rank) const;
+  // With `replica` >= 0 only that data-parallel replica's ranks count (uneven dp_shares).
+  int stage_group(const Plan& plan, int pp_rank, int replica = -1) const;
   // Group g's view of the cluster (its device and node kind).
   const Cluster& group_cluster(int g) const { return groups_[static_cast<std::size_t>(g)]; }
   const LayerGraph& graph() const { return *graph_; }
@@ -84,8 +87,8 @@ public:
     double max_layer_params = 0;
     double matrix_params = 0; // of params, in weight matrices (gradient compression)
     double matrix_dims = 0;   // Σ (rows + cols) of those matrices
-    double act_per_mb = 0;  // activations kept per micro-batch over all this rank's chunks
-    double act_working = 0; // transient activations of one unit's blocks (full recomputation)
+    double act_per_mb = 0;    // activations kept per micro-batch over all this rank's chunks
+    double act_working = 0;   // transient activations of one unit's blocks (full recomputation)
     double act_outside_blocks = 0; // per micro-batch, kept under full recomputation
     double act_transient = 0;      // working memory of the rank's largest transient (the loss)
     double step_s() const { return compute_s + tp_s + p2p_s + zero3_exposed_s; }
@@ -97,7 +100,8 @@ public:
   };
 
   // Per pipeline rank: the load of one micro-batch, and the memory the analytic model predicts.
-  std::vector<RankLoad> rank_loads(const Plan& plan, const std::vector<StageRange>& stages);
+  std::vector<RankLoad> rank_loads(const Plan& plan, const std::vector<StageRange>& stages,
+                                   int replica = -1);
   std::vector<MemoryBreakdown> memory_per_stage(const Plan& plan);
   // The optimizer step of pipeline rank `load` (a memory-bound pass over its local state).
   double optimizer_time_s(const Plan& plan, const RankLoad& load) const;
@@ -114,6 +118,8 @@ public:
                                double activations) const;
 
 private:
+  // One replica's view (replica_plan) on its own devices; -1: the slowest of every replica.
+  PlanEstimate estimate_replica(const Plan& plan, int replica);
   const LayerGraph* graph_;
   const Cluster* cluster_;
   Stack stack_;

@@ -278,7 +278,7 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
                  "the trainer needs the plan's stage ranges");
   const ModelConfig& c = model.config;
   me_ = rank_coords(plan, rank_);
-  m_ = plan.num_microbatches();
+  m_ = plan.microbatches_of(me_.dp); // this replica's (dp_shares may make them uneven)
   // Pipeline messages go point to point over the world communicator (any two chunks' ranks).
   tp_comm_ = be_.group(tp_group(plan, rank_), "tp", options.comm_timeout);
   dp_comm_ = be_.group(dp_cp_group(plan, rank_), "dp", options.comm_timeout);
@@ -353,7 +353,7 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
   }
   // The executor regathers ZeRO-3 parameters for the backward (it frees them after each op).
   program_ = step_program(
-      plan,
+      replica_plan(plan, me_.dp),
       {.units = c.num_layers, .tied_embeddings = c.tied_embeddings, .reshard_after_forward = true},
       rank_);
   launched_.resize(program_.ops.size());

@@ -18,7 +18,7 @@ template <TrainerBackend B> MicroBatch TrainerCore<B>::micro_batch(std::int64_t 
     mb.seq_positions = context_chunk_positions(c.seq_length, plan_.cp, me_.cp);
   }
   const std::int64_t base =
-      samples_consumed_ + me_.dp * (m_ * plan_.micro_batch_size) + k * plan_.micro_batch_size;
+      samples_consumed_ + (plan_.first_microbatch_of(me_.dp) + k) * plan_.micro_batch_size;
   std::vector<std::int32_t> sample(static_cast<std::size_t>(c.seq_length + 1));
   for (Eigen::Index b = 0; b < mb.batch; ++b) {
     data_->sample(base + b, sample);
