@@ -57,13 +57,21 @@ Run register_clusters(CLI::App& app) {
                              "inter GB/s");
     for (const auto& name : zoo_list(ZooKind::clusters)) {
       Cluster c = cluster_load(name);
-      auto peak = [&](Precision p) {
-        return c.supports(p) ? fmt::format("{:.1f}", c.device.peak_tflops.at(p)) : "-";
-      };
-      std::cout << fmt::format("{:<14} {:<16} {:>7} {:>10} {:>10} {:>8.1f} {:>10.1f} {:>10.2f}\n",
-                               name, c.device.name, c.num_devices(), peak(Precision::bf16),
-                               peak(Precision::fp32), c.device.memory_gib,
-                               c.node.intra_bandwidth_gbps, c.network.inter_bandwidth_gbps);
+      // A heterogeneous cluster: one line per node group, its devices and figures.
+      for (int g = 0; g < c.num_groups(); ++g) {
+        const Cluster view = c.group_view(g);
+        const int devices = c.groups.empty() ? c.num_devices()
+                                             : c.groups[static_cast<std::size_t>(g)].num_nodes *
+                                                   c.node.devices_per_node;
+        auto peak = [&](Precision p) {
+          return view.supports(p) ? fmt::format("{:.1f}", view.device.peak_tflops.at(p)) : "-";
+        };
+        std::cout << fmt::format("{:<14} {:<16} {:>7} {:>10} {:>10} {:>8.1f} {:>10.1f} {:>10.2f}\n",
+                                 g == 0 ? name : "  +", view.device.name, devices,
+                                 peak(Precision::bf16), peak(Precision::fp32),
+                                 view.device.memory_gib, view.node.intra_bandwidth_gbps,
+                                 c.network.inter_bandwidth_gbps);
+      }
     }
     return 0;
   };

@@ -126,6 +126,7 @@ struct Case {
   int max_staleness = 1; // the asynchronous parameter server's bound
   bool ps_deterministic = false;
   std::vector<int> shares; // uneven micro-batches per data-parallel replica (dp_shares)
+  std::vector<std::pair<int, int>> stages; // explicit (uneven) stage ranges
 };
 
 // `text` with only letters, digits and underscores ("topk:0.05" -> "topk_0p05").
@@ -151,6 +152,7 @@ inline std::string case_name(const Case& c) {
                  ? fmt::format("_psasync_k{}{}", c.max_staleness, c.ps_deterministic ? "_det" : "")
                  : "_" + c.sync,
              c.overlap ? "" : "_serial_reduce") +
+         (c.stages.empty() ? "" : fmt::format("_stages_{}", c.stages.front().second)) +
          (c.shares.empty() ? ""
                            : "_shares" +
                                  [&] {
@@ -213,6 +215,8 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
     doc["ep"] = c.ep;
   if (!c.shares.empty())
     doc["dp_shares"] = c.shares;
+  for (const auto& [first, last] : c.stages)
+    doc["stages"].push_back({first, last});
   if (c.sync == "parameter_server_async") {
     doc["max_staleness"] = c.max_staleness;
     doc["ps_deterministic"] = c.ps_deterministic;

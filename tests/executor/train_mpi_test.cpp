@@ -59,6 +59,9 @@ std::vector<Case> equivalence_cases() {
     cases.push_back({.family = family, .dp = 2, .shares = {2, 6}});
     cases.push_back({.family = family, .dp = 2, .pp = 2, .shares = {3, 5}});
     cases.push_back({.family = family, .dp = 4, .zero = 1, .shares = {1, 1, 3, 3}});
+    // Uneven stages (a faster second stage): 2 and 6 of the 8 layers, with uneven shares.
+    cases.push_back(
+        {.family = family, .dp = 2, .pp = 2, .shares = {3, 5}, .stages = {{0, 2}, {2, 8}}});
     // Schedules.
     cases.push_back({.family = family, .pp = 2, .schedule = "gpipe"});
     cases.push_back({.family = family, .dp = 2, .pp = 4, .schedule = "gpipe"});
