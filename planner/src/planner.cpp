@@ -90,9 +90,11 @@ public:
     // Gradient accumulation costs per parameter and micro-batch, so it weighs in the balance.
     const double accum_per_param = model.grad_accumulation_s(plan, 1.0);
     // Each chunk's node group (heterogeneous clusters): a faster group's chunks take more.
-    std::vector<int> groups;
-    for (int c = 0; c < chunks; ++c) {
-      groups.push_back(model.stage_group(plan, chunk_pp_rank(plan, c)));
+    std::vector<int> groups; // empty on a homogeneous cluster (every chunk on group 0)
+    if (model.cluster().heterogeneous()) {
+      for (int c = 0; c < chunks; ++c) {
+        groups.push_back(model.stage_group(plan, chunk_pp_rank(plan, c)));
+      }
     }
     auto id = std::make_tuple(key, plan.recompute, chunks, accum_per_param, groups);
     auto it = cache_.find(id);
@@ -110,10 +112,10 @@ public:
     };
     const std::vector<double> weights = weights_on(0);
     const double total = std::accumulate(weights.begin(), weights.end(), 0.0);
-    std::vector<double> scale;
-    for (const int g : groups) {
-      const std::vector<double> w = g == 0 ? weights : weights_on(g);
-      scale.push_back(total > 0 ? std::accumulate(w.begin(), w.end(), 0.0) / total : 1.0);
+    std::vector<double> scale(static_cast<std::size_t>(chunks), 1.0);
+    for (std::size_t c = 0; c < groups.size(); ++c) {
+      const std::vector<double> w = groups[c] == 0 ? weights : weights_on(groups[c]);
+      scale[c] = total > 0 ? std::accumulate(w.begin(), w.end(), 0.0) / total : 1.0;
     }
     return cache_.emplace(id, partition_min_max(weights, chunks, scale)).first->second;
   }
