@@ -16,10 +16,6 @@ namespace {
 using detail::check_shape;
 using Eigen::Index;
 
-} // namespace
-
-namespace {
-
 void check_attention(ConstMatRef q, ConstMatRef k, ConstMatRef v, const AttentionShape& s) {
   PARALLAX_CHECK(s.kv_heads > 0 && s.heads % s.kv_heads == 0,
                  "query heads must be a multiple of key/value heads");
@@ -29,6 +25,13 @@ void check_attention(ConstMatRef q, ConstMatRef k, ConstMatRef v, const Attentio
   check_shape(k, s.batch * s.keys(), Index{s.kv_heads} * s.head_dim, "attention k");
   if (v)
     check_shape(v, s.batch * s.keys(), Index{s.kv_heads} * s.head_dim, "attention v");
+}
+
+// The gradients of a backward, shaped like q, k and v.
+void check_gradients(ConstMatRef q, ConstMatRef k, ConstMatRef v, MatRef dq, MatRef dk, MatRef dv) {
+  check_shape(dq, q.rows, q.cols, "attention q gradient");
+  check_shape(dk, k.rows, k.cols, "attention k gradient");
+  check_shape(dv, v.rows, v.cols, "attention v gradient");
 }
 
 } // namespace
@@ -85,9 +88,7 @@ void attention_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, ConstMatRef
   const Index keys = s.keys();
   check_shape(probs, s.batch * s.heads, s.seq * keys, "attention probabilities");
   check_shape(dout, q.rows, q.cols, "attention output gradient");
-  check_shape(dq, q.rows, q.cols, "attention q gradient");
-  check_shape(dk, k.rows, k.cols, "attention k gradient");
-  check_shape(dv, v.rows, v.cols, "attention v gradient");
+  check_gradients(q, k, v, dq, dk, dv);
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   const int group = s.heads / s.kv_heads;
   const auto qm = q.m();
@@ -217,9 +218,7 @@ void attention_block_backward(ConstMatRef q, ConstMatRef k, ConstMatRef v, Const
                               MatRef dv) {
   check_attention(q, k, v, s);
   PARALLAX_CHECK(static_cast<Index>(k_positions.size()) == s.keys(), "one position per key");
-  check_shape(dq, q.rows, q.cols, "ring attention q gradient");
-  check_shape(dk, k.rows, k.cols, "ring attention k gradient");
-  check_shape(dv, v.rows, v.cols, "ring attention v gradient");
+  check_gradients(q, k, v, dq, dk, dv);
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   const int group = s.heads / s.kv_heads;
   const Index keys = s.keys();
