@@ -84,7 +84,7 @@ void AsyncParameterServer::post(Incoming& in, int source, int tag) {
   in.request = group_.irecv(std::span<float>(in.data), source, tag);
 }
 
-bool AsyncParameterServer::receive(Incoming& in, int /*source*/, int /*tag*/) {
+bool AsyncParameterServer::receive(Incoming& in) {
   if (!in.ready && in.request.test()) {
     in.ready = true;
   }
@@ -105,7 +105,7 @@ void AsyncParameterServer::collect_sends() {
   }
 }
 
-void AsyncParameterServer::push(std::int64_t step, const PsWorkerReport& report) {
+void AsyncParameterServer::push(const PsWorkerReport& report) {
   for (int j = 0; j < n_; ++j) {
     auto data =
         std::make_shared<std::vector<float>>(static_cast<std::size_t>(grad_elems_ + kReportFloats));
@@ -122,7 +122,6 @@ void AsyncParameterServer::push(std::int64_t step, const PsWorkerReport& report)
     o.sends.push_back(group_.isend(std::span<const float>(*data), j, kGradTag));
     outgoing_.push_back(std::move(o));
   }
-  (void)step;
   serve();
 }
 
@@ -130,7 +129,7 @@ void AsyncParameterServer::serve() {
   // Pushes, filed by clock (each worker's arrive in its step order).
   for (int w = 0; w < n_; ++w) {
     Incoming& in = grads_in_[static_cast<std::size_t>(w)];
-    while (receive(in, w, kGradTag)) {
+    while (receive(in)) {
       auto& slot = pushes_[in.next];
       slot.resize(static_cast<std::size_t>(n_));
       slot[static_cast<std::size_t>(w)] = std::move(in.data);
@@ -145,7 +144,7 @@ void AsyncParameterServer::serve() {
       continue;
     }
     Incoming& in = norms_in_[static_cast<std::size_t>(j)];
-    while (receive(in, j, kNormTag)) {
+    while (receive(in)) {
       auto& [sum, count] = norms_[in.next];
       sum += get_double(in.data.data());
       ++count;
@@ -241,7 +240,7 @@ void AsyncParameterServer::finish_clock() {
 bool AsyncParameterServer::version_ready() {
   bool all = true;
   for (int j = 0; j < n_; ++j) {
-    all = receive(versions_[static_cast<std::size_t>(j)], j, kParamTag) && all;
+    all = receive(versions_[static_cast<std::size_t>(j)]) && all;
   }
   return all;
 }

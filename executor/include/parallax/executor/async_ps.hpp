@@ -73,8 +73,8 @@ public:
 
   // Worker: makes the blocks' params a version allowed at `step` and returns it.
   std::int64_t pull(std::int64_t step);
-  // Worker: sends step `step`'s gradients to every server.
-  void push(std::int64_t step, const PsWorkerReport& report);
+  // Worker: sends this step's gradients (the blocks' grads) to every server.
+  void push(const PsWorkerReport& report);
   // Serves whatever has arrived (never blocks).
   void progress();
   // Until every server has applied clocks < `steps`, this worker holds version `steps` and
@@ -99,7 +99,7 @@ private:
   };
   std::int64_t shard_size(std::size_t block) const;
   void post(Incoming& in, int source, int tag);
-  bool receive(Incoming& in, int source, int tag); // true once ready (reposts after use)
+  bool receive(Incoming& in); // true once ready (the caller reposts after use)
   void serve();
   void finish_clock();
   void consume_version();

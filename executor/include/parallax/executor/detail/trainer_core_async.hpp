@@ -69,7 +69,6 @@ template <TrainerBackend B> StepStats TrainerCore<B>::async_step(bool record_ste
   const Mark pushed_from = mark();
   const double seconds = steady_seconds() - start;
   ps_->push(
-      t,
       {.loss_sum = loss_sum_, .step_time_s = seconds, .staleness = static_cast<int>(t - version)});
   record(Stream::dp_comm, Category::dp_comm, "push grads", -1, -1, pushed_from, mark());
   resolve_marks();
