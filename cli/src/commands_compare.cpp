@@ -295,7 +295,7 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
   if (plan.stages.empty())
     plan_assign_stages(cost, plan);
   json_write_file(plan_file, plan_to_json(plan));
-  const int n = plan.world_size();
+  const int n = plan.process_count();
   const std::string self = fs::read_symlink("/proc/self/exe").string();
   std::string launcher;
   if (n > 1) {

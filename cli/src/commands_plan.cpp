@@ -54,6 +54,7 @@ struct PlanFlags {
   std::string schedule, recompute, sequence_parallel, precision, grad_sync, overlap_grad_reduce;
   std::string grad_compression;
   int max_staleness = -1;
+  int parameter_servers = -1;
   std::string objective = "throughput";
   std::string stack;
   double train_tokens = 0;
@@ -92,6 +93,8 @@ PlanPins pins_from(const PlanFlags& f) {
   }
   if (f.max_staleness >= 0)
     p.max_staleness = f.max_staleness;
+  if (f.parameter_servers >= 0)
+    p.parameter_servers = f.parameter_servers;
   if (f.grad_compression == "auto") {
     p.search_compression = true;
   } else if (!f.grad_compression.empty()) {
@@ -344,6 +347,11 @@ Run register_plan(CLI::App& app) {
                   "The asynchronous parameter server's bound: steps a worker may run ahead of "
                   "its parameters (default 1; 0 is the synchronous result)")
       ->check(CLI::Range(0, 1 << 20));
+  cmd->add_option("--parameter-servers", f->parameter_servers,
+                  "Pin dedicated parameter-server processes for parameter-server plans (0: "
+                  "shards co-located with the workers; unpinned, --grad-sync auto also tries "
+                  "dp/4, dp/2 and dp)")
+      ->check(CLI::Range(0, 1 << 16));
   cmd->add_option("--grad-compression", f->grad_compression,
                   "Pin gradient compression: none, bf16, topk:<fraction>, powersgd:<rank>; or "
                   "auto (also try bf16, powersgd:4, topk:0.01; lossy, so never by default)");

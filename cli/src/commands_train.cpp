@@ -185,7 +185,7 @@ Setup prepare(const TrainFlags& f, int world_size) {
   s.plan = plan_from_json(json_load_file(f.plan), f.plan);
   // Every input error is found here, on every rank, before any communicator exists.
   trainer_check_plan(s.model, s.plan, world_size, f.plan);
-  plan_validate(s.plan, loaded.graph, world_size, f.plan);
+  plan_validate(s.plan, loaded.graph, s.plan.world_size(), f.plan);
   std::string cluster_name = f.cluster.empty() ? "cpu-local" : f.cluster;
 #ifdef PARALLAX_HAVE_CUDA_EXECUTOR
   if (f.cluster.empty() && f.backend == "cuda") {
@@ -199,7 +199,7 @@ Setup prepare(const TrainFlags& f, int world_size) {
     cluster_name = zoo;
   }
 #endif
-  Cluster cluster = cluster_load(cluster_name).for_ranks(world_size);
+  Cluster cluster = cluster_load(cluster_name).for_ranks(s.plan.world_size());
   s.cluster_name = cluster_name;
   if (s.plan.stages.empty()) {
     // The planner's balanced partition, costed in a precision the profile has.

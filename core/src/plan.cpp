@@ -169,6 +169,9 @@ std::string plan_label(const Plan& p) {
   } else if (p.grad_sync != GradSync::allreduce) {
     gc += fmt::format(" {}", grad_sync_name(p.grad_sync));
   }
+  if (p.parameter_servers > 0) {
+    gc += fmt::format(" servers={}", p.parameter_servers);
+  }
   if (!p.dp_shares.empty()) {
     gc += " shares=";
     for (std::size_t i = 0; i < p.dp_shares.size(); ++i) {

@@ -63,6 +63,7 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
                     "compression_warmup_steps",
                     "max_staleness",
                     "ps_deterministic",
+                    "parameter_servers",
                     "dp_shares",
                     "stages",
                     "stack"});
@@ -104,6 +105,7 @@ Plan plan_from_json(const Json& doc, const std::string& source) {
       static_cast<int>(r.integer_or("compression_warmup_steps", 0, 0, 1 << 30));
   p.max_staleness = static_cast<int>(r.integer_or("max_staleness", 1, 0, 1 << 20));
   p.ps_deterministic = r.boolean_or("ps_deterministic", false);
+  p.parameter_servers = static_cast<int>(r.integer_or("parameter_servers", 0, 0, 1 << 16));
   p.stack = r.string_or("stack", "");
 
   if (static_cast<std::int64_t>(p.dp) * p.cp * p.tp * p.pp > kMaxDegree) {
@@ -203,6 +205,9 @@ Json plan_to_json(const Plan& p) {
     if (p.ps_deterministic) {
       doc["ps_deterministic"] = true;
     }
+  }
+  if (p.parameter_servers > 0) {
+    doc["parameter_servers"] = p.parameter_servers;
   }
   if (!p.dp_shares.empty()) {
     doc["dp_shares"] = p.dp_shares;
@@ -306,6 +311,33 @@ std::optional<PlanProblem> compression_problem(const Plan& p) {
   return std::nullopt;
 }
 
+// Dedicated parameter servers serve pure data parallelism with the whole model on every worker
+// (the asynchronous engine runs them; the synchronous server is its k = 0 case).
+std::optional<PlanProblem> server_problem(const Plan& p) {
+  if (p.parameter_servers == 0) {
+    return std::nullopt;
+  }
+  const std::string found = std::to_string(p.parameter_servers);
+  if (!is_parameter_server(p.grad_sync)) {
+    return PlanProblem{
+        "/parameter_servers",
+        "0 unless grad_sync is \"parameter_server\" or \"parameter_server_async\"",
+        found + " with grad_sync \"" + std::string(grad_sync_name(p.grad_sync)) + "\"", ""};
+  }
+  if (p.tp * p.pp * p.cp > 1) {
+    return PlanProblem{"/parameter_servers",
+                       "0 unless tp = pp = cp = 1 (dedicated servers hold whole-model shards "
+                       "for pure data parallelism)",
+                       fmt::format("{} with tp {} pp {} cp {}", found, p.tp, p.pp, p.cp),
+                       "use parameter_servers 0 (servers co-located with the workers)"};
+  }
+  if (!p.dp_shares.empty()) {
+    return PlanProblem{"/dp_shares", "even shares with dedicated parameter servers",
+                       "uneven shares", ""};
+  }
+  return std::nullopt;
+}
+
 std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, int world_size) {
   const GraphInfo& info = graph.info();
   if (p.world_size() != world_size) {
@@ -395,7 +427,7 @@ std::optional<PlanProblem> plan_problem(const Plan& p, const LayerGraph& graph, 
   if (auto c = compression_problem(p)) {
     return c;
   }
-  return std::nullopt;
+  return server_problem(p);
 }
 
 void plan_validate(const Plan& p, const LayerGraph& graph, int world_size,

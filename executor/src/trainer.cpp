@@ -116,7 +116,16 @@ static_assert(detail::TrainerBackend<CpuBackend>);
 
 void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size,
                         const std::string& plan_source) {
-  if (plan.world_size() != world_size) {
+  if (plan.process_count() != world_size) {
+    if (plan.parameter_servers > 0) {
+      throw InputError(
+          plan_source, "/parameter_servers",
+          fmt::format("dp·cp·tp·pp plus parameter_servers equal to the number of processes ({})",
+                      world_size),
+          fmt::format("{}·{}·{}·{} + {} = {}", plan.dp, plan.cp, plan.tp, plan.pp,
+                      plan.parameter_servers, plan.process_count()),
+          fmt::format("launch with mpirun -np {}", plan.process_count()));
+    }
     throw InputError(
         plan_source, "/dp",
         fmt::format("dp·cp·tp·pp equal to the number of processes ({})", world_size),
@@ -124,7 +133,7 @@ void trainer_check_plan(const ExecModel& model, const Plan& plan, int world_size
         fmt::format("launch with mpirun -np {}", plan.world_size()));
   }
   // The rest is the one feasibility rule every part of Parallax applies.
-  plan_validate(plan, transformer_build_graph(model.config), world_size, plan_source);
+  plan_validate(plan, transformer_build_graph(model.config), plan.world_size(), plan_source);
   if (plan.expert_tp() != plan.tp) {
     throw InputError(plan_source, "/etp",
                      fmt::format("0 or tp = {}: the executor splits every expert over the "

@@ -278,6 +278,26 @@ std::vector<std::pair<GradSync, GradCompression>> reductions_for(const PlanPins&
   return out;
 }
 
+// Server counts for a parameter-server plan: the pin, or co-located (0) with, when searching
+// gradient synchronisation, dp/4, dp/2 and dp dedicated servers.
+std::vector<int> server_counts_for(const PlanPins& pins, const Plan& p) {
+  if (!is_parameter_server(p.grad_sync)) {
+    return {0};
+  }
+  if (pins.parameter_servers) {
+    return {*pins.parameter_servers};
+  }
+  std::vector<int> out = {0};
+  if (pins.search_grad_sync && !pins.grad_sync) {
+    for (const int n : {p.dp_cp() / 4, p.dp_cp() / 2, p.dp_cp()}) {
+      if (n >= 1 && n != out.back()) {
+        out.push_back(n);
+      }
+    }
+  }
+  return out;
+}
+
 std::vector<std::pair<Schedule, int>> schedules_for(const PlanPins& pins, int pp, int units,
                                                     std::int64_t m) {
   std::vector<std::pair<Schedule, int>> out;
@@ -401,17 +421,21 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
                         q.grad_sync = sync;
                         q.grad_compression = gc;
                         q.max_staleness = pins.max_staleness.value_or(q.max_staleness);
-                        // The one feasibility rule (core plan_problem): what is proposed
-                        // trains.
-                        if (plan_problem(q, graph, gpus)) {
-                          continue;
-                        }
-                        // Replicas on faster devices also tried with more of the batch.
-                        Plan shared = q;
-                        shared.dp_shares = speed_shares(model, q);
-                        consider(st, model, stages, std::move(q), gpus);
-                        if (!shared.dp_shares.empty() && !plan_problem(shared, graph, gpus)) {
-                          consider(st, model, stages, std::move(shared), gpus);
+                        for (const int servers : server_counts_for(pins, q)) {
+                          Plan r = q;
+                          r.parameter_servers = servers;
+                          // The one feasibility rule (core plan_problem): what is proposed
+                          // trains.
+                          if (plan_problem(r, graph, gpus)) {
+                            continue;
+                          }
+                          // Replicas on faster devices also tried with more of the batch.
+                          Plan shared = r;
+                          shared.dp_shares = speed_shares(model, r);
+                          consider(st, model, stages, std::move(r), gpus);
+                          if (!shared.dp_shares.empty() && !plan_problem(shared, graph, gpus)) {
+                            consider(st, model, stages, std::move(shared), gpus);
+                          }
                         }
                       }
                     }

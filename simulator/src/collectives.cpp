@@ -246,6 +246,14 @@ GroupSpan expert_dp_span(const Plan& p, const Cluster& c) {
 
 CollectiveCost data_parallel_cost(const Cluster& cluster, const Plan& plan, Collective kind,
                                   double bytes, double expert_bytes, GradSync algorithm) {
+  if (is_parameter_server(algorithm) && plan.parameter_servers > 0) {
+    // Dedicated servers, each a process with one NIC on a host outside the workers' nodes:
+    // a worker pushes its gradients (S) and pulls the parameters (S) through its own NIC while
+    // each server takes in dp/N pushes of S/N and sends as many pulls, so the slower side of
+    // each phase sets it (the in-cast of dp workers on N servers once N < dp).
+    const double incast = std::max(1.0, static_cast<double>(plan.dp_cp()) / plan.parameter_servers);
+    return {2 * alpha_inter(cluster), 2.0 * bytes * incast / nic_bw(cluster), true};
+  }
   if (plan.ep <= 1 || expert_bytes <= 0) {
     return collective_cost(cluster, kind, bytes, dp_span(plan, cluster), algorithm);
   }

@@ -128,13 +128,17 @@ double grad_element_bytes(const Plan& p, const Stack& stack) {
 ParamStateBytes param_state_bytes(const Plan& p, const Stack& stack) {
   const double d = p.dp_cp();
   const double w_bytes = precision_storage_bytes(p.precision);
-  return {.params = w_bytes / (p.zero_stage >= 3 ? d : 1),
-          .grads = grad_element_bytes(p, stack) / (p.zero_stage >= 2 ? d : 1),
-          // The asynchronous server's shards hold 1/(dp·cp) of the optimizer state each (its
-          // master copy and staging buffers live in host memory, as a server's do).
-          .optimizer =
-              (precision_is_mixed(p.precision) ? 12.0 : 8.0) /
-              (p.zero_stage >= 1 || p.grad_sync == GradSync::parameter_server_async ? d : 1)};
+  return {
+      .params = w_bytes / (p.zero_stage >= 3 ? d : 1),
+      .grads = grad_element_bytes(p, stack) / (p.zero_stage >= 2 ? d : 1),
+      // The asynchronous server's shards hold 1/(dp·cp) of the optimizer state each (its
+      // master copy and staging buffers live in host memory, as a server's do).
+      // Dedicated servers hold all of it: the workers none.
+      .optimizer =
+          p.parameter_servers > 0
+              ? 0.0
+              : (precision_is_mixed(p.precision) ? 12.0 : 8.0) /
+                    (p.zero_stage >= 1 || p.grad_sync == GradSync::parameter_server_async ? d : 1)};
 }
 
 MemoryBreakdown CostModel::rank_memory(const Plan& p, const RankLoad& r, int pp_rank) const {
@@ -327,9 +331,11 @@ double CostModel::server_round_trip_s(const Plan& plan, const RankLoad& r) const
 }
 
 double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
-  // ZeRO and the asynchronous server's shards: each rank updates 1/(dp·cp) of the state.
+  // ZeRO and the asynchronous server's shards: each rank updates 1/(dp·cp) of the state; each
+  // dedicated server its 1/N (at the workers' device rate: a server is modelled as a rank).
   const bool sharded = plan.zero_stage >= 1 || plan.grad_sync == GradSync::parameter_server_async;
-  const double local_params = r.params / (sharded ? plan.dp_cp() : 1);
+  const double local_params = plan.parameter_servers > 0 ? r.params / plan.parameter_servers
+                                                         : r.params / (sharded ? plan.dp_cp() : 1);
   double bytes =
       local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
   if (plan.precision == Precision::fp8) {
@@ -469,7 +475,7 @@ PlanEstimate CostModel::estimate_replica(const Plan& plan, int replica) {
   e.plan = plan;
   e.plan.stages = stages;
   e.iteration_time_s = pipe + dp_exposed + optimizer;
-  if (plan.grad_sync == GradSync::parameter_server_async && plan.dp_cp() > 1) {
+  if (plan.async_ps()) {
     // No barrier and no overlap with the backward: the round trip runs beside the next steps.
     const AsyncServerStep a =
         async_server_step(pipe, server_round_trip_s(plan, ranks[slowest]), plan.max_staleness);

@@ -96,7 +96,7 @@ PlanEstimate IterationBuilder::estimate_from(const std::vector<RankSim>& ranks,
                                 optimizer[static_cast<std::size_t>(critical)],
                                 comm[static_cast<std::size_t>(critical)], makespan - interference);
   e.breakdown.dp_comm += interference;
-  if (plan_.grad_sync == GradSync::parameter_server_async && plan_.dp_cp() > 1) {
+  if (plan_.async_ps()) {
     // The simulated step is the compute alone; the round trip of the gradients to the servers
     // and back sets the pace only when k steps of compute cannot hide it.
     const AsyncServerStep a = async_server_step(

@@ -139,9 +139,8 @@ void IterationBuilder::run_op(RankSim& r, int i) {
   const std::vector<UnitCost>& units = *stage_units_[static_cast<std::size_t>(r.pp_rank)];
   const UnitCost* cost = op.unit >= 0 ? &units[static_cast<std::size_t>(op.unit)] : nullptr;
   Id& anchor = r.anchor[static_cast<std::size_t>(i)];
-  if (plan_.grad_sync == GradSync::parameter_server_async && plan_.dp_cp() > 1 &&
-      (op.kind == StepOpKind::reduce || op.kind == StepOpKind::optimizer ||
-       op.kind == StepOpKind::publish)) {
+  if (plan_.async_ps() && (op.kind == StepOpKind::reduce || op.kind == StepOpKind::optimizer ||
+                           op.kind == StepOpKind::publish)) {
     // The asynchronous server's round trip runs beside the next steps (estimate_from).
     anchor = prev_;
     return;

@@ -53,6 +53,17 @@ TEST(PlanJson, ContractExampleRoundTripsExactly) {
   EXPECT_TRUE(replica_plan(p, 4).dp_shares.empty());
   p.dp_shares.clear();
   EXPECT_EQ(plan_label(p).substr(plan_label(p).find("gc=")), "gc=powersgd:4(no-ef)");
+  // Dedicated parameter servers, written only when there are some.
+  EXPECT_FALSE(plan_to_json(p).contains("parameter_servers"));
+  p.grad_compression = {};
+  p.grad_sync = GradSync::parameter_server;
+  p.parameter_servers = 4;
+  EXPECT_EQ(plan_to_json(p)["parameter_servers"], 4);
+  EXPECT_EQ(plan_from_json(plan_to_json(p), "rt"), p);
+  EXPECT_NE(plan_label(p).find("servers=4"), std::string::npos);
+  Json bad = plan_to_json(p);
+  bad["parameter_servers"] = -1;
+  EXPECT_THROW(plan_from_json(bad, "bad"), InputError);
 }
 
 TEST(PlanJson, DefaultsForOptionalFields) {
@@ -169,6 +180,21 @@ TEST(PlanValidate, AgainstModelAndWorld) {
   async_tp.zero_stage = 0;
   async_tp.grad_sync = GradSync::parameter_server_async;
   EXPECT_EQ(field_of(async_tp, 1024), "/grad_sync");
+  // Dedicated servers: only for a parameter server, over pure data parallelism, even shares.
+  Plan servers = async;
+  servers.zero_stage = 0;
+  servers.parameter_servers = 8;
+  EXPECT_EQ(field_of(servers, 64), "accepted");
+  EXPECT_EQ(servers.process_count(), 72);
+  EXPECT_EQ(servers.server_shards(), 8);
+  servers.grad_sync = GradSync::parameter_server;
+  EXPECT_EQ(field_of(servers, 64), "accepted");
+  servers.grad_sync = GradSync::allreduce;
+  EXPECT_EQ(field_of(servers, 64), "/parameter_servers");
+  Plan servers_tp = async_tp;
+  servers_tp.grad_sync = GradSync::parameter_server;
+  servers_tp.parameter_servers = 4;
+  EXPECT_EQ(field_of(servers_tp, 1024), "/parameter_servers");
 
   LoadedModel llama = model_load("llama2-70b");
   Plan gqa{.dp = 1, .tp = 16, .pp = 1, .global_batch_size = 16};

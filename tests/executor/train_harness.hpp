@@ -125,6 +125,7 @@ struct Case {
   int compression_warmup = 0;
   int max_staleness = 1; // the asynchronous parameter server's bound
   bool ps_deterministic = false;
+  int servers = 0;         // dedicated parameter-server processes (parameter_servers)
   std::vector<int> shares; // uneven micro-batches per data-parallel replica (dp_shares)
   std::vector<std::pair<int, int>> stages; // explicit (uneven) stage ranges
 };
@@ -153,6 +154,7 @@ inline std::string case_name(const Case& c) {
                  : "_" + c.sync,
              c.overlap ? "" : "_serial_reduce") +
          (c.stages.empty() ? "" : fmt::format("_stages_{}", c.stages.front().second)) +
+         (c.servers > 0 ? fmt::format("_servers{}", c.servers) : "") +
          (c.shares.empty() ? ""
                            : "_shares" +
                                  [&] {
@@ -217,6 +219,8 @@ inline fs::path write_plan(const Case& c, const fs::path& file) {
     doc["dp_shares"] = c.shares;
   for (const auto& [first, last] : c.stages)
     doc["stages"].push_back({first, last});
+  if (c.servers > 0)
+    doc["parameter_servers"] = c.servers;
   if (c.sync == "parameter_server_async") {
     doc["max_staleness"] = c.max_staleness;
     doc["ps_deterministic"] = c.ps_deterministic;
@@ -242,7 +246,7 @@ inline TrainRun train(const Case& c, const TrainArgs& a = {}) {
     fs::remove_all(dir);
   fs::create_directories(dir);
   const fs::path plan = write_plan(c, dir / fmt::format("plan-{}.json", case_name(c)));
-  const int np = c.dp * c.cp * c.tp * c.pp;
+  const int np = c.dp * c.cp * c.tp * c.pp + c.servers;
   const Result r = shell(fmt::format(
       "{} {}{} train --model {} --plan {} --steps {} --seed 7 --lr 1e-3 --warmup-steps 2 "
       "--decay-steps 20 --checkpoint-dir {} --log {} --comm-timeout {} {}",

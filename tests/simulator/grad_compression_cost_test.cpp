@@ -2,6 +2,8 @@
 // communication is bytes over bandwidth), and what it does to a communication-bound plan.
 #include <gtest/gtest.h>
 
+#include <set>
+
 #include "hand_cluster.hpp"
 #include "parallax/core/plan_json.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
@@ -184,6 +186,60 @@ TEST(AsyncServerCost, StalenessHidesTheServerRoundTrip) {
   EXPECT_EQ(k3.staleness, 3.0);
   EXPECT_LT(k8.iteration_time_s, ring); // enough steps in flight beat the ring here
   EXPECT_EQ(estimate_to_json(k3)["staleness"], 3.0);
+}
+
+TEST(DedicatedServerCost, InCastAndShardsByHand) {
+  // N dedicated servers for dp workers: each server takes dp/N pushes of S/N, so the round
+  // trip's transfer is 2·S·max(1, dp/N) over one NIC; with N = dp it is the co-located one.
+  // The servers' optimizer shards are 1/N of the state, and the workers hold none of it.
+  const Cluster c = cluster_load("dgx-a100-40g").with_devices(64);
+  Plan p{.dp = 64, .global_batch_size = 64, .grad_sync = GradSync::parameter_server};
+  const double bytes = 1e9;
+  const auto transfer = [&](int servers) {
+    p.parameter_servers = servers;
+    return data_parallel_cost(c, p, Collective::all_reduce, bytes, 0, p.grad_sync).transfer_s;
+  };
+  const double colocated = transfer(0);
+  EXPECT_NEAR(transfer(64), colocated, 1e-12 * colocated);
+  EXPECT_NEAR(transfer(16), 4 * colocated, 1e-9 * colocated);
+  EXPECT_NEAR(transfer(1), 64 * colocated, 1e-9 * colocated);
+  EXPECT_NEAR(transfer(128), colocated, 1e-12 * colocated); // more servers than workers: the
+                                                            // worker's NIC bounds it
+  const Stack stack = stack_load(stack_default_name(c));
+  p.parameter_servers = 8;
+  EXPECT_EQ(param_state_bytes(p, stack).optimizer, 0.0);
+  p.parameter_servers = 0;
+  EXPECT_GT(param_state_bytes(p, stack).optimizer, 0.0);
+}
+
+TEST(DedicatedServerCost, PlannerComparesShardCounts) {
+  // GPT-2 1.5B on 64 A100-40GB, dp 64, asynchronous k = 1: 16 dedicated servers are a 4×
+  // in-cast, slower than the co-located shards; 64 offload the optimizer, so no slower. The
+  // search under --grad-sync auto lists dedicated server counts beside co-located shards.
+  LoadedModel m = model_load("gpt2-1.5b");
+  const Cluster c = cluster_load("dgx-a100-40g");
+  PlanRequest req = dp64_request(c);
+  req.pins.grad_sync = GradSync::parameter_server;
+  const auto step = [&](int servers) {
+    req.pins.parameter_servers = servers;
+    const PlanSearchResult r = plan_search(m.graph, c, req);
+    EXPECT_FALSE(r.plans.empty());
+    return r.plans.empty() ? 0.0 : r.plans.front().estimate.iteration_time_s;
+  };
+  const double colocated = step(0);
+  EXPECT_GT(step(16), 1.5 * colocated);
+  EXPECT_LE(step(64), colocated);
+  req.pins.parameter_servers.reset();
+  req.pins.grad_sync.reset();
+  req.pins.search_grad_sync = true;
+  req.top_k = 64;
+  std::set<int> counts;
+  for (const auto& plan : plan_search(m.graph, c, req).plans)
+    if (is_parameter_server(plan.estimate.plan.grad_sync))
+      counts.insert(plan.estimate.plan.parameter_servers);
+  EXPECT_TRUE(counts.contains(0));
+  EXPECT_TRUE(counts.contains(16));
+  EXPECT_TRUE(counts.contains(64));
 }
 
 } // namespace

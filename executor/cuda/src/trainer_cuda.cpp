@@ -381,6 +381,11 @@ std::unique_ptr<Trainer> make_trainer(const ExecModel& model, const Plan& plan,
                      "\"parameter_server_async\" (the asynchronous server trains on the CPU "
                      "backend so far)");
   }
+  if (plan.parameter_servers > 0) {
+    throw InputError(plan_source, "/parameter_servers", "0 for the CUDA trainer",
+                     std::to_string(plan.parameter_servers) +
+                         " (dedicated server processes train on the CPU backend so far)");
+  }
   if (plan.grad_compression.enabled()) {
     throw InputError(plan_source, "/grad_compression", "\"none\" for the CUDA trainer",
                      "\"" + grad_compression_name(plan.grad_compression) +

@@ -99,6 +99,11 @@ struct Plan {
   // the newest that has arrived.
   int max_staleness = 1;
   bool ps_deterministic = false;
+  // Dedicated server processes for a parameter server (0: every data-parallel rank serves one
+  // shard beside its work). With N > 0 the parameters are sharded over N extra processes, one
+  // per host outside the plan's GPUs, launched after the workers (ranks world_size() ..
+  // world_size() + N − 1); they hold the optimizer state and apply it, the workers only compute.
+  int parameter_servers = 0;
   // Uneven data parallelism (heterogeneous clusters): micro-batches of each data-parallel
   // replica per step, in replica order, adding up to global / micro_batch_size. Empty: every
   // replica takes global / (dp · micro_batch_size). Gradients are summed as always, so each
@@ -112,6 +117,15 @@ struct Plan {
   std::string stack;
 
   int world_size() const { return dp * cp * tp * pp; }
+  // Every process the plan runs: the workers and any dedicated parameter servers.
+  int process_count() const { return world_size() + parameter_servers; }
+  // Shards of a parameter server's state: the dedicated servers, else every data-parallel rank.
+  int server_shards() const { return parameter_servers > 0 ? parameter_servers : dp_cp(); }
+  // Whether steps run the asynchronous server's engine with its own round trip (a data-parallel
+  // group of one with co-located servers is plain training).
+  bool async_ps() const {
+    return grad_sync == GradSync::parameter_server_async && (dp_cp() > 1 || parameter_servers > 0);
+  }
   // Ranks holding the same parameters, over which gradients are reduced and ZeRO shards: the
   // data-parallel ranks with their context-parallel ranks (Megatron-Core's DP-CP group).
   int dp_cp() const { return dp * cp; }

@@ -1,6 +1,8 @@
 // The asynchronous parameter server with stale-synchronous bounds (grad_sync
-// "parameter_server_async", max_staleness k), over one data-parallel group of n ranks, each of
-// which is both a worker and the server of one shard (1/n of every parameter block).
+// "parameter_server_async", max_staleness k) over one group of ranks: the first `workers`
+// compute, and the shards are served either by every worker (co-located, the default: each
+// rank serves 1/n of every parameter block) or by the group's remaining ranks (dedicated
+// servers, plan field parameter_servers: each serves 1/N and computes nothing).
 //
 // Worker w, step t: pull a parameter version v with t − k <= v (exactly v = max(0, t − k) in
 // the deterministic mode, else the newest one every server has sent), compute its gradients
@@ -9,7 +11,8 @@
 // Server j, clock c: once every worker's clock-c slice is in, sum them in worker order, add
 // its share of the squared gradient norm to the other servers' (sent to each other, so every
 // shard clips by the global norm), apply the optimizer to its shard (the trainer's update
-// callback) and send every worker the shard's version c + 1.
+// callback) and send every worker the shard's version c + 1 (server 0 adds the clock's
+// figures, which worker 0 reports).
 // With k = 0 every step sees the previous step's parameters: exactly the synchronous result.
 //
 // Every wait polls the group's requests and serves meanwhile (a rank waiting for a version
@@ -30,15 +33,15 @@
 
 namespace parallax {
 
-// One parameter block as the server sees it: the worker's full local buffers and the shard
-// (the slice [rank·shard, (rank + 1)·shard) of the padded buffer) this rank serves.
+// One parameter block as the server sees it: the rank's full local buffers, of which server j
+// serves the slice [j·shard, (j + 1)·shard) of the padded length (shard = padded / servers).
 struct PsBlock {
   float* params = nullptr;
-  const float* grads = nullptr;
-  std::int64_t padded = 0; // a multiple of the group size
+  const float* grads = nullptr; // a worker's (unused on a dedicated server)
+  std::int64_t padded = 0;      // a multiple of the server count
 };
 
-// What a worker reports with its push, and what server 0 knows once a clock is done.
+// What a worker reports with its push, and what worker 0 learns of each clock from server 0.
 struct PsWorkerReport {
   double loss_sum = 0;
   double step_time_s = 0;
@@ -63,6 +66,9 @@ public:
     bool deterministic = false;
     std::int64_t start_step = 0; // the version every rank holds (a resumed run's step)
     std::chrono::duration<double> timeout{600.0};
+    // The group's first `workers` ranks compute and the rest are dedicated servers; 0 (or the
+    // group size): every rank computes and serves a shard.
+    int workers = 0;
   };
 
   AsyncParameterServer(Communicator& group, std::vector<PsBlock> blocks, Options options,
@@ -77,11 +83,16 @@ public:
   void push(const PsWorkerReport& report);
   // Serves whatever has arrived (never blocks).
   void progress();
+  // Server: serves until clocks < `clock` are applied (a dedicated server's step).
+  void serve_until(std::int64_t clock);
   // Until every server has applied clocks < `steps`, this worker holds version `steps` and
   // every message this rank sent has been delivered: a consistent state (checkpoints, the end).
   void drain(std::int64_t steps);
-  // Server 0's clocks completed since the last call, in order (empty on other ranks).
+  // Worker 0: the clocks of the versions it took since the last call, in order (empty on
+  // other ranks).
   std::vector<PsClockReport> take_completed();
+  bool worker() const { return me_ < workers_; }
+  bool server() const { return shard_ >= 0; }
 
   std::int64_t version() const { return version_; }
   std::int64_t server_clock() const { return clock_; }
@@ -111,8 +122,11 @@ private:
   std::vector<PsBlock> blocks_;
   Options options_;
   Update update_;
-  int n_ = 1;
   int me_ = 0;
+  int workers_ = 1;      // ranks 0 .. workers_ − 1 compute
+  int servers_ = 1;      // shards, served by ranks first_server_ .. first_server_ + servers_ − 1
+  int first_server_ = 0; // 0 (co-located) or workers_ (dedicated)
+  int shard_ = -1;       // the shard this rank serves, or −1
   std::int64_t grad_elems_ = 0; // Σ shard sizes: one worker's push to one server
   // Worker side.
   std::int64_t version_ = 0;
@@ -127,6 +141,7 @@ private:
   bool summed_ = false;                 // the current clock's sum and partial norm are sent
   std::vector<std::vector<float>> sum_; // per block: the current clock's summed slice
   double partial_ = 0;
+  PsClockReport report_; // server 0: the current clock's figures
   std::deque<Outgoing> outgoing_;
   std::vector<PsClockReport> completed_;
 };

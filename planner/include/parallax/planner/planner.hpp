@@ -43,6 +43,10 @@ struct PlanPins {
   // stale parameters, so it is never chosen unasked).
   bool search_grad_sync = false;
   std::optional<int> max_staleness;
+  // Dedicated parameter-server processes (Plan::parameter_servers) for parameter-server plans.
+  // Unpinned, the gradient-synchronisation search also tries dp/4, dp/2 and dp dedicated
+  // servers beside the co-located shards (the shard count against the in-cast it relieves).
+  std::optional<int> parameter_servers;
   // Gradient compression (lossy: changes convergence, so never chosen unless asked). Pinned,
   // or with search_compression tried beside none where the plan reduces whole gradients over
   // data-parallel ranks: bf16, powersgd:4 and topk:0.01.

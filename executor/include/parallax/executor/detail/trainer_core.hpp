@@ -41,6 +41,7 @@
 #include <map>
 #include <memory>
 #include <numbers>
+#include <numeric>
 #include <span>
 #include <string>
 #include <utility>
@@ -193,9 +194,13 @@ private:
   void sp_sync();
   double gradient_norm();
   bool parameter_server() const { return plan_.grad_sync == GradSync::parameter_server; }
-  // The asynchronous parameter server (trainer_core_async.hpp).
-  bool async_server() const {
-    return plan_.grad_sync == GradSync::parameter_server_async && plan_.dp_cp() > 1;
+  // The asynchronous parameter server (trainer_core_async.hpp); it also runs the synchronous
+  // server with dedicated server processes, as its k = 0 case.
+  bool async_server() const { return plan_.async_ps() || plan_.parameter_servers > 0; }
+  // The multiple every block is padded to: the data-parallel shards and any server shards.
+  int layout_shards() const {
+    return plan_.parameter_servers > 0 ? std::lcm(plan_.dp_cp(), plan_.parameter_servers)
+                                       : plan_.dp_cp();
   }
   StepStats async_step(bool record);
   void ps_update(std::int64_t clock, std::span<const std::span<float>> grad_sum,
@@ -225,6 +230,9 @@ private:
   std::unique_ptr<Communicator> embed_comm_; // first and last pipeline rank (tied embeddings)
   RankCoords me_;
   int rank_ = 0;
+  // A dedicated parameter-server process (rank >= plan.world_size()): it holds the model's
+  // layout like data-parallel rank 0, serves its shard and computes nothing.
+  bool dedicated_server_ = false;
   // This rank's index among the dp·cp ranks holding its parameters (its ZeRO shard).
   int replica_ = 0;
   std::int64_t m_ = 1;        // micro-batches per replica
@@ -274,14 +282,19 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
   world_ = mpi_world(options.comm_timeout);
   rank_ = world_->rank();
   trainer_check_plan(model, plan, world_->size(), plan_source);
+  dedicated_server_ = rank_ >= plan.world_size();
+  const int coord_rank = dedicated_server_ ? 0 : rank_;
   PARALLAX_CHECK(static_cast<int>(plan.stages.size()) == plan.pp * plan.virtual_stages,
                  "the trainer needs the plan's stage ranges");
   const ModelConfig& c = model.config;
-  me_ = rank_coords(plan, rank_);
+  me_ = rank_coords(plan, coord_rank);
   m_ = plan.microbatches_of(me_.dp); // this replica's (dp_shares may make them uneven)
   // Pipeline messages go point to point over the world communicator (any two chunks' ranks).
-  tp_comm_ = be_.group(tp_group(plan, rank_), "tp", options.comm_timeout);
-  dp_comm_ = be_.group(dp_cp_group(plan, rank_), "dp", options.comm_timeout);
+  // A dedicated server joins no worker group (tp = pp = cp = 1 there): groups of itself.
+  tp_comm_ = be_.group(dedicated_server_ ? std::vector<int>{rank_} : tp_group(plan, rank_), "tp",
+                       options.comm_timeout);
+  dp_comm_ = be_.group(dedicated_server_ ? std::vector<int>{rank_} : dp_cp_group(plan, rank_), "dp",
+                       options.comm_timeout);
   replica_ = me_.dp * plan.cp + me_.cp;
   if (plan.cp > 1) {
     cp_comm_ = be_.group(cp_group(plan, rank_), "cp", options.comm_timeout);
@@ -306,8 +319,8 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
     Chunk ch;
     ch.index = lc * plan.pp + me_.pp;
     ch.units = plan.stages[static_cast<std::size_t>(ch.index)];
-    for (BlockLayout& layout : chunk_layout(model, ch.units, plan.tp, me_.tp, plan.dp_cp(), plan.ep,
-                                            replica_ % plan.ep)) {
+    for (BlockLayout& layout : chunk_layout(model, ch.units, plan.tp, me_.tp, layout_shards(),
+                                            plan.ep, replica_ % plan.ep)) {
       Block b;
       b.layout = std::move(layout);
       const bool experts = b.layout.kind == BlockKind::experts && plan.ep > 1;
@@ -317,6 +330,10 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
       const bool sharded = z > 0 || async_server();
       b.own_size = sharded ? padded / b.comm->size() : padded;
       b.own_begin = sharded ? b.own_size * b.comm->rank() : 0;
+      if (plan.parameter_servers > 0) { // the servers own the state, the workers none of it
+        b.own_size = dedicated_server_ ? padded / plan.parameter_servers : 0;
+        b.own_begin = dedicated_server_ ? b.own_size * (rank_ - plan.world_size()) : 0;
+      }
       Buffer full(static_cast<std::size_t>(padded), 0.0f);
       init_block(b.layout, options.seed, {full.data(), full.size()});
       if (z == 3) {
@@ -355,7 +372,7 @@ TrainerCore<B>::TrainerCore(B backend, const ExecModel& model, const Plan& plan,
   program_ = step_program(
       replica_plan(plan, me_.dp),
       {.units = c.num_layers, .tied_embeddings = c.tied_embeddings, .reshard_after_forward = true},
-      rank_);
+      coord_rank);
   launched_.resize(program_.ops.size());
   if (c.tied_embeddings) {
     Block* emb = find_block(BlockKind::embedding);

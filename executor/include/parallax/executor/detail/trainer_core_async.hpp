@@ -42,12 +42,17 @@ template <TrainerBackend B> StepStats TrainerCore<B>::async_step(bool record_ste
               {.params = B::data(b.params), .grads = B::data(b.grads), .padded = b.layout.padded});
       }
     }
+    // Dedicated servers: the workers and servers are the world; the synchronous server runs as
+    // the k = 0 case (exactly its result).
+    const bool dedicated = plan_.parameter_servers > 0;
+    const bool async = plan_.grad_sync == GradSync::parameter_server_async;
     ps_ = std::make_unique<AsyncParameterServer>(
-        *dp_comm_, std::move(blocks),
-        AsyncParameterServer::Options{.max_staleness = plan_.max_staleness,
-                                      .deterministic = plan_.ps_deterministic,
+        dedicated ? *world_ : *dp_comm_, std::move(blocks),
+        AsyncParameterServer::Options{.max_staleness = async ? plan_.max_staleness : 0,
+                                      .deterministic = async ? plan_.ps_deterministic : true,
                                       .start_step = step_count_,
-                                      .timeout = opt_.comm_timeout},
+                                      .timeout = opt_.comm_timeout,
+                                      .workers = plan_.world_size()},
         [this](std::int64_t clock, std::span<const std::span<float>> g,
                std::span<const std::span<float>> m, double norm) { ps_update(clock, g, m, norm); });
   }
@@ -56,6 +61,22 @@ template <TrainerBackend B> StepStats TrainerCore<B>::async_step(bool record_ste
   if (recording_)
     be_.begin_recording(t0_);
   const std::int64_t t = step_count_;
+  if (dedicated_server_) {
+    // A dedicated server's step: serve until this clock is applied.
+    const Mark served_from = mark();
+    ps_->serve_until(t + 1);
+    record(Stream::dp_comm, Category::dp_comm, "serve shard", -1, -1, served_from, mark());
+    resolve_marks();
+    step_count_ += 1;
+    samples_consumed_ += plan_.global_batch_size;
+    recording_ = false;
+    StepStats st;
+    st.step = step_count_;
+    st.lr = learning_rate(t);
+    st.step_time_s = steady_seconds() - start;
+    st.peak_memory_bytes = be_.peak_bytes();
+    return st;
+  }
   const Mark pulled_from = mark();
   const std::int64_t version = ps_->pull(t);
   record(Stream::dp_comm, Category::dp_comm, "pull params", -1, -1, pulled_from, mark());

@@ -10,12 +10,12 @@ namespace parallax::detail {
 template <TrainerBackend B> Timeline TrainerCore<B>::timeline() {
   Timeline mine;
   mine.events = events_;
-  mine.peak_memory_bytes.assign(static_cast<std::size_t>(plan_.world_size()), 0);
+  mine.peak_memory_bytes.assign(static_cast<std::size_t>(plan_.process_count()), 0);
   mine.peak_memory_bytes[static_cast<std::size_t>(rank_)] = be_.peak_bytes();
   const std::vector<std::string> parts =
       world_->gather_strings(timeline_to_chrome_trace(mine).dump(), 0);
   Timeline all;
-  all.peak_memory_bytes.assign(static_cast<std::size_t>(plan_.world_size()), 0);
+  all.peak_memory_bytes.assign(static_cast<std::size_t>(plan_.process_count()), 0);
   for (std::size_t r = 0; r < parts.size(); ++r) {
     Timeline t = timeline_from_chrome_trace(json_parse_text(parts[r], "rank trace"), "rank trace");
     all.events.insert(all.events.end(), t.events.begin(), t.events.end());
@@ -32,6 +32,24 @@ template <TrainerBackend B> Buffer TrainerCore<B>::assemble(const Block& b, cons
   const std::int64_t padded = b.layout.padded;
   Flat full = be_.zeros(padded);
   be_.copy(B::data(full) + b.own_begin, owned, b.own_size);
+  if (plan_.parameter_servers > 0) {
+    // Dedicated servers: each sends its shard to rank 0 (the one that writes the tensors).
+    constexpr int kShardTag = 0x5101;
+    const std::int64_t shard = padded / plan_.parameter_servers;
+    Buffer host(static_cast<std::size_t>(padded), 0.0f);
+    if (dedicated_server_) {
+      Buffer mine(static_cast<std::size_t>(shard));
+      be_.download(owned, shard, mine.data());
+      world_->send(std::span<const float>(mine), 0, kShardTag);
+    } else if (rank_ == 0) {
+      for (int j = 0; j < plan_.parameter_servers; ++j) {
+        world_->recv(std::span<float>(host).subspan(static_cast<std::size_t>(j * shard),
+                                                    static_cast<std::size_t>(shard)),
+                     plan_.world_size() + j, kShardTag);
+      }
+    }
+    return host;
+  }
   if ((plan_.zero_stage > 0 || async_server()) && b.comm->size() > 1) {
     const std::span<float> all = span_of(full);
     b.comm->all_gather(
@@ -117,7 +135,7 @@ template <TrainerBackend B> Checkpoint TrainerCore<B>::checkpoint() {
         for (int lc = 0; lc < plan_.virtual_stages; ++lc) {
           const int chunk = lc * plan_.pp + pr;
           const auto layouts = chunk_layout(model_, plan_.stages[static_cast<std::size_t>(chunk)],
-                                            plan_.tp, tr, plan_.dp_cp(), plan_.ep, er);
+                                            plan_.tp, tr, layout_shards(), plan_.ep, er);
           for (std::size_t bi = 0; bi < layouts.size(); ++bi) {
             if (er > 0 && layouts[bi].kind != BlockKind::experts)
               continue; // taken from EP rank 0
