@@ -25,6 +25,7 @@ Run register_train(CLI::App& app);
 Run register_calibrate(CLI::App& app);
 Run register_compare(CLI::App& app);
 Run register_export(CLI::App& app);
+Run register_launch(CLI::App& app);
 
 // The process's own command line (main stores it), for `train --backend cuda`, which hands
 // itself over to the CUDA-linked twin binary.
@@ -42,6 +43,9 @@ Stack stack_for(const std::string& flag, const Cluster& cluster, const std::stri
 
 // "stack megatron-core (hardware_profiles/stacks/megatron-core.json)": what a command assumed.
 std::string stack_line(const Stack& stack);
+
+// "12.3": bytes in GiB, one decimal.
+std::string gib(double bytes);
 
 // Reads and validates a plan file for the model; `cluster` is resized to the plan's world size
 // unless --gpus was given. The plan then runs on `stack` (set here): --stack when given, else the

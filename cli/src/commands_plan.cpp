@@ -58,6 +58,7 @@ struct PlanFlags {
   std::string objective = "throughput";
   std::string stack;
   double train_tokens = 0;
+  double gpu_mtbf_hours = 0;
   bool allow_fewer = false;
   int simulate_top = 20;
 };
@@ -118,9 +119,13 @@ PlanPins pins_from(const PlanFlags& f) {
   return p;
 }
 
+} // namespace
+
 std::string gib(double bytes) {
   return fmt::format("{:.1f}", bytes / (1 << 30));
 }
+
+namespace {
 
 void print_table(const PlanSearchResult& r, std::ostream& out) {
   out << fmt::format("{:>3}  {:<58} {:>10} {:>12} {:>6} {:>9}  {}\n", "#", "plan", "step s",
@@ -142,8 +147,9 @@ int run_plan(const PlanFlags& f) {
   req.pins = pins_from(f);
   req.objective = *parse_choice<Objective>(
       "--objective", f.objective,
-      std::array<std::string_view, 3>{"throughput", "time_to_train", "cost"});
+      std::array<std::string_view, 4>{"throughput", "time_to_train", "cost", "goodput"});
   req.train_tokens = f.train_tokens;
+  req.gpu_mtbf_hours = f.gpu_mtbf_hours;
   req.allow_fewer_gpus = f.allow_fewer;
   req.top_k = std::max(f.top, 2);
   req.simulate_top = f.simulate_top;
@@ -174,6 +180,17 @@ int run_plan(const PlanFlags& f) {
       Json entry = estimate_to_json(p.estimate);
       entry["gpus"] = p.gpus;
       entry["objective"] = {{"name", objective_name(req.objective)}, {"value", p.objective_value}};
+      if (p.goodput) {
+        const Goodput& g = *p.goodput;
+        entry["goodput_tokens_per_s"] = g.goodput_tokens_per_s;
+        entry["goodput_fraction"] = g.efficiency;
+        entry["checkpoint_interval_s"] = g.interval_s;
+        entry["checkpoint_write_s"] = g.checkpoint.write_s;
+        entry["checkpoint_blocking_s"] = g.checkpoint.blocking_s;
+        entry["checkpoint_bytes"] = g.checkpoint.bytes;
+        entry["restart_s"] = g.checkpoint.restart_s;
+        entry["job_mtbf_s"] = g.job_mtbf_s;
+      }
       plans.push_back(entry);
     }
     std::cout << Json{{"plans", plans},
@@ -191,6 +208,16 @@ int run_plan(const PlanFlags& f) {
                            stack_line(req.stack), req.global_batch_size, r.candidates,
                            r.pruned_memory, r.evaluated);
   print_table(r, std::cout);
+  if (req.objective == Objective::goodput) {
+    std::cout << "\ngoodput (--gpu-mtbf-hours " << f.gpu_mtbf_hours << "):\n";
+    for (std::size_t i = 0; i < r.plans.size(); ++i) {
+      const Goodput& g = *r.plans[i].goodput;
+      std::cout << fmt::format("{:>3}  {:>12.0f} tokens/s ({:.1f}%), checkpoint every {:.0f} s, "
+                               "{:.1f} s to write, job MTBF {:.2f} h\n",
+                               i + 1, g.goodput_tokens_per_s, 100 * g.efficiency, g.interval_s,
+                               g.checkpoint.write_s, g.job_mtbf_s / 3600);
+    }
+  }
   if (f.explain) {
     std::cout << "\nwhy:\n";
     const std::size_t shown = std::min<std::size_t>(3, r.plans.size());
@@ -199,58 +226,6 @@ int run_plan(const PlanFlags& f) {
       std::cout << plan_explain(r.plans[i], i + 1 < r.plans.size() ? &r.plans[i + 1] : nullptr);
     }
   }
-  return 0;
-}
-
-struct SimulateFlags {
-  std::string model, cluster, plan, trace, stack;
-  int gpus = 0;
-  bool json = false;
-  bool analytic = false;
-};
-
-int run_simulate(const SimulateFlags& f) {
-  LoadedModel model = model_load(f.model);
-  Cluster cluster = cluster_load(f.cluster);
-  if (f.gpus > 0) {
-    cluster = cluster.with_devices(f.gpus);
-  }
-  Stack stack;
-  Plan plan = plan_load_on_stack(f.plan, f.stack, model, cluster, f.gpus, stack);
-  CostModel cost(model.graph, cluster, stack);
-  if (plan.stages.empty()) {
-    plan_assign_stages(cost, plan);
-  }
-  PlanEstimate e;
-  if (f.analytic) {
-    if (!f.trace.empty()) {
-      throw InputError("command line", "--trace", "no --analytic (traces come from the simulator)",
-                       "both");
-    }
-    e = cost.estimate(plan);
-  } else {
-    SimulationResult sim =
-        simulate_iteration(cost, plan, {.symmetric = true, .record_timeline = !f.trace.empty()});
-    e = sim.estimate;
-    if (!f.trace.empty()) {
-      json_write_file(f.trace, timeline_to_chrome_trace(sim.timeline));
-    }
-  }
-  if (f.json) {
-    std::cout << estimate_to_json(e).dump(2) << "\n";
-    return 0;
-  }
-  std::cout << fmt::format("{} on {}, {}: {}\n", model.graph.info().name,
-                           devices_label(cluster, cluster.num_devices()), stack_line(stack),
-                           plan_label(plan));
-  std::cout << fmt::format("  iteration {:.4f} s, {:.0f} tokens/s, {:.1f} TFLOP/s per GPU, MFU "
-                           "{:.1f}%, memory {} GiB allocated, {} GiB reserved, {} GiB on the "
-                           "device of {} GiB{}\n",
-                           e.iteration_time_s, e.tokens_per_s, e.tflops_per_gpu, 100 * e.mfu,
-                           gib(e.memory.allocated()), gib(e.memory.reserved()),
-                           gib(e.memory.total()), gib(e.memory_capacity_bytes),
-                           e.fits ? "" : " (DOES NOT FIT)");
-  std::cout << plan_explain(RankedPlan{.estimate = e, .gpus = cluster.num_devices()}, nullptr);
   return 0;
 }
 
@@ -358,7 +333,11 @@ Run register_plan(CLI::App& app) {
   cmd->add_option("--overlap-grad-reduce", f->overlap_grad_reduce,
                   "Whether the training stack overlaps gradient reduction with the backward "
                   "pass: on (default), off");
-  cmd->add_option("--objective", f->objective, "throughput (default), time_to_train, cost");
+  cmd->add_option("--objective", f->objective,
+                  "throughput (default), time_to_train, cost, goodput (with --gpu-mtbf-hours)");
+  cmd->add_option("--gpu-mtbf-hours", f->gpu_mtbf_hours,
+                  "One GPU's mean time between failures, with its share of the host (hours; the "
+                  "job's is this / GPUs), for --objective goodput");
   cmd->add_option("--train-tokens", f->train_tokens, "Tokens to train, for time_to_train");
   cmd->add_flag("--allow-fewer-gpus", f->allow_fewer, "Also consider using fewer GPUs");
   add_stack(cmd, f->stack);
@@ -366,19 +345,6 @@ Run register_plan(CLI::App& app) {
                   "Re-rank this many best plans with the discrete-event simulator (default 20)")
       ->check(CLI::NonNegativeNumber);
   return [f]() { return run_plan(*f); };
-}
-
-Run register_simulate(CLI::App& app) {
-  auto f = std::make_shared<SimulateFlags>();
-  auto* cmd = app.add_subcommand("simulate", "Predict one plan's step time, throughput and memory");
-  add_model_cluster(cmd, f->model, f->cluster, f->gpus);
-  cmd->add_option("--plan", f->plan, "Plan JSON")->required();
-  cmd->add_option("--trace", f->trace, "Write the simulated timeline (Chrome trace JSON)");
-  cmd->add_flag("--json", f->json, "Print the figures as JSON");
-  cmd->add_flag("--analytic", f->analytic,
-                "Use the analytic cost model instead of the discrete-event simulation");
-  add_stack(cmd, f->stack);
-  return [f]() { return run_simulate(*f); };
 }
 
 } // namespace parallax::cli

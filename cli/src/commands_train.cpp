@@ -5,6 +5,7 @@
 #include "parallax/core/plan_json.hpp"
 #include "parallax/core/timeline_json.hpp"
 #include "parallax/executor/checkpoint.hpp"
+#include "parallax/executor/straggler.hpp"
 #include "parallax/executor/trainer.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/model_loader.hpp"
@@ -340,9 +341,13 @@ int run_train(const TrainFlags& f) {
     };
     // Rank 0 prints each step once its figures are complete (at once, or under the
     // asynchronous parameter server when the servers have applied it).
+    std::map<std::int64_t, std::vector<int>> stragglers; // step → ranks flagged in it
     const auto print = [&](const std::vector<StepStats>& steps) {
       for (const StepStats& st : steps) {
-        const std::string line = step_line(st).dump();
+        Json j = step_line(st);
+        if (auto it = stragglers.find(st.step); it != stragglers.end())
+          j["stragglers"] = it->second;
+        const std::string line = j.dump();
         std::cout << line << "\n" << std::flush;
         if (log)
           log << line << "\n" << std::flush;
@@ -355,14 +360,23 @@ int run_train(const TrainFlags& f) {
     };
     std::map<std::pair<int, std::string>, Json> op_seconds; // (rank, op) → its times per step
     int op_steps = 0;
+    // Every rank's busy time each step (not under the asynchronous server, whose workers run
+    // apart on purpose: a per-step exchange would put the barrier back).
+    const bool watch =
+        world_size > 1 && !setup.plan.async_ps() && setup.plan.parameter_servers == 0;
+    StragglerMonitor monitor(*world);
     while (trainer.steps_done() < f.steps) {
       const bool last = trainer.steps_done() + 1 == f.steps;
       // The first step warms caches and the allocator: op times come from the others.
       const bool timed = !f.op_times.empty() && (trainer.steps_done() > 0 || f.steps == 1);
+      if (watch)
+        monitor.begin_step();
       if (fault && fault->slow_ms > 0 && fault->rank == rank)
         std::this_thread::sleep_for(std::chrono::milliseconds(fault->slow_ms));
       trainer.step((last && !f.trace.empty()) || timed);
       const std::int64_t done = trainer.steps_done();
+      if (watch)
+        stragglers[done] = monitor.end_step();
       if (timed) {
         const Timeline t = trainer.timeline();
         if (rank == 0) {
@@ -397,6 +411,9 @@ int run_train(const TrainFlags& f) {
     }
     trainer.drain();
     print(trainer.finished_steps());
+    if (rank == 0 && watch && !monitor.summary().empty())
+      std::cerr << "parallax train: stragglers (busy > 1.1x the median rank): " << monitor.summary()
+                << "\n";
     if (!f.trace.empty() && f.op_times.empty()) {
       const Timeline t = trainer.timeline();
       if (rank == 0)

@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   add(parallax::cli::register_calibrate(app));
   add(parallax::cli::register_compare(app));
   add(parallax::cli::register_export(app));
+  add(parallax::cli::register_launch(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

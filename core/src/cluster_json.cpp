@@ -132,7 +132,7 @@ void groups_from_json(const JsonReader& root, Cluster& c) {
 Cluster cluster_from_json(const Json& doc, const std::string& source) {
   JsonReader root(doc, source);
   root.reject_unknown({"name", "notes", "device", "node", "node_groups", "network", "collectives",
-                       "cost_per_device_hour_usd"});
+                       "cost_per_device_hour_usd", "storage"});
   Cluster c;
   c.name = root.string("name");
   c.notes = root.string_or("notes", "");
@@ -179,6 +179,17 @@ Cluster cluster_from_json(const Json& doc, const std::string& source) {
   }
   if (root.has("cost_per_device_hour_usd")) {
     c.cost_per_device_hour_usd = root.positive("cost_per_device_hour_usd");
+  }
+  if (root.has("storage")) {
+    JsonReader st = root.child("storage");
+    st.reject_unknown({"write_gbps_per_node", "read_gbps_per_node", "aggregate_gbps",
+                       "host_copy_gbps", "restart_s"});
+    const Storage d;
+    c.storage.write_gbps_per_node = st.positive_or("write_gbps_per_node", d.write_gbps_per_node);
+    c.storage.read_gbps_per_node = st.positive_or("read_gbps_per_node", d.read_gbps_per_node);
+    c.storage.aggregate_gbps = st.non_negative_or("aggregate_gbps", d.aggregate_gbps);
+    c.storage.host_copy_gbps = st.positive_or("host_copy_gbps", d.host_copy_gbps);
+    c.storage.restart_s = st.non_negative_or("restart_s", d.restart_s);
   }
   return c;
 }
@@ -266,6 +277,13 @@ Json cluster_to_json(const Cluster& c) {
       coll["inter_efficiency"] = c.collectives.inter;
     }
     doc["collectives"] = coll;
+  }
+  if (c.storage != Storage{}) {
+    doc["storage"] = {{"write_gbps_per_node", c.storage.write_gbps_per_node},
+                      {"read_gbps_per_node", c.storage.read_gbps_per_node},
+                      {"aggregate_gbps", c.storage.aggregate_gbps},
+                      {"host_copy_gbps", c.storage.host_copy_gbps},
+                      {"restart_s", c.storage.restart_s}};
   }
   if (c.cost_per_device_hour_usd) {
     doc["cost_per_device_hour_usd"] = *c.cost_per_device_hour_usd;

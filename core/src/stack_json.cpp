@@ -39,7 +39,7 @@ Stack stack_from_json(const Json& doc, const std::string& source) {
   JsonReader root(doc, source);
   root.reject_unknown({"name", "notes", "attention", "loss", "data_parallel", "sharding",
                        "tp_comm_overlap", "fp8_recipe", "host_dispatch_us",
-                       "overlap_compute_slowdown", "memory"});
+                       "overlap_compute_slowdown", "memory", "checkpoint"});
   const Stack d;
   Stack s;
   s.name = root.string("name");
@@ -49,6 +49,12 @@ Stack stack_from_json(const Json& doc, const std::string& source) {
   s.notes = root.string_or("notes", "");
   s.attention = enum_or(root, "attention", kAttentionKernelNames, d.attention);
   s.loss = enum_or(root, "loss", kLossKernelNames, d.loss);
+  if (root.has("checkpoint")) {
+    JsonReader r = root.child("checkpoint");
+    r.reject_unknown({"sharded", "async"});
+    s.checkpoint.sharded = r.boolean_or("sharded", d.checkpoint.sharded);
+    s.checkpoint.async = r.boolean_or("async", d.checkpoint.async);
+  }
   if (root.has("data_parallel")) {
     JsonReader r = root.child("data_parallel");
     r.reject_unknown({"overlap_grad_reduce", "fp32_grad_reduce"});
@@ -112,7 +118,8 @@ Json stack_to_json(const Stack& s) {
                {{"context_bytes", s.memory.context_bytes},
                 {"communicator_bytes", s.memory.communicator_bytes},
                 {"fragmentation", s.memory.fragmentation},
-                {"segment_bytes", s.memory.segment_bytes}}}};
+                {"segment_bytes", s.memory.segment_bytes}}},
+              {"checkpoint", {{"sharded", s.checkpoint.sharded}, {"async", s.checkpoint.async}}}};
   if (!s.notes.empty()) {
     doc["notes"] = s.notes;
   }

@@ -8,6 +8,8 @@
 #include <mpi.h>
 
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <memory>
@@ -38,11 +40,24 @@ CommRequest::~CommRequest() {
   }
 }
 
+namespace {
+std::atomic<std::int64_t> g_blocked_ns{0};
+} // namespace
+
+double CommRequest::blocked_seconds() {
+  return static_cast<double>(g_blocked_ns.load(std::memory_order_relaxed)) * 1e-9;
+}
+
 void CommRequest::wait() {
   if (!impl_)
     return;
+  const auto start = std::chrono::steady_clock::now();
   impl_->wait();
   impl_.reset();
+  g_blocked_ns.fetch_add(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count(),
+      std::memory_order_relaxed);
 }
 
 void CommRequest::cancel() {

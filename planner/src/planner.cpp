@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <exception>
 #include <functional>
 #include <map>
@@ -126,8 +127,12 @@ private:
       cache_;
 };
 
-double objective_value(const PlanRequest& req, const Cluster& c, const PlanEstimate& e, int gpus) {
+double objective_value(const PlanRequest& req, const Cluster& c, const PlanEstimate& e, int gpus,
+                       const std::optional<Goodput>& goodput) {
   switch (req.objective) {
+  case Objective::goodput:
+    return goodput && goodput->goodput_tokens_per_s > 0 ? 1e6 / goodput->goodput_tokens_per_s
+                                                        : 1e300;
   case Objective::throughput:
     return 1e6 / e.tokens_per_s; // seconds per million tokens: lower is better
   case Objective::time_to_train:
@@ -136,6 +141,16 @@ double objective_value(const PlanRequest& req, const Cluster& c, const PlanEstim
     return gpus * c.cost_per_device_hour_usd.value_or(0.0) * (1e6 / e.tokens_per_s) / 3600.0;
   }
   return 0;
+}
+
+// The plan's objective value, and its goodput when that is the objective.
+void score(const PlanRequest& req, CostModel& model, RankedPlan& p) {
+  if (req.objective == Objective::goodput) {
+    p.goodput = goodput_of(static_cast<double>(model.graph().total_params()), p.estimate.plan,
+                           model.cluster(), req.stack, p.gpus, p.estimate.iteration_time_s,
+                           p.estimate.tokens_per_s, req.gpu_mtbf_hours);
+  }
+  p.objective_value = objective_value(req, model.cluster(), p.estimate, p.gpus, p.goodput);
 }
 
 struct SearchState {
@@ -159,7 +174,7 @@ void consider(SearchState& st, CostModel& model, StageCache& stages, Plan plan, 
   }
   ++st.result.evaluated;
   RankedPlan ranked{.estimate = model.estimate(plan), .gpus = gpus};
-  ranked.objective_value = objective_value(st.req, model.cluster(), ranked.estimate, gpus);
+  score(st.req, model, ranked);
   if (st.req.record_points) {
     st.result.points.push_back({.plan = plan,
                                 .gpus = gpus,
@@ -453,7 +468,8 @@ void search_world(SearchState& st, const LayerGraph& graph, const Cluster& clust
 } // namespace
 
 std::string_view objective_name(Objective o) {
-  constexpr std::array<std::string_view, 3> kNames = {"throughput", "time_to_train", "cost"};
+  constexpr std::array<std::string_view, 4> kNames = {"throughput", "time_to_train", "cost",
+                                                      "goodput"};
   return kNames.at(static_cast<int>(o));
 }
 
@@ -474,6 +490,13 @@ PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
   if (req.objective == Objective::time_to_train && !(req.train_tokens > 0)) {
     throw InputError("command line", "--train-tokens",
                      "a token count > 0 for --objective time_to_train", "nothing");
+  }
+  if (req.objective == Objective::goodput &&
+      !(req.gpu_mtbf_hours > 0 && std::isfinite(req.gpu_mtbf_hours))) {
+    throw InputError("command line", "--gpu-mtbf-hours",
+                     "a finite mean time between failures > 0 hours for --objective goodput",
+                     req.gpu_mtbf_hours == 0 ? std::string("nothing")
+                                             : fmt::format("{}", req.gpu_mtbf_hours));
   }
   std::vector<int> worlds = {req.gpus};
   if (req.allow_fewer_gpus) {
@@ -504,7 +527,7 @@ PlanSearchResult plan_search(const LayerGraph& graph, const Cluster& cluster,
           simulate_iteration(model, p.estimate.plan, {.symmetric = true, .record_timeline = false});
       p.analytic = p.estimate;
       p.estimate = sim.estimate;
-      p.objective_value = objective_value(req, model.cluster(), p.estimate, p.gpus);
+      score(req, model, p);
     };
     const std::size_t workers =
         std::min<std::size_t>(n, std::max(1U, std::thread::hardware_concurrency()));
@@ -574,6 +597,9 @@ std::string plan_explain(const RankedPlan& best, const RankedPlan* other) {
       pct(b.optimizer), e.memory.total() / (1 << 30), e.memory.params / (1 << 30),
       e.memory.grads / (1 << 30), e.memory.optimizer / (1 << 30), e.memory.activations / (1 << 30),
       e.memory.buffers / (1 << 30), e.memory.allocator / (1 << 30), e.memory.runtime / (1 << 30));
+  if (best.goodput) {
+    out += goodput_explain(*best.goodput, e.tokens_per_s);
+  }
   if (other == nullptr) {
     return out;
   }

@@ -94,6 +94,20 @@ struct NodeGroup {
   bool operator==(const NodeGroup&) const = default;
 };
 
+// Where checkpoints go (the goodput objective). Defaults, used where the profile is silent: a
+// parallel file system client writes 2 GB/s and reads 4 GB/s per node with no aggregate cap, a
+// device copies to host memory at 25 GB/s (PCIe 4.0 x16 in practice), and a restart (requeue,
+// process start, communicator set-up) takes 300 s before the checkpoint is read. These are
+// assumptions for profiles without measurements, not measurements.
+struct Storage {
+  double write_gbps_per_node = 2.0;
+  double read_gbps_per_node = 4.0;
+  double aggregate_gbps = 0; // the file system's own limit over every client; 0: none
+  double host_copy_gbps = 25.0;
+  double restart_s = 300.0;
+  bool operator==(const Storage&) const = default;
+};
+
 struct Cluster {
   std::string name;
   std::string notes;
@@ -102,6 +116,7 @@ struct Cluster {
   Network network;
   CollectiveEfficiency collectives;
   std::optional<double> cost_per_device_hour_usd;
+  Storage storage;
   // Empty: every node is `device` × `node`. Otherwise the node groups in rank order (their
   // nodes add up to network.num_nodes; they share devices_per_node and the network).
   std::vector<NodeGroup> groups;

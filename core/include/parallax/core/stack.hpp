@@ -69,6 +69,16 @@ struct StackMemory {
   bool operator==(const StackMemory&) const = default;
 };
 
+// How the stack checkpoints: every data-parallel rank 0 of each model shard writing its part in
+// parallel (Megatron-Core dist-ckpt, PyTorch DCP, DeepSpeed) or one rank writing all of it, and
+// whether training resumes once the state is copied to host memory while the write runs
+// behind (Megatron's --async-save, DCP async_save). Defaults: sharded, synchronous.
+struct StackCheckpoint {
+  bool sharded = true;
+  bool async = false;
+  bool operator==(const StackCheckpoint&) const = default;
+};
+
 struct Stack {
   std::string name = "default";
   std::string notes;
@@ -86,6 +96,7 @@ struct Stack {
   // and memory bandwidth).
   double overlap_compute_slowdown = 0.10;
   StackMemory memory;
+  StackCheckpoint checkpoint;
 
   // Whether gradient reduction overlaps the backward pass under ZeRO stage `zero_stage`.
   bool overlaps_grad_reduce(int zero_stage) const {

@@ -44,6 +44,9 @@ public:
 
   void wait();
   bool test();
+  // Seconds this process has spent blocked in wait() (every communicator's), for telling a
+  // rank's own work from its waiting on others (straggler detection).
+  static double blocked_seconds();
   // Cancels a pending receive (MPI_Cancel) and forgets it.
   void cancel();
   bool pending() const { return impl_ != nullptr; }

@@ -11,6 +11,7 @@
 #include "parallax/core/layer_graph.hpp"
 #include "parallax/core/plan.hpp"
 #include "parallax/core/stack.hpp"
+#include "parallax/planner/goodput.hpp"
 #include "parallax/simulator/cost_model.hpp"
 #include "parallax/simulator/estimate.hpp"
 
@@ -20,7 +21,8 @@
 
 namespace parallax {
 
-enum class Objective { throughput, time_to_train, cost };
+// goodput: tokens/s net of checkpoints and of the work failures lose (planner/goodput.hpp).
+enum class Objective { throughput, time_to_train, cost, goodput };
 
 struct PlanPins {
   std::optional<int> tp;
@@ -64,6 +66,7 @@ struct PlanRequest {
   Stack stack;
   Objective objective = Objective::throughput;
   double train_tokens = 0;       // for Objective::time_to_train (reported in hours)
+  double gpu_mtbf_hours = 0;     // for Objective::goodput: one GPU's mean time between failures
   bool allow_fewer_gpus = false; // also try 1/2, 1/4, ... of the devices offered
   int top_k = 20;
   // The best `simulate_top` plans of the analytic ranking are re-ranked by the discrete-event
@@ -77,7 +80,10 @@ struct RankedPlan {
   PlanEstimate estimate;                // from the simulator when the plan was re-ranked by it
   std::optional<PlanEstimate> analytic; // the analytic model's figures for the same plan
   int gpus = 0;
-  double objective_value = 0; // seconds per iteration, hours to train, or USD per million tokens
+  // Seconds per million tokens (throughput; per million good tokens for goodput), hours to
+  // train, or USD per million tokens: lower is better.
+  double objective_value = 0;
+  std::optional<Goodput> goodput; // with Objective::goodput
 };
 
 // One timed candidate of the search, by the analytic model.
