@@ -9,6 +9,7 @@
 #include "parallax/hardware_profiles/stack_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
+#include "parallax/planner/uncertainty.hpp"
 #include "parallax/simulator/cost_model.hpp"
 #include "parallax/simulator/iteration_simulator.hpp"
 
@@ -59,6 +60,8 @@ struct PlanFlags {
   std::string stack;
   double train_tokens = 0;
   double gpu_mtbf_hours = 0;
+  bool uncertainty = false;
+  int samples = 200;
   bool allow_fewer = false;
   int simulate_top = 20;
 };
@@ -174,12 +177,22 @@ int run_plan(const PlanFlags& f) {
     json_write_file(f.out, plan_to_json(r.plans.front().estimate.plan));
   }
   r.plans.resize(std::min<std::size_t>(r.plans.size(), static_cast<std::size_t>(f.top)));
+  std::vector<StepUncertainty> spread;
+  if (f.uncertainty) {
+    spread = plan_uncertainty(model.graph, cluster, req.stack, r.plans, f.samples);
+  }
   if (f.json) {
     Json plans = Json::array();
     for (const auto& p : r.plans) {
       Json entry = estimate_to_json(p.estimate);
       entry["gpus"] = p.gpus;
       entry["objective"] = {{"name", objective_name(req.objective)}, {"value", p.objective_value}};
+      if (!spread.empty()) {
+        const StepUncertainty& u = spread[plans.size()];
+        entry["step_time_p10_s"] = u.p10_s;
+        entry["step_time_p90_s"] = u.p90_s;
+        entry["p_best"] = u.p_best;
+      }
       if (p.goodput) {
         const Goodput& g = *p.goodput;
         entry["goodput_tokens_per_s"] = g.goodput_tokens_per_s;
@@ -208,6 +221,18 @@ int run_plan(const PlanFlags& f) {
                            stack_line(req.stack), req.global_batch_size, r.candidates,
                            r.pruned_memory, r.evaluated);
   print_table(r, std::cout);
+  if (!spread.empty()) {
+    const Uncertainty& u = cluster.uncertainty;
+    std::cout << fmt::format("\nstep time, 80% interval over {} draws (spreads: compute {:.0f}%, "
+                             "bandwidth {:.0f}%, kernel overhead {:.0f}%):\n",
+                             f.samples, 100 * u.gemm_efficiency, 100 * u.bandwidth,
+                             100 * u.kernel_overhead);
+    for (std::size_t i = 0; i < r.plans.size(); ++i) {
+      std::cout << fmt::format("{:>3}  {:.3f} s  [{:.3f}, {:.3f}]  fastest in {:.0f}% of draws\n",
+                               i + 1, r.plans[i].estimate.iteration_time_s, spread[i].p10_s,
+                               spread[i].p90_s, 100 * spread[i].p_best);
+    }
+  }
   if (req.objective == Objective::goodput) {
     std::cout << "\ngoodput (--gpu-mtbf-hours " << f.gpu_mtbf_hours << "):\n";
     for (std::size_t i = 0; i < r.plans.size(); ++i) {
@@ -335,6 +360,11 @@ Run register_plan(CLI::App& app) {
                   "pass: on (default), off");
   cmd->add_option("--objective", f->objective,
                   "throughput (default), time_to_train, cost, goodput (with --gpu-mtbf-hours)");
+  cmd->add_flag("--uncertainty", f->uncertainty,
+                "Monte-Carlo over the profile's uncertain inputs: each plan's 10th-90th "
+                "percentile step time and the probability that it is the fastest shown");
+  cmd->add_option("--samples", f->samples, "Draws for --uncertainty (default 200)")
+      ->check(CLI::Range(1, 100000));
   cmd->add_option("--gpu-mtbf-hours", f->gpu_mtbf_hours,
                   "One GPU's mean time between failures, with its share of the host (hours; the "
                   "job's is this / GPUs), for --objective goodput");

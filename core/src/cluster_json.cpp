@@ -16,7 +16,7 @@ constexpr std::array<std::string_view, 2> kDeviceKinds = {"gpu", "cpu"};
 Device device_from_json(const JsonReader& r) {
   r.reject_unknown({"name", "kind", "peak_tflops", "memory_gib", "memory_bandwidth_gbps",
                     "gemm_efficiency", "elementwise_efficiency", "optimizer_efficiency",
-                    "flash2_attention_efficiency"});
+                    "flash2_attention_efficiency", "kernel_overhead_us"});
   Device d;
   d.name = r.string("name");
   d.kind = r.choice_or("kind", kDeviceKinds, "gpu");
@@ -56,6 +56,7 @@ Device device_from_json(const JsonReader& r) {
     r.fail("elementwise_efficiency", "a fraction in (0, 1]",
            fmt::format("{}", d.elementwise_efficiency));
   }
+  d.kernel_overhead_us = r.non_negative_or("kernel_overhead_us", 0.0);
   d.optimizer_efficiency = r.non_negative_or("optimizer_efficiency", 0.0);
   if (d.optimizer_efficiency > 1.0) {
     r.fail("optimizer_efficiency", "a fraction in (0, 1]",
@@ -132,7 +133,7 @@ void groups_from_json(const JsonReader& root, Cluster& c) {
 Cluster cluster_from_json(const Json& doc, const std::string& source) {
   JsonReader root(doc, source);
   root.reject_unknown({"name", "notes", "device", "node", "node_groups", "network", "collectives",
-                       "cost_per_device_hour_usd", "storage"});
+                       "cost_per_device_hour_usd", "storage", "uncertainty"});
   Cluster c;
   c.name = root.string("name");
   c.notes = root.string_or("notes", "");
@@ -180,6 +181,20 @@ Cluster cluster_from_json(const Json& doc, const std::string& source) {
   if (root.has("cost_per_device_hour_usd")) {
     c.cost_per_device_hour_usd = root.positive("cost_per_device_hour_usd");
   }
+  if (root.has("uncertainty")) {
+    JsonReader u = root.child("uncertainty");
+    u.reject_unknown({"gemm_efficiency", "bandwidth", "kernel_overhead"});
+    const Uncertainty d;
+    c.uncertainty.gemm_efficiency = u.non_negative_or("gemm_efficiency", d.gemm_efficiency);
+    c.uncertainty.bandwidth = u.non_negative_or("bandwidth", d.bandwidth);
+    c.uncertainty.kernel_overhead = u.non_negative_or("kernel_overhead", d.kernel_overhead);
+    for (const double v :
+         {c.uncertainty.gemm_efficiency, c.uncertainty.bandwidth, c.uncertainty.kernel_overhead}) {
+      if (v > 2.0) {
+        u.fail_here("relative spreads in [0, 2]", fmt::format("{}", v));
+      }
+    }
+  }
   if (root.has("storage")) {
     JsonReader st = root.child("storage");
     st.reject_unknown({"write_gbps_per_node", "read_gbps_per_node", "aggregate_gbps",
@@ -218,6 +233,9 @@ Json device_to_json(const Device& d) {
   }
   if (d.flash2_attention_efficiency > 0) {
     device["flash2_attention_efficiency"] = d.flash2_attention_efficiency;
+  }
+  if (d.kernel_overhead_us > 0) {
+    device["kernel_overhead_us"] = d.kernel_overhead_us;
   }
   if (d.optimizer_efficiency > 0) {
     device["optimizer_efficiency"] = d.optimizer_efficiency;
@@ -277,6 +295,11 @@ Json cluster_to_json(const Cluster& c) {
       coll["inter_efficiency"] = c.collectives.inter;
     }
     doc["collectives"] = coll;
+  }
+  if (c.uncertainty != Uncertainty{}) {
+    doc["uncertainty"] = {{"gemm_efficiency", c.uncertainty.gemm_efficiency},
+                          {"bandwidth", c.uncertainty.bandwidth},
+                          {"kernel_overhead", c.uncertainty.kernel_overhead}};
   }
   if (c.storage != Storage{}) {
     doc["storage"] = {{"write_gbps_per_node", c.storage.write_gbps_per_node},

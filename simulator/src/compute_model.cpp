@@ -47,6 +47,9 @@ double elementwise_efficiency(const Device& device) {
 }
 
 double kernel_overhead_s(const Device& device) {
+  if (device.kernel_overhead_us > 0) {
+    return device.kernel_overhead_us * 1e-6;
+  }
   return device.kind == "cpu" ? kCpuKernelOverheadS : kGpuKernelOverheadS;
 }
 

@@ -38,6 +38,8 @@ struct Device {
   // Fraction of peak FlashAttention-2-class kernels reach (fused attention built on Ampere
   // tensor-core instructions); 0: no lower ceiling than the device's native fused attention.
   double flash2_attention_efficiency = 0;
+  // Fixed cost of one kernel launch (0: the cost model's default, 4 µs on GPUs, 1 µs on CPUs).
+  double kernel_overhead_us = 0;
   bool operator==(const Device&) const = default;
 };
 
@@ -108,6 +110,17 @@ struct Storage {
   bool operator==(const Storage&) const = default;
 };
 
+// Relative spreads (standard deviations of the logarithm) of the inputs a profile is least sure
+// of, for plan --uncertainty: sustained compute rates, collective bandwidths and kernel
+// overheads. Defaults, used where the profile is silent, are assumptions of this tool, not
+// measurements: 7 %, 15 % and 30 %.
+struct Uncertainty {
+  double gemm_efficiency = 0.07;
+  double bandwidth = 0.15;
+  double kernel_overhead = 0.30;
+  bool operator==(const Uncertainty&) const = default;
+};
+
 struct Cluster {
   std::string name;
   std::string notes;
@@ -117,6 +130,7 @@ struct Cluster {
   CollectiveEfficiency collectives;
   std::optional<double> cost_per_device_hour_usd;
   Storage storage;
+  Uncertainty uncertainty;
   // Empty: every node is `device` × `node`. Otherwise the node groups in rank order (their
   // nodes add up to network.num_nodes; they share devices_per_node and the network).
   std::vector<NodeGroup> groups;

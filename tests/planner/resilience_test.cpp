@@ -1,6 +1,6 @@
 // The goodput objective by hand: Young's and Daly's intervals, the useful fraction, a known
 // plan's checkpoint and goodput, and the planner choosing fewer GPUs or more frequent
-// checkpoints when failures are frequent.
+// checkpoints when failures are frequent. Then the Monte-Carlo prediction intervals.
 #include <gtest/gtest.h>
 
 #include "parallax/core/error.hpp"
@@ -9,6 +9,7 @@
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/goodput.hpp"
 #include "parallax/planner/planner.hpp"
+#include "parallax/planner/uncertainty.hpp"
 
 #include <cmath>
 
@@ -105,6 +106,54 @@ TEST(Goodput, BadMtbfIsAnInputError) {
   for (double h : {0.0, -1.0, std::nan("")}) {
     EXPECT_THROW(plan_search(m.graph, c, gpt2_request(c, h)), InputError) << h;
   }
+}
+
+} // namespace
+
+// ---- prediction intervals (planner/uncertainty.hpp) ----
+
+namespace {
+
+using namespace parallax;
+
+TEST(Uncertainty, ZeroSpreadIsThePointEstimate) {
+  LoadedModel m = model_load("gpt2-1.5b");
+  Cluster c = cluster_load("dgx-a100-40g");
+  c.uncertainty = {.gemm_efficiency = 0, .bandwidth = 0, .kernel_overhead = 0};
+  PlanRequest req = gpt2_request(c, 1000);
+  req.objective = Objective::throughput;
+  req.simulate_top = 2; // the first two simulated, the rest analytic: both kinds kept exact
+  const PlanSearchResult r = plan_search(m.graph, c, req);
+  ASSERT_GE(r.plans.size(), 3u);
+  const auto u = plan_uncertainty(m.graph, c, req.stack, r.plans, 20);
+  for (std::size_t i = 0; i < r.plans.size(); ++i) {
+    EXPECT_DOUBLE_EQ(u[i].p10_s, r.plans[i].estimate.iteration_time_s);
+    EXPECT_DOUBLE_EQ(u[i].p90_s, r.plans[i].estimate.iteration_time_s);
+  }
+  EXPECT_DOUBLE_EQ(u[0].p_best, 1.0);
+}
+
+TEST(Uncertainty, SpreadWidensTheIntervalAndSplitsTheWins) {
+  LoadedModel m = model_load("gpt2-1.5b");
+  const Cluster c = cluster_load("dgx-a100-40g"); // the default spreads
+  PlanRequest req = gpt2_request(c, 1000);
+  req.objective = Objective::throughput;
+  const PlanSearchResult r = plan_search(m.graph, c, req);
+  ASSERT_GE(r.plans.size(), 2u);
+  const auto u = plan_uncertainty(m.graph, c, req.stack, r.plans, 200);
+  double wins = 0;
+  for (std::size_t i = 0; i < r.plans.size(); ++i) {
+    const double t = r.plans[i].estimate.iteration_time_s;
+    EXPECT_LT(u[i].p10_s, t);
+    EXPECT_GT(u[i].p90_s, t);
+    EXPECT_LT(u[i].p90_s / u[i].p10_s, 2.0);
+    wins += u[i].p_best;
+  }
+  EXPECT_NEAR(wins, 1.0, 1e-12);
+  EXPECT_GT(u[0].p_best, 0.0);
+  // The same seed, the same answer.
+  const auto again = plan_uncertainty(m.graph, c, req.stack, r.plans, 200);
+  EXPECT_EQ(again[0].p10_s, u[0].p10_s);
 }
 
 } // namespace
