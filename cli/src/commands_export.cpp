@@ -7,7 +7,9 @@
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
+#include "parallax/planner/uncertainty.hpp"
 #include "parallax/simulator/iteration_simulator.hpp"
+#include "parallax/simulator/what_if.hpp"
 #include "parallax/viz/graphviz_render.hpp"
 #include "parallax/viz/layer_graph_dot.hpp"
 #include "parallax/viz/mesh_dot.hpp"
@@ -31,6 +33,8 @@ struct ExportFlags {
   std::int64_t global_batch = 0;
   int top = 10;
   bool expand = false;
+  bool uncertainty = false;
+  std::string straggler, slow_link; // what-ifs shown beside the healthy plan (html)
 };
 
 // The search behind the report's table and scatter.
@@ -70,6 +74,10 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
                            stack_line(cost.stack()), plan.global_batch_size);
   in.memory_capacity_bytes = cost.memory_capacity_bytes();
   bool listed = false;
+  std::vector<StepUncertainty> spread;
+  if (f.uncertainty) {
+    spread = plan_uncertainty(model.graph, cluster, cost.stack(), search.plans, 200);
+  }
   for (const RankedPlan& p : search.plans) {
     const bool chosen = p.estimate.plan == plan;
     listed = listed || chosen;
@@ -77,6 +85,12 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
                         .gpus = p.gpus,
                         .chosen = chosen,
                         .simulated = p.analytic.has_value()});
+    if (!spread.empty()) {
+      const StepUncertainty& u = spread[in.plans.size() - 1];
+      in.plans.back().p10_s = u.p10_s;
+      in.plans.back().p90_s = u.p90_s;
+      in.plans.back().p_best = u.p_best;
+    }
   }
   const SimulationResult sim = simulate_iteration(cost, plan, {.symmetric = true});
   if (!listed) {
@@ -96,6 +110,18 @@ std::string html_report(const ExportFlags& f, const LoadedModel& model, const Cl
                              .chosen = p.plan == plan});
   }
   in.chosen = sim.estimate;
+  for (const auto& [text, straggler] :
+       {std::pair{f.straggler, true}, std::pair{f.slow_link, false}}) {
+    if (text.empty())
+      continue;
+    const Degradation d =
+        straggler ? parse_straggler(text, "--straggler") : parse_slow_link(text, "--slow-link");
+    const Cluster degraded = degraded_cluster(cluster, d);
+    CostModel slow(model.graph, degraded, cost.stack());
+    in.what_ifs.push_back(
+        {.label = degradation_label(d),
+         .estimate = simulate_iteration(slow, plan, {.symmetric = true}).estimate});
+  }
   in.timelines.emplace_back("simulated (one rank per pipeline stage)",
                             viz::timeline_svg(sim.timeline, {.title = plan_label(plan)}));
   in.layer_graph_svg = viz::dot_to_svg(
@@ -180,6 +206,12 @@ Run register_export(CLI::App& app) {
   cmd->add_option("--global-batch", f->global_batch,
                   "Global batch for the search when no --plan is given (default 512)")
       ->check(CLI::PositiveNumber);
+  cmd->add_flag("--uncertainty", f->uncertainty,
+                "html: each ranked plan's 80% step-time interval and chance of being fastest");
+  cmd->add_option("--straggler", f->straggler,
+                  "html: show the chosen plan with GPU RANK FACTOR times slower (RANK:FACTOR)");
+  cmd->add_option("--slow-link", f->slow_link,
+                  "html: show the chosen plan with node NODE's link FACTOR times slower");
   cmd->add_option("--top", f->top, "Plans in the report's table (default 10)")
       ->check(CLI::PositiveNumber);
   add_stack(cmd, f->stack);

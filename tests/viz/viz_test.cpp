@@ -416,5 +416,24 @@ TEST(ReportHtml, IsOneWellFormedDocumentWithEverySection) {
   EXPECT_EQ(html.find("src=\"http"), std::string::npos);                 // nothing fetched
 }
 
+TEST(ReportHtml, IntervalsAndWhatIfsBesideTheHealthyPlan) {
+  ReportInput in;
+  PlanEstimate e;
+  e.plan = plan_222();
+  e.iteration_time_s = 0.5;
+  e.bottleneck = "compute";
+  in.plans.push_back(
+      {.estimate = e, .gpus = 8, .chosen = true, .p10_s = 0.45, .p90_s = 0.56, .p_best = 0.8});
+  in.chosen = e;
+  PlanEstimate slow = e;
+  slow.iteration_time_s = 0.75;
+  in.what_ifs.push_back({.label = "rank 3 1.5x slower", .estimate = slow});
+  const std::string html = report_html(in);
+  ASSERT_EQ(parse_xml(html).error, "");
+  EXPECT_NE(html.find("80% interval s"), std::string::npos);
+  EXPECT_NE(html.find("0.4500–0.5600</td><td>80%"), std::string::npos);
+  EXPECT_NE(html.find("rank 3 1.5x slower</td><td>0.7500</td><td>1.50×"), std::string::npos);
+}
+
 } // namespace
 } // namespace parallax::viz

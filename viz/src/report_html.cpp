@@ -36,23 +36,47 @@ std::string section(const std::string& id, const std::string& title, const std::
 
 std::string plan_table(const std::vector<ReportPlan>& plans) {
   std::string rows;
+  const bool intervals = !plans.empty() && plans.front().p10_s.has_value();
   for (std::size_t i = 0; i < plans.size(); ++i) {
     const auto& p = plans[i];
     const auto& e = p.estimate;
     const auto& b = e.breakdown;
     const double t = std::max(e.iteration_time_s, 1e-30);
+    const std::string interval = intervals && p.p10_s && p.p90_s && p.p_best
+                                     ? fmt::format("<td>{:.4f}–{:.4f}</td><td>{:.0f}%</td>",
+                                                   *p.p10_s, *p.p90_s, 100 * *p.p_best)
+                                     : std::string(intervals ? "<td></td><td></td>" : "");
     rows += fmt::format(
-        "<tr{}><td>{}</td><td class=\"plan\">{}</td><td>{}</td><td>{:.4f}</td><td>{:.0f}</td>"
+        "<tr{}><td>{}</td><td class=\"plan\">{}</td><td>{}</td><td>{:.4f}</td>{}<td>{:.0f}</td>"
         "<td>{:.1f}%</td><td>{}</td><td>{:.0f}%</td><td>{:.0f}%</td><td>{:.0f}%</td><td>{:.0f}%"
         "</td><td>{:.0f}%</td><td>{}</td><td>{}</td></tr>\n",
         p.chosen ? " class=\"chosen\"" : "", i + 1, xml_escape(plan_label(e.plan)), p.gpus,
-        e.iteration_time_s, e.tokens_per_s, 100 * e.mfu, xml_escape(format_bytes(e.memory.total())),
-        100 * b.compute / t, 100 * b.tp_comm / t, 100 * b.pp_comm / t, 100 * b.dp_comm / t,
-        100 * b.bubble / t, xml_escape(e.bottleneck), p.simulated ? "simulated" : "analytic");
+        e.iteration_time_s, interval, e.tokens_per_s, 100 * e.mfu,
+        xml_escape(format_bytes(e.memory.total())), 100 * b.compute / t, 100 * b.tp_comm / t,
+        100 * b.pp_comm / t, 100 * b.dp_comm / t, 100 * b.bubble / t, xml_escape(e.bottleneck),
+        p.simulated ? "simulated" : "analytic");
   }
-  return "<table>\n<tr><th>#</th><th>plan</th><th>GPUs</th><th>step s</th><th>tokens/s</th>"
-         "<th>MFU</th><th>memory/GPU</th><th>compute</th><th>TP</th><th>PP</th><th>DP</th>"
+  return "<table>\n<tr><th>#</th><th>plan</th><th>GPUs</th><th>step s</th>" +
+         std::string(intervals ? "<th>80% interval s</th><th>fastest</th>" : "") +
+         "<th>tokens/s</th><th>MFU</th><th>memory/GPU</th><th>compute</th><th>TP</th><th>PP</"
+         "th><th>DP</th>"
          "<th>bubble</th><th>bottleneck</th><th>figures</th></tr>\n" +
+         rows + "</table>\n";
+}
+
+std::string what_if_table(const ReportInput& in) {
+  const double healthy = in.chosen ? in.chosen->iteration_time_s : 0.0;
+  std::string rows =
+      fmt::format("<tr><td>healthy</td><td>{:.4f}</td><td>1.00×</td><td>{}</td></tr>\n", healthy,
+                  in.chosen ? xml_escape(in.chosen->bottleneck) : "");
+  for (const WhatIf& w : in.what_ifs) {
+    rows += fmt::format("<tr><td>{}</td><td>{:.4f}</td><td>{:.2f}×</td><td>{}</td></tr>\n",
+                        xml_escape(w.label), w.estimate.iteration_time_s,
+                        healthy > 0 ? w.estimate.iteration_time_s / healthy : 0.0,
+                        xml_escape(w.estimate.bottleneck));
+  }
+  return "<table>\n<tr><th>hardware</th><th>step s</th><th>against healthy</th>"
+         "<th>bottleneck</th></tr>\n" +
          rows + "</table>\n";
 }
 
@@ -144,6 +168,9 @@ std::string report_html(const ReportInput& in) {
   }
   if (!in.plans.empty()) {
     body += section("plans", "Ranked plans", plan_table(in.plans));
+  }
+  if (!in.what_ifs.empty()) {
+    body += section("what-if", "The chosen plan on degraded hardware", what_if_table(in));
   }
   if (!in.candidates.empty()) {
     body += section("candidates", "Candidate plans: throughput against memory",

@@ -20,6 +20,14 @@ struct ReportPlan {
   int gpus = 0;
   bool chosen = false;
   bool simulated = false; // figures from the discrete-event simulator (else analytic)
+  // plan --uncertainty's 80 % interval of the step and the chance it is the fastest.
+  std::optional<double> p10_s, p90_s, p_best;
+};
+
+// The chosen plan on degraded hardware (simulate's what-ifs), beside the healthy plan.
+struct WhatIf {
+  std::string label; // "rank 3 1.5x slower"
+  PlanEstimate estimate;
 };
 
 struct ReportInput {
@@ -36,6 +44,7 @@ struct ReportInput {
   std::vector<ComparedPlan> compared;
   std::optional<double> mape;
   std::optional<double> kendall_tau;
+  std::vector<WhatIf> what_ifs;
 };
 
 std::string report_html(const ReportInput& input);
