@@ -44,6 +44,14 @@ Stack stack_for(const std::string& flag, const Cluster& cluster, const std::stri
 // "stack megatron-core (hardware_profiles/stacks/megatron-core.json)": what a command assumed.
 std::string stack_line(const Stack& stack);
 
+// `s` in single quotes for /bin/sh (an embedded quote as '\'').
+inline std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (const char c : s)
+    q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
 // "12.3": bytes in GiB, one decimal.
 std::string gib(double bytes);
 

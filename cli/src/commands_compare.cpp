@@ -193,13 +193,6 @@ Process run_process(const std::string& command) {
   return p;
 }
 
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (const char c : s)
-    q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
 void write_report(const CompareFlags& f, const LoadedModel& model, const Cluster& cluster,
                   const Stack& stack, const std::vector<Row>& rows, double mape, double tau) {
   viz::ReportInput in;
@@ -305,8 +298,9 @@ Row measure_and_simulate(const CompareFlags& f, const LoadedModel& model, const 
   const Process p = run_process(fmt::format(
       "{}{} train --backend {} --model {} --plan {} --steps {} --log {} --trace {} --op-times {} "
       "--cluster {} --seed 1",
-      launcher, quote(self), f.backend, quote(f.model), quote(plan_file.string()), f.steps,
-      quote(log.string()), quote(trace.string()), quote(op_times.string()), quote(f.cluster)));
+      launcher, shell_quote(self), f.backend, shell_quote(f.model), shell_quote(plan_file.string()),
+      f.steps, shell_quote(log.string()), shell_quote(trace.string()),
+      shell_quote(op_times.string()), shell_quote(f.cluster)));
   if (p.code != 0) {
     throw std::runtime_error(fmt::format("training plan {} ({}) failed with exit code {}:\n{}",
                                          index, plan_label(plan), p.code, p.output));

@@ -38,13 +38,6 @@ struct LaunchFlags {
   std::vector<std::string> command; // "train" and its arguments
 };
 
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (const char c : s)
-    q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
 // The value of `--name V` or `--name=V` in the train arguments, or "".
 std::string arg_value(const std::vector<std::string>& args, const std::string& name) {
   for (std::size_t i = 0; i < args.size(); ++i) {
@@ -215,9 +208,9 @@ int run_launch(const LaunchFlags& f) {
     // The fault injector (PARALLAX_FAULT) acts on the first attempt only.
     if (restarts > 0)
       command = "env -u PARALLAX_FAULT " + command;
-    command += quote(self) + " train";
+    command += shell_quote(self) + " train";
     for (const std::string& a : run_args)
-      command += " " + quote(a);
+      command += " " + shell_quote(a);
     std::cerr << fmt::format("parallax launch: {} ranks, plan {}\n", np, label);
     const Attempt a = run_streaming(command);
     if (a.code == 0) {
