@@ -2,8 +2,10 @@
 // simulated timeline as an SVG Gantt chart, or everything in one self-contained HTML report.
 #include "commands.hpp"
 
+#include "parallax/core/enum_names.hpp"
 #include "parallax/core/error.hpp"
 #include "parallax/core/plan_json.hpp"
+#include "parallax/exporters/launch_config.hpp"
 #include "parallax/hardware_profiles/cluster_loader.hpp"
 #include "parallax/models/model_loader.hpp"
 #include "parallax/planner/planner.hpp"
@@ -158,6 +160,31 @@ int run_export(const ExportFlags& f) {
     plan_assign_stages(cost, plan);
   }
   const std::filesystem::path out(f.out);
+  if (auto launch = enum_from_name<LaunchFormat>(kLaunchFormatNames, f.format)) {
+    // A launch configuration; slurm and mpijob also need the plan beside them.
+    std::filesystem::path plan_path = out;
+    plan_path.replace_extension(".plan.json");
+    LaunchInput li{.plan = &plan,
+                   .model = &model.graph.info(),
+                   .cluster = &cluster,
+                   .source = f.plan.empty() ? std::string("the planner's plan") : f.plan,
+                   .model_arg = f.model,
+                   .plan_path = plan_path.filename().string()};
+    const std::string text = launch_config(*launch, li);
+    if (*launch == LaunchFormat::slurm) {
+      json_write_file(plan_path, plan_to_json(plan));
+    }
+    text_write_file(out, text);
+    if (*launch == LaunchFormat::deepspeed) {
+      const NodeLayout n = node_layout(plan, cluster);
+      std::cerr << fmt::format("parallax export: launch with: deepspeed --num_nodes {} "
+                               "--num_gpus {} train.py --deepspeed --deepspeed_config {}\n",
+                               n.nodes, n.per_node, out.filename().string());
+    }
+    std::cerr << fmt::format("parallax export: wrote {} ({}) for {}\n", f.out, f.format,
+                             plan_label(plan));
+    return 0;
+  }
   if (f.format == "dot") {
     text_write_file(out, dot_for_view(f, model, cluster, plan));
   } else if (f.format == "svg") {
@@ -194,9 +221,12 @@ Run register_export(CLI::App& app) {
       "Export a plan's layer graph, device mesh or timeline (DOT, SVG) or an HTML report");
   add_model_cluster(cmd, f->model, f->cluster, f->gpus);
   cmd->add_option("--plan", f->plan, "Plan JSON (default: the planner's best plan)");
-  cmd->add_option("--format", f->format, "dot, svg or html")
+  cmd->add_option("--format", f->format,
+                  "dot, svg or html; or a launch configuration: megatron, torchtitan, deepspeed, "
+                  "slurm, mpijob")
       ->required()
-      ->check(CLI::IsMember({"dot", "svg", "html"}));
+      ->check(CLI::IsMember(
+          {"dot", "svg", "html", "megatron", "torchtitan", "deepspeed", "slurm", "mpijob"}));
   cmd->add_option("--out", f->out, "File to write (with svg, the DOT source goes next to it)")
       ->required();
   cmd->add_option("--view", f->view, "graph (default), mesh or timeline (svg only)")
