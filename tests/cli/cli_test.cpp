@@ -396,6 +396,33 @@ TEST(Cli, ExportWritesDotSvgAndHtml) {
   }
 }
 
+TEST(Cli, ExportWritesLaunchConfigurationsOrRefusesByField) {
+  const std::string plan = temp_path("parallax_cli_launch_plan.json");
+  {
+    std::ofstream f(plan);
+    f << R"({"dp":2,"tp":2,"pp":2,"zero_stage":1,"micro_batch_size":1,"global_batch_size":8,)"
+         R"("sequence_parallel":true})";
+  }
+  const std::string sbatch = temp_path("parallax_cli_launch.sbatch");
+  Result r = run("export --model gpt-tiny --cluster dgx-a100-80g --plan " + plan +
+                 " --format slurm --out " + sbatch);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(std::filesystem::exists(temp_path("parallax_cli_launch.plan.json")));
+  r = run("export --model gpt-tiny --cluster dgx-a100-80g --plan " + plan +
+          " --format megatron --out " + temp_path("parallax_cli_launch.sh"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  // gpt-tiny is a GPT: torchtitan has no such model; ZeRO-1 with a pipeline is fine for
+  // DeepSpeed but sequence parallelism is not.
+  r = run("export --model gpt-tiny --cluster dgx-a100-80g --plan " + plan +
+          " --format torchtitan --out " + temp_path("parallax_cli_launch.toml"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("model family"), std::string::npos) << r.out;
+  r = run("export --model gpt-tiny --cluster dgx-a100-80g --plan " + plan +
+          " --format deepspeed --out " + temp_path("parallax_cli_launch.json"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("/sequence_parallel"), std::string::npos) << r.out;
+}
+
 TEST(Cli, ExportRejectsATimelineAsDot) {
   const Result r = run("export --model gpt-tiny --cluster dgx-a100-80g --gpus 1 --format dot "
                        "--view timeline --out /tmp/parallax_cli_x.dot");
