@@ -297,7 +297,8 @@ std::vector<std::pair<GradSync, GradCompression>> reductions_for(const PlanPins&
 // gradient synchronisation, dp/4, dp/2 and dp dedicated servers.
 std::vector<int> server_counts_for(const PlanPins& pins, const Plan& p) {
   if (!is_parameter_server(p.grad_sync)) {
-    return {0};
+    // A pin of dedicated servers asks for a parameter server: no other reduction honours it.
+    return pins.parameter_servers.value_or(0) > 0 ? std::vector<int>{} : std::vector<int>{0};
   }
   if (pins.parameter_servers) {
     return {*pins.parameter_servers};

@@ -333,9 +333,10 @@ double CostModel::server_round_trip_s(const Plan& plan, const RankLoad& r) const
 double CostModel::optimizer_time_s(const Plan& plan, const RankLoad& r) const {
   // ZeRO and the asynchronous server's shards: each rank updates 1/(dp·cp) of the state; each
   // dedicated server its 1/N (at the workers' device rate: a server is modelled as a rank).
-  const bool sharded = plan.zero_stage >= 1 || plan.grad_sync == GradSync::parameter_server_async;
-  const double local_params = plan.parameter_servers > 0 ? r.params / plan.parameter_servers
-                                                         : r.params / (sharded ? plan.dp_cp() : 1);
+  // (ZeRO never comes with dedicated servers, so their shards are the server shards.)
+  const bool sharded = plan.zero_stage >= 1 || plan.grad_sync == GradSync::parameter_server_async ||
+                       plan.parameter_servers > 0;
+  const double local_params = r.params / (sharded ? plan.server_shards() : 1);
   double bytes =
       local_params * (precision_is_mixed(plan.precision) ? kAdamBytesMixed : kAdamBytesFp32);
   if (plan.precision == Precision::fp8) {

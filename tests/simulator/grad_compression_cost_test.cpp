@@ -240,6 +240,14 @@ TEST(DedicatedServerCost, PlannerComparesShardCounts) {
   EXPECT_TRUE(counts.contains(0));
   EXPECT_TRUE(counts.contains(16));
   EXPECT_TRUE(counts.contains(64));
+  // A pinned server count asks for a parameter server: no all-reduce plan is proposed.
+  req.pins.parameter_servers = 16;
+  const PlanSearchResult pinned = plan_search(m.graph, c, req);
+  ASSERT_FALSE(pinned.plans.empty());
+  for (const auto& plan : pinned.plans) {
+    EXPECT_TRUE(is_parameter_server(plan.estimate.plan.grad_sync));
+    EXPECT_EQ(plan.estimate.plan.parameter_servers, 16);
+  }
 }
 
 } // namespace

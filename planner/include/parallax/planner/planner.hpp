@@ -45,7 +45,8 @@ struct PlanPins {
   // stale parameters, so it is never chosen unasked).
   bool search_grad_sync = false;
   std::optional<int> max_staleness;
-  // Dedicated parameter-server processes (Plan::parameter_servers) for parameter-server plans.
+  // Dedicated parameter-server processes (Plan::parameter_servers) for parameter-server plans;
+  // pinned above 0, only parameter-server plans are proposed.
   // Unpinned, the gradient-synchronisation search also tries dp/4, dp/2 and dp dedicated
   // servers beside the co-located shards (the shard count against the in-cast it relieves).
   std::optional<int> parameter_servers;
